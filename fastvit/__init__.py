@@ -1,0 +1,18 @@
+"""fastvit: vit-pytorch's architectures on one pluggable, kernel-backed attention layer.
+
+    from fastvit import ViT
+    v = ViT(image_size=256, patch_size=32, num_classes=1000, dim=1024, depth=6, heads=16, mlp_dim=2048)
+
+Module paths mirror vit-pytorch (``fastvit.distill``, ``fastvit.recorder``, ``fastvit.efficient``, ...).
+"""
+
+__version__ = "0.1.0"
+
+from .attention import DenseBias, KeyPaddingMask, RelPosBias, attend, set_backend, use_backend
+from .models import Recorder, SimpleViT, ViT, create_model, list_models, register_model
+
+__all__ = [
+    "__version__", "ViT", "SimpleViT", "Recorder",
+    "create_model", "list_models", "register_model",
+    "attend", "use_backend", "set_backend", "RelPosBias", "DenseBias", "KeyPaddingMask",
+]

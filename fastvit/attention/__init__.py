@@ -1,0 +1,19 @@
+"""fastvit's attention layer: one contract, many backends.
+
+    from fastvit.attention import attend, RelPosBias, DenseBias, KeyPaddingMask
+    out = attend(q, k, v, bias=RelPosBias(table, index))   # q, k, v: [B, H, N, D]
+"""
+
+from .api import attend, explain_call, make_inputs
+from .backends import BACKENDS, Backend, get_backend, register_backend
+from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
+from .dispatch import auto_order, choose, explain, get_selected_backend, set_backend, use_backend
+from .inputs import AttnInputs, AttnOutput
+
+__all__ = [
+    "attend", "explain_call", "make_inputs",
+    "RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix",
+    "AttnInputs", "AttnOutput",
+    "BACKENDS", "Backend", "get_backend", "register_backend",
+    "choose", "explain", "auto_order", "use_backend", "set_backend", "get_selected_backend",
+]

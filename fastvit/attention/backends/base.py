@@ -1,0 +1,94 @@
+"""What every attention backend declares (after xformers' ``ops/fmha``).
+
+A backend is a class with its capabilities as class attributes and one question to answer:
+``not_supported_reasons(inputs) -> list[str]``, plain sentences a user can act on. An empty list
+means it can serve the call. A backend whose library is missing is unavailable with a reason,
+never an import error.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+
+from ..bias import DenseBias, KeyPaddingMask, RelPosBias
+from ..inputs import AttnInputs, AttnOutput
+
+__all__ = ["Backend", "dtype_name"]
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+class Backend:
+    """Base class: capabilities and the generic checks derived from them."""
+
+    name: ClassVar[str] = "base"
+    description: ClassVar[str] = ""
+    devices: ClassVar[tuple] = ("cpu", "cuda")
+    dtypes: ClassVar[tuple] = (torch.float32, torch.float16, torch.bfloat16)
+    max_head_dim: ClassVar[Optional[int]] = None
+    min_head_dim: ClassVar[int] = 1
+    bias_types: ClassVar[tuple] = (RelPosBias, DenseBias, KeyPaddingMask)
+    supports_backward: ClassVar[bool] = True
+    supports_dropout: ClassVar[bool] = True
+    supports_probs: ClassVar[bool] = False  # return_probs (full maps) and head mixing
+    supports_cls_probs: ClassVar[bool] = False
+    deterministic: ClassVar[bool] = True
+    # (atol, rtol) against the reference on fp32 copies, per input dtype.
+    tolerances: ClassVar[dict] = {
+        torch.float32: (2e-5, 2e-5),
+        torch.float16: (2e-3, 2e-3),
+        torch.bfloat16: (1.6e-2, 1.6e-2),
+    }
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        """Whether the backend can run at all in this process, and if not, why."""
+        return True, ""
+
+    @classmethod
+    def not_supported_reasons(cls, inp: AttnInputs) -> list[str]:
+        ok, why = cls.availability()
+        if not ok:
+            return [why]
+        reasons = []
+        if inp.device_type not in cls.devices:
+            reasons.append(f"device {inp.device_type} is not supported (supports {', '.join(cls.devices)})")
+        if inp.dtype not in cls.dtypes:
+            names = ", ".join(dtype_name(d) for d in cls.dtypes)
+            reasons.append(f"dtype {dtype_name(inp.dtype)} is not supported (supports {names})")
+        widest = max(inp.head_dim, inp.value_dim)
+        if cls.max_head_dim is not None and widest > cls.max_head_dim:
+            reasons.append(f"head_dim={widest} > {cls.max_head_dim}")
+        if min(inp.head_dim, inp.value_dim) < cls.min_head_dim:
+            reasons.append(f"head_dim={min(inp.head_dim, inp.value_dim)} < {cls.min_head_dim}")
+        for b in inp.bias:
+            if not isinstance(b, cls.bias_types):
+                reasons.append(f"{type(b).__name__} is not supported")
+        if inp.dropout_p > 0 and not cls.supports_dropout:
+            reasons.append("attention dropout is not supported")
+        if inp.return_probs and not cls.supports_probs:
+            reasons.append(f"return_probs needs the full probabilities; {cls.name} never materialises them")
+        if inp.head_mix is not None and not cls.supports_probs:
+            reasons.append(f"head mixing (talking heads / re-attention) needs materialised probabilities; "
+                           f"{cls.name} never materialises them")
+        if inp.return_cls_probs and not (cls.supports_cls_probs or cls.supports_probs):
+            reasons.append(f"return_cls_probs needs the probabilities; {cls.name} never returns them")
+        if inp.needs_grad and not cls.supports_backward:
+            reasons.append("backward is not supported and an input requires grad")
+        reasons.extend(cls.extra_reasons(inp))
+        return reasons
+
+    @classmethod
+    def extra_reasons(cls, inp: AttnInputs) -> list[str]:
+        """Backend-specific refusals on top of the declared capabilities."""
+        return []
+
+    @classmethod
+    def forward(cls, inp: AttnInputs) -> AttnOutput:
+        raise NotImplementedError

@@ -1,0 +1,68 @@
+"""The ``triton`` backend: fastvit's own fused kernels (``fastvit.kernels``).
+
+FlashAttention-2-style forward and backward with the relative-position table gathered inside the
+kernel, dense biases, key padding and the CLS-row probabilities recomputed from the saved
+log-sum-exp. Runs on CUDA, and on the CPU only under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..bias import DenseBias, KeyPaddingMask, RelPosBias
+from ..inputs import AttnInputs, AttnOutput
+from .base import Backend
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    description = "fastvit.kernels fused attention (Triton)"
+    devices = ("cuda", "cpu")  # cpu only under TRITON_INTERPRET=1: the kernels module says so
+    max_head_dim = 128
+    supports_dropout = False
+    supports_cls_probs = True
+    tolerances = {
+        torch.float32: (1e-4, 1e-4),  # tl.dot may use TF32-free fp32 FMA; blockwise exp2 reorders sums
+        torch.float16: (2e-3, 2e-3),
+        torch.bfloat16: (1.6e-2, 1.6e-2),
+    }
+
+    @classmethod
+    def availability(cls) -> tuple[bool, str]:
+        try:
+            from fastvit import kernels
+        except Exception as e:  # pragma: no cover - the package ships kernels
+            return False, f"fastvit.kernels failed to import ({type(e).__name__}: {e})"
+        return kernels.available()
+
+    @classmethod
+    def extra_reasons(cls, inp: AttnInputs) -> list[str]:
+        from fastvit.kernels import attention as kattn
+
+        reasons = []
+        if any(len(inp.of_type(kind)) > 1 for kind in (RelPosBias, DenseBias, KeyPaddingMask)):
+            reasons.append("more than one bias of the same kind (combine them before calling)")
+            return reasons
+        return reasons + kattn.not_supported_reasons(inp.q, inp.k, inp.v, **_bias_kwargs(inp))
+
+    @classmethod
+    def forward(cls, inp: AttnInputs) -> AttnOutput:
+        from fastvit.kernels import attention as kattn
+
+        if inp.return_cls_probs:
+            out, cls_probs = kattn.attention_with_cls_probs(inp.q, inp.k, inp.v, scale=inp.scale, **_bias_kwargs(inp))
+            return AttnOutput(out, None, cls_probs)
+        return AttnOutput(kattn.attention(inp.q, inp.k, inp.v, scale=inp.scale, **_bias_kwargs(inp)))
+
+
+def _bias_kwargs(inp: AttnInputs) -> dict:
+    """The descriptors as the kernel launchers' keyword arguments (at most one of each kind)."""
+    rel = inp.of_type(RelPosBias)
+    dense = inp.of_type(DenseBias)
+    pad = inp.of_type(KeyPaddingMask)
+    return dict(
+        rel_table=rel[0].table if rel else None,
+        rel_index=rel[0].index if rel else None,
+        dense_bias=dense[0].materialize() if dense else None,
+        key_padding=pad[0].mask if pad else None,
+    )

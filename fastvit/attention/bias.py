@@ -1,0 +1,155 @@
+"""Bias descriptors: what a model says about the additive terms of its attention logits.
+
+A model never builds a `[B, H, Nq, Nk]` bias itself; it hands `attend()` a descriptor and each
+backend decides how to apply it (gathered inside a fused kernel, expanded into an SDPA mask, or
+materialised by the reference). Descriptors compose: pass a tuple of them.
+
+`HeadMix` is not a bias but belongs to the same family of declared inputs: talking heads (CaiT) and
+re-attention (DeepViT) mix the attention maps across heads, which needs the probabilities
+materialised, so only backends that materialise them can serve it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "BiasLike", "normalize_bias"]
+
+
+# Validating a relative-position index against its table needs a device->host sync. Models build the
+# index once (a buffer), so the result is cached per index tensor and its in-place version counter.
+_INDEX_RANGE_CACHE: "weakref.WeakKeyDictionary[Tensor, tuple[int, int, int]]" = weakref.WeakKeyDictionary()
+
+
+def _index_range(index: Tensor) -> tuple[int, int]:
+    cached = _INDEX_RANGE_CACHE.get(index)
+    if cached is not None and cached[0] == index._version:
+        return cached[1], cached[2]
+    lo, hi = (int(v) for v in torch.aminmax(index))
+    _INDEX_RANGE_CACHE[index] = (index._version, lo, hi)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class RelPosBias:
+    """Relative position bias gathered from a table: ``bias[h, i, j] = table[index[i, j], h]``.
+
+    Args:
+        table: ``[T, H]`` float, usually trainable (an ``nn.Embedding`` weight or a Swin-style table).
+        index: ``[Nq, Nk]`` integer tensor with values in ``[0, T)``.
+    """
+
+    table: Tensor
+    index: Tensor
+
+    def __post_init__(self):
+        if self.table.dim() != 2:
+            raise ValueError(f"RelPosBias table must be [T, H], got shape {tuple(self.table.shape)}")
+        if self.index.dim() != 2:
+            raise ValueError(f"RelPosBias index must be [Nq, Nk], got shape {tuple(self.index.shape)}")
+        if self.index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"RelPosBias index must be an integer tensor, got {self.index.dtype}")
+        if self.index.numel() > 0:
+            lo, hi = _index_range(self.index)
+            if lo < 0 or hi >= self.table.shape[0]:
+                raise ValueError(
+                    f"RelPosBias index values span [{lo}, {hi}] but the table has {self.table.shape[0]} rows "
+                    f"(valid range [0, {self.table.shape[0] - 1}])"
+                )
+
+    @property
+    def heads(self) -> int:
+        return self.table.shape[1]
+
+    def materialize(self) -> Tensor:
+        """The bias as a dense ``[1, H, Nq, Nk]`` tensor (reference and SDPA paths only)."""
+        # table[index] is (Nq, Nk, H); heads go first.
+        return self.table[self.index.long()].permute(2, 0, 1).unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class DenseBias:
+    """An additive bias broadcastable to ``[B, H, Nq, Nk]`` (e.g. CrossFormer's dynamic position bias).
+
+    Differentiable: gradients flow into ``tensor`` if it requires them.
+    """
+
+    tensor: Tensor
+
+    def __post_init__(self):
+        if self.tensor.dim() > 4:
+            raise ValueError(f"DenseBias must have at most 4 dims [B, H, Nq, Nk], got {tuple(self.tensor.shape)}")
+
+    def materialize(self) -> Tensor:
+        t = self.tensor
+        while t.dim() < 4:
+            t = t.unsqueeze(0)
+        return t
+
+
+@dataclass(frozen=True)
+class KeyPaddingMask:
+    """Which keys may be attended: ``mask [B, Nk]`` bool, True = attend.
+
+    A query row with no valid key produces a zero output (never NaN).
+    """
+
+    mask: Tensor
+
+    def __post_init__(self):
+        if self.mask.dim() != 2:
+            raise ValueError(f"KeyPaddingMask must be [B, Nk], got shape {tuple(self.mask.shape)}")
+        if self.mask.dtype != torch.bool:
+            raise ValueError(f"KeyPaddingMask must be a bool tensor (True = attend), got {self.mask.dtype}")
+
+    def materialize(self) -> Tensor:
+        """The mask as ``[B, 1, 1, Nk]`` bool."""
+        return self.mask[:, None, None, :]
+
+
+@dataclass(frozen=True)
+class HeadMix:
+    """Mixing of attention maps across heads (talking heads, re-attention).
+
+    The logits and probabilities flow as
+    ``logits (+bias) -> pre -> softmax -> dropout -> post -> post_norm -> @ v``, where ``pre`` and
+    ``post`` are ``[H, H]`` matrices applied as ``einsum('bhij,hg->bgij')`` and ``post_norm`` is a
+    module normalising over the head axis (DeepViT's LayerNorm over heads), given ``(b, i, j, h)``.
+    """
+
+    pre: Optional[Tensor] = None
+    post: Optional[Tensor] = None
+    post_norm: Optional[Callable[[Tensor], Tensor]] = None
+
+    def __post_init__(self):
+        for name in ("pre", "post"):
+            w = getattr(self, name)
+            if w is not None and (w.dim() != 2 or w.shape[0] != w.shape[1]):
+                raise ValueError(f"HeadMix.{name} must be a square [H, H] matrix, got {tuple(w.shape)}")
+
+
+BiasLike = Union[RelPosBias, DenseBias, KeyPaddingMask]
+
+
+def normalize_bias(bias) -> tuple:
+    """Turn ``None``, one descriptor or a sequence of descriptors into a tuple of descriptors."""
+    if bias is None:
+        return ()
+    if isinstance(bias, (RelPosBias, DenseBias, KeyPaddingMask)):
+        return (bias,)
+    if isinstance(bias, (tuple, list)):
+        out = []
+        for b in bias:
+            out.extend(normalize_bias(b))
+        return tuple(out)
+    if isinstance(bias, Tensor):
+        raise ValueError(
+            "attend() takes bias descriptors, not raw tensors: wrap an additive tensor as DenseBias(t), "
+            "a table lookup as RelPosBias(table, index), a padding mask as KeyPaddingMask(mask)"
+        )
+    raise ValueError(f"unknown bias descriptor {type(bias).__name__}")

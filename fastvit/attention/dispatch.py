@@ -1,0 +1,139 @@
+"""Choosing a backend for one attention call.
+
+Selection, highest first: the ``backend=`` argument of ``attend()`` > ``with use_backend(...)`` >
+``set_backend(...)`` > the ``FASTVIT_ATTN_BACKEND`` environment variable > ``auto``. It is resolved
+at call time, never at module construction, so one model can run under several backends in a test.
+
+An explicit backend that cannot serve a call raises ``ValueError`` with its reasons (unless it was
+chosen with ``strict=False``, which falls back to auto for the calls it cannot serve). ``auto`` walks
+a per-device priority list; on the CPU it picks per shape (see ``_cpu_order``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from .backends import BACKENDS, Backend, get_backend
+from .inputs import AttnInputs
+
+__all__ = ["choose", "explain", "use_backend", "set_backend", "get_selected_backend", "Selection",
+           "CPU_SDPA_MIN_KEYS", "AUTO"]
+
+AUTO = "auto"
+ENV_VAR = "FASTVIT_ATTN_BACKEND"
+
+# Auto priority on CUDA: our kernels, then xformers, then SDPA, then the reference.
+_CUDA_ORDER = ("triton", "xformers", "sdpa", "reference")
+
+# On a small CPU the naive path beats SDPA at ViT-sized sequences: the score matrix of a layer
+# (6 heads x 197^2 fp32 ~ 0.9 MB per image) stays in cache and matmul runs at GEMM speed, while
+# SDPA's blocked loop pays per-block overhead (and loses 1.2-1.8x in bf16). SDPA wins once the
+# scores no longer fit in cache. Measured with `fastvit bench` (attention suite) on a 2-core Zen 4:
+# SDPA is 0.6-1.0x the naive path at Nk <= 577 and 2.4-3.1x at Nk = 4096.
+CPU_SDPA_MIN_KEYS = 1024
+
+
+@dataclass(frozen=True)
+class Selection:
+    name: str
+    strict: bool = True
+
+
+_context: contextvars.ContextVar[Optional[Selection]] = contextvars.ContextVar("fastvit_backend", default=None)
+_global: Optional[Selection] = None
+
+
+def _check_name(name: str) -> str:
+    if name != AUTO:
+        get_backend(name)  # raises ValueError for an unknown name
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str, *, strict: bool = True) -> Iterator[None]:
+    """Run the enclosed code with backend ``name`` (or ``"auto"``).
+
+    Args:
+        name: a registered backend name or ``"auto"``.
+        strict: if True, a call the backend cannot serve raises ``ValueError`` with the reasons; if
+            False it falls back to auto dispatch (useful to run a whole model "on triton where possible").
+    """
+    token = _context.set(Selection(_check_name(name), strict))
+    try:
+        yield
+    finally:
+        _context.reset(token)
+
+
+def set_backend(name: Optional[str], *, strict: bool = True) -> None:
+    """Set the process-wide backend (``None`` or ``"auto"`` restores auto dispatch)."""
+    global _global
+    _global = None if name is None else Selection(_check_name(name), strict)
+
+
+def get_selected_backend(backend: Optional[str] = None) -> Selection:
+    """The selection in force for a call with the given ``backend=`` argument."""
+    if backend is not None:
+        return Selection(_check_name(backend), True)
+    ctx = _context.get()
+    if ctx is not None:
+        return ctx
+    if _global is not None:
+        return _global
+    env = os.environ.get(ENV_VAR)
+    if env:
+        if env != AUTO and env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a backend; known: {', '.join(BACKENDS)} or auto")
+        return Selection(env, True)
+    return Selection(AUTO, True)
+
+
+def _cpu_order(inp: AttnInputs) -> tuple:
+    if inp.nk >= CPU_SDPA_MIN_KEYS:
+        return ("sdpa", "reference")
+    return ("reference", "sdpa")
+
+
+def auto_order(inp: AttnInputs) -> tuple:
+    """The backends auto dispatch tries for these inputs, best first."""
+    if inp.device_type == "cuda":
+        order = _CUDA_ORDER
+    elif inp.device_type == "cpu":
+        order = _cpu_order(inp)
+    else:
+        order = ("sdpa", "reference")
+    # Backends registered by users come last, so adding one never changes existing choices.
+    return tuple(order) + tuple(n for n in BACKENDS if n not in order)
+
+
+def explain(inp: AttnInputs) -> dict[str, list[str]]:
+    """For every registered backend, the reasons it cannot serve ``inp`` (empty = it can)."""
+    return {name: b.not_supported_reasons(inp) for name, b in BACKENDS.items()}
+
+
+def _format(reasons: dict[str, list[str]]) -> str:
+    return "; ".join(f"{name}: {', '.join(rs)}" for name, rs in reasons.items())
+
+
+def choose(inp: AttnInputs, backend: Optional[str] = None) -> type[Backend]:
+    """The backend that will serve ``inp``; raises ``ValueError`` listing reasons if none can."""
+    sel = get_selected_backend(backend)
+    if sel.name != AUTO:
+        chosen = get_backend(sel.name)
+        reasons = chosen.not_supported_reasons(inp)
+        if not reasons:
+            return chosen
+        if sel.strict:
+            raise ValueError(f"attention backend {sel.name!r} cannot serve {inp.describe()}: {'; '.join(reasons)}")
+    refused = {}
+    for name in auto_order(inp):
+        candidate = BACKENDS[name]
+        reasons = candidate.not_supported_reasons(inp)
+        if not reasons:
+            return candidate
+        refused[name] = reasons
+    raise ValueError(f"no attention backend can serve {inp.describe()}: {_format(refused)}")

@@ -1,0 +1,155 @@
+"""The inputs of one attention call, validated once, and what a call returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
+
+__all__ = ["AttnInputs", "AttnOutput", "validate_inputs"]
+
+
+class AttnOutput(NamedTuple):
+    """Returned by ``attend()`` when extra outputs are requested.
+
+    Attributes:
+        out: ``[B, H, Nq, Dv]``.
+        probs: ``[B, H, Nq, Nk]`` post-softmax probabilities (before dropout and head mixing), or None.
+        cls_probs: ``[B, H, Nk]`` probabilities of query 0 over all keys, or None.
+    """
+
+    out: Tensor
+    probs: Optional[Tensor] = None
+    cls_probs: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class AttnInputs:
+    """Everything a backend needs to decide whether it can serve a call, and to serve it."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: float
+    bias: tuple = ()
+    dropout_p: float = 0.0
+    return_probs: bool = False
+    return_cls_probs: bool = False
+    head_mix: Optional[HeadMix] = None
+
+    # Convenience views used by backends' capability checks.
+    @property
+    def device_type(self) -> str:
+        return self.q.device.type
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def value_dim(self) -> int:
+        return self.v.shape[-1]
+
+    @property
+    def nq(self) -> int:
+        return self.q.shape[-2]
+
+    @property
+    def nk(self) -> int:
+        return self.k.shape[-2]
+
+    def of_type(self, kind) -> list:
+        return [b for b in self.bias if isinstance(b, kind)]
+
+    @property
+    def needs_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        tensors = [self.q, self.k, self.v]
+        for b in self.bias:
+            tensors.append(b.table if isinstance(b, RelPosBias) else getattr(b, "tensor", None))
+        return any(t is not None and t.requires_grad for t in tensors)
+
+    def describe(self) -> str:
+        """A short readable id such as ``cpu-fp32-B2-H6-Nq197-Nk197-D64-relpos``."""
+        dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
+        b, h = self.q.shape[0], self.q.shape[1]
+        parts = [self.device_type, dt, f"B{b}", f"H{h}", f"Nq{self.nq}", f"Nk{self.nk}", f"D{self.head_dim}"]
+        if self.value_dim != self.head_dim:
+            parts.append(f"Dv{self.value_dim}")
+        names = {RelPosBias: "relpos", DenseBias: "dense", KeyPaddingMask: "padding"}
+        parts += [names[type(x)] for x in self.bias]
+        if self.head_mix is not None:
+            parts.append("headmix")
+        return "-".join(parts)
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def validate_inputs(inp: AttnInputs) -> None:
+    """Raise ``ValueError`` naming the offending shapes / values; never fail deep inside a backend."""
+    q, k, v = inp.q, inp.k, inp.v
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, N, D], got shape {_shape(t)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"q, k, v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")
+    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"batch and head dims must match: q {_shape(q)}, k {_shape(k)}, v {_shape(v)} ([B, H, N, D] layout)"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: q {_shape(q)}, k {_shape(k)}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v sequence lengths differ: k {_shape(k)}, v {_shape(v)}")
+    if not 0.0 <= inp.dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {inp.dropout_p}")
+
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[-2]
+    for b in inp.bias:
+        if isinstance(b, RelPosBias):
+            if b.table.shape[1] != H:
+                raise ValueError(f"RelPosBias table has {b.table.shape[1]} heads, q has {H} (table {_shape(b.table)})")
+            if _shape(b.index) != (Nq, Nk):
+                raise ValueError(f"RelPosBias index has shape {_shape(b.index)}, expected (Nq, Nk) = {(Nq, Nk)}")
+            _check_device(b.table, q, "RelPosBias table")
+            _check_device(b.index, q, "RelPosBias index")
+        elif isinstance(b, DenseBias):
+            t = b.materialize()
+            target = (B, H, Nq, Nk)
+            if any(s not in (1, want) for s, want in zip(t.shape, target)):
+                raise ValueError(f"DenseBias of shape {_shape(b.tensor)} does not broadcast to [B, H, Nq, Nk] = {target}")
+            if not t.is_floating_point():
+                raise ValueError(f"DenseBias must be floating point, got {t.dtype}")
+            _check_device(t, q, "DenseBias")
+        elif isinstance(b, KeyPaddingMask):
+            if _shape(b.mask) != (B, Nk):
+                raise ValueError(f"KeyPaddingMask has shape {_shape(b.mask)}, expected [B, Nk] = {(B, Nk)}")
+            _check_device(b.mask, q, "KeyPaddingMask")
+    if inp.head_mix is not None:
+        for name in ("pre", "post"):
+            w = getattr(inp.head_mix, name)
+            if w is not None and w.shape[0] != H:
+                raise ValueError(f"HeadMix.{name} is {_shape(w)} but q has {H} heads")
+
+
+def _check_device(t: Tensor, q: Tensor, what: str) -> None:
+    if t.device != q.device:
+        raise ValueError(f"{what} is on {t.device} but q is on {q.device}")

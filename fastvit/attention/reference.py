@@ -1,0 +1,65 @@
+"""The reference attention: materialise the logits, softmax, multiply. The oracle of every test.
+
+It is also the fastest path on a CPU at short sequences (the score matrix of a ViT layer stays in
+cache), so auto dispatch uses it there. It serves every declared input: all biases, head mixing,
+full probabilities, CLS probabilities, dropout.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+from .bias import DenseBias, KeyPaddingMask, RelPosBias
+from .inputs import AttnInputs, AttnOutput
+
+__all__ = ["reference_attention"]
+
+
+def reference_attention(inp: AttnInputs) -> AttnOutput:
+    q, k, v = inp.q, inp.k, inp.v
+    # (b, h, nq, nk). Scaling q (n*d elements) instead of the logits (n*n) saves a pass over the
+    # score matrix; the results differ from vit-pytorch's order by rounding only (~1e-7 in fp32).
+    logits = torch.matmul(q * inp.scale, k.transpose(-1, -2))
+
+    valid = None  # (b, 1, 1, nk) bool
+    for b in inp.bias:
+        if isinstance(b, RelPosBias):
+            logits = logits + b.materialize().to(logits.dtype)
+        elif isinstance(b, DenseBias):
+            logits = logits + b.materialize().to(logits.dtype)
+        elif isinstance(b, KeyPaddingMask):
+            m = b.materialize()
+            valid = m if valid is None else valid & m
+
+    mix = inp.head_mix
+    if mix is not None and mix.pre is not None:
+        logits = torch.einsum("bhij,hg->bgij", logits, mix.pre.to(logits.dtype))
+
+    if valid is not None:
+        logits = logits.masked_fill(~valid, float("-inf"))
+
+    # Low-precision logits are normalised in fp32, then cast back.
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
+    else:
+        probs = torch.softmax(logits, dim=-1)
+    if valid is not None:
+        # A row with no valid key softmaxes -inf everywhere to NaN; its output is defined as zero.
+        probs = probs.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
+
+    recorded = probs if inp.return_probs else None
+    cls_probs = probs[:, :, 0, :] if inp.return_cls_probs else None
+
+    attn = F.dropout(probs, p=inp.dropout_p, training=True) if inp.dropout_p > 0 else probs
+    if mix is not None:
+        if mix.post is not None:
+            attn = torch.einsum("bhij,hg->bgij", attn, mix.post.to(attn.dtype))
+        if mix.post_norm is not None:
+            attn = mix.post_norm(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over heads
+
+    out = torch.matmul(attn.to(v.dtype), v)
+    return AttnOutput(out, recorded, cls_probs)
+
+

@@ -1,0 +1,30 @@
+"""Feed-forward blocks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+__all__ = ["FeedForward"]
+
+
+class FeedForward(nn.Module):
+    """vit-pytorch's pre-norm MLP: ``LayerNorm -> Linear -> GELU -> Dropout -> Linear -> Dropout``.
+
+    Keys ``net.0`` (norm), ``net.1``, ``net.4`` match vit-pytorch >= 1.4. With ``dropout=None`` the
+    dropout layers are left out (SimpleViT: keys ``net.0/1/3``).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: Optional[float] = 0.0, norm: bool = True):
+        super().__init__()
+        layers = [nn.LayerNorm(dim) if norm else nn.Identity(), nn.Linear(dim, hidden_dim), nn.GELU()]
+        if dropout is not None:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(hidden_dim, dim))
+        if dropout is not None:
+            layers.append(nn.Dropout(dropout))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)

@@ -1,0 +1,73 @@
+"""Model registry: ``create_model(name, **overrides)``, ``list_models(pattern)``.
+
+Each entry is a preset: a constructor plus a small ``dict`` of arguments. Entries may also say
+which vit-pytorch class builds the same model (for parity tests and benchmarks) and which smaller
+arguments keep a CPU test fast (``test_overrides``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+__all__ = ["ModelEntry", "register_model", "create_model", "list_models", "get_model_entry"]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    constructor: Callable[..., nn.Module]
+    kwargs: dict = field(default_factory=dict)
+    vit_pytorch: Optional[str] = None  # "module:attr" of the equivalent vit-pytorch constructor
+    test_overrides: dict = field(default_factory=dict)
+    input_size: tuple = (3, 224, 224)
+    description: str = ""
+
+    def build(self, **overrides) -> nn.Module:
+        return self.constructor(**{**self.kwargs, **overrides})
+
+    def build_vit_pytorch(self, **overrides) -> nn.Module:
+        """The same preset built with vit-pytorch (which must be installed)."""
+        if self.vit_pytorch is None:
+            raise ValueError(f"{self.name} has no vit-pytorch equivalent")
+        import importlib
+
+        module, attr = self.vit_pytorch.split(":")
+        return getattr(importlib.import_module(module), attr)(**{**self.kwargs, **overrides})
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pytorch: Optional[str] = None,
+                   test_overrides: Optional[dict] = None, input_size: tuple = (3, 224, 224),
+                   description: str = "", **kwargs) -> ModelEntry:
+    """Register a preset. ``kwargs`` are the constructor arguments of the preset."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    entry = ModelEntry(name, constructor, dict(kwargs), vit_pytorch, dict(test_overrides or {}),
+                       tuple(input_size), description)
+    _REGISTRY[name] = entry
+    return entry
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = fnmatch.filter(_REGISTRY, f"*{name}*")[:5]
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint} (see fastvit.list_models())") from None
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a registered preset, with any constructor argument overridden."""
+    return get_model_entry(name).build(**overrides)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered preset names matching a glob pattern, sorted."""
+    return sorted(fnmatch.filter(_REGISTRY, pattern))

@@ -1,0 +1,114 @@
+"""ViT: "An Image is Worth 16x16 Words" (Dosovitskiy et al., arXiv 2010.11929).
+
+vit-pytorch 1.26.x layout and numerics: dual-patchnorm embedding, 2-D ``cls_token (num_cls, dim)``
+and ``pos_embedding (N + num_cls, dim)``, pre-norm blocks with the norm inside, a final norm before
+pooling, ``mlp_head`` a plain Linear (``None`` when ``num_classes=0``, then the model returns the
+token sequence).
+
+Deliberate differences from vit-pytorch:
+
+- Images smaller than ``image_size`` take the positions of the top-left crop of the 2-D position
+  grid. vit-pytorch slices the flat table (``pos_embedding[:n]``), which gives a 256x128 image the
+  positions of the wrong grid cells. Same-size inputs are unaffected; ``legacy_pos_slicing=True``
+  restores vit-pytorch's behaviour.
+- Wrong channel counts, non-divisible or too-large images raise ``ValueError`` up front.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastvit.layers import PatchEmbed, Transformer, check_image, pair, patch_grid
+
+from .base import VisionModel
+from .registry import register_model
+
+__all__ = ["ViT"]
+
+
+class ViT(VisionModel):
+    """Vision Transformer with vit-pytorch's constructor.
+
+    Args:
+        image_size: int or (h, w); the largest input size.
+        patch_size: int or (ph, pw).
+        num_classes: classifier width; 0 returns the normed tokens ``(b, n, dim)``.
+        dim: token width. depth: number of blocks. heads: attention heads. mlp_dim: MLP hidden width.
+        pool: ``"cls"`` (CLS token) or ``"mean"`` (mean over tokens, no CLS token).
+        channels: input channels. dim_head: width per head. dropout: attention/MLP dropout.
+        emb_dropout: dropout after the position embedding.
+        legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+    """
+
+    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
+                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False):
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.image_size = pair(image_size)
+        self.patch_size = pair(patch_size)
+        self.grid = patch_grid(image_size, patch_size)
+        self.channels = channels
+        self.pool = pool
+        self.num_classes = num_classes
+        self.dim = dim
+        self.legacy_pos_slicing = legacy_pos_slicing
+        num_patches = self.grid[0] * self.grid[1]
+        num_cls_tokens = 1 if pool == "cls" else 0
+        self.num_cls_tokens = num_cls_tokens
+
+        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
+        self.cls_token = nn.Parameter(torch.randn(num_cls_tokens, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(num_patches + num_cls_tokens, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.to_latent = nn.Identity()
+        self.mlp_head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """Positions for an ``h x w`` patch grid: ``(num_cls + h*w, dim)``."""
+        if (h, w) == self.grid or self.legacy_pos_slicing:
+            return self.pos_embedding[: self.num_cls_tokens + h * w]
+        cls_pos = self.pos_embedding[: self.num_cls_tokens]
+        patch_pos = self.pos_embedding[self.num_cls_tokens:].view(*self.grid, -1)[:h, :w]  # (h, w, dim)
+        return torch.cat((cls_pos, patch_pos.reshape(h * w, -1)), dim=0)
+
+    def embed(self, img: Tensor) -> Tensor:
+        """Patch embedding, CLS token and positions: ``(b, num_cls + n, dim)`` (before emb dropout)."""
+        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
+        h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]
+        x = self.to_patch_embedding(img)  # (b, n, dim)
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, num_cls, dim)
+        x = torch.cat((cls_tokens, x), dim=1)
+        return x + self.position_embedding(h, w)
+
+    def forward_features(self, img: Tensor) -> Tensor:
+        x = self.dropout(self.embed(img))
+        return self.transformer(x)  # (b, num_cls + n, dim), normed
+
+    def pool_tokens(self, x: Tensor) -> Tensor:
+        return x.mean(dim=1) if self.pool == "mean" else x[:, 0]
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        if self.mlp_head is None:
+            return x
+        return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+
+
+_SMALL = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64, num_classes=10)
+
+for _name, _kw in {
+    "vit_tiny_patch16_224": dict(dim=192, depth=12, heads=3, mlp_dim=768),
+    "vit_small_patch16_224": dict(dim=384, depth=12, heads=6, mlp_dim=1536),
+    "vit_base_patch16_224": dict(dim=768, depth=12, heads=12, mlp_dim=3072),
+    "vit_large_patch16_224": dict(dim=1024, depth=24, heads=16, mlp_dim=4096),
+}.items():
+    register_model(_name, ViT, vit_pytorch="vit_pytorch.vit:ViT", test_overrides=_SMALL,
+                   image_size=224, patch_size=16, num_classes=1000, **_kw)
+register_model("vit_small_patch16_224_mean", ViT, vit_pytorch="vit_pytorch.vit:ViT",
+               test_overrides={**_SMALL, "pool": "mean"}, image_size=224, patch_size=16, num_classes=1000,
+               dim=384, depth=12, heads=6, mlp_dim=1536, pool="mean")
+register_model("vit_base_patch32_384", ViT, vit_pytorch="vit_pytorch.vit:ViT", test_overrides=_SMALL,
+               input_size=(3, 384, 384), image_size=384, patch_size=32, num_classes=1000,
+               dim=768, depth=12, heads=12, mlp_dim=3072)

@@ -1,0 +1,5 @@
+"""vit-pytorch module path ``vit_pytorch.recorder``."""
+
+from fastvit.models.recorder import Recorder
+
+__all__ = ["Recorder"]

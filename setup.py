@@ -1,0 +1,56 @@
+"""fastvit: Vision Transformers on one pluggable, kernel-backed attention layer.
+
+`kernels/` sits at the top of the repository (a separate layer with no model knowledge) but is
+installed as `fastvit.kernels`: a top-level import name `kernels` would shadow an unrelated,
+widely installed package.
+"""
+
+from setuptools import setup
+
+PACKAGES = [
+    "fastvit",
+    "fastvit.attention",
+    "fastvit.attention.backends",
+    "fastvit.layers",
+    "fastvit.models",
+    "fastvit.ssl",
+    "fastvit.compat",
+    "fastvit.kernels",
+]
+
+setup(
+    name="fastvit",
+    version="0.1.0",
+    description="Vision Transformers (vit-pytorch compatible) on one pluggable, fused attention layer",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=PACKAGES,
+    package_dir={"fastvit.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "einops>=0.7",
+        "rich>=13",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "xformers": ["xformers"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "pytest-xdist>=3",
+            "hypothesis>=6",
+            "ruff>=0.5",
+            "timm>=1.0",
+            "vit-pytorch==1.26.11",
+            "torchvision",
+            "build",
+        ],
+    },
+    entry_points={"console_scripts": ["fastvit = fastvit.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
