@@ -45,6 +45,9 @@ setup(
             "vit-pytorch==1.26.11",
             "torchvision",
             "build",
+            # the seed README's "Research Ideas" examples plug these transformers into efficient.ViT
+            "nystrom-attention",
+            "x-transformers",
         ],
     },
     entry_points={"console_scripts": ["fastvit = fastvit.cli:main"]},

@@ -23,15 +23,18 @@ __all__ = ["RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "BiasLike", "
 
 # Validating a relative-position index against its table needs a device->host sync. Models build the
 # index once (a buffer), so the result is cached per index tensor and its in-place version counter.
-_INDEX_RANGE_CACHE: "weakref.WeakKeyDictionary[Tensor, tuple[int, int, int]]" = weakref.WeakKeyDictionary()
+# Keyed by id() with a weak reference (tensors are not hashable by value); entries die with the tensor.
+_INDEX_RANGE_CACHE: dict = {}
 
 
 def _index_range(index: Tensor) -> tuple[int, int]:
-    cached = _INDEX_RANGE_CACHE.get(index)
-    if cached is not None and cached[0] == index._version:
-        return cached[1], cached[2]
+    key = id(index)
+    cached = _INDEX_RANGE_CACHE.get(key)
+    if cached is not None and cached[0]() is index and cached[1] == index._version:
+        return cached[2], cached[3]
     lo, hi = (int(v) for v in torch.aminmax(index))
-    _INDEX_RANGE_CACHE[index] = (index._version, lo, hi)
+    ref = weakref.ref(index, lambda _, key=key: _INDEX_RANGE_CACHE.pop(key, None))
+    _INDEX_RANGE_CACHE[key] = (ref, index._version, lo, hi)
     return lo, hi
 
 
@@ -54,7 +57,9 @@ class RelPosBias:
             raise ValueError(f"RelPosBias index must be [Nq, Nk], got shape {tuple(self.index.shape)}")
         if self.index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"RelPosBias index must be an integer tensor, got {self.index.dtype}")
-        if self.index.numel() > 0:
+        # The range check reads the index on the host; under torch.compile it would break the graph,
+        # and the compiled model was checked by its eager runs.
+        if self.index.numel() > 0 and not torch.compiler.is_compiling():
             lo, hi = _index_range(self.index)
             if lo < 0 or hi >= self.table.shape[0]:
                 raise ValueError(

@@ -25,6 +25,20 @@ class ModelEntry:
     test_overrides: dict = field(default_factory=dict)
     input_size: tuple = (3, 224, 224)
     description: str = ""
+    test_input_size: Optional[tuple] = None
+
+    def input_size_for(self, overrides: dict) -> tuple:
+        """``(c, h, w)`` of an input for the model built with ``overrides`` (tests use test_overrides)."""
+        kwargs = {**self.kwargs, **overrides}
+        size = kwargs.get("image_size", kwargs.get("img_size"))
+        channels = kwargs.get("channels", kwargs.get("n_input_channels", self.input_size[0]))
+        if size is None:
+            return self.input_size
+        h, w = size if isinstance(size, (tuple, list)) else (size, size)
+        return (channels, h, w)
+
+    def test_input(self) -> tuple:
+        return self.test_input_size or self.input_size_for(self.test_overrides)
 
     def build(self, **overrides) -> nn.Module:
         return self.constructor(**{**self.kwargs, **overrides})
@@ -44,12 +58,23 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pytorch: Optional[str] = None,
                    test_overrides: Optional[dict] = None, input_size: tuple = (3, 224, 224),
-                   description: str = "", **kwargs) -> ModelEntry:
-    """Register a preset. ``kwargs`` are the constructor arguments of the preset."""
+                   test_input_size: Optional[tuple] = None, description: str = "", **kwargs) -> ModelEntry:
+    """Register a preset. ``kwargs`` are the constructor arguments of the preset.
+
+    Args:
+        name: preset name (``vit_small_patch16_224``).
+        constructor: a class or factory taking keyword arguments.
+        vit_pytorch: ``"module:attr"`` of vit-pytorch's equivalent constructor, if any.
+        test_overrides: small arguments that keep a CPU test fast.
+        input_size: ``(c, h, w)`` of the preset's input.
+        test_input_size: ``(c, h, w)`` of the input for ``test_overrides`` (derived from its
+            ``image_size`` / ``img_size`` when not given).
+        description: one line for listings.
+    """
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     entry = ModelEntry(name, constructor, dict(kwargs), vit_pytorch, dict(test_overrides or {}),
-                       tuple(input_size), description)
+                       tuple(input_size), description, tuple(test_input_size) if test_input_size else None)
     _REGISTRY[name] = entry
     return entry
 

@@ -1,0 +1,119 @@
+"""Attention test cases generated from what each backend declares (after xformers' fmha tests)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastvit.attention import DenseBias, KeyPaddingMask, RelPosBias
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# (B, H, Nq, Nk, D, Dv): vision-awkward sizes (1, 49, 50, 197), head dims 8..80, Nq != Nk, Dv != D.
+SHAPES = [
+    (2, 3, 1, 1, 8, 8),
+    (2, 3, 49, 49, 32, 32),
+    (1, 2, 50, 50, 48, 48),
+    (1, 2, 197, 197, 64, 64),
+    (2, 2, 16, 50, 80, 80),      # reduced KV is Nq > Nk; here Nq < Nk (subsampled queries)
+    (2, 2, 49, 196, 16, 64),     # LeViT attention-subsample: key dim 16, value dim 64
+    (2, 2, 1, 50, 32, 32),       # class attention
+    (1, 2, 64, 16, 32, 32),      # reduced KV (CvT / Twins GSA)
+]
+BIAS_KINDS = ["none", "relpos", "dense", "dense_bcast", "padding", "relpos+padding"]
+
+
+@dataclass(frozen=True)
+class Case:
+    backend: str
+    device: str
+    dtype: torch.dtype
+    shape: tuple
+    bias: str
+
+    @property
+    def id(self) -> str:
+        B, H, Nq, Nk, D, Dv = self.shape
+        n = f"N{Nq}" if Nq == Nk else f"Nq{Nq}-Nk{Nk}"
+        dv = "" if Dv == D else f"-Dv{Dv}"
+        return f"{self.backend}-{self.device}-{DTYPE_NAMES[self.dtype]}-B{B}-H{H}-{n}-D{D}{dv}-{self.bias}"
+
+
+def make_inputs(case: Case, *, requires_grad: bool = True, seed: int = 0):
+    """q, k, v and the bias descriptors for a case; the index/mask are fixed, tables trainable."""
+    g = torch.Generator().manual_seed(seed)
+    B, H, Nq, Nk, D, Dv = case.shape
+
+    def rand(*s):
+        t = torch.randn(*s, generator=g).to(case.device, case.dtype)
+        return t.requires_grad_(requires_grad)
+
+    q, k, v = rand(B, H, Nq, D), rand(B, H, Nk, D), rand(B, H, Nk, Dv)
+    bias = []
+    if "relpos" in case.bias:
+        T = 2 * max(Nq, Nk) + 1
+        table = rand(T, H)
+        index = torch.randint(0, T, (Nq, Nk), generator=g).to(case.device)
+        bias.append(RelPosBias(table, index))
+    if case.bias == "dense":
+        bias.append(DenseBias(rand(B, H, Nq, Nk)))
+    if case.bias == "dense_bcast":
+        bias.append(DenseBias(rand(1, H, Nq, Nk)))
+    if "padding" in case.bias:
+        mask = torch.rand(B, Nk, generator=g) > 0.3
+        mask[:, 0] = True
+        if B > 1:
+            mask[-1] = False  # a whole sample with no valid key: output must be zero, not NaN
+        bias.append(KeyPaddingMask(mask.to(case.device)))
+    return q, k, v, tuple(bias)
+
+
+def trainable(q, k, v, bias) -> list:
+    out = [q, k, v]
+    for b in bias:
+        if isinstance(b, RelPosBias):
+            out.append(b.table)
+        elif isinstance(b, DenseBias):
+            out.append(b.tensor)
+    return out
+
+
+def fp32_copy(q, k, v, bias):
+    """Detached fp32 leaf copies of every tensor (the reference runs on these)."""
+
+    def cp(t):
+        return t.detach().float().requires_grad_(t.requires_grad)
+
+    new_bias = []
+    for b in bias:
+        if isinstance(b, RelPosBias):
+            new_bias.append(RelPosBias(cp(b.table), b.index))
+        elif isinstance(b, DenseBias):
+            new_bias.append(DenseBias(cp(b.tensor)))
+        else:
+            new_bias.append(b)
+    return cp(q), cp(k), cp(v), tuple(new_bias)
+
+
+def generate(backends: dict, device: str = "cpu") -> list:
+    """Every case a backend declares it supports on ``device``."""
+    from fastvit.attention.bias import DenseBias as _D, KeyPaddingMask as _K, RelPosBias as _R
+
+    kinds_needed = {"none": (), "relpos": (_R,), "dense": (_D,), "dense_bcast": (_D,), "padding": (_K,),
+                    "relpos+padding": (_R, _K)}
+    cases = []
+    for name, backend in backends.items():
+        if name == "reference" or device not in backend.devices:
+            continue
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            if dtype not in backend.dtypes:
+                continue
+            for shape in SHAPES:
+                if backend.max_head_dim is not None and max(shape[4], shape[5]) > backend.max_head_dim:
+                    continue
+                for bias in BIAS_KINDS:
+                    if not all(issubclass(k, backend.bias_types) for k in kinds_needed[bias]):
+                        continue
+                    cases.append(Case(name, device, dtype, shape, bias))
+    return cases

@@ -1,0 +1,158 @@
+"""Dispatch: selection precedence, refusals with reasons, per-device auto order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastvit
+from fastvit.attention import (
+    BACKENDS, Backend, HeadMix, RelPosBias, attend, auto_order, choose, explain, explain_call,
+    get_selected_backend, make_inputs, register_backend, set_backend, use_backend,
+)
+from fastvit.attention.dispatch import CPU_SDPA_MIN_KEYS
+
+
+def qkv(n=16, d=8, nk=None):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(1, 2, n, d, generator=g), torch.randn(1, 2, nk or n, d, generator=g),
+            torch.randn(1, 2, nk or n, d, generator=g))
+
+
+class _Spy(Backend):
+    """A backend that records calls and delegates to SDPA; registered only inside tests."""
+
+    name = "spy"
+    devices = ("cpu",)
+    calls = 0
+
+    @classmethod
+    def forward(cls, inp):
+        cls.calls += 1
+        return BACKENDS["sdpa"].forward(inp)
+
+
+@pytest.fixture
+def spy():
+    register_backend(_Spy)
+    _Spy.calls = 0
+    yield _Spy
+    del BACKENDS["spy"]
+
+
+def test_precedence_argument_context_global_env(monkeypatch, spy):
+    q, k, v = qkv()
+    inp = make_inputs(q, k, v)
+    monkeypatch.setenv("FASTVIT_ATTN_BACKEND", "sdpa")
+    assert choose(inp).name == "sdpa"
+    set_backend("reference")
+    assert choose(inp).name == "reference"
+    with use_backend("spy"):
+        assert choose(inp).name == "spy"
+        assert choose(inp, backend="sdpa").name == "sdpa"
+        attend(q, k, v)
+        assert spy.calls == 1
+    assert choose(inp).name == "reference"
+    set_backend(None)
+    assert choose(inp).name == "sdpa"  # env again
+    monkeypatch.delenv("FASTVIT_ATTN_BACKEND")
+    assert get_selected_backend().name == "auto"
+
+
+def test_selection_is_resolved_at_call_time_not_construction(spy):
+    model = fastvit.create_model("vit_tiny_patch16_224", **fastvit.models.get_model_entry("vit_tiny_patch16_224").test_overrides)
+    model.eval()
+    x = torch.randn(1, 3, 32, 32)
+    model(x)
+    assert spy.calls == 0
+    with use_backend("spy"):
+        model(x)
+    assert spy.calls == 2  # depth 2: one call per layer
+
+
+def test_unknown_backend_names_are_value_errors(monkeypatch):
+    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+        set_backend("nope")
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        with use_backend("nope"):
+            pass
+    monkeypatch.setenv("FASTVIT_ATTN_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTVIT_ATTN_BACKEND='nope'"):
+        attend(*qkv())
+
+
+def test_explicit_backend_that_cannot_serve_raises_with_reasons():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="return_probs needs the full probabilities; sdpa never"):
+        attend(q, k, v, return_probs=True, backend="sdpa")
+    with pytest.raises(ValueError, match="head mixing"):
+        attend(q, k, v, head_mix=HeadMix(post=torch.eye(2)), backend="sdpa")
+    with pytest.raises(ValueError, match="xformers"):
+        attend(q, k, v, backend="xformers")
+
+
+def test_non_strict_selection_falls_back_to_auto():
+    q, k, v = qkv()
+    with use_backend("sdpa", strict=False):
+        res = attend(q, k, v, return_probs=True)  # sdpa cannot; auto picks the reference
+    assert res.probs.shape == (1, 2, 16, 16)
+
+
+def test_auto_walks_past_refusing_backends():
+    q, k, v = qkv(n=CPU_SDPA_MIN_KEYS)
+    inp = make_inputs(q, k, v, return_cls_probs=True)
+    assert auto_order(inp)[0] == "sdpa"
+    assert choose(inp).name == "reference"  # sdpa refuses cls probs
+
+
+def test_cpu_auto_order_depends_on_sequence_length():
+    short = make_inputs(*qkv(n=197))
+    long = make_inputs(*qkv(n=8, nk=CPU_SDPA_MIN_KEYS))
+    assert choose(short).name == "reference"
+    assert choose(long).name == "sdpa"
+
+
+def test_explain_lists_reasons_for_every_backend():
+    q, k, v = qkv(d=8)
+    reasons = explain_call(q, k, v, return_probs=True)
+    assert set(reasons) == set(BACKENDS)
+    assert reasons["reference"] == []
+    assert any("return_probs" in r for r in reasons["sdpa"])
+    assert reasons["xformers"] and all(isinstance(r, str) and r for r in reasons["xformers"])
+    assert explain(make_inputs(q, k, v)) == {n: b.not_supported_reasons(make_inputs(q, k, v)) for n, b in BACKENDS.items()}
+
+
+def test_no_backend_can_serve_lists_every_reason():
+    q, k, v = (t.double() for t in qkv())
+    with pytest.raises(ValueError) as e:
+        attend(q, k, v, return_probs=True, backend="sdpa")
+    assert "fp64" in str(e.value) and "return_probs" in str(e.value)
+    with use_backend("auto"):
+        res = attend(q, k, v, return_cls_probs=True)  # fp64 + cls probs: only the reference can
+    assert res.cls_probs.dtype == torch.float64
+    q, k, v = (x.to("meta") for x in qkv())  # a device no backend declares
+    with pytest.raises(ValueError) as e:
+        attend(q, k, v)
+    message = str(e.value)
+    assert message.startswith("no attention backend can serve meta-fp32")
+    for name in BACKENDS:
+        assert f"{name}: " in message
+
+
+def test_backends_declare_capabilities_and_tolerances():
+    for name, b in BACKENDS.items():
+        assert b.name == name
+        assert isinstance(b.availability(), tuple)
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            atol, rtol = b.tolerances[dt]
+            assert 0 < atol < 0.1 and 0 < rtol < 0.1
+
+
+def test_relpos_bias_table_gets_a_gradient_through_dispatch():
+    q, k, v = qkv()
+    table = torch.randn(31, 2, requires_grad=True)
+    index = torch.randint(0, 31, (16, 16))
+    for backend in ("reference", "sdpa"):
+        table.grad = None
+        attend(q, k, v, bias=RelPosBias(table, index), backend=backend).sum().backward()
+        assert table.grad is not None and table.grad.abs().sum() > 0
