@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import torch
+
 from .backends import BACKENDS, Backend, get_backend
 from .inputs import AttnInputs
 
@@ -29,12 +31,13 @@ ENV_VAR = "FASTVIT_ATTN_BACKEND"
 # Auto priority on CUDA: our kernels, then xformers, then SDPA, then the reference.
 _CUDA_ORDER = ("triton", "xformers", "sdpa", "reference")
 
-# On a small CPU the naive path beats SDPA at ViT-sized sequences: the score matrix of a layer
-# (6 heads x 197^2 fp32 ~ 0.9 MB per image) stays in cache and matmul runs at GEMM speed, while
-# SDPA's blocked loop pays per-block overhead (and loses 1.2-1.8x in bf16). SDPA wins once the
-# scores no longer fit in cache. Measured with `fastvit bench` (attention suite) on a 2-core Zen 4:
-# SDPA is 0.6-1.0x the naive path at Nk <= 577 and 2.4-3.1x at Nk = 4096.
-CPU_SDPA_MIN_KEYS = 1024
+# On a small CPU the naive path can beat SDPA at ViT-sized sequences: the score matrix of a layer
+# (6 heads x 197^2 fp32 ~ 0.9 MB per image) stays in cache and matmul runs at GEMM speed, while SDPA's
+# blocked loop pays per-block overhead. Measured on a 2-core Zen 4 with torch 2.14.1 (see
+# benchmarks/cpu_dispatch.py): in fp32 SDPA is on par below ~128 keys and 1.05-1.4x faster above; in
+# bf16 the naive path is 1.4-2x faster up to ~400 keys and SDPA wins from ~577 keys (2-3x at 4096).
+CPU_SDPA_MIN_KEYS = {torch.float32: 128, torch.bfloat16: 512, torch.float16: 512}
+_CPU_SDPA_MIN_KEYS_DEFAULT = 512
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ def get_selected_backend(backend: Optional[str] = None) -> Selection:
 
 
 def _cpu_order(inp: AttnInputs) -> tuple:
-    if inp.nk >= CPU_SDPA_MIN_KEYS:
+    if inp.nk >= CPU_SDPA_MIN_KEYS.get(inp.dtype, _CPU_SDPA_MIN_KEYS_DEFAULT):
         return ("sdpa", "reference")
     return ("reference", "sdpa")
 

@@ -99,15 +99,17 @@ def test_non_strict_selection_falls_back_to_auto():
 
 
 def test_auto_walks_past_refusing_backends():
-    q, k, v = qkv(n=CPU_SDPA_MIN_KEYS)
+    q, k, v = qkv(n=CPU_SDPA_MIN_KEYS[torch.float32])
     inp = make_inputs(q, k, v, return_cls_probs=True)
     assert auto_order(inp)[0] == "sdpa"
     assert choose(inp).name == "reference"  # sdpa refuses cls probs
 
 
-def test_cpu_auto_order_depends_on_sequence_length():
-    short = make_inputs(*qkv(n=197))
-    long = make_inputs(*qkv(n=8, nk=CPU_SDPA_MIN_KEYS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_auto_order_depends_on_sequence_length_and_dtype(dtype):
+    threshold = CPU_SDPA_MIN_KEYS[dtype]
+    short = make_inputs(*(t.to(dtype) for t in qkv(n=8, nk=threshold - 1)))
+    long = make_inputs(*(t.to(dtype) for t in qkv(n=8, nk=threshold)))
     assert choose(short).name == "reference"
     assert choose(long).name == "sdpa"
 
