@@ -2,11 +2,12 @@
 
 from .attention import Attention, AttentionBase, merge_heads, split_heads
 from .embed import PatchEmbed, check_image, pair, patch_grid, posemb_sincos_2d
+from .linear import Linear
 from .mlp import FeedForward
 from .transformer import Transformer
 
 __all__ = [
     "Attention", "AttentionBase", "merge_heads", "split_heads",
     "PatchEmbed", "check_image", "pair", "patch_grid", "posemb_sincos_2d",
-    "FeedForward", "Transformer",
+    "FeedForward", "Transformer", "Linear",
 ]

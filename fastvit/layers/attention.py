@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from fastvit.attention import attend
 
+from .linear import Linear
+
 __all__ = ["AttentionBase", "Attention", "split_heads", "merge_heads"]
 
 
@@ -85,13 +87,13 @@ class Attention(AttentionBase):
         self.heads = heads
         self.scale = dim_head ** -0.5
         self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
-        self.to_qkv = nn.Linear(dim, inner_dim * 3, bias=False)
+        self.to_qkv = Linear(dim, inner_dim * 3, bias=False)
         if not project_out:
             self.to_out = nn.Identity()
         elif out_bias:
-            self.to_out = nn.Sequential(nn.Linear(inner_dim, dim), nn.Dropout(dropout))
+            self.to_out = nn.Sequential(Linear(inner_dim, dim), nn.Dropout(dropout))
         else:
-            self.to_out = nn.Linear(inner_dim, dim, bias=False)
+            self.to_out = Linear(inner_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(x)

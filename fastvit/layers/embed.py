@@ -8,6 +8,8 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
+from .linear import Linear
+
 __all__ = ["pair", "PatchEmbed", "check_image", "posemb_sincos_2d", "patch_grid"]
 
 IntOrPair = Union[int, tuple]
@@ -62,7 +64,7 @@ class PatchEmbed(nn.Sequential):
         super().__init__(
             Rearrange("b c (h p1) (w p2) -> b (h w) (p1 p2 c)", p1=ph, p2=pw),
             nn.LayerNorm(patch_dim) if norms else nn.Identity(),
-            nn.Linear(patch_dim, dim),
+            Linear(patch_dim, dim),
             nn.LayerNorm(dim) if norms else nn.Identity(),
         )
 

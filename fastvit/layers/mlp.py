@@ -6,6 +6,8 @@ from typing import Optional
 
 from torch import nn
 
+from .linear import Linear
+
 __all__ = ["FeedForward"]
 
 
@@ -18,13 +20,21 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, dropout: Optional[float] = 0.0, norm: bool = True):
         super().__init__()
-        layers = [nn.LayerNorm(dim) if norm else nn.Identity(), nn.Linear(dim, hidden_dim), nn.GELU()]
+        layers = [nn.LayerNorm(dim) if norm else nn.Identity(), Linear(dim, hidden_dim), nn.GELU()]
         if dropout is not None:
             layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(hidden_dim, dim))
+        layers.append(Linear(hidden_dim, dim))
         if dropout is not None:
             layers.append(nn.Dropout(dropout))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
-        return self.net(x)
+        norm, fc1, act = self.net[0], self.net[1], self.net[2]
+        if isinstance(act, nn.GELU) and act.approximate == "none":
+            # fc1 + GELU in one call: oneDNN fuses the GELU into the GEMM in inference on the CPU.
+            h = fc1.forward_act(norm(x), "gelu")
+        else:
+            h = act(fc1(norm(x)))
+        for layer in self.net[3:]:
+            h = layer(h)
+        return h

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastvit.layers import PatchEmbed, Transformer, check_image, pair, patch_grid
+from fastvit.layers import Linear, PatchEmbed, Transformer, check_image, pair, patch_grid
 
 from .base import VisionModel
 from .registry import register_model
@@ -64,7 +64,7 @@ class ViT(VisionModel):
         self.dropout = nn.Dropout(emb_dropout)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
         self.to_latent = nn.Identity()
-        self.mlp_head = nn.Linear(dim, num_classes) if num_classes > 0 else None
+        self.mlp_head = Linear(dim, num_classes) if num_classes > 0 else None
 
     def position_embedding(self, h: int, w: int) -> Tensor:
         """Positions for an ``h x w`` patch grid: ``(num_cls + h*w, dim)``."""
