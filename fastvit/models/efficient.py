@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastvit.layers import PatchEmbed, Transformer, check_image, pair, patch_grid
+from fastvit.layers import Linear, PatchEmbed, Transformer, check_image, pair, patch_grid
 
 from .base import VisionModel
 from .registry import register_model
@@ -41,7 +41,7 @@ class ViT(VisionModel):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
         self.transformer = transformer
         self.to_latent = nn.Identity()
-        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
 
     def embed(self, img: Tensor) -> Tensor:
         check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastvit.layers import PatchEmbed, Transformer, check_image, pair, patch_grid, posemb_sincos_2d
+from fastvit.layers import Linear, PatchEmbed, Transformer, check_image, pair, patch_grid, posemb_sincos_2d
 
 from .base import VisionModel
 from .registry import register_model
@@ -32,7 +32,7 @@ class SimpleViT(VisionModel):
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout=None, out_bias=False)
         self.pool = "mean"
         self.to_latent = nn.Identity()
-        self.linear_head = nn.Linear(dim, num_classes)
+        self.linear_head = Linear(dim, num_classes)
 
     def forward_features(self, img: Tensor) -> Tensor:
         check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size,
