@@ -47,10 +47,12 @@ def main() -> None:
             times = {"reference": [], "sdpa": []}
             for _ in range(3):  # interleave the contenders to cancel drift on a shared machine
                 for name in times:
-                    times[name].append(time_it(lambda name=name: attend(q, k, v, backend=name), args.reps))
+                    call = lambda name=name, q=q, k=k, v=v: attend(q, k, v, backend=name)  # noqa: E731
+                    times[name].append(time_it(call, args.reps))
             ref, sdpa = min(times["reference"]), min(times["sdpa"])
             wins.append((N, ref / sdpa))
-            print(f"{str(dtype):16s} B{B:<3d} H{H:<3d} N{N:<5d} reference {ref * 1e3:8.2f} ms  sdpa {sdpa * 1e3:8.2f} ms"
+            print(f"{str(dtype):16s} B{B:<3d} H{H:<3d} N{N:<5d} "
+                  f"reference {ref * 1e3:8.2f} ms  sdpa {sdpa * 1e3:8.2f} ms"
                   f"  sdpa speed-up {ref / sdpa:5.2f}x")
         crossover = next((n for i, (n, _) in enumerate(wins) if all(r > 1.0 for _, r in wins[i:])), None)
         print(f"{dtype}: SDPA wins from N = {crossover} on\n")

@@ -11,7 +11,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
         raise AssertionError(f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     if torch.isnan(e).any() or torch.isnan(a).any():
-        raise AssertionError(f"{what}: NaN in actual={bool(torch.isnan(a).any())} expected={bool(torch.isnan(e).any())}")
+        nan_a, nan_e = bool(torch.isnan(a).any()), bool(torch.isnan(e).any())
+        raise AssertionError(f"{what}: NaN in actual={nan_a} expected={nan_e}")
     err = (a - e).abs()
     bad = err > atol + rtol * e.abs()
     if bad.any():

@@ -36,7 +36,8 @@ def logits(out):
 def test_registry_is_populated_with_the_vit_presets():
     for name in ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224"):
         assert name in MODELS
-    assert list_models("vit_*_patch16_224") == sorted(n for n in MODELS if n.startswith("vit_") and n.endswith("patch16_224"))
+    expected = sorted(n for n in MODELS if n.startswith("vit_") and n.endswith("patch16_224"))
+    assert list_models("vit_*_patch16_224") == expected
     with pytest.raises(ValueError, match="unknown model 'vit_small'; did you mean"):
         fastvit.create_model("vit_small")
 

@@ -96,6 +96,10 @@ def get_selected_backend(backend: Optional[str] = None) -> Selection:
 
 
 def _cpu_order(inp: AttnInputs) -> tuple:
+    # PyTorch's CPU flash kernel needs equal key and value widths; its fallback for Dv != D (LeViT)
+    # is 1.7-3x slower than the reference.
+    if inp.value_dim != inp.head_dim:
+        return ("reference", "sdpa")
     if inp.nk >= CPU_SDPA_MIN_KEYS.get(inp.dtype, _CPU_SDPA_MIN_KEYS_DEFAULT):
         return ("sdpa", "reference")
     return ("reference", "sdpa")

@@ -135,7 +135,9 @@ def validate_inputs(inp: AttnInputs) -> None:
             t = b.materialize()
             target = (B, H, Nq, Nk)
             if any(s not in (1, want) for s, want in zip(t.shape, target)):
-                raise ValueError(f"DenseBias of shape {_shape(b.tensor)} does not broadcast to [B, H, Nq, Nk] = {target}")
+                raise ValueError(
+                    f"DenseBias of shape {_shape(b.tensor)} does not broadcast to [B, H, Nq, Nk] = {target}"
+                )
             if not t.is_floating_point():
                 raise ValueError(f"DenseBias must be floating point, got {t.dtype}")
             _check_device(t, q, "DenseBias")

@@ -81,7 +81,8 @@ def load_vit_pytorch_state_dict(model: nn.Module, state_dict: Mapping, strict: b
     if mismatched or (strict and (missing or unexpected)):
         lines = [f"cannot load the vit-pytorch checkpoint into {type(model).__name__}:"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}")
+            more = " ..." if len(missing) > 20 else ""
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing[:20])}{more}")
         if unexpected:
             lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected[:20])}"
                          f"{' ...' if len(unexpected) > 20 else ''}")

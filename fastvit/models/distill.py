@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from torch import Tensor
 import torch
+from torch import Tensor
 
 from .vit import ViT
 

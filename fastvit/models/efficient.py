@@ -28,7 +28,9 @@ class ViT(VisionModel):
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         if not isinstance(transformer, nn.Module):
-            raise ValueError(f"transformer must be an nn.Module mapping (b, n, dim) -> (b, n, dim), got {transformer!r}")
+            raise ValueError(
+                f"transformer must be an nn.Module mapping (b, n, dim) -> (b, n, dim), got {transformer!r}"
+            )
         self.image_size = pair(image_size)
         self.patch_size = pair(patch_size)
         gh, gw = patch_grid(image_size, patch_size)

@@ -33,7 +33,9 @@ class DistillWrapper(nn.Module):
         self.alpha = alpha
         self.hard = hard
         self.distillation_token = nn.Parameter(torch.randn(1, dim))
-        self.distill_mlp = nn.Sequential(nn.LayerNorm(dim) if mlp_layernorm else nn.Identity(), nn.Linear(dim, num_classes))
+        self.distill_mlp = nn.Sequential(
+            nn.LayerNorm(dim) if mlp_layernorm else nn.Identity(), nn.Linear(dim, num_classes)
+        )
 
     def forward(self, img: Tensor, labels: Tensor, temperature: Optional[float] = None,
                 alpha: Optional[float] = None, **kwargs) -> Tensor:

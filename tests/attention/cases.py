@@ -98,7 +98,9 @@ def fp32_copy(q, k, v, bias):
 
 def generate(backends: dict, device: str = "cpu") -> list:
     """Every case a backend declares it supports on ``device``."""
-    from fastvit.attention.bias import DenseBias as _D, KeyPaddingMask as _K, RelPosBias as _R
+    from fastvit.attention.bias import DenseBias as _D
+    from fastvit.attention.bias import KeyPaddingMask as _K
+    from fastvit.attention.bias import RelPosBias as _R
 
     kinds_needed = {"none": (), "relpos": (_R,), "dense": (_D,), "dense_bcast": (_D,), "padding": (_K,),
                     "relpos+padding": (_R, _K)}

@@ -8,7 +8,8 @@ import torch
 from cases import Case, fp32_copy, generate, make_inputs, trainable
 from helpers import assert_close
 
-from fastvit.attention import BACKENDS, attend, get_backend, make_inputs as attn_inputs
+from fastvit.attention import BACKENDS, attend, get_backend
+from fastvit.attention import make_inputs as attn_inputs
 
 CASES = generate(BACKENDS, "cpu")
 

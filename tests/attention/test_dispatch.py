@@ -7,8 +7,20 @@ import torch
 
 import fastvit
 from fastvit.attention import (
-    BACKENDS, Backend, HeadMix, RelPosBias, attend, auto_order, choose, explain, explain_call,
-    get_selected_backend, make_inputs, register_backend, set_backend, use_backend,
+    BACKENDS,
+    Backend,
+    HeadMix,
+    RelPosBias,
+    attend,
+    auto_order,
+    choose,
+    explain,
+    explain_call,
+    get_selected_backend,
+    make_inputs,
+    register_backend,
+    set_backend,
+    use_backend,
 )
 from fastvit.attention.dispatch import CPU_SDPA_MIN_KEYS
 
@@ -60,7 +72,8 @@ def test_precedence_argument_context_global_env(monkeypatch, spy):
 
 
 def test_selection_is_resolved_at_call_time_not_construction(spy):
-    model = fastvit.create_model("vit_tiny_patch16_224", **fastvit.models.get_model_entry("vit_tiny_patch16_224").test_overrides)
+    entry = fastvit.models.get_model_entry("vit_tiny_patch16_224")
+    model = entry.build(**entry.test_overrides)
     model.eval()
     x = torch.randn(1, 3, 32, 32)
     model(x)
@@ -121,7 +134,8 @@ def test_explain_lists_reasons_for_every_backend():
     assert reasons["reference"] == []
     assert any("return_probs" in r for r in reasons["sdpa"])
     assert reasons["xformers"] and all(isinstance(r, str) and r for r in reasons["xformers"])
-    assert explain(make_inputs(q, k, v)) == {n: b.not_supported_reasons(make_inputs(q, k, v)) for n, b in BACKENDS.items()}
+    inp = make_inputs(q, k, v)
+    assert explain(inp) == {n: b.not_supported_reasons(inp) for n, b in BACKENDS.items()}
 
 
 def test_no_backend_can_serve_lists_every_reason():

@@ -155,7 +155,8 @@ def test_distillation_wrapper_and_to_vit():
 
 
 def test_distillation_matches_vit_pytorch_loss():
-    from vit_pytorch.distill import DistillableViT as RefDistillable, DistillWrapper as RefWrapper
+    from vit_pytorch.distill import DistillableViT as RefDistillable
+    from vit_pytorch.distill import DistillWrapper as RefWrapper
 
     kwargs = dict(image_size=32, patch_size=8, **SMALL)
     torch.manual_seed(0)
@@ -181,7 +182,8 @@ def test_pluggable_transformer_matches_vit_pytorch_efficient():
     torch.manual_seed(0)
     ref = RefEfficient(image_size=32, patch_size=8, num_classes=10, dim=32,
                        transformer=vit_pytorch.vit.Transformer(32, 2, 2, 16, 64)).eval()
-    fast = EfficientViT(image_size=32, patch_size=8, num_classes=10, dim=32, transformer=Transformer(32, 2, 2, 16, 64)).eval()
+    fast = EfficientViT(image_size=32, patch_size=8, num_classes=10, dim=32,
+                        transformer=Transformer(32, 2, 2, 16, 64)).eval()
     fast.load_vit_pytorch_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

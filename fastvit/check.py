@@ -1,0 +1,339 @@
+"""Every attention backend against the reference: forward and backward, dtypes, awkward shapes.
+
+``fastvit check`` runs this; tests and ``benchmarks/gpu_check.py`` reuse the case generation.
+
+Each case builds q, k, v (and bias tables / dense biases) in the case's dtype, runs the backend, then
+runs the reference on detached fp32 copies of the same inputs (TF32 off) and compares the output and
+the gradients of q, k, v and of every trainable bias with the backend's own tolerances
+(``Backend.tolerances[dtype]``). A case the backend refuses (``not_supported_reasons``) is a skip with
+its reason, never a failure; an unavailable backend is skipped as a whole, with its reason.
+
+Case ids read like ``sdpa-cpu-bf16-B2-H3-N49-D32-relpos`` (``Nq16-Nk50`` when the lengths differ,
+``-Dv64`` when the value width differs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from fastvit.attention import BACKENDS, DenseBias, KeyPaddingMask, RelPosBias, attend, get_backend, make_inputs
+
+__all__ = [
+    "DTYPES", "SHAPES", "QUICK_SHAPES", "BIAS_KINDS", "CheckCase", "CaseResult", "device_dtypes",
+    "generate_cases", "make_case_inputs", "trainable", "fp32_copy", "compare", "run_case", "run_check",
+    "no_tf32",
+]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# (B, H, Nq, Nk, D, Dv): vision-awkward sizes. N = 1, 49 (7x7 window), 50 (7x7 + CLS), 197 (ViT/16 at
+# 224 px), 577 (ViT/16 at 384 px); D = 8..80; Nq != Nk both ways; Dv != D.
+SHAPES = [
+    (2, 3, 1, 1, 8, 8),
+    (2, 3, 49, 49, 32, 32),
+    (2, 2, 50, 50, 48, 48),
+    (2, 2, 50, 50, 80, 80),
+    (1, 2, 197, 197, 64, 64),
+    (2, 2, 1, 50, 32, 32),       # class attention (CaiT): one query over all tokens
+    (2, 2, 64, 16, 32, 32),      # reduced KV (CvT, Twins GSA): fewer keys than queries
+    (2, 2, 16, 50, 64, 64),      # subsampled queries: more keys than queries
+    (2, 2, 49, 196, 16, 64),     # LeViT attention-subsample: key width 16, value width 64
+    (1, 2, 577, 577, 64, 64),
+]
+# ``--quick``: every awkward feature, no sequence above 64 keys (fast under TRITON_INTERPRET=1 too).
+QUICK_SHAPES = [s for s in SHAPES if max(s[2], s[3]) <= 64]
+
+# "padding" masks ~30% of the keys and, with B > 1, every key of the last sample: those rows must give
+# zeros (not NaN) and zero gradients.
+BIAS_KINDS = ("none", "relpos", "dense", "dense_bcast", "padding", "relpos+padding")
+_BIAS_TYPES = {"none": (), "relpos": (RelPosBias,), "dense": (DenseBias,), "dense_bcast": (DenseBias,),
+               "padding": (KeyPaddingMask,), "relpos+padding": (RelPosBias, KeyPaddingMask)}
+
+
+@dataclass(frozen=True)
+class CheckCase:
+    """One backend-vs-reference comparison."""
+
+    backend: str
+    device: str
+    dtype: torch.dtype
+    shape: tuple  # (B, H, Nq, Nk, D, Dv)
+    bias: str = "none"
+
+    @property
+    def id(self) -> str:
+        B, H, Nq, Nk, D, Dv = self.shape
+        n = f"N{Nq}" if Nq == Nk else f"Nq{Nq}-Nk{Nk}"
+        dv = "" if Dv == D else f"-Dv{Dv}"
+        tail = "" if self.bias == "none" else f"-{self.bias}"
+        return f"{self.backend}-{self.device}-{DTYPE_NAMES[self.dtype]}-B{B}-H{H}-{n}-D{D}{dv}{tail}"
+
+
+@dataclass
+class CaseResult:
+    """The outcome of one case. ``status`` is ``pass``, ``fail``, ``skip`` or ``error``."""
+
+    case: CheckCase
+    status: str
+    worst: str = ""  # which tensor had the largest error relative to its tolerance: out, dq, dk, ...
+    max_abs_err: Optional[float] = None
+    index: Optional[tuple] = None
+    atol: Optional[float] = None
+    rtol: Optional[float] = None
+    failed_fraction: Optional[float] = None
+    reason: str = ""
+    errors: dict = field(default_factory=dict)  # tensor name -> max abs err
+
+    def to_dict(self) -> dict:
+        B, H, Nq, Nk, D, Dv = self.case.shape
+        return {
+            "id": self.case.id, "backend": self.case.backend, "device": self.case.device,
+            "dtype": DTYPE_NAMES[self.case.dtype], "bias": self.case.bias,
+            "shape": {"B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "Dv": Dv},
+            "status": self.status, "worst": self.worst, "max_abs_err": self.max_abs_err,
+            "index": list(self.index) if self.index is not None else None,
+            "atol": self.atol, "rtol": self.rtol, "failed_fraction": self.failed_fraction,
+            "reason": self.reason, "errors": dict(self.errors),
+        }
+
+
+def device_dtypes(device: str) -> list:
+    """The dtypes worth checking on ``device``: fp32 always, bf16 / fp16 where the device has them."""
+    dtypes = [torch.float32]
+    if device == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            dtypes.append(torch.bfloat16)
+        dtypes.append(torch.float16)
+    else:  # the CPU runs bf16 and fp16 matmul / softmax in torch >= 2.1
+        dtypes += [torch.bfloat16, torch.float16]
+    return dtypes
+
+
+def parse_dtypes(names: Optional[Iterable[str]]) -> Optional[list]:
+    if names is None:
+        return None
+    out = []
+    for name in names:
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+        out.append(DTYPES[name])
+    return out
+
+
+def generate_cases(backends: Iterable[str], device: str = "cpu", dtypes: Optional[Sequence] = None,
+                   patterns: Optional[Sequence[str]] = None, quick: bool = False) -> list:
+    """Every (backend, dtype, shape, bias) case, in a stable order.
+
+    Cases the backend will refuse are generated too: ``run_case`` reports them as skips with the
+    backend's reason, so a refusal is visible rather than silently missing.
+
+    Args:
+        backends: backend names (``reference`` is the oracle and is left out).
+        device: ``"cpu"`` or ``"cuda"``.
+        dtypes: torch dtypes; default ``device_dtypes(device)``.
+        patterns: glob patterns on the case id; a case is kept if it matches any of them.
+        quick: only sequences of at most 64 keys.
+    """
+    dtypes = list(dtypes) if dtypes is not None else device_dtypes(device)
+    shapes = QUICK_SHAPES if quick else SHAPES
+    cases = []
+    for name in backends:
+        if name == "reference":
+            continue
+        for dtype in dtypes:
+            for shape in shapes:
+                for bias in BIAS_KINDS:
+                    case = CheckCase(name, device, dtype, shape, bias)
+                    if patterns and not any(fnmatch.fnmatchcase(case.id, p) for p in patterns):
+                        continue
+                    cases.append(case)
+    return cases
+
+
+def make_case_inputs(case: CheckCase, *, requires_grad: bool = True, seed: int = 0):
+    """``q, k, v, bias`` for a case: drawn on the CPU from a seeded generator, moved to the device.
+
+    The relative-position index and the padding mask are fixed; tables and dense biases are trainable.
+    """
+    g = torch.Generator().manual_seed(seed)
+    B, H, Nq, Nk, D, Dv = case.shape
+
+    def rand(*size):
+        t = torch.randn(*size, generator=g).to(device=case.device, dtype=case.dtype)
+        return t.requires_grad_(requires_grad)
+
+    q, k, v = rand(B, H, Nq, D), rand(B, H, Nk, D), rand(B, H, Nk, Dv)
+    bias = []
+    if "relpos" in case.bias:
+        T = 2 * max(Nq, Nk) + 1
+        table = rand(T, H)
+        index = torch.randint(0, T, (Nq, Nk), generator=g).to(case.device)
+        bias.append(RelPosBias(table, index))
+    if case.bias == "dense":
+        bias.append(DenseBias(rand(B, H, Nq, Nk)))
+    elif case.bias == "dense_bcast":
+        bias.append(DenseBias(rand(1, H, Nq, Nk)))
+    if "padding" in case.bias:
+        mask = torch.rand(B, Nk, generator=g) > 0.3
+        mask[:, 0] = True
+        if B > 1:
+            mask[-1] = False  # a sample with no valid key at all: zeros, never NaN
+        bias.append(KeyPaddingMask(mask.to(case.device)))
+    return q, k, v, tuple(bias)
+
+
+def trainable(q, k, v, bias) -> list:
+    """``(name, tensor)`` of every input whose gradient is compared."""
+    out = [("q", q), ("k", k), ("v", v)]
+    for b in bias:
+        if isinstance(b, RelPosBias):
+            out.append(("rel_table", b.table))
+        elif isinstance(b, DenseBias):
+            out.append(("dense_bias", b.tensor))
+    return out
+
+
+def fp32_copy(q, k, v, bias):
+    """Detached fp32 leaf copies of every float tensor (the reference runs on these)."""
+
+    def cp(t):
+        return t.detach().float().requires_grad_(t.requires_grad)
+
+    new_bias = []
+    for b in bias:
+        if isinstance(b, RelPosBias):
+            new_bias.append(RelPosBias(cp(b.table), b.index))
+        elif isinstance(b, DenseBias):
+            new_bias.append(DenseBias(cp(b.tensor)))
+        else:
+            new_bias.append(b)
+    return cp(q), cp(k), cp(v), tuple(new_bias)
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> dict:
+    """Max abs error, its index, the fraction of elements outside ``atol + rtol * |expected|``.
+
+    NaN or inf in ``actual`` where ``expected`` is finite counts as an infinite error.
+    """
+    if tuple(actual.shape) != tuple(expected.shape):
+        return {"ok": False, "max_abs_err": float("inf"), "index": None, "failed_fraction": 1.0,
+                "reason": f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"}
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    err = (a - e).abs()
+    err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))
+    bad = err > atol + rtol * e.abs()
+    if err.numel() == 0:
+        return {"ok": True, "max_abs_err": 0.0, "index": None, "failed_fraction": 0.0, "reason": ""}
+    flat = int(torch.argmax(err))
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
+    return {"ok": not bool(bad.any()), "max_abs_err": float(err.max()), "index": index,
+            "failed_fraction": float(bad.double().mean()), "reason": ""}
+
+
+@contextlib.contextmanager
+def no_tf32() -> Iterator[None]:
+    """Full-precision fp32 matmuls for the reference (TF32 off), restored afterwards."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[0], saved[1]
+        torch.set_float32_matmul_precision(saved[2])
+
+
+def run_case(case: CheckCase, *, seed: int = 0) -> CaseResult:
+    """Run one case; never raises (an exception inside the backend is an ``error`` result)."""
+    backend = get_backend(case.backend)
+    ok, why = backend.availability()
+    if not ok:
+        return CaseResult(case, "skip", reason=f"unavailable: {why}")
+    backward = backend.supports_backward
+    q, k, v, bias = make_case_inputs(case, requires_grad=backward, seed=seed)
+    try:
+        reasons = backend.not_supported_reasons(make_inputs(q, k, v, bias=bias))
+    except Exception as e:  # a capability check must not take the whole run down
+        return CaseResult(case, "error", reason=f"not_supported_reasons raised {type(e).__name__}: {e}")
+    if reasons:
+        return CaseResult(case, "skip", reason="; ".join(reasons))
+
+    atol, rtol = backend.tolerances[case.dtype]
+    q32, k32, v32, bias32 = fp32_copy(q, k, v, bias)
+    with no_tf32():
+        try:
+            out = attend(q, k, v, bias=bias, backend=case.backend)
+        except Exception as e:
+            return CaseResult(case, "error", atol=atol, rtol=rtol,
+                              reason=f"forward raised {type(e).__name__}: {e}")
+        ref = attend(q32, k32, v32, bias=bias32, backend="reference")
+        checks = [("out", out, ref, atol, rtol)]
+        if out.dtype != case.dtype:
+            return CaseResult(case, "fail", worst="out", atol=atol, rtol=rtol,
+                              reason=f"output dtype {out.dtype} != input dtype {case.dtype}")
+        if backward:
+            grad_out = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1)).to(ref.device)
+            try:
+                out.backward(grad_out.to(out.dtype))
+            except Exception as e:
+                return CaseResult(case, "error", atol=atol, rtol=rtol,
+                                  reason=f"backward raised {type(e).__name__}: {e}")
+            ref.backward(grad_out)
+            for (name, t), (_, t32) in zip(trainable(q, k, v, bias), trainable(q32, k32, v32, bias32)):
+                if t.grad is None:
+                    return CaseResult(case, "fail", worst=f"d{name}", atol=atol, rtol=rtol,
+                                      reason=f"no gradient for {name}")
+                # Gradients sum over Nq or Nk terms: scale the tolerance by the reference's magnitude.
+                scale = max(1.0, float(t32.grad.abs().max()))
+                checks.append((f"d{name}", t.grad, t32.grad, atol * scale * 4, rtol * 4))
+
+    compared = []
+    for name, actual, expected, a_tol, r_tol in checks:
+        cmp = compare(actual, expected, a_tol, r_tol)
+        compared.append((not cmp["ok"], cmp["max_abs_err"] / a_tol, name, a_tol, r_tol, cmp))
+    # The tensor to report: the worst failing one, otherwise the one closest to its tolerance.
+    failed, _, name, a_tol, r_tol, cmp = max(compared, key=lambda c: (c[0], c[1]))
+    reason = ""
+    if failed:
+        reason = cmp["reason"] or f"{cmp['failed_fraction']:.2%} of {name} outside atol={a_tol:.2g} rtol={r_tol:.2g}"
+    return CaseResult(case, "fail" if failed else "pass", worst=name, max_abs_err=cmp["max_abs_err"],
+                      index=cmp["index"], atol=a_tol, rtol=r_tol, failed_fraction=cmp["failed_fraction"],
+                      reason=reason, errors={c[2]: c[5]["max_abs_err"] for c in compared})
+
+
+def run_check(backends: Optional[Iterable[str]] = None, device: str = "cpu", dtypes: Optional[Sequence] = None,
+              patterns: Optional[Sequence[str]] = None, quick: bool = False,
+              on_result: Optional[Callable[[CaseResult], None]] = None) -> tuple:
+    """Run every case of the available backends.
+
+    Returns:
+        ``(results, unavailable)``: the ``CaseResult`` list, and ``{backend: reason}`` for backends
+        that cannot run at all in this process (their cases are not generated).
+    """
+    names = [n for n in (backends if backends is not None else BACKENDS) if n != "reference"]
+    unavailable, runnable = {}, []
+    for name in names:
+        backend = get_backend(name)
+        ok, why = backend.availability()
+        if not ok:
+            unavailable[name] = why
+        elif device not in backend.devices:
+            unavailable[name] = f"does not run on {device} (runs on {', '.join(backend.devices)})"
+        else:
+            runnable.append(name)
+    results = []
+    for case in generate_cases(runnable, device, dtypes, patterns, quick):
+        res = run_case(case)
+        results.append(res)
+        if on_result is not None:
+            on_result(res)
+    return results, unavailable

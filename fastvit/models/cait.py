@@ -1,0 +1,238 @@
+"""CaiT: "Going deeper with Image Transformers" (Touvron et al., arXiv 2103.17239).
+
+Two ideas on top of ViT: LayerScale (each residual branch is multiplied by a learned per-channel
+scale initialised to a small epsilon) and class attention (the CLS token joins only in the last
+``cls_depth`` blocks, where it alone queries ``[cls; patches]``). As in vit-pytorch, every attention
+also uses talking heads (mixing across heads before and after the softmax), declared to ``attend()``
+as ``HeadMix(pre=..., post=...)``.
+
+vit-pytorch 1.26.x layout and numerics: dual-patchnorm embedding, ``pos_embedding (1, N, dim)`` with
+no CLS slot, 3-D ``cls_token (1, 1, dim)``, separate ``to_q`` / ``to_kv`` projections, blocks wrapped
+as ``LayerScale`` (keys ``{patch,cls}_transformer.layers.{i}.{0,1}.scale`` and ``.fn.``), no final
+norm after the patch stage (class attention sees the un-normalised patches), ``mlp_head = LayerNorm
++ Linear`` on the CLS token. ``layer_dropout`` drops whole blocks for the whole batch (LayerDrop-style
+stochastic depth, at least one block kept, no rescaling), as vit-pytorch does.
+
+Deliberate differences from vit-pytorch:
+
+- ``layer_dropout`` is applied in training only. vit-pytorch also drops blocks in ``eval()``, which
+  makes inference random; ``layer_dropout_in_eval=True`` restores that.
+- The LayerScale init epsilon is chosen from the total depth (the number of patch blocks, which is
+  what the paper's model names count: 0.1 up to 18, 1e-5 up to 24, 1e-6 beyond, for the patch and the
+  class blocks alike), as in the paper. vit-pytorch chooses it from each block's index (blocks 1-18
+  get 0.1 whatever the depth); ``layerscale_init_by_index=True`` restores that. This only changes the
+  initial values, so a loaded checkpoint gives the same outputs either way.
+- ``channels`` is an argument (vit-pytorch hard-codes 3 input channels).
+- ``image_size`` and ``patch_size`` may be ``(h, w)`` pairs (vit-pytorch takes ints only).
+- Images smaller than ``image_size`` take the positions of the top-left crop of the 2-D position
+  grid; vit-pytorch slices the flat table, which gives a narrower image the positions of the wrong
+  grid cells. ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
+- Wrong channel counts, non-divisible or too-large images raise ``ValueError`` up front.
+"""
+
+from __future__ import annotations
+
+from random import randrange
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastvit.attention import HeadMix
+from fastvit.layers import (
+    AttentionBase,
+    FeedForward,
+    Linear,
+    PatchEmbed,
+    check_image,
+    merge_heads,
+    pair,
+    patch_grid,
+    split_heads,
+)
+
+from .base import VisionModel
+from .registry import register_model
+
+__all__ = ["CaiT", "LayerScale", "TalkingHeadsAttention", "Transformer", "layerscale_init_eps"]
+
+
+def layerscale_init_eps(depth: int) -> float:
+    """The LayerScale init of the paper (section 2) for a network of ``depth`` blocks."""
+    if depth <= 18:
+        return 0.1
+    if depth <= 24:
+        return 1e-5
+    return 1e-6
+
+
+def dropout_layers(layers, dropout: float) -> list:
+    """vit-pytorch's layer dropout: drop each block with probability ``dropout``, keep at least one.
+
+    The draw is made on the CPU (no device sync), with the same random calls as vit-pytorch so a
+    seeded training step matches it.
+    """
+    layers = list(layers)
+    if dropout == 0:
+        return layers
+    to_drop = torch.zeros(len(layers)).uniform_(0.0, 1.0) < dropout
+    if bool(to_drop.all()):
+        to_drop[randrange(len(layers))] = False
+    return [layer for layer, drop in zip(layers, to_drop.tolist()) if not drop]
+
+
+class LayerScale(nn.Module):
+    """``fn(x) * scale`` with a per-channel ``scale (1, 1, dim)`` initialised to ``init_eps``."""
+
+    def __init__(self, dim: int, fn: nn.Module, depth: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim).fill_(layerscale_init_eps(depth)))
+        self.fn = fn
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        return self.fn(x, **kwargs) * self.scale
+
+
+class TalkingHeadsAttention(AttentionBase):
+    """Self-attention, or class attention when ``context`` is given (vit-pytorch's ``cait.Attention``).
+
+    With ``context``, the (normed) queries ``x`` attend to ``[norm(x); context]``; the context itself
+    is not normed. Keys: ``norm``, ``to_q``, ``to_kv``, ``mix_heads_pre_attn``, ``mix_heads_post_attn``,
+    ``to_out.0``.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
+        super().__init__(attn_dropout=dropout)
+        inner_dim = dim_head * heads
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = Linear(dim, inner_dim, bias=False)
+        self.to_kv = Linear(dim, inner_dim * 2, bias=False)
+        self.mix_heads_pre_attn = nn.Parameter(torch.randn(heads, heads))
+        self.mix_heads_post_attn = nn.Parameter(torch.randn(heads, heads))
+        self.to_out = nn.Sequential(Linear(inner_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        x = self.norm(x)
+        context = x if context is None else torch.cat((x, context), dim=1)  # (b, m, dim)
+        b, m, _ = context.shape
+        q = split_heads(self.to_q(x), self.heads)  # (b, h, n, d)
+        # (b, m, 2*h*d) -> two (b, h, m, d) views
+        k, v = self.to_kv(context).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        mix = HeadMix(pre=self.mix_heads_pre_attn, post=self.mix_heads_post_attn)
+        out = self.attend(q, k, v, scale=self.scale, head_mix=mix)  # (b, h, n, d)
+        return self.to_out(merge_heads(out))
+
+
+class Transformer(nn.Module):
+    """``depth`` x LayerScale(attention) + LayerScale(MLP), with layer dropout; no final norm.
+
+    Args:
+        init_depth: the depth that picks the LayerScale init; ``None`` = each block's index (vit-pytorch).
+        layer_dropout_in_eval: also drop blocks in eval mode (vit-pytorch's behaviour).
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0,
+                 layer_dropout: float = 0.0, *, init_depth: Optional[int] = None,
+                 layer_dropout_in_eval: bool = False):
+        super().__init__()
+        self.layer_dropout = layer_dropout
+        self.layer_dropout_in_eval = layer_dropout_in_eval
+        self.layers = nn.ModuleList([])
+        for ind in range(depth):
+            eps_depth = ind + 1 if init_depth is None else init_depth
+            self.layers.append(nn.ModuleList([
+                LayerScale(dim, TalkingHeadsAttention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                           depth=eps_depth),
+                LayerScale(dim, FeedForward(dim, mlp_dim, dropout=dropout), depth=eps_depth),
+            ]))
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
+        layers = self.layers
+        if self.layer_dropout > 0 and (self.training or self.layer_dropout_in_eval):
+            layers = dropout_layers(self.layers, self.layer_dropout)
+        for attn, ff in layers:
+            x = attn(x, context=context) + x
+            x = ff(x) + x
+        return x
+
+
+class CaiT(VisionModel):
+    """CaiT with vit-pytorch's constructor (plus ``channels`` and the flags below).
+
+    Args:
+        image_size: int or (h, w); the largest input size.
+        patch_size: int or (ph, pw).
+        num_classes: classifier width.
+        dim: token width.
+        depth: number of patch self-attention blocks.
+        cls_depth: number of class-attention blocks.
+        heads: attention heads. mlp_dim: MLP hidden width. dim_head: width per head.
+        dropout: attention/MLP dropout. emb_dropout: dropout after the position embedding.
+        layer_dropout: probability of dropping each block in training.
+        channels: input channels.
+        layer_dropout_in_eval: also drop blocks in eval, as vit-pytorch does.
+        layerscale_init_by_index: pick the LayerScale init from each block's index, as vit-pytorch does.
+        legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+    """
+
+    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, cls_depth, heads, mlp_dim,
+                 dim_head=64, dropout=0.0, emb_dropout=0.0, layer_dropout=0.0, channels=3,
+                 layer_dropout_in_eval=False, layerscale_init_by_index=False, legacy_pos_slicing=False):
+        super().__init__()
+        if not 0.0 <= layer_dropout < 1.0:
+            raise ValueError(f"layer_dropout must be in [0, 1), got {layer_dropout}")
+        self.image_size = pair(image_size)
+        self.patch_size = pair(patch_size)
+        self.grid = patch_grid(image_size, patch_size)
+        self.channels = channels
+        self.num_classes = num_classes
+        self.dim = dim
+        self.legacy_pos_slicing = legacy_pos_slicing
+        num_patches = self.grid[0] * self.grid[1]
+
+        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
+        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+
+        stage = dict(dropout=dropout, layer_dropout=layer_dropout,
+                     layer_dropout_in_eval=layer_dropout_in_eval,
+                     init_depth=None if layerscale_init_by_index else depth)
+        self.patch_transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, **stage)
+        self.cls_transformer = Transformer(dim, cls_depth, heads, dim_head, mlp_dim, **stage)
+        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """Positions for an ``h x w`` patch grid: ``(1, h*w, dim)``."""
+        if (h, w) == self.grid or self.legacy_pos_slicing:
+            return self.pos_embedding[:, : h * w]
+        return self.pos_embedding.view(1, *self.grid, -1)[:, :h, :w].reshape(1, h * w, -1)
+
+    def forward_features(self, img: Tensor) -> Tensor:
+        """The CLS token after the class-attention blocks, ``(b, 1, dim)`` (not normed)."""
+        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
+        h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]
+        x = self.to_patch_embedding(img) + self.position_embedding(h, w)  # (b, n, dim)
+        x = self.patch_transformer(self.dropout(x))
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
+        return self.cls_transformer(cls_tokens, context=x)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.mlp_head(x[:, 0])
+
+
+_SMALL = dict(image_size=32, patch_size=8, dim=32, depth=2, cls_depth=1, heads=4, dim_head=8, mlp_dim=64,
+              num_classes=10, layer_dropout=0.0)
+
+# The paper's Table 1 models at 224 (dim_head 48 everywhere, MLP ratio 4, two class-attention blocks).
+for _name, _kw in {
+    "cait_xxs24_224": dict(dim=192, depth=24, heads=4, mlp_dim=768, layer_dropout=0.05),
+    "cait_xxs36_224": dict(dim=192, depth=36, heads=4, mlp_dim=768, layer_dropout=0.1),
+    "cait_xs24_224": dict(dim=288, depth=24, heads=6, mlp_dim=1152, layer_dropout=0.05),
+    "cait_s24_224": dict(dim=384, depth=24, heads=8, mlp_dim=1536, layer_dropout=0.1),
+}.items():
+    register_model(_name, CaiT, vit_pytorch="vit_pytorch.cait:CaiT", test_overrides=_SMALL,
+                   description="CaiT (LayerScale, talking heads, class attention)",
+                   image_size=224, patch_size=16, num_classes=1000, cls_depth=2, dim_head=48, **_kw)

@@ -1,0 +1,274 @@
+"""CrossViT: "CrossViT: Cross-Attention Multi-Scale Vision Transformer for Image Classification"
+(Chen, Fan, Panda, arXiv 2103.14899).
+
+Two ViT branches see the image at two patch sizes (small patches: many tokens, narrow; large
+patches: few tokens, wide). After each branch's encoder, the CLS token of each branch is projected
+into the other branch's width and attends over that branch's patch tokens plus itself
+(``kv_include_self``): a one-query cross attention (``Nq = 1``). The logits are the sum of the two
+branches' heads.
+
+vit-pytorch 1.26.x layout and numerics: per-branch dual-patchnorm embedding with 3-D
+``pos_embedding (1, N + 1, dim)`` / ``cls_token (1, 1, dim)``, attention with separate ``to_q`` and
+``to_kv`` projections, every branch encoder ending in its own LayerNorm, vit-pytorch's **non-zero
+dropout defaults** (``dropout=0.1, emb_dropout=0.1``), ``channels``.
+
+Deliberate differences from vit-pytorch:
+
+- ``image_size`` and both patch sizes accept ``(h, w)`` pairs (vit-pytorch: int only).
+- Images smaller than ``image_size`` take the positions of the top-left crop of each branch's 2-D
+  position grid. vit-pytorch slices the flat table (``pos_embedding[:, :n + 1]``), which gives a
+  non-square or narrower image the positions of the wrong grid cells. Same-size inputs are
+  unaffected; ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
+- Wrong channel counts, too-large images and images not divisible by both patch sizes raise a
+  ``ValueError`` up front (vit-pytorch fails inside einops or silently mis-slices).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from fastvit.layers import (
+    AttentionBase,
+    FeedForward,
+    Linear,
+    PatchEmbed,
+    check_image,
+    merge_heads,
+    pair,
+    patch_grid,
+    split_heads,
+)
+
+from .base import VisionModel
+from .registry import register_model
+
+__all__ = ["CrossViT", "Attention", "Transformer", "CrossTransformer", "MultiScaleEncoder", "ImageEmbedder"]
+
+
+class Attention(AttentionBase):
+    """CrossViT's attention: ``to_q`` and ``to_kv`` apart, so keys/values may come from a context.
+
+    Keys: ``norm``, ``to_q``, ``to_kv`` (no bias), ``to_out.0``.
+    """
+
+    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
+        super().__init__(attn_dropout=dropout)
+        inner_dim = dim_head * heads
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = Linear(dim, inner_dim, bias=False)
+        self.to_kv = Linear(dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Sequential(Linear(inner_dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, context: Optional[Tensor] = None, kv_include_self: bool = False) -> Tensor:
+        x = self.norm(x)
+        # As in vit-pytorch, a given context is not normed here (it leaves a normed encoder already).
+        context = x if context is None else context
+        if kv_include_self:
+            context = torch.cat((x, context), dim=1)  # the CLS token is a key / value of its own query
+        b, m, _ = context.shape
+        q = split_heads(self.to_q(x), self.heads)  # (b, h, n, d)
+        # (b, m, 2*h*d) -> two (b, h, m, d) views: k | v, heads outer, as vit-pytorch's chunk + rearrange.
+        k, v = self.to_kv(context).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = self.attend(q, k, v, scale=self.scale)  # (b, h, n, d)
+        return self.to_out(merge_heads(out))
+
+
+class Transformer(nn.Module):
+    """A branch encoder: ``depth`` x (attention + MLP, residual), then its own LayerNorm."""
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.layers = nn.ModuleList([])
+        self.norm = nn.LayerNorm(dim)
+        for _ in range(depth):
+            self.layers.append(nn.ModuleList([
+                Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                FeedForward(dim, mlp_dim, dropout=dropout),
+            ]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return self.norm(x)
+
+
+class ProjectInOut(nn.Module):
+    """Run ``fn`` in another width: Linear in, ``fn``, Linear out (identities when the widths agree)."""
+
+    def __init__(self, dim_in: int, dim_out: int, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+        need_projection = dim_in != dim_out
+        self.project_in = Linear(dim_in, dim_out) if need_projection else nn.Identity()
+        self.project_out = Linear(dim_out, dim_in) if need_projection else nn.Identity()
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return self.project_out(self.fn(self.project_in(x), *args, **kwargs))
+
+
+class CrossTransformer(nn.Module):
+    """``depth`` rounds of: small CLS attends over large patches, large CLS over small patches."""
+
+    def __init__(self, sm_dim: int, lg_dim: int, depth: int, heads: int, dim_head: int, dropout: float):
+        super().__init__()
+        self.layers = nn.ModuleList([])
+        for _ in range(depth):
+            self.layers.append(nn.ModuleList([
+                ProjectInOut(sm_dim, lg_dim, Attention(lg_dim, heads, dim_head, dropout)),
+                ProjectInOut(lg_dim, sm_dim, Attention(sm_dim, heads, dim_head, dropout)),
+            ]))
+
+    def forward(self, sm_tokens: Tensor, lg_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        sm_cls, sm_patch_tokens = sm_tokens[:, :1], sm_tokens[:, 1:]  # (b, 1, sm_dim), (b, n_sm, sm_dim)
+        lg_cls, lg_patch_tokens = lg_tokens[:, :1], lg_tokens[:, 1:]
+        for sm_attend_lg, lg_attend_sm in self.layers:
+            sm_cls = sm_attend_lg(sm_cls, context=lg_patch_tokens, kv_include_self=True) + sm_cls
+            lg_cls = lg_attend_sm(lg_cls, context=sm_patch_tokens, kv_include_self=True) + lg_cls
+        return torch.cat((sm_cls, sm_patch_tokens), dim=1), torch.cat((lg_cls, lg_patch_tokens), dim=1)
+
+
+class MultiScaleEncoder(nn.Module):
+    """``depth`` x (small encoder, large encoder, cross attention)."""
+
+    def __init__(self, *, depth: int, sm_dim: int, lg_dim: int, sm_enc_params: dict, lg_enc_params: dict,
+                 cross_attn_heads: int, cross_attn_depth: int, cross_attn_dim_head: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.layers = nn.ModuleList([])
+        for _ in range(depth):
+            self.layers.append(nn.ModuleList([
+                Transformer(dim=sm_dim, dropout=dropout, **sm_enc_params),
+                Transformer(dim=lg_dim, dropout=dropout, **lg_enc_params),
+                CrossTransformer(sm_dim=sm_dim, lg_dim=lg_dim, depth=cross_attn_depth, heads=cross_attn_heads,
+                                 dim_head=cross_attn_dim_head, dropout=dropout),
+            ]))
+
+    def forward(self, sm_tokens: Tensor, lg_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        for sm_enc, lg_enc, cross_attend in self.layers:
+            sm_tokens, lg_tokens = sm_enc(sm_tokens), lg_enc(lg_tokens)
+            sm_tokens, lg_tokens = cross_attend(sm_tokens, lg_tokens)
+        return sm_tokens, lg_tokens
+
+
+class ImageEmbedder(nn.Module):
+    """Patches -> tokens, a CLS token, positions, dropout. Keys ``to_patch_embedding.{1,2,3}``,
+    ``pos_embedding (1, N + 1, dim)``, ``cls_token (1, 1, dim)``."""
+
+    def __init__(self, *, dim: int, image_size, patch_size, dropout: float = 0.0, channels: int = 3,
+                 legacy_pos_slicing: bool = False):
+        super().__init__()
+        self.patch_size = pair(patch_size)
+        self.grid = patch_grid(image_size, patch_size)
+        self.legacy_pos_slicing = legacy_pos_slicing
+        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
+        self.pos_embedding = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """Positions for an ``h x w`` patch grid: ``(1, 1 + h*w, dim)``."""
+        if (h, w) == self.grid or self.legacy_pos_slicing:
+            return self.pos_embedding[:, : 1 + h * w]
+        patch_pos = self.pos_embedding[:, 1:].view(1, *self.grid, -1)[:, :h, :w]  # (1, h, w, dim)
+        return torch.cat((self.pos_embedding[:, :1], patch_pos.reshape(1, h * w, -1)), dim=1)
+
+    def forward(self, img: Tensor) -> Tensor:
+        h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]
+        x = self.to_patch_embedding(img)  # (b, n, dim)
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
+        x = torch.cat((cls_tokens, x), dim=1)
+        return self.dropout(x + self.position_embedding(h, w))
+
+
+class CrossViT(VisionModel):
+    """CrossViT with vit-pytorch's constructor (plus ``legacy_pos_slicing``).
+
+    Args:
+        image_size: int or (h, w); the largest input size, divisible by both patch sizes.
+        num_classes: width of both heads (their logits are summed).
+        sm_dim, lg_dim: token widths of the small-patch and large-patch branches.
+        sm_patch_size, lg_patch_size: int or (ph, pw) patch sizes of the two branches.
+        sm_enc_depth, sm_enc_heads, sm_enc_mlp_dim, sm_enc_dim_head: the small branch's encoder.
+        lg_enc_depth, lg_enc_heads, lg_enc_mlp_dim, lg_enc_dim_head: the large branch's encoder.
+        cross_attn_depth, cross_attn_heads, cross_attn_dim_head: CLS cross attention rounds per block.
+        depth: number of multi-scale blocks (both encoders + cross attention).
+        dropout: attention/MLP dropout (vit-pytorch default 0.1). emb_dropout: after the positions (0.1).
+        channels: input channels.
+        legacy_pos_slicing: slice the flat position tables for smaller inputs, as vit-pytorch does.
+    """
+
+    def __init__(self, *, image_size, num_classes, sm_dim, lg_dim,
+                 sm_patch_size=12, sm_enc_depth=1, sm_enc_heads=8, sm_enc_mlp_dim=2048, sm_enc_dim_head=64,
+                 lg_patch_size=16, lg_enc_depth=4, lg_enc_heads=8, lg_enc_mlp_dim=2048, lg_enc_dim_head=64,
+                 cross_attn_depth=2, cross_attn_heads=8, cross_attn_dim_head=64,
+                 depth=3, dropout=0.1, emb_dropout=0.1, channels=3, legacy_pos_slicing=False):
+        super().__init__()
+        self.image_size = pair(image_size)
+        self.channels = channels
+        self.num_classes = num_classes
+        self.sm_image_embedder = ImageEmbedder(dim=sm_dim, channels=channels, image_size=image_size,
+                                               patch_size=sm_patch_size, dropout=emb_dropout,
+                                               legacy_pos_slicing=legacy_pos_slicing)
+        self.lg_image_embedder = ImageEmbedder(dim=lg_dim, channels=channels, image_size=image_size,
+                                               patch_size=lg_patch_size, dropout=emb_dropout,
+                                               legacy_pos_slicing=legacy_pos_slicing)
+        self.multi_scale_encoder = MultiScaleEncoder(
+            depth=depth, sm_dim=sm_dim, lg_dim=lg_dim, cross_attn_heads=cross_attn_heads,
+            cross_attn_dim_head=cross_attn_dim_head, cross_attn_depth=cross_attn_depth,
+            sm_enc_params=dict(depth=sm_enc_depth, heads=sm_enc_heads, mlp_dim=sm_enc_mlp_dim,
+                               dim_head=sm_enc_dim_head),
+            lg_enc_params=dict(depth=lg_enc_depth, heads=lg_enc_heads, mlp_dim=lg_enc_mlp_dim,
+                               dim_head=lg_enc_dim_head),
+            dropout=dropout,
+        )
+        self.sm_mlp_head = nn.Sequential(nn.LayerNorm(sm_dim), Linear(sm_dim, num_classes))
+        self.lg_mlp_head = nn.Sequential(nn.LayerNorm(lg_dim), Linear(lg_dim, num_classes))
+
+    @property
+    def legacy_pos_slicing(self) -> bool:
+        return self.sm_image_embedder.legacy_pos_slicing
+
+    @legacy_pos_slicing.setter
+    def legacy_pos_slicing(self, value: bool) -> None:
+        self.sm_image_embedder.legacy_pos_slicing = self.lg_image_embedder.legacy_pos_slicing = value
+
+    def forward_features(self, img: Tensor) -> tuple[Tensor, Tensor]:
+        """``(sm_tokens (b, 1 + n_sm, sm_dim), lg_tokens (b, 1 + n_lg, lg_dim))``, CLS first."""
+        for embedder in (self.sm_image_embedder, self.lg_image_embedder):
+            check_image(img, channels=self.channels, max_size=self.image_size, patch_size=embedder.patch_size)
+        sm_tokens = self.sm_image_embedder(img)
+        lg_tokens = self.lg_image_embedder(img)
+        return self.multi_scale_encoder(sm_tokens, lg_tokens)
+
+    def forward_head(self, x: tuple[Tensor, Tensor]) -> Tensor:
+        sm_tokens, lg_tokens = x
+        return self.sm_mlp_head(sm_tokens[:, 0]) + self.lg_mlp_head(lg_tokens[:, 0])
+
+
+# Paper configs (Table 1): K=3 multi-scale blocks, N=1 small / M=4 large encoder layers, L=1 cross
+# attention, MLP ratio 4, head width dim/heads (32 for the small branch, 64 for the large one).
+_SMALL = dict(image_size=32, num_classes=10, depth=1,
+              sm_dim=32, sm_patch_size=8, sm_enc_depth=1, sm_enc_heads=2, sm_enc_mlp_dim=64,
+              sm_enc_dim_head=16,
+              lg_dim=48, lg_patch_size=16, lg_enc_depth=1, lg_enc_heads=2, lg_enc_mlp_dim=64,
+              lg_enc_dim_head=16,
+              cross_attn_depth=1, cross_attn_heads=2, cross_attn_dim_head=16)
+
+for _name, (_sm_dim, _lg_dim, _heads) in {
+    "crossvit_tiny_240": (96, 192, 3),
+    "crossvit_small_240": (192, 384, 6),
+    "crossvit_base_240": (384, 768, 12),
+}.items():
+    register_model(_name, CrossViT, vit_pytorch="vit_pytorch.cross_vit:CrossViT", test_overrides=_SMALL,
+                   input_size=(3, 240, 240), image_size=240, num_classes=1000, depth=3,
+                   sm_dim=_sm_dim, sm_patch_size=12, sm_enc_depth=1, sm_enc_heads=_heads,
+                   sm_enc_mlp_dim=4 * _sm_dim, sm_enc_dim_head=_sm_dim // _heads,
+                   lg_dim=_lg_dim, lg_patch_size=16, lg_enc_depth=4, lg_enc_heads=_heads,
+                   lg_enc_mlp_dim=4 * _lg_dim, lg_enc_dim_head=_lg_dim // _heads,
+                   cross_attn_depth=1, cross_attn_heads=_heads, cross_attn_dim_head=_lg_dim // _heads)

@@ -1,0 +1,190 @@
+"""T2T-ViT: "Tokens-to-Token ViT: Training Vision Transformers from Scratch on ImageNet"
+(Yuan et al., arXiv 2101.11986).
+
+The image is tokenised by soft splits: each ``(kernel, stride)`` of ``t2t_layers`` unfolds
+overlapping patches (``nn.Unfold``, padding ``stride // 2``), and between two splits a one-block,
+single-head transformer runs over the tokens, which are folded back into an image for the next
+split. The stage transformers' head dim is the token width ``channels * prod(k**2)`` (147 then 1323
+for the defaults): they call ``attend()`` like everything else, and dispatch falls back to a backend
+without a head-dim limit where a fused one has one.
+
+vit-pytorch 1.26.x layout and numerics: ``to_patch_embedding`` is one ``Sequential`` whose indices
+are the checkpoint keys (``to_patch_embedding.3`` is the first stage transformer, the last index the
+``Linear(layer_dim, dim)``); the stage transformers are vit-pytorch's ``vit.Transformer`` with
+``heads=1, dim_head=layer_dim`` (so no ``to_out``) and a final norm; 3-D ``pos_embedding (1, N + 1,
+dim)`` and ``cls_token (1, 1, dim)``; ``mlp_head`` a plain Linear. ``transformer=`` replaces the main
+transformer by any module mapping ``(b, n, dim) -> (b, n, dim)``.
+
+Deliberate differences from vit-pytorch:
+
+- Non-square images work: ``image_size`` may be ``(h, w)``, and the token grid is tracked through the
+  soft splits (vit-pytorch refolds tokens into a square of side ``sqrt(n)``, so a 224x160 image
+  raises an ``EinopsError``).
+- Images smaller than ``image_size`` take the positions of the top-left crop of the 2-D position
+  grid; vit-pytorch slices the flat table (``pos_embedding[:, :n + 1]``), which gives a smaller image
+  the positions of the wrong grid cells. ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
+- Wrong channel counts and too-large or too-small images raise ``ValueError`` up front; so does a
+  missing ``depth`` / ``heads`` / ``mlp_dim`` without ``transformer=`` (an assert in vit-pytorch).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from einops.layers.torch import Rearrange
+from torch import Tensor, nn
+
+from fastvit.layers import Linear, Transformer, check_image, pair
+
+from .base import VisionModel
+from .registry import register_model
+
+__all__ = ["T2TViT", "TokensToToken", "RearrangeImage", "conv_output_size"]
+
+
+def conv_output_size(image_size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Output length of a convolution / unfold along one axis."""
+    return (image_size - kernel_size + 2 * padding) // stride + 1
+
+
+class RearrangeImage(nn.Module):
+    """Tokens back to an image, ``(b, h*w, c) -> (b, c, h, w)``, for a known ``(h, w)`` grid (a view)."""
+
+    def forward(self, x: Tensor, h: int, w: int) -> Tensor:
+        return x.transpose(1, 2).unflatten(2, (h, w))
+
+
+class TokensToToken(nn.Sequential):
+    """The soft-split stem; a ``Sequential`` so its indices are vit-pytorch's keys.
+
+    Per ``(kernel, stride)``: ``[RearrangeImage | Identity, Unfold, Rearrange('b c n -> b n c'),
+    Transformer | Identity]``, then ``Linear(layer_dim, dim)``. ``forward`` tracks the token grid so
+    non-square images refold correctly.
+    """
+
+    def __init__(self, t2t_layers, channels: int, dim: int, dropout: float = 0.0):
+        layers = []
+        layer_dim = channels
+        for i, (kernel_size, stride) in enumerate(t2t_layers):
+            layer_dim *= kernel_size ** 2
+            is_first, is_last = i == 0, i == len(t2t_layers) - 1
+            layers += [
+                nn.Identity() if is_first else RearrangeImage(),
+                nn.Unfold(kernel_size=kernel_size, stride=stride, padding=stride // 2),
+                Rearrange("b c n -> b n c"),
+                nn.Identity() if is_last else Transformer(dim=layer_dim, heads=1, depth=1, dim_head=layer_dim,
+                                                         mlp_dim=layer_dim, dropout=dropout),
+            ]
+        layers.append(Linear(layer_dim, dim))
+        super().__init__(*layers)
+        self.t2t_layers = tuple((int(k), int(s)) for k, s in t2t_layers)
+
+    def output_grid(self, h: int, w: int) -> tuple[int, int]:
+        """The token grid ``(h, w)`` the stem produces for an ``h x w`` image."""
+        for kernel_size, stride in self.t2t_layers:
+            h = conv_output_size(h, kernel_size, stride, stride // 2)
+            w = conv_output_size(w, kernel_size, stride, stride // 2)
+        return h, w
+
+    def forward(self, img: Tensor) -> Tensor:
+        x, (h, w) = img, img.shape[-2:]
+        for layer in self:
+            x = layer(x, h, w) if isinstance(layer, RearrangeImage) else layer(x)
+            if isinstance(layer, nn.Unfold):
+                h = conv_output_size(h, layer.kernel_size, layer.stride, layer.padding)
+                w = conv_output_size(w, layer.kernel_size, layer.stride, layer.padding)
+        return x  # (b, h*w, dim)
+
+
+class T2TViT(VisionModel):
+    """T2T-ViT with vit-pytorch's constructor.
+
+    Args:
+        image_size: int or (h, w); the largest input size.
+        num_classes: classifier width.
+        dim: token width of the main transformer.
+        depth, heads, mlp_dim, dim_head: the main transformer (needed unless ``transformer`` is given).
+        pool: ``"cls"`` (CLS token) or ``"mean"`` (mean over all tokens, CLS included, as vit-pytorch).
+        channels: input channels.
+        dropout: attention/MLP dropout (stage and main transformers). emb_dropout: after the positions.
+        transformer: a module ``(b, n, dim) -> (b, n, dim)`` replacing the main transformer.
+        t2t_layers: ``(kernel_size, stride)`` of each soft split.
+        legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+    """
+
+    def __init__(self, *, image_size, num_classes, dim, depth=None, heads=None, mlp_dim=None, pool="cls",
+                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0,
+                 transformer: Optional[nn.Module] = None, t2t_layers=((7, 4), (3, 2), (3, 2)),
+                 legacy_pos_slicing=False):
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        if transformer is None:
+            missing = [n for n, v in (("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim)) if v is None]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} must be given when no transformer= is passed")
+        elif not isinstance(transformer, nn.Module):
+            raise ValueError(f"transformer must be an nn.Module mapping (b, n, dim) -> (b, n, dim), "
+                             f"got {transformer!r}")
+        if not t2t_layers:
+            raise ValueError("t2t_layers must hold at least one (kernel_size, stride) pair")
+        self.image_size = pair(image_size)
+        self.channels = channels
+        self.pool = pool
+        self.num_classes = num_classes
+        self.dim = dim
+        self.legacy_pos_slicing = legacy_pos_slicing
+
+        self.to_patch_embedding = TokensToToken(t2t_layers, channels, dim, dropout)
+        self.grid = self.to_patch_embedding.output_grid(*self.image_size)
+        if min(self.grid) < 1:
+            raise ValueError(f"image size {self.image_size} is too small for t2t_layers {tuple(t2t_layers)}")
+        self.pos_embedding = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, dim))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+        if transformer is None:
+            transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.transformer = transformer
+        self.to_latent = nn.Identity()
+        self.mlp_head = Linear(dim, num_classes)
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """Positions for an ``h x w`` token grid: ``(1, 1 + h*w, dim)``."""
+        if (h, w) == self.grid or self.legacy_pos_slicing:
+            return self.pos_embedding[:, : 1 + h * w]
+        cls_pos = self.pos_embedding[:, :1]
+        patch_pos = self.pos_embedding[:, 1:].view(1, *self.grid, -1)[:, :h, :w]  # (1, h, w, dim)
+        return torch.cat((cls_pos, patch_pos.reshape(1, h * w, -1)), dim=1)
+
+    def embed(self, img: Tensor) -> Tensor:
+        """Soft splits, CLS token and positions: ``(b, 1 + n, dim)`` (before emb dropout)."""
+        check_image(img, channels=self.channels, max_size=self.image_size)
+        h, w = self.to_patch_embedding.output_grid(img.shape[-2], img.shape[-1])
+        if min(h, w) < 1:
+            raise ValueError(f"image size {tuple(img.shape[-2:])} is too small for t2t_layers "
+                             f"{self.to_patch_embedding.t2t_layers}")
+        x = self.to_patch_embedding(img)  # (b, n, dim)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (b, 1 + n, dim)
+        return x + self.position_embedding(h, w)
+
+    def forward_features(self, img: Tensor) -> Tensor:
+        return self.transformer(self.dropout(self.embed(img)))  # (b, 1 + n, dim)
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
+        return self.mlp_head(self.to_latent(x))
+
+
+_SMALL = dict(image_size=32, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64,
+              t2t_layers=((3, 2), (3, 2)))
+
+# The paper's T2T-ViT-14/19/24 backbones (MLP ratio 3) with vit-pytorch's stem (no 64-wide token
+# projection in the soft-split stages, plain attention in them rather than Performer).
+for _name, _kw in {
+    "t2t_vit_14": dict(dim=384, depth=14, heads=6, mlp_dim=1152),
+    "t2t_vit_19": dict(dim=448, depth=19, heads=7, mlp_dim=1344),
+    "t2t_vit_24": dict(dim=512, depth=24, heads=8, mlp_dim=1536),
+}.items():
+    register_model(_name, T2TViT, vit_pytorch="vit_pytorch.t2t:T2TViT", test_overrides=_SMALL,
+                   description="Tokens-to-Token ViT", image_size=224, num_classes=1000, **_kw)

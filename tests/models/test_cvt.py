@@ -1,0 +1,126 @@
+"""CvT: vit-pytorch parity (any image size), reduced-KV attention, the channel LayerNorm, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+from torch import nn
+
+from fastvit import Recorder
+from fastvit.cvt import ChanLayerNorm, CvT
+
+vit_pytorch = pytest.importorskip("vit_pytorch",
+                                  reason="vit-pytorch is not installed (pip install fastvit[dev])")
+from vit_pytorch.cvt import CvT as RefCvT  # noqa: E402
+from vit_pytorch.cvt import LayerNorm as RefChanLayerNorm  # noqa: E402
+
+# The seed README config (s3_heads=4), shrunk in width and depth.
+SMALL = dict(num_classes=10, s1_emb_dim=16, s1_heads=1, s1_depth=1, s1_mlp_mult=2, s2_emb_dim=24, s2_heads=2,
+             s2_depth=2, s2_mlp_mult=2, s3_emb_dim=32, s3_heads=4, s3_depth=1, s3_mlp_mult=2)
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 1) -> None:
+    """Fresh BatchNorms are the identity in eval; give them random state so parity covers them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5 + 1)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def pair_of_models(**kwargs):
+    torch.manual_seed(0)
+    ref = RefCvT(**kwargs).eval()
+    randomize_batchnorms(ref)
+    fast = CvT(**kwargs).eval()
+    fast.load_vit_pytorch_state_dict(ref.state_dict())
+    return fast, ref
+
+
+@pytest.mark.parametrize(
+    "overrides,size",
+    [
+        ({}, (64, 64)),
+        ({}, (48, 80)),  # non-square, not a multiple of the strides
+        ({"channels": 1, "dropout": 0.1}, (32, 32)),
+        ({"s1_kv_proj_stride": 1, "s2_proj_kernel": 5, "s3_emb_kernel": 5, "s3_kv_proj_stride": 3}, (64, 64)),
+    ],
+    ids=["readme-small", "non-square", "1ch", "kernels-strides"],
+)
+def test_matches_vit_pytorch(overrides, size):
+    kwargs = {**SMALL, **overrides}
+    fast, ref = pair_of_models(**kwargs)
+    x = torch.randn(2, kwargs.get("channels", 3), *size)
+    with torch.no_grad():
+        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"cvt {overrides} {size}")
+
+
+def test_matches_vit_pytorch_in_train_mode_batchnorm():
+    fast, ref = pair_of_models(**SMALL)
+    fast.train(), ref.train()
+    x = torch.randn(2, 3, 32, 32)
+    assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="cvt train-mode BN")
+
+
+def test_seed_readme_example_matches_vit_pytorch():
+    kwargs = dict(num_classes=1000,
+                  s1_emb_dim=64, s1_emb_kernel=7, s1_emb_stride=4, s1_proj_kernel=3, s1_kv_proj_stride=2,
+                  s1_heads=1, s1_depth=1, s1_mlp_mult=4,
+                  s2_emb_dim=192, s2_emb_kernel=3, s2_emb_stride=2, s2_proj_kernel=3, s2_kv_proj_stride=2,
+                  s2_heads=3, s2_depth=2, s2_mlp_mult=4,
+                  s3_emb_dim=384, s3_emb_kernel=3, s3_emb_stride=2, s3_proj_kernel=3, s3_kv_proj_stride=2,
+                  s3_heads=4, s3_depth=10, s3_mlp_mult=4,
+                  dropout=0.0)
+    fast, ref = pair_of_models(**kwargs)
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        pred = fast(img)
+        assert pred.shape == (1, 1000)
+        assert_close(pred, ref(img), atol=1e-5, rtol=1e-5, what="seed README CvT")
+
+
+def test_same_seed_gives_the_same_initialisation_as_vit_pytorch():
+    torch.manual_seed(3)
+    ref = RefCvT(**SMALL)
+    torch.manual_seed(3)
+    fast = CvT(**SMALL)
+    ref_sd, fast_sd = ref.state_dict(), fast.state_dict()
+    assert list(ref_sd) == list(fast_sd)
+    for name, value in ref_sd.items():
+        assert torch.equal(value, fast_sd[name]), name
+
+
+def test_keys_and_values_are_strided():
+    model = CvT(**{**SMALL, "s2_kv_proj_stride": 1}).eval()
+    with torch.no_grad():
+        _, attns = Recorder(model)(torch.randn(1, 3, 64, 64))
+    # 64 px -> 16 x 16 (kv 8 x 8), 8 x 8 (kv stride 1: 8 x 8), 4 x 4 (kv 2 x 2).
+    assert [tuple(a.shape) for a in attns] == [(1, 1, 256, 64), (1, 2, 64, 64), (1, 2, 64, 64), (1, 4, 16, 4)]
+
+
+def test_channel_layernorm_is_vit_pytorchs():
+    torch.manual_seed(0)
+    ref, norm = RefChanLayerNorm(8), ChanLayerNorm(8)
+    with torch.no_grad():
+        ref.g.copy_(torch.randn(1, 8, 1, 1)), ref.b.copy_(torch.randn(1, 8, 1, 1))
+    norm.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 8, 5, 3) * 3 + 1
+    assert_close(norm(x), ref(x), atol=1e-5, rtol=1e-5, what="channel layernorm")
+    # (x - mean) / sqrt(var + eps), not the seed-era (x - mean) / (std + eps).
+    mean, var = x.mean(1, keepdim=True), x.var(1, unbiased=False, keepdim=True)
+    unit = ChanLayerNorm(8, eps=0.5)
+    assert_close(unit(x), (x - mean) / (var + 0.5).sqrt(), atol=1e-5, rtol=1e-5, what="formula")
+
+
+@pytest.mark.parametrize(
+    "shape,match",
+    [((1, 1, 32, 32), r"expected 3 channels, got 1"), ((3, 32, 32), r"expected an image batch")],
+)
+def test_bad_images_are_value_errors(shape, match):
+    model = CvT(**SMALL)
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(*shape))
