@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .linear import Linear
 
-__all__ = ["pair", "PatchEmbed", "check_image", "posemb_sincos_2d", "patch_grid"]
+__all__ = ["pair", "PatchEmbed", "check_image", "posemb_sincos_2d", "patch_grid", "crop_positions"]
 
 IntOrPair = Union[int, tuple]
 
@@ -80,3 +80,23 @@ def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, dty
     x = x.flatten()[:, None] * omega[None, :]
     pe = torch.cat((x.sin(), x.cos(), y.sin(), y.cos()), dim=1)
     return pe.type(dtype)
+
+
+def crop_positions(pos: Tensor, grid: tuple, h: int, w: int, *, num_prefix: int = 1, legacy: bool = False) -> Tensor:
+    """Positions for an ``h x w`` token grid out of a table laid out for ``grid``.
+
+    Args:
+        pos: ``(..., num_prefix + gh * gw, dim)``: prefix tokens (CLS) first, then the grid row-major.
+        grid: ``(gh, gw)`` the table was made for.
+        h, w: the (smaller) grid of the input.
+        num_prefix: tokens before the grid (1 for a CLS slot, 0 for none).
+        legacy: slice the flat table as vit-pytorch does (token ``(r, c)`` then gets the position of
+            flat index ``r * w + c``, the wrong cell whenever ``w < gw``).
+
+    Returns:
+        ``(..., num_prefix + h * w, dim)``: the top-left ``h x w`` crop of the 2-D grid.
+    """
+    if (h, w) == tuple(grid) or legacy:
+        return pos[..., : num_prefix + h * w, :]
+    patches = pos[..., num_prefix:, :].unflatten(-2, tuple(grid))[..., :h, :w, :]  # (..., h, w, dim)
+    return torch.cat((pos[..., :num_prefix, :], patches.flatten(-3, -2)), dim=-2)

@@ -71,6 +71,7 @@ from fastvit.layers import (
     Linear,
     PatchEmbed,
     check_image,
+    crop_positions,
     merge_heads,
     pair,
     patch_grid,
@@ -379,10 +380,7 @@ class ViT(VisionModel):
 
     def position_embedding(self, h: int, w: int) -> Tensor:
         """Positions for an ``h x w`` patch grid: ``(1, 1 + h*w, dim)``."""
-        if (h, w) == self.grid or self.legacy_pos_slicing:
-            return self.pos_embedding[:, : 1 + h * w]
-        patch_pos = self.pos_embedding[0, 1:].view(*self.grid, -1)[:h, :w]  # (h, w, dim)
-        return torch.cat((self.pos_embedding[:, :1], patch_pos.reshape(1, h * w, -1)), dim=1)
+        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
 
     def forward_tokens(self, img: Tensor, cls_only: bool = False) -> tuple[Tensor, Tensor]:
         """``(tokens (b, m, dim), token_ids (b, m - 1))``: CLS first, then the kept patches in order.

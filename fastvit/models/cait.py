@@ -45,6 +45,7 @@ from fastvit.layers import (
     Linear,
     PatchEmbed,
     check_image,
+    crop_positions,
     merge_heads,
     pair,
     patch_grid,
@@ -206,9 +207,7 @@ class CaiT(VisionModel):
 
     def position_embedding(self, h: int, w: int) -> Tensor:
         """Positions for an ``h x w`` patch grid: ``(1, h*w, dim)``."""
-        if (h, w) == self.grid or self.legacy_pos_slicing:
-            return self.pos_embedding[:, : h * w]
-        return self.pos_embedding.view(1, *self.grid, -1)[:, :h, :w].reshape(1, h * w, -1)
+        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=0, legacy=self.legacy_pos_slicing)
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The CLS token after the class-attention blocks, ``(b, 1, dim)`` (not normed)."""

@@ -36,6 +36,7 @@ from fastvit.layers import (
     Linear,
     PatchEmbed,
     check_image,
+    crop_positions,
     merge_heads,
     pair,
     patch_grid,
@@ -173,10 +174,7 @@ class ImageEmbedder(nn.Module):
 
     def position_embedding(self, h: int, w: int) -> Tensor:
         """Positions for an ``h x w`` patch grid: ``(1, 1 + h*w, dim)``."""
-        if (h, w) == self.grid or self.legacy_pos_slicing:
-            return self.pos_embedding[:, : 1 + h * w]
-        patch_pos = self.pos_embedding[:, 1:].view(1, *self.grid, -1)[:, :h, :w]  # (1, h, w, dim)
-        return torch.cat((self.pos_embedding[:, :1], patch_pos.reshape(1, h * w, -1)), dim=1)
+        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
 
     def forward(self, img: Tensor) -> Tensor:
         h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]

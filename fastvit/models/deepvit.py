@@ -33,6 +33,7 @@ from fastvit.layers import (
     Linear,
     PatchEmbed,
     check_image,
+    crop_positions,
     merge_heads,
     pair,
     patch_grid,
@@ -138,11 +139,7 @@ class DeepViT(VisionModel):
 
     def position_embedding(self, h: int, w: int) -> Tensor:
         """Positions for an ``h x w`` patch grid: ``(1, 1 + h*w, dim)``."""
-        if (h, w) == self.grid or self.legacy_pos_slicing:
-            return self.pos_embedding[:, : 1 + h * w]
-        cls_pos = self.pos_embedding[:, :1]
-        patch_pos = self.pos_embedding[:, 1:].view(1, *self.grid, -1)[:, :h, :w]  # (1, h, w, dim)
-        return torch.cat((cls_pos, patch_pos.reshape(1, h * w, -1)), dim=1)
+        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
 
     def embed(self, img: Tensor) -> Tensor:
         """Patch embedding, CLS token and positions: ``(b, 1 + n, dim)`` (before emb dropout)."""

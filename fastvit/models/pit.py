@@ -29,7 +29,7 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from fastvit.layers import Linear, Transformer, check_image, pair, patch_grid
+from fastvit.layers import Linear, Transformer, check_image, crop_positions, pair, patch_grid
 
 from .base import VisionModel
 from .registry import register_model
@@ -146,10 +146,7 @@ class PiT(VisionModel):
 
     def position_embedding(self, h: int, w: int) -> Tensor:
         """Positions for an ``h x w`` token grid: ``(1, 1 + h*w, dim)``."""
-        if (h, w) == self.grid or self.legacy_pos_slicing:
-            return self.pos_embedding[:, : 1 + h * w]
-        patch_pos = self.pos_embedding[:, 1:].view(1, *self.grid, -1)[:, :h, :w]  # (1, h, w, dim)
-        return torch.cat((self.pos_embedding[:, :1], patch_pos.reshape(1, h * w, -1)), dim=1)
+        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
 
     def forward_features(self, img: Tensor) -> Tensor:
         """CLS token and tokens of the last stage: ``(b, 1 + n_last, dim_last)``."""

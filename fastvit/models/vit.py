@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastvit.layers import Linear, PatchEmbed, Transformer, check_image, pair, patch_grid
+from fastvit.layers import Linear, PatchEmbed, Transformer, check_image, crop_positions, pair, patch_grid
 
 from .base import VisionModel
 from .registry import register_model
@@ -68,11 +68,8 @@ class ViT(VisionModel):
 
     def position_embedding(self, h: int, w: int) -> Tensor:
         """Positions for an ``h x w`` patch grid: ``(num_cls + h*w, dim)``."""
-        if (h, w) == self.grid or self.legacy_pos_slicing:
-            return self.pos_embedding[: self.num_cls_tokens + h * w]
-        cls_pos = self.pos_embedding[: self.num_cls_tokens]
-        patch_pos = self.pos_embedding[self.num_cls_tokens:].view(*self.grid, -1)[:h, :w]  # (h, w, dim)
-        return torch.cat((cls_pos, patch_pos.reshape(h * w, -1)), dim=0)
+        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=self.num_cls_tokens,
+                              legacy=self.legacy_pos_slicing)
 
     def embed(self, img: Tensor) -> Tensor:
         """Patch embedding, CLS token and positions: ``(b, num_cls + n, dim)`` (before emb dropout)."""
