@@ -1,0 +1,243 @@
+"""Ahead-of-time compile report: every kernel variant the launchers may launch, built for sm_80 and
+sm_90a without a GPU, with its registers, spills and shared memory.
+
+    python -m fastvit.kernels.aot [--full] [--capabilities 80 90] [--workers 2] [--json out.json]
+
+How: ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", cap, 32))``
+runs the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas -> cubin) on the CPU. Registers and
+the stack frame come from ``cuobjdump --dump-resource-usage`` on the cubin (both shipped in the
+triton wheel); ptxas puts spilled registers in the stack frame, so ``spills`` is the stack frame in
+bytes and 0 means no spills. Shared memory comes from the compiled metadata.
+
+The compiles run in worker processes with ``TRITON_INTERPRET`` cleared: under the interpreter
+``@triton.jit`` yields interpreted functions, which cannot be compiled. So the report works from a
+process that has ``TRITON_INTERPRET=1`` set (the test suite). Triton's cache (``~/.triton/cache``)
+makes a second run fast.
+
+Spills: ``Config.keep()`` in ``attention.py`` prunes the configs this report showed spilling (wide
+heads with 64x64 tiles on 4 warps); the report then shows which remain, and a spill is a finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Callable, Iterable, Optional
+
+__all__ = ["compile_report", "compile_spec", "main"]
+
+_CUDA_TARGET_NAMES = {80: "sm_80", 90: "sm_90a"}
+
+
+def _dtype_of(spec) -> str:
+    return spec.dtype
+
+
+def _variant(constexprs: dict) -> str:
+    """A short label of a variant's switches, e.g. ``rel+dense+pad uneven`` or ``plain even``."""
+    feats = [name for name, flag in (("rel", "HAS_REL"), ("dense", "HAS_DENSE"), ("pad", "HAS_PAD"))
+             if constexprs.get(flag)]
+    evens = [k for k in ("EVEN_M", "EVEN_N", "EVEN_D") if k in constexprs]
+    if all(constexprs[k] for k in evens):
+        shape = "even"
+    elif not any(constexprs[k] for k in evens):
+        shape = "uneven"
+    else:
+        shape = "even:" + ",".join(k[5:] for k in evens if constexprs[k])
+    return f"{'+'.join(feats) or 'plain'} {shape}"
+
+
+def _config_dict(spec) -> dict:
+    c = spec.constexprs
+    cfg = {"dtype": _dtype_of(spec)}
+    for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV"):
+        if key in c:
+            cfg[key] = c[key]
+    cfg.update(num_warps=spec.config.num_warps, num_stages=spec.config.num_stages, variant=_variant(c))
+    return cfg
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _resource_usage(cubin: bytes) -> tuple[Optional[int], Optional[int]]:
+    """(registers, stack frame bytes) of the one kernel in ``cubin``, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        text = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    regs = stack = None
+    for token in text.split():
+        if token.startswith("REG:"):
+            regs = int(token[4:])
+        elif token.startswith("STACK:"):
+            stack = int(token[6:])
+    return regs, stack
+
+
+def _ast_source(fn, signature: dict, constexprs: dict, divisible: list, target):
+    """``ASTSource`` with the divisibility hints the runtime would derive (triton >= 3.3 format;
+    triton 3.2's ``constants`` keyword gets no hints, which only makes its report pessimistic)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
+
+    params = inspect.signature(ASTSource.__init__).parameters
+    if "constexprs" not in params:  # pragma: no cover - triton 3.2
+        return ASTSource(fn=fn, signature=signature, constants=constexprs)
+    hint = make_backend(target).parse_attr("D")
+    names = list(signature)
+    attrs = {(names.index(name),): hint for name in divisible}
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def compile_spec(spec, capability: int) -> dict:
+    """Compiles one spec for ``capability`` (80 or 90) and returns its report row."""
+    row = {"kernel": spec.kernel, "config": _config_dict(spec), "capability": capability,
+           "registers": None, "spills": None, "shared_mem_bytes": None, "ok": False, "error": None}
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+
+        from . import attention
+
+        fn = attention.KERNELS[spec.kernel]
+        if not isinstance(fn, triton.runtime.jit.JITFunction):
+            raise RuntimeError("the kernels were created under TRITON_INTERPRET=1 and cannot be compiled; "
+                               "run the report in a process without it (compile_report does)")
+        start = time.perf_counter()
+        target = GPUTarget("cuda", capability, 32)
+        source = _ast_source(fn, spec.signature, spec.constexprs, attention.divisible_by_16(fn), target)
+        compiled = triton.compile(source, target=target,
+                                  options={"num_warps": spec.config.num_warps,
+                                           "num_stages": spec.config.num_stages})
+        registers, stack = _resource_usage(compiled.asm["cubin"])
+        row.update(registers=registers, spills=stack, shared_mem_bytes=compiled.metadata.shared, ok=True,
+                   seconds=round(time.perf_counter() - start, 2))
+    except Exception as e:  # noqa: BLE001 - the report records every failure, whatever it is
+        row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
+    return row
+
+
+def _worker_init() -> None:
+    # Runs in a fresh (spawned) worker before it imports the kernels: compile, don't interpret.
+    os.environ["TRITON_INTERPRET"] = "0"
+
+
+def _compile_chunk(args) -> list[dict]:
+    specs, capability = args
+    return [compile_spec(spec, capability) for spec in specs]
+
+
+def compile_report(capabilities: Iterable[int] = (80, 90), progress: Optional[Callable[[dict], None]] = None,
+                   *, specs=None, full: bool = False, workers: int = 2) -> list[dict]:
+    """Compiles every spec from ``iter_compile_specs()`` for each capability; one row per compile.
+
+    Args:
+        capabilities: CUDA compute capabilities; 80 -> sm_80, 90 -> sm_90a.
+        progress: called with each row as it completes.
+        specs: the specs to compile (default: ``iter_compile_specs(full=full)``).
+        workers: worker processes (spawned, with ``TRITON_INTERPRET`` cleared).
+
+    Returns:
+        Rows ``{kernel, config, capability, registers, spills, shared_mem_bytes, ok, error}``.
+    """
+    from .attention import iter_compile_specs
+
+    specs = list(iter_compile_specs(full=full) if specs is None else specs)
+    caps = [int(c) for c in capabilities]
+    # Chunks of a few specs amortise process round trips; capabilities alternate so both workers
+    # stay busy to the end.
+    chunk = 4
+    jobs = [(specs[i:i + chunk], cap) for i in range(0, len(specs), chunk) for cap in caps]
+    rows: list[dict] = []
+    with _compile_pool(workers) as pool:
+        for result in pool.map(_compile_chunk, jobs):
+            for row in result:
+                rows.append(row)
+                if progress is not None:
+                    progress(row)
+    return rows
+
+
+@contextlib.contextmanager
+def _compile_pool(workers: int):
+    """Spawned workers that compile instead of interpret: TRITON_INTERPRET=0 in the environment
+    they inherit and again in their initializer (before they import the kernels)."""
+    ctx = multiprocessing.get_context("spawn")
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx, initializer=_worker_init) as pool:
+            yield pool
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def format_report(rows: list[dict]) -> str:
+    """A plain-text table, one line per compile, and a summary."""
+    lines = [f"{'kernel':<22} {'cap':>3} {'dtype':<5} {'M':>4} {'N':>4} {'D':>4} {'Dv':>4} {'w':>2} {'s':>2} "
+             f"{'regs':>5} {'spill':>6} {'smem KiB':>9}  variant / status"]
+    for r in rows:
+        c = r["config"]
+        status = c.get("variant", "") if r["ok"] else f"FAILED {r['error']}"
+        smem = "-" if r["shared_mem_bytes"] is None else f"{r['shared_mem_bytes'] / 1024:.1f}"
+        lines.append(f"{r['kernel']:<22} {r['capability']:>3} {c['dtype']:<5} {c.get('BLOCK_M', '-'):>4} "
+                     f"{c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_D', '-'):>4} {c.get('BLOCK_DV', '-'):>4} "
+                     f"{c['num_warps']:>2} {c['num_stages']:>2} {_num(r['registers']):>5} {_num(r['spills']):>6} "
+                     f"{smem:>9}  {status}")
+    lines.append(summary(rows))
+    return "\n".join(lines)
+
+
+def _num(x) -> str:
+    return "-" if x is None else str(x)
+
+
+def summary(rows: list[dict]) -> str:
+    ok = [r for r in rows if r["ok"]]
+    failed = len(rows) - len(ok)
+    spilled = [r for r in ok if r["spills"]]
+    max_regs = max((r["registers"] for r in ok), default=0)
+    max_smem = max((r["shared_mem_bytes"] for r in ok), default=0)
+    return (f"{len(ok)} compiled, {failed} failed; max registers {max_regs}, "
+            f"max shared memory {max_smem / 1024:.1f} KiB, {len(spilled)} with spills")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastvit.kernels.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--capabilities", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--full", action="store_true", help="all bias subsets x EVEN_* variants (slow)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = compile_report(args.capabilities, full=args.full, workers=args.workers)
+    print(format_report(rows))
+    print(f"{time.perf_counter() - start:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
