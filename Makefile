@@ -33,5 +33,11 @@ check: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check fastvit kernels tests benchmarks
 
+# On a CUDA machine with torch preinstalled: tests natively, `fastvit check`, the benchmarks and the
+# AOT report, into one JSON under benchmarks/results/.
+gpu-check:
+	$(PYTHON) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PYTHON) benchmarks/gpu_check.py
+
 clean:
 	rm -rf $(VENV) build dist *.egg-info
