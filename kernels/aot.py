@@ -14,14 +14,15 @@ The compiles run in worker processes with ``TRITON_INTERPRET`` cleared: under th
 process that has ``TRITON_INTERPRET=1`` set (the test suite). Triton's cache (``~/.triton/cache``)
 makes a second run fast.
 
-Spills: ``Config.keep()`` in ``attention.py`` prunes the configs this report showed spilling (wide
-heads with 64x64 tiles on 4 warps); the report then shows which remain, and a spill is a finding.
+The spill table: configs whose variants spill on either capability are listed in
+``attention.PRUNED``; ``keep()`` then skips them and the heuristics fall back to the next config.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -38,7 +39,7 @@ _CUDA_TARGET_NAMES = {80: "sm_80", 90: "sm_90a"}
 
 
 def _dtype_of(spec) -> str:
-    return spec.dtype
+    return spec.signature["Q"][1:] if "Q" in spec.signature else spec.signature["Out"][1:]
 
 
 def _variant(constexprs: dict) -> str:
@@ -175,6 +176,48 @@ def compile_report(capabilities: Iterable[int] = (80, 90), progress: Optional[Ca
     return rows
 
 
+def _walk_preferences(args) -> tuple[list, list]:
+    """Compiles one preference list in order until a config whose default variants compile without
+    spills on every capability; returns (the spilling configs before it as `PRUNED` keys, errors)."""
+    kernel, prefs, dtype_name, blocks, biased, capabilities = args
+    import torch
+
+    from . import attention as A
+
+    dtype = getattr(torch, dtype_name)
+    pruned, errors = [], []
+    for cfg in prefs:
+        rows = []
+        for variant in A._variants(biased, full=False):
+            for extra in (A._ds_variants(variant, full=False) if kernel == "_attn_bwd_dq" else [{}]):
+                spec = A.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
+                rows += [compile_spec(spec, cap) for cap in capabilities]
+        errors += [r for r in rows if not r["ok"]]
+        if all(r["ok"] and not r["spills"] for r in rows):
+            break
+        pruned.append((kernel, cfg, A._dtype_class(dtype), tuple(blocks), biased))
+    return pruned, errors
+
+
+def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tuple[set, list]:
+    """Regenerates `attention.PRUNED`: for each preference list (per kernel, dtype class, head
+    blocks, biased), the configs before the first one that compiles without spills everywhere.
+    bf16 stands for the 16-bit class (fp16 compiles to the same register allocation).
+    Returns (the table, the rows of compiles that failed)."""
+    from . import attention as A
+
+    jobs = []
+    for dtype_name in ("bfloat16", "float32"):
+        cls = "fp32" if dtype_name == "float32" else "16bit"
+        lists = [("_attn_fwd", A._FWD_PREFS[(cls, b)]) for b in ("short", "long")]
+        lists += [("_attn_bwd_dkdv", A._DKDV_PREFS[cls]), ("_attn_bwd_dq", A._DQ_PREFS[cls])]
+        for (kernel, prefs), blocks, biased in itertools.product(lists, A.HEAD_BLOCKS, (False, True)):
+            jobs.append((kernel, prefs, dtype_name, blocks, biased, tuple(capabilities)))
+    with _compile_pool(workers) as pool:
+        results = list(pool.map(_walk_preferences, jobs))
+    return {key for keys, _ in results for key in keys}, [row for _, rows in results for row in rows]
+
+
 @contextlib.contextmanager
 def _compile_pool(workers: int):
     """Spawned workers that compile instead of interpret: TRITON_INTERPRET=0 in the environment
@@ -228,8 +271,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--full", action="store_true", help="all bias subsets x EVEN_* variants (slow)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--spill-table", action="store_true",
+                        help="print attention.PRUNED regenerated from the preference lists, then exit")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    if args.spill_table:
+        pruned, errors = spill_table(args.capabilities, args.workers)
+        print("PRUNED = frozenset({")
+        for kernel, cfg, cls, blocks, biased in sorted(pruned):
+            print(f"    ({kernel!r}, Config{tuple(cfg)}, {cls!r}, {blocks}, {biased}),")
+        print("})")
+        print(f"# {len(pruned)} entries, {time.perf_counter() - start:.0f} s")
+        for row in errors:
+            print(f"# FAILED {row['kernel']} {row['config']} sm_{row['capability']}: {row['error']}")
+        return 1 if errors else 0
     rows = compile_report(args.capabilities, full=args.full, workers=args.workers)
     print(format_report(rows))
     print(f"{time.perf_counter() - start:.0f} s")

@@ -4,6 +4,11 @@ import sys
 import pytest
 import torch
 
+# Without CUDA the Triton kernels run in the interpreter; this must be set before fastvit.kernels
+# is first imported (it decides at import whether @triton.jit compiles or interprets).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 torch.backends.cuda.matmul.allow_tf32 = False
