@@ -92,3 +92,10 @@ def test_feedforward_fused_gelu_matches_the_unfused_module():
     expected = ff.net[4](F.gelu(ff.net[1](ff.net[0](x))))
     with torch.no_grad():
         torch.testing.assert_close(ff(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_module_built_under_inference_mode():
+    with torch.inference_mode():
+        layer = Linear(24, 40)
+        x = torch.randn(3, 24)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)

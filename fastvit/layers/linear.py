@@ -75,7 +75,7 @@ class Linear(nn.Linear):
 
     def _prepacked(self, dtype: torch.dtype) -> tuple:
         w = self.weight
-        key = (dtype, w.dtype, w.data_ptr(), w._version, None if self.bias is None else self.bias._version)
+        key = (dtype, w.dtype, w.data_ptr(), _version(w), None if self.bias is None else _version(self.bias))
         cached = self._packed
         if cached is None or cached[0] != key:
             with torch.no_grad():
@@ -89,3 +89,8 @@ class Linear(nn.Linear):
         state = super().__getstate__()
         state.pop("_packed", None)
         return state
+
+
+def _version(t: Tensor) -> int:
+    """The in-place version counter; inference tensors (built under inference_mode) have none."""
+    return -1 if t.is_inference() else t._version

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fastvit.attention import DenseBias, KeyPaddingMask, RelPosBias
+from fastvit.check import fp32_copy  # noqa: F401  (re-exported for the tests)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -77,23 +78,6 @@ def trainable(q, k, v, bias) -> list:
         elif isinstance(b, DenseBias):
             out.append(b.tensor)
     return out
-
-
-def fp32_copy(q, k, v, bias):
-    """Detached fp32 leaf copies of every tensor (the reference runs on these)."""
-
-    def cp(t):
-        return t.detach().float().requires_grad_(t.requires_grad)
-
-    new_bias = []
-    for b in bias:
-        if isinstance(b, RelPosBias):
-            new_bias.append(RelPosBias(cp(b.table), b.index))
-        elif isinstance(b, DenseBias):
-            new_bias.append(DenseBias(cp(b.tensor)))
-        else:
-            new_bias.append(b)
-    return cp(q), cp(k), cp(v), tuple(new_bias)
 
 
 def generate(backends: dict, device: str = "cpu") -> list:
