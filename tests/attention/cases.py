@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastvit.attention import DenseBias, KeyPaddingMask, RelPosBias
-from fastvit.check import fp32_copy  # noqa: F401  (re-exported for the tests)
+from fastvit.attention import DenseBias, RelPosBias
+from fastvit.check import fp32_copy, make_case_inputs  # noqa: F401  (fp32_copy re-exported for the tests)
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
@@ -42,32 +42,8 @@ class Case:
 
 
 def make_inputs(case: Case, *, requires_grad: bool = True, seed: int = 0):
-    """q, k, v and the bias descriptors for a case; the index/mask are fixed, tables trainable."""
-    g = torch.Generator().manual_seed(seed)
-    B, H, Nq, Nk, D, Dv = case.shape
-
-    def rand(*s):
-        t = torch.randn(*s, generator=g).to(case.device, case.dtype)
-        return t.requires_grad_(requires_grad)
-
-    q, k, v = rand(B, H, Nq, D), rand(B, H, Nk, D), rand(B, H, Nk, Dv)
-    bias = []
-    if "relpos" in case.bias:
-        T = 2 * max(Nq, Nk) + 1
-        table = rand(T, H)
-        index = torch.randint(0, T, (Nq, Nk), generator=g).to(case.device)
-        bias.append(RelPosBias(table, index))
-    if case.bias == "dense":
-        bias.append(DenseBias(rand(B, H, Nq, Nk)))
-    if case.bias == "dense_bcast":
-        bias.append(DenseBias(rand(1, H, Nq, Nk)))
-    if "padding" in case.bias:
-        mask = torch.rand(B, Nk, generator=g) > 0.3
-        mask[:, 0] = True
-        if B > 1:
-            mask[-1] = False  # a whole sample with no valid key: output must be zero, not NaN
-        bias.append(KeyPaddingMask(mask.to(case.device)))
-    return q, k, v, tuple(bias)
+    """q, k, v and the bias descriptors for a case (the same generator `fastvit check` uses)."""
+    return make_case_inputs(case, requires_grad=requires_grad, seed=seed)
 
 
 def trainable(q, k, v, bias) -> list:
