@@ -10,21 +10,24 @@ import torch
 import torch.nn.functional as F
 
 from fastvit.layers import FeedForward, Linear
-from fastvit.layers.linear import prepack_enabled
+from fastvit.layers.linear import PREPACK_MIN_WEIGHT, prepack_enabled
 
 pytestmark = pytest.mark.skipif(not prepack_enabled(), reason="this torch build has no oneDNN linear")
 
 
+IN, OUT = 256, 320  # in_features * out_features above PREPACK_MIN_WEIGHT: the oneDNN path is taken
+
+
 def make(bias=True):
     torch.manual_seed(0)
-    return Linear(24, 40, bias=bias)
+    return Linear(IN, OUT, bias=bias)
 
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_inference_path_matches_f_linear(bias, activation):
     layer = make(bias)
-    x = torch.randn(3, 7, 24).transpose(0, 1)  # strided input
+    x = torch.randn(3, 7, IN).transpose(0, 1)  # strided input
     expected = F.linear(x, layer.weight, layer.bias)
     if activation:
         expected = F.gelu(expected)
@@ -36,7 +39,7 @@ def test_inference_path_matches_f_linear(bias, activation):
 
 def test_training_uses_f_linear_and_gets_gradients():
     layer = make()
-    x = torch.randn(5, 24, requires_grad=True)
+    x = torch.randn(5, IN, requires_grad=True)
     layer(x).sum().backward()
     assert layer._packed is None
     assert layer.weight.grad is not None and x.grad is not None
@@ -44,14 +47,14 @@ def test_training_uses_f_linear_and_gets_gradients():
 
 def test_cache_sees_optimizer_steps_and_load_state_dict():
     layer = make()
-    x = torch.randn(4, 24)
+    x = torch.randn(4, IN)
     with torch.no_grad():
         before = layer(x)
         layer.weight.add_(1.0)  # in place, as an optimizer step
         after = layer(x)
     torch.testing.assert_close(after, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(before, after)
-    other = Linear(24, 40)
+    other = Linear(IN, OUT)
     layer.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(layer(x), other(x), atol=1e-5, rtol=1e-5)
@@ -59,7 +62,7 @@ def test_cache_sees_optimizer_steps_and_load_state_dict():
 
 def test_bf16_autocast_path_returns_bf16_close_to_fp32():
     layer = make()
-    x = torch.randn(4, 24)
+    x = torch.randn(4, IN)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = layer(x)
         ref = F.linear(x, layer.weight, layer.bias)  # autocast's own path
@@ -71,14 +74,14 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("FASTVIT_CPU_PREPACK", "0")
     layer = make()
     with torch.no_grad():
-        layer(torch.randn(2, 24))
+        layer(torch.randn(2, IN))
     assert layer._packed is None
 
 
 def test_cache_is_not_pickled_or_deep_copied():
     layer = make()
     with torch.no_grad():
-        layer(torch.randn(2, 24))
+        layer(torch.randn(2, IN))
     assert layer._packed is not None
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone._packed is None
@@ -87,15 +90,41 @@ def test_cache_is_not_pickled_or_deep_copied():
 
 def test_feedforward_fused_gelu_matches_the_unfused_module():
     torch.manual_seed(0)
-    ff = FeedForward(24, 48).eval()
-    x = torch.randn(2, 5, 24)
+    ff = FeedForward(IN, 2 * IN).eval()  # both GEMMs above PREPACK_MIN_WEIGHT: the fused GELU runs
+    x = torch.randn(2, 5, IN)
     expected = ff.net[4](F.gelu(ff.net[1](ff.net[0](x))))
     with torch.no_grad():
         torch.testing.assert_close(ff(x), expected, atol=1e-5, rtol=1e-5)
+    assert ff.net[1]._packed is not None and ff.net[4]._packed is not None
 
 
 def test_module_built_under_inference_mode():
     with torch.inference_mode():
-        layer = Linear(24, 40)
-        x = torch.randn(3, 24)
+        layer = Linear(IN, OUT)
+        x = torch.randn(3, IN)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_small_weights_keep_f_linear():
+    assert 24 * 40 < PREPACK_MIN_WEIGHT
+    layer = Linear(24, 40)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    assert layer._packed is None
+
+
+def test_fp32_and_bf16_packs_are_cached_side_by_side():
+    layer = make()
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        layer(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x)
+        packs = {dtype: entry[1] for dtype, entry in layer._packed.items()}
+        assert set(packs) == {torch.float32, torch.bfloat16}
+        layer(x)  # back to fp32: the fp32 pack is reused, not rebuilt
+        assert layer._packed[torch.float32][1] is packs[torch.float32]
+        layer.weight.add_(1.0)  # an in-place update invalidates the pack of the dtype in use
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
+        assert layer._packed[torch.float32][1] is not packs[torch.float32]

@@ -21,7 +21,9 @@ def reference_attention(inp: AttnInputs) -> AttnOutput:
     q, k, v = inp.q, inp.k, inp.v
     # (b, h, nq, nk). Scaling q (n*d elements) instead of the logits (n*n) saves a pass over the
     # score matrix; the results differ from vit-pytorch's order by rounding only (~1e-7 in fp32).
-    logits = torch.matmul(q * inp.scale, k.transpose(-1, -2))
+    # k is usually a strided view of a fused qkv projection: a row-wise copy of it, multiplied
+    # transposed, is cheaper than the column-wise copy matmul makes of k^T.
+    logits = torch.matmul(q * inp.scale, k.contiguous().transpose(-1, -2))
 
     valid = None  # (b, 1, 1, nk) bool
     for b in inp.bias:
@@ -40,8 +42,12 @@ def reference_attention(inp: AttnInputs) -> AttnOutput:
     if valid is not None:
         logits = logits.masked_fill(~valid, float("-inf"))
 
-    # Low-precision logits are normalised in fp32, then cast back.
-    if logits.dtype in (torch.float16, torch.bfloat16):
+    # Low-precision logits are normalised in fp32, then cast back. The CPU's bf16 softmax kernel does
+    # exactly that internally (fp32 max, exp and sum, one rounding at the end) without materialising
+    # an fp32 copy of the map: 1.6x faster at ViT-S's shape, equal but for rounding ties.
+    if logits.dtype == torch.bfloat16 and logits.device.type == "cpu":
+        probs = torch.softmax(logits, dim=-1)
+    elif logits.dtype in (torch.float16, torch.bfloat16):
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)
     else:
         probs = torch.softmax(logits, dim=-1)

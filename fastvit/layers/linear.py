@@ -10,6 +10,11 @@ into the GEMM epilogue. ``Linear`` does both when nothing needs a gradient (``to
   in-place version counter, storage or dtype), so optimizer steps and ``load_state_dict`` are seen;
 - under CPU autocast (bf16) the weight is prepacked in bf16 and the output is bf16, as autocast's
   ``F.linear`` would give;
+- weights under ``PREPACK_MIN_WEIGHT`` elements (e.g. 128 x 128) keep ``F.linear``: oneDNN's ~25 us
+  fixed cost per call loses to it there (measured: 0.3-0.9x at 16x32x64 .. 1024x64x128, 1.06x at
+  512x256x256, 1.2-1.5x from 384 x 1000 up, whatever the batch);
+- the cache holds one prepacked copy per compute dtype, so a model used both in fp32 and under
+  bf16 autocast does not re-pack on every switch;
 - training, CUDA, ``torch.compile`` (which does its own weight packing with freezing) and any other
   case use ``F.linear``. Results match ``F.linear`` to fp32 rounding (~1e-6).
 
@@ -26,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Linear", "prepack_enabled"]
+__all__ = ["Linear", "prepack_enabled", "PREPACK_MIN_WEIGHT"]
 
 _HAS_ONEDNN_LINEAR = (
     torch.backends.mkldnn.is_available()
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 )
+PREPACK_MIN_WEIGHT = 256 * 256  # in_features * out_features from which the oneDNN path pays off
 _ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none")}  # oneDNN post-op name, algorithm ("none" = erf)
 
 
@@ -44,7 +50,7 @@ def prepack_enabled() -> bool:
 class Linear(nn.Linear):
     """Drop-in ``nn.Linear``; ``forward_act(x, "gelu")`` also applies an exact GELU (fused when possible)."""
 
-    _packed: Optional[tuple] = None  # (key, packed weight, bias in the compute dtype)
+    _packed: Optional[dict] = None  # compute dtype -> (key, packed weight, bias in that dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_act(x, None)
@@ -64,6 +70,8 @@ class Linear(nn.Linear):
         """The compute dtype of the oneDNN path, or None where ``F.linear`` must run."""
         if x.device.type != "cpu" or self.weight.device.type != "cpu" or x.dim() < 2 or not prepack_enabled():
             return None
+        if self.in_features * self.out_features < PREPACK_MIN_WEIGHT:
+            return None
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return None
         if torch.compiler.is_compiling():
@@ -76,12 +84,14 @@ class Linear(nn.Linear):
     def _prepacked(self, dtype: torch.dtype) -> tuple:
         w = self.weight
         key = (dtype, w.dtype, w.data_ptr(), _version(w), None if self.bias is None else _version(self.bias))
-        cached = self._packed
+        if self._packed is None:
+            self._packed = {}
+        cached = self._packed.get(dtype)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), batch_size=None)
                 bias = None if self.bias is None else self.bias.detach().to(dtype)
-            cached = self._packed = (key, packed, bias)
+            cached = self._packed[dtype] = (key, packed, bias)
         return cached[1], cached[2]
 
     def __getstate__(self):
