@@ -121,10 +121,33 @@ def test_fp32_and_bf16_packs_are_cached_side_by_side():
         layer(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             layer(x)
-        packs = {dtype: entry[1] for dtype, entry in layer._packed.items()}
+        packs = {dtype: entry[1] for (dtype, _), entry in layer._packed.items()}
         assert set(packs) == {torch.float32, torch.bfloat16}
         layer(x)  # back to fp32: the fp32 pack is reused, not rebuilt
-        assert layer._packed[torch.float32][1] is packs[torch.float32]
+        assert layer._packed[(torch.float32, None)][1] is packs[torch.float32]
         layer.weight.add_(1.0)  # an in-place update invalidates the pack of the dtype in use
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-4, rtol=1e-5)
-        assert layer._packed[torch.float32][1] is not packs[torch.float32]
+        assert layer._packed[(torch.float32, None)][1] is not packs[torch.float32]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [(0, OUT), (0, 64), (64, OUT), (100, 101)])
+def test_forward_rows_is_the_slice_of_the_output(bias, rows):
+    layer = make(bias)
+    x = torch.randn(2, 5, IN)
+    with torch.no_grad():
+        full = layer(x)
+        part = layer.forward_rows(x, *rows)
+    torch.testing.assert_close(part, full[..., rows[0]:rows[1]], atol=1e-5, rtol=1e-5)
+    # The 256x1 slice is under PREPACK_MIN_WEIGHT (F.linear); the others have their own pack.
+    assert ((torch.float32, rows) in layer._packed) == (IN * (rows[1] - rows[0]) >= PREPACK_MIN_WEIGHT)
+    x.requires_grad_(True)
+    layer.forward_rows(x, *rows).sum().backward()  # training: F.linear on the slice, gradients flow
+    assert layer.weight.grad[rows[0]:rows[1]].abs().sum() > 0
+    assert layer.weight.grad[:rows[0]].abs().sum() == 0 and layer.weight.grad[rows[1]:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("rows", [(0, 0), (-1, 3), (10, OUT + 1), (5, 2)])
+def test_forward_rows_rejects_bad_ranges(rows):
+    with pytest.raises(ValueError, match="rows"):
+        make().forward_rows(torch.randn(2, IN), *rows)

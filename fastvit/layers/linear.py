@@ -50,27 +50,45 @@ def prepack_enabled() -> bool:
 class Linear(nn.Linear):
     """Drop-in ``nn.Linear``; ``forward_act(x, "gelu")`` also applies an exact GELU (fused when possible)."""
 
-    _packed: Optional[dict] = None  # compute dtype -> (key, packed weight, bias in that dtype)
+    _packed: Optional[dict] = None  # (compute dtype, rows) -> (key, packed weight, bias in that dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_act(x, None)
 
     def forward_act(self, x: Tensor, activation: Optional[str] = None) -> Tensor:
+        return self._forward(x, activation, None)
+
+    def forward_rows(self, x: Tensor, start: int, stop: int) -> Tensor:
+        """Output features ``start:stop`` alone: ``F.linear(x, weight[start:stop], bias[start:stop])``.
+
+        For a fused projection whose parts are needed for different tokens (ATS needs keys and values
+        of every token but queries of the kept ones only). The slice gets its own prepacked copy.
+        """
+        if not 0 <= start < stop <= self.out_features:
+            raise ValueError(f"rows {start}:{stop} are not a non-empty range of the {self.out_features} outputs")
+        return self._forward(x, None, (start, stop))
+
+    def _forward(self, x: Tensor, activation: Optional[str], rows: Optional[tuple]) -> Tensor:
         if activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
-        dtype = self._fast_path_dtype(x)
+        dtype = self._fast_path_dtype(x, rows)
         if dtype is None:
-            out = F.linear(x, self.weight, self.bias)
+            weight, bias = self.weight, self.bias
+            if rows is not None:
+                weight = weight[rows[0]:rows[1]]
+                bias = None if bias is None else bias[rows[0]:rows[1]]
+            out = F.linear(x, weight, bias)
             return F.gelu(out) if activation == "gelu" else out
-        weight, bias = self._prepacked(dtype)
+        weight, bias = self._prepacked(dtype, rows)
         post_op, algorithm = _ACTIVATIONS[activation]
         return torch.ops.mkldnn._linear_pointwise(x.to(dtype), weight, bias, post_op, [], algorithm)
 
-    def _fast_path_dtype(self, x: Tensor) -> Optional[torch.dtype]:
+    def _fast_path_dtype(self, x: Tensor, rows: Optional[tuple] = None) -> Optional[torch.dtype]:
         """The compute dtype of the oneDNN path, or None where ``F.linear`` must run."""
         if x.device.type != "cpu" or self.weight.device.type != "cpu" or x.dim() < 2 or not prepack_enabled():
             return None
-        if self.in_features * self.out_features < PREPACK_MIN_WEIGHT:
+        out_features = self.out_features if rows is None else rows[1] - rows[0]
+        if self.in_features * out_features < PREPACK_MIN_WEIGHT:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return None
@@ -81,17 +99,20 @@ class Linear(nn.Linear):
             return None
         return dtype
 
-    def _prepacked(self, dtype: torch.dtype) -> tuple:
-        w = self.weight
-        key = (dtype, w.dtype, w.data_ptr(), _version(w), None if self.bias is None else _version(self.bias))
+    def _prepacked(self, dtype: torch.dtype, rows: Optional[tuple] = None) -> tuple:
+        w, b = self.weight, self.bias
+        key = (dtype, w.dtype, w.data_ptr(), _version(w), None if b is None else _version(b))
         if self._packed is None:
             self._packed = {}
-        cached = self._packed.get(dtype)
+        cached = self._packed.get((dtype, rows))
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), batch_size=None)
-                bias = None if self.bias is None else self.bias.detach().to(dtype)
-            cached = self._packed[dtype] = (key, packed, bias)
+                w, b = w.detach(), None if b is None else b.detach()
+                if rows is not None:
+                    w, b = w[rows[0]:rows[1]], None if b is None else b[rows[0]:rows[1]]
+                packed = torch.ops.mkldnn._reorder_linear_weight(w.to(dtype).contiguous(), batch_size=None)
+                bias = None if b is None else b.to(dtype).contiguous()
+            cached = self._packed[(dtype, rows)] = (key, packed, bias)
         return cached[1], cached[2]
 
     def __getstate__(self):

@@ -12,6 +12,12 @@ How it runs (vit-pytorch's results, without its per-image Python loop, ``torch.u
 - A sampling layer asks ``attend`` for the CLS query's probabilities (``return_cls_probs=True``, one
   query row; the full attention map is never built by the model), samples, then attends with the
   kept queries only (vit-pytorch attends with every query and gathers the kept rows of the map).
+  Queries are projected only for the tokens that use them (``Linear.forward_rows``): keys and values
+  for every token, queries for CLS and the kept tokens; vit-pytorch projects all three for all.
+- How far this can go on a CPU: vit-pytorch's and fastvit's work is then the same GEMMs bar those
+  query rows, and those GEMMs are ~85-90% of both runs. fastvit's oneDNN GEMMs run at the machine's
+  peak (~215 GFLOP/s fp32 on a 2-core Zen 4), 1.15-1.3x ``F.linear``'s, so the measured speed-up
+  (1.2-1.6x, ``benchmarks/ats_profile.py``) is bounded by about 1.75x at the seed configuration.
 - Sampling is vit-pytorch's Gumbel-max over ``log(score / sum + eps)``, vectorised over the batch:
   the sampled positions are scattered into a ``(b, n)`` keep mask and compacted in order with a
   cumulative sum (vit-pytorch: ``torch.unique`` per image, then ``pad_sequence``).
@@ -75,6 +81,7 @@ from fastvit.layers import (
     merge_heads,
     pair,
     patch_grid,
+    split_heads,
 )
 
 from .base import VisionModel
@@ -250,17 +257,26 @@ class Attention(AttentionBase):
         ``out`` is the CLS token's alone, ``(b, 1, dim)`` (the last layer of a logits-only forward).
         """
         b, n, _ = x.shape
-        qkv = self.to_qkv(self.norm(x))  # (b, n, 3*h*d)
-        # Three (b, h, n, d) views; heads are the outer factor as in vit-pytorch.
-        q, k, v = qkv.view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        h, inner = self.heads, self.to_qkv.out_features // 3
+        x = self.norm(x)
         bias = KeyPaddingMask(mask) if mask is not None else None
-        if not self.samples(n):
-            q = q[:, :, :1] if cls_only else q
-            out = self.attend(q, k, v, scale=self.scale, bias=bias)  # (b, h, n or 1, d)
+        samples = self.samples(n)
+        if not samples and not cls_only:
+            # (b, n, 3*h*d) -> three (b, h, n, d) views; heads are the outer factor as in vit-pytorch.
+            q, k, v = self.to_qkv(x).view(b, n, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            out = self.attend(q, k, v, scale=self.scale, bias=bias)
+            return self.to_out(merge_heads(out)), mask, None
+
+        # Keys and values of every token, but queries only for the tokens whose output is used: the
+        # CLS token, then the kept ones (vit-pytorch projects queries for all, a third of to_qkv).
+        k, v = self.to_qkv.forward_rows(x, inner, 3 * inner).view(b, n, 2, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        q_cls = split_heads(self.to_qkv.forward_rows(x[:, :1], 0, inner), h)  # (b, h, 1, d)
+        if not samples:  # cls_only, nothing to sample: the CLS token's update alone
+            out = self.attend(q_cls, k, v, scale=self.scale, bias=bias)
             return self.to_out(merge_heads(out)), mask, None
 
         trim = self.trims(x)
-        cls = self.attend(q[:, :, :1], k, v, scale=self.scale, bias=bias, return_cls_probs=True)
+        cls = self.attend(q_cls, k, v, scale=self.scale, bias=bias, return_cls_probs=True)
         ids, new_mask = self.ats(cls.cls_probs, v, mask, uniforms, trimmed=trim)  # (b, k+1) each
         if trim:
             # The widest kept set, read on the host (free on the CPU, a sync on an accelerator).
@@ -269,8 +285,7 @@ class Attention(AttentionBase):
         if cls_only:
             return self.to_out(merge_heads(cls.out)), new_mask, ids
         # Only the kept queries attend; rows of (attn @ v) are (attn @ v) of those rows.
-        inner = q.shape[1] * q.shape[3]
-        q = gather_tokens(qkv[..., :inner], ids).view(b, ids.shape[1], self.heads, -1).transpose(1, 2)
+        q = split_heads(self.to_qkv.forward_rows(gather_tokens(x, ids), 0, inner), h)  # (b, h, m, d)
         out = self.attend(q, k, v, scale=self.scale, bias=bias)  # (b, h, m, d)
         return self.to_out(merge_heads(out)), new_mask, ids
 
