@@ -100,3 +100,27 @@ def test_wrong_channel_count_is_a_value_error(name):
     c, h, w = entry.test_input()
     with pytest.raises(ValueError, match="channels"):
         model(torch.randn(1, c + 1, h, w))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_cpu_inference_fast_paths(name, monkeypatch):
+    """The oneDNN Linear path (forced on for the small test sizes) gives the training path's logits,
+    and bf16 autocast stays close to fp32."""
+    import fastvit.layers.linear as linear
+
+    if not linear.prepack_enabled():
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(linear, "PREPACK_MIN_WEIGHT", 0)
+    entry, model = build(name)
+    model.eval()
+    x = example(entry)
+    plain = logits(model(x)).detach()  # grad enabled, weights require grad: F.linear everywhere
+    with torch.inference_mode():
+        fast = logits(model(x))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = logits(model(x)).float()
+    packed = [n for n, m in model.named_modules() if isinstance(m, linear.Linear) and m._packed]
+    assert packed, f"{name}: no Linear took the oneDNN path"
+    assert_close(fast, plain, atol=1e-4, rtol=1e-4, what=f"{name} prepacked vs F.linear")
+    rel = ((half - plain).norm() / plain.norm()).item()
+    assert 0 < rel < 5e-2, f"{name}: bf16 autocast logits differ from fp32 by {rel:.3g} (relative L2)"
