@@ -33,10 +33,14 @@ _CUDA_ORDER = ("triton", "xformers", "sdpa", "reference")
 
 # On a small CPU the naive path can beat SDPA at ViT-sized sequences: the score matrix of a layer
 # (6 heads x 197^2 fp32 ~ 0.9 MB per image) stays in cache and matmul runs at GEMM speed, while SDPA's
-# blocked loop pays per-block overhead. Measured on a 2-core Zen 4 with torch 2.14.1 (see
-# benchmarks/cpu_dispatch.py): in fp32 SDPA is on par below ~128 keys and 1.05-1.4x faster above; in
-# bf16 the naive path is 1.4-2x faster up to ~400 keys and SDPA wins from ~577 keys (2-3x at 4096).
-CPU_SDPA_MIN_KEYS = {torch.float32: 128, torch.bfloat16: 512, torch.float16: 512}
+# blocked loop pays per-block overhead. Measured on a 2-core Zen 4 with torch 2.14.1, inside whole
+# models (ViT-S at 224/384/512 px) and per shape (benchmarks/cpu_dispatch.py). fp32: SDPA is on par
+# per shape from ~128 keys, and 1.1-1.7x faster inside a model (the maps of the naive path evict the
+# weights from cache), 2.6x at 1024 keys. bf16: the naive path (bf16 GEMMs at twice the fp32 rate,
+# a native bf16 softmax) is 2-2.5x faster per shape up to 401 keys, 1.15-1.25x inside ViT-S at 577 and
+# 1025 keys, and SDPA wins from ~2048 keys (1.3x); the threshold sits between the two measurements.
+# fp16 has no fast CPU GEMM, so its naive path is slow: SDPA from 512 keys.
+CPU_SDPA_MIN_KEYS = {torch.float32: 128, torch.bfloat16: 1536, torch.float16: 512}
 _CPU_SDPA_MIN_KEYS_DEFAULT = 512
 
 
