@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs, AttnOutput
@@ -59,14 +59,43 @@ def reference_attention(inp: AttnInputs) -> AttnOutput:
     cls_probs = probs[:, :, 0, :] if inp.return_cls_probs else None
 
     attn = F.dropout(probs, p=inp.dropout_p, training=True) if inp.dropout_p > 0 else probs
+    affine = None
     if mix is not None:
-        if mix.post is not None:
-            attn = _mix_heads(attn, mix.post)
-        if mix.post_norm is not None:
-            attn = mix.post_norm(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # norm over heads
+        norm = mix.post_norm
+        if norm is not None and _is_head_layer_norm(norm, attn.shape[1]):
+            # LayerNorm over heads (DeepViT), without a LayerNorm over a last dim of ~12 on a
+            # permuted map (plus two permuting copies: a third of DeepViT's CPU time):
+            # - centring is linear, so it folds into the mixing matrix (its columns minus their mean);
+            # - the affine folds through "@ v" to the (b, h, nq, dv) output:
+            #   (y * w + b) @ v = w * (y @ v) + b * sum_j v_j.
+            post = mix.post
+            if post is not None:
+                attn = _mix_heads(attn, post - post.mean(dim=1, keepdim=True))
+            else:
+                attn = attn - attn.mean(dim=1, keepdim=True)
+            # (vector_norm / var_mean over a non-innermost axis take a ~100x slower path on the CPU.)
+            var = attn.float().square().mean(dim=1, keepdim=True)
+            attn = attn * torch.rsqrt(var + norm.eps).to(attn.dtype)
+            affine = (norm.weight, norm.bias)
+        else:
+            if mix.post is not None:
+                attn = _mix_heads(attn, mix.post)
+            if norm is not None:
+                attn = norm(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (b, i, j, h) as declared
 
     out = torch.matmul(attn.to(v.dtype), v)
+    if affine is not None:
+        weight, shift = affine
+        h = out.shape[1]
+        if weight is not None:
+            out = out * weight.to(out.dtype).view(1, h, 1, 1)
+        if shift is not None:
+            out = out + shift.to(out.dtype).view(1, h, 1, 1) * v.sum(dim=-2, keepdim=True)
     return AttnOutput(out, recorded, cls_probs)
+
+
+def _is_head_layer_norm(norm, heads: int) -> bool:
+    return isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (heads,)
 
 
 
@@ -75,7 +104,11 @@ def _mix_heads(x: Tensor, weight: Tensor) -> Tensor:
     """``einsum('bhij,hg->bgij')`` as one batched GEMM on the contiguous ``(b, h, i*j)`` view.
 
     The einsum's permuted output forces copies in the softmax and the ``@ v`` that follow; this
-    form keeps every map contiguous (2-3x faster at CaiT's shapes on a CPU).
+    form keeps every map contiguous (2-3x faster at CaiT's shapes on a CPU). It is an explicit
+    ``bmm``: ``matmul`` of a 2-D weight that requires grad with a 3-D map folds into one
+    ``(b*i*j, h)`` GEMM with two transposing copies of the map, ~11x slower, even under no_grad.
     """
     b, h, i, j = x.shape
-    return torch.matmul(weight.t().to(x.dtype), x.reshape(b, h, i * j)).view(b, h, i, j)
+    w = weight.t().to(x.dtype).unsqueeze(0).expand(b, h, h)
+    return torch.bmm(w, x.reshape(b, h, i * j)).view(b, h, i, j)
+
