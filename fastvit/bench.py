@@ -840,6 +840,8 @@ class BenchConfig:
         max_seconds: wall-time target of the run (default 165 s for a full CPU run, 0 = none). When
             the machine is slower than planned (a loaded shared CPU), later groups get smaller
             budgets, down to one sample per contender.
+        tune_allocator: call ``fastvit.runtime.tune_cpu_allocator()`` first (glibc keeps freed memory
+            for reuse instead of page-faulting it back; it applies to every contender of the process).
     """
 
     device: Optional[str] = None
@@ -857,6 +859,7 @@ class BenchConfig:
     memory: bool = True
     max_seconds: Optional[float] = None
     threads: Optional[int] = None
+    tune_allocator: bool = False
 
     def resolved_device(self) -> str:
         return self.device or default_device()
@@ -1059,10 +1062,16 @@ def run_bench(config: BenchConfig, on_group: Optional[Callable[[int, int, Group]
     if torch.device(device).type == "cpu":
         # Random-init weights and activations produce denormals on the CPU, which are 10-100x slower.
         torch.set_flush_denormal(True)
+    allocator = None
+    if config.tune_allocator:
+        from fastvit.runtime import tune_cpu_allocator
+
+        allocator = dataclasses.asdict(tune_cpu_allocator())
     groups = plan(config)
     started = time.perf_counter()
     doc = {"schema_version": SCHEMA_VERSION, "kind": "fastvit-bench"}
     doc.update(environment(device))
+    doc["cpu_allocator"] = allocator or {"applied": False, "reason": "not asked for (--tune-allocator)"}
     cfg = asdict(config)
     cfg["device"] = device
     doc.update(dtype=cfg["dtypes"] or ["fp32"], config=cfg, complete=False, wall_s=0.0, results=[])

@@ -305,6 +305,14 @@ def render_bench(doc: dict, out: Console) -> None:
         out.print(f"CPU pressure (share of time runnable threads waited for a core) at start / end: "
                   f"{' / '.join('-' if p is None else f'{p:.0f}%' for p in pressure)}"
                   + (" [yellow]- a loaded machine: absolute times are inflated and noisy[/yellow]" if noisy else ""))
+    allocator = doc.get("cpu_allocator") or {}
+    if doc.get("device_type") == "cpu":
+        if allocator.get("applied"):
+            mmap_mib, trim_mib = allocator["mmap_threshold"] >> 20, allocator["trim_threshold"] >> 20
+            out.print(f"CPU allocator tuned (fastvit.runtime.tune_cpu_allocator): mmap threshold {mmap_mib} MiB, "
+                      f"trim threshold {trim_mib} MiB")
+        else:
+            out.print(f"CPU allocator: the C library's default ({escape(allocator.get('reason', 'not tuned'))})")
     if unavailable:
         out.print("not run: " + "; ".join(f"{n} ({escape(why)})" for n, why in unavailable.items()))
     for line in headline(doc):
@@ -357,7 +365,7 @@ def cmd_bench(args, out: Console) -> int:
                          backends=_split(args.backends), models=models, shapes=shapes, backward=args.backward,
                          quick=args.quick, group_seconds=args.group_seconds, vit_pytorch=not args.no_vit_pytorch,
                          timm=not args.no_timm, memory=not args.no_memory, max_seconds=args.max_seconds,
-                         threads=args.threads)
+                         threads=args.threads, tune_allocator=args.tune_allocator)
     try:
         n_groups = len(plan(config))
     except ValueError as e:
@@ -504,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "when the machine is slow (default 165 for a full CPU "
                                                       "run, 0 = none)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads for the run (default: torch's)")
+    p.add_argument("--tune-allocator", action="store_true",
+                   help="fastvit.runtime.tune_cpu_allocator() first: glibc keeps freed memory instead of "
+                        "page-faulting it back (applies to every contender)")
     p.add_argument("--no-vit-pytorch", action="store_true", help="do not compare against vit-pytorch")
     p.add_argument("--no-timm", action="store_true", help="do not compare against timm")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
