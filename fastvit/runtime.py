@@ -4,10 +4,11 @@ Why: PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves la
 threshold that adapts up to 32 MiB) with fresh ``mmap`` pages and returns memory at the top of its
 heap to the system once more than a trim threshold is free. A model whose layers allocate and free
 several multi-MiB maps per layer then takes page faults (zero-filled pages) on most of its large
-tensors, every forward. On a 2-core Zen 4 with torch 2.14.1 (fp32, batch 2, same process, measured
-with ``fastvit bench --tune-allocator`` against the default): CaiT-XXS24 1.6x, DeepViT-S 1.5x,
-PiT-Ti and LeViT-128S 1.2x faster, ViT-S at batch 8 unchanged (its sizes repeat, so glibc's
-adaptive threshold already keeps them). vit-pytorch and timm models in the same process gain too.
+tensors, every forward. Measured with ``benchmarks/allocator.py`` (each model in a fresh process,
+tuned vs default, fp32, batch 2, 2-core Zen 4, torch 2.14.1; ``benchmarks/results/cpu-allocator.json``):
+DeepViT-S 1.5x, CaiT-XXS24 1.2-1.4x, LeViT-128S, PiT-Ti and the ATS ViT-S 1.2x faster; ViT-S,
+T2T-ViT-14, CvT-13 and CrossViT-Ti within the machine's noise (0.9-1.06x). A process that has already
+freed a large block (one ``fastvit bench`` run) has adapted glibc's threshold and sees less of this.
 
 ``tune_cpu_allocator()`` raises both thresholds with ``mallopt`` so freed blocks are kept and reused.
 The cost: the process keeps its peak heap instead of returning it to the system. It changes the whole
