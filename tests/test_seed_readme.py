@@ -26,13 +26,30 @@ EDITS = [
 ]
 
 
+def code_blocks(text: str) -> list:
+    """The Python blocks of a markdown text: fences tagged ``python``, and untagged fences holding
+    Python (the README's MobileViT example has no tag). bash / bibtex blocks are skipped."""
+    blocks, info, lines = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if info is None:
+                info, lines = line[3:].strip(), []
+            else:
+                body = "\n".join(lines) + "\n"
+                if info == "python" or (info == "" and re.search(r"^\s*(import|from)\s", body, flags=re.M)):
+                    blocks.append(body)
+                info = None
+        elif info is not None:
+            lines.append(line)
+    return blocks
+
+
 def sections() -> list:
     """(section title, [python blocks]) in README order."""
     out = []
-    title = None
     for part in re.split(r"^## ", README.read_text(), flags=re.M)[1:]:
         title = part.splitlines()[0].strip()
-        blocks = re.findall(r"```python\n(.*?)```", part, flags=re.S)
+        blocks = code_blocks(part)
         if blocks:
             out.append((title, blocks))
     return out
@@ -61,8 +78,13 @@ def missing_modules(code: str) -> list:
 
 def test_the_readme_has_the_expected_examples():
     titles = [t for t, _ in SECTIONS]
-    for t in ("Usage", "Distillation", "Deep ViT", "CaiT", "CCT", "LeViT", "Accessing Attention"):
+    for t in ("Usage", "Distillation", "Deep ViT", "CaiT", "CCT", "LeViT", "Accessing Attention", "MobileViT"):
         assert t in titles
+    # Every block that imports vit_pytorch is collected, tagged or not.
+    imports = len(re.findall(r"^from vit_pytorch|^import vit_pytorch", README.read_text(), flags=re.M))
+    collected = sum(len(re.findall(r"^from vit_pytorch|^import vit_pytorch", "".join(b), flags=re.M))
+                    for _, b in SECTIONS)
+    assert collected == imports
 
 
 @pytest.mark.parametrize("title,blocks", SECTIONS, ids=[t for t, _ in SECTIONS])
