@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
@@ -15,12 +15,14 @@ class FeedForward(nn.Module):
     """vit-pytorch's pre-norm MLP: ``LayerNorm -> Linear -> GELU -> Dropout -> Linear -> Dropout``.
 
     Keys ``net.0`` (norm), ``net.1``, ``net.4`` match vit-pytorch >= 1.4. With ``dropout=None`` the
-    dropout layers are left out (SimpleViT: keys ``net.0/1/3``).
+    dropout layers are left out (SimpleViT: keys ``net.0/1/3``). ``activation`` builds the nonlinearity
+    (MobileViT: ``nn.SiLU``); the exact GELU is fused into the first GEMM where possible.
     """
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: Optional[float] = 0.0, norm: bool = True):
+    def __init__(self, dim: int, hidden_dim: int, dropout: Optional[float] = 0.0, norm: bool = True,
+                 activation: Callable[[], nn.Module] = nn.GELU):
         super().__init__()
-        layers = [nn.LayerNorm(dim) if norm else nn.Identity(), Linear(dim, hidden_dim), nn.GELU()]
+        layers = [nn.LayerNorm(dim) if norm else nn.Identity(), Linear(dim, hidden_dim), activation()]
         if dropout is not None:
             layers.append(nn.Dropout(dropout))
         layers.append(Linear(hidden_dim, dim))

@@ -31,7 +31,9 @@ class ModelEntry:
         """``(c, h, w)`` of an input for the model built with ``overrides`` (tests use test_overrides)."""
         kwargs = {**self.kwargs, **overrides}
         size = kwargs.get("image_size", kwargs.get("img_size"))
-        channels = kwargs.get("channels", kwargs.get("n_input_channels", self.input_size[0]))
+        channels = kwargs.get("in_channels", kwargs.get("channels", kwargs.get("n_input_channels", self.input_size[0])))
+        if not isinstance(channels, int):  # MobileViT's ``channels`` lists its conv widths
+            channels = self.input_size[0]
         if size is None:
             return self.input_size
         h, w = size if isinstance(size, (tuple, list)) else (size, size)
