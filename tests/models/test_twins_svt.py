@@ -1,0 +1,115 @@
+"""TwinsSVT: vit-pytorch parity, windowed (LSA) and sub-sampled (GSA) attention, sizes, bad input, Recorder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from fastvit import Recorder
+from fastvit.attention import use_backend
+from fastvit.twins_svt import LocalAttention, TwinsSVT
+
+vit_pytorch = pytest.importorskip("vit_pytorch",
+                                  reason="vit-pytorch is not installed (pip install fastvit[dev])")
+from vit_pytorch.twins_svt import LocalAttention as RefLocalAttention  # noqa: E402
+from vit_pytorch.twins_svt import TwinsSVT as RefTwinsSVT  # noqa: E402
+
+SMALL = dict(num_classes=10,
+             s1_emb_dim=16, s1_patch_size=4, s1_local_patch_size=2, s1_global_k=2, s1_depth=1,
+             s2_emb_dim=24, s2_patch_size=2, s2_local_patch_size=2, s2_global_k=2, s2_depth=2,
+             s3_emb_dim=32, s3_patch_size=2, s3_local_patch_size=2, s3_global_k=2, s3_depth=1,
+             s4_emb_dim=32, s4_patch_size=2, s4_local_patch_size=2, s4_global_k=1, s4_depth=1)
+
+
+def pair_of_models(**kwargs):
+    torch.manual_seed(0)
+    ref = RefTwinsSVT(**kwargs).eval()
+    with torch.no_grad():  # the channel LayerNorms start at g=1, b=0: give them values
+        for name, p in ref.named_parameters():
+            if name.endswith((".g", ".b")):
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(".g") else 0.0))
+    fast = TwinsSVT(**kwargs).eval()
+    fast.load_vit_pytorch_state_dict(ref.state_dict())
+    return fast, ref
+
+
+@pytest.mark.parametrize("overrides,size", [
+    ({}, (64, 64)),
+    ({}, (64, 128)),  # non-square: more windows along one side
+    ({"s1_local_patch_size": 4, "s2_global_k": 4, "peg_kernel_size": 5}, (64, 64)),
+], ids=["small", "non-square", "windows-4"])
+def test_matches_vit_pytorch(overrides, size):
+    kwargs = {**SMALL, **overrides}
+    fast, ref = pair_of_models(**kwargs)
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"twins {overrides} {size}")
+
+
+def test_seed_readme_example_matches_vit_pytorch():
+    fast, ref = pair_of_models(num_classes=1000)  # the README passes vit-pytorch's defaults explicitly
+    img = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        out = fast(img)
+        assert out.shape == (1, 1000)
+        assert_close(out, ref(img), atol=1e-5, rtol=1e-5, what="seed README TwinsSVT")
+
+
+def test_local_attention_never_mixes_windows():
+    torch.manual_seed(0)
+    attn = LocalAttention(8, heads=2, dim_head=4, patch_size=2).eval()
+    ref = RefLocalAttention(8, heads=2, dim_head=4, patch_size=2).eval()
+    ref.load_state_dict(attn.state_dict())
+    x = torch.randn(1, 8, 4, 4)
+    y = x.clone()
+    y[..., :2, :2] += torch.randn(1, 8, 2, 2)  # change only the top-left window (not by a per-pixel constant,
+    # which the channel LayerNorm would remove)
+    with torch.no_grad():
+        out_x, out_y = attn(x), attn(y)
+        assert_close(out_x, ref(x), atol=1e-5, rtol=1e-5, what="LSA vs vit-pytorch")
+    changed = (out_x - out_y).abs().amax(dim=1) > 1e-6  # (1, 4, 4)
+    assert changed[0, :2, :2].all() and not changed[0, 2:].any() and not changed[0, :2, 2:].any()
+
+
+def test_channels_and_training_gradients():
+    model = TwinsSVT(**SMALL, channels=1, dropout=0.1)
+    out = model(torch.randn(2, 1, 64, 64))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.randn(2, 3, 64, 64))
+
+
+@pytest.mark.parametrize("size,match", [
+    ((62, 64), "stage 1 embeds 4x4 patches"),
+    ((48, 48), "does not divide into 2x2 local-attention windows"),  # stage-2 map 6x6 -> stage-3 3x3
+])
+def test_sizes_that_do_not_fit_raise(size, match):
+    model = TwinsSVT(**SMALL).eval()
+    with pytest.raises(ValueError, match=match):
+        model(torch.randn(1, 3, *size))
+
+
+def test_gsa_kernel_larger_than_the_map_raises():
+    model = TwinsSVT(**{**SMALL, "s4_global_k": 3}).eval()
+    with pytest.raises(ValueError, match="smaller than its 3x3 global-attention"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_same_logits_with_sdpa_and_the_reference():
+    model = TwinsSVT(**SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), use_backend("reference"):
+        ref = model(x)
+    with torch.no_grad(), use_backend("sdpa"):
+        assert_close(model(x), ref, atol=1e-5, rtol=1e-5, what="twins sdpa")
+
+
+def test_recorder_sees_window_and_subsampled_maps():
+    model = TwinsSVT(**SMALL).eval()
+    _, attns = Recorder(model)(torch.randn(1, 3, 64, 64))
+    shapes = [tuple(a.shape) for a in attns]
+    # stage 1: 16x16 map in 2x2 windows -> (64 windows, 8 heads, 4, 4); GSA k=2 -> (1, 8, 256, 64).
+    assert shapes[0] == (64, 8, 4, 4) and shapes[1] == (1, 8, 256, 64)
+    assert shapes[-1] == (1, 8, 4, 4)  # stage 4: 2x2 map, GSA only with k=1
