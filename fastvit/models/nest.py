@@ -1,0 +1,181 @@
+"""NesT: "Nested Hierarchical Transformer: Towards Accurate, Data-Efficient and Interpretable Visual
+Understanding" (Zhang et al., arXiv 2105.12723).
+
+Patches are embedded into a feature map ``(b, c, h, w)``; hierarchy level ``l`` (from
+``num_hierarchies - 1`` down to 0) cuts the map into ``2^l x 2^l`` blocks and runs a transformer
+inside every block (attention among the tokens of one block only: a batch of ``b * 4^l`` sequences of
+the same length at every level), then aggregates (3x3 conv, channel LayerNorm, 3x3 stride-2 max
+pool), so the next level has 4x fewer blocks of the same size and twice the width and heads.
+Head: channel LayerNorm, global average pool, Linear.
+
+vit-pytorch 1.26.x layout and numerics: ``to_patch_embedding`` (flatten ``(p1 p2 c)``, channel
+LayerNorm, 1x1 conv, channel LayerNorm), ``layers.{level}.0`` a transformer with a position
+embedding ``pos_emb`` of one scalar per block position (shared by all channels), pre-norm
+attention with 1x1-conv projections (``norm``, ``to_qkv`` without bias, ``to_out.0``, heads of width
+``dim // heads``), conv MLPs, ``layers.{level}.1`` the aggregation, ``mlp_head.{0,2}``.
+
+Deliberate differences from vit-pytorch:
+
+- Inputs smaller than ``image_size`` take the position embeddings of the top-left crop of the
+  block's 2-D position grid; vit-pytorch slices the flat vector, which gives a token of row ``r`` the
+  position of flat index ``r * w' + c``. ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
+- ``image_size`` and ``patch_size`` may be ``(h, w)`` pairs.
+- Sizes are checked up front (divisible by the patch, the feature map by ``2^(num_hierarchies-1)``,
+  at most ``image_size``) with ``ValueError``s; vit-pytorch asserts or fails inside a rearrange.
+- ``dim_head`` is accepted and unused, as in vit-pytorch (heads are ``dim // heads`` wide).
+- The channel LayerNorm uses two means (CvT's ``ChanLayerNorm``) instead of ``torch.var``: rounding
+  differences only (~1e-6 in fp32).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from einops.layers.torch import Rearrange, Reduce
+from torch import Tensor, nn
+
+from fastvit.layers import AttentionBase, Linear, check_image, crop_positions, pair
+
+from .base import VisionModel
+from .cvt import ChanLayerNorm, FeedForward
+from .registry import register_model
+
+__all__ = ["NesT", "Attention", "Transformer", "Aggregate"]
+
+
+class Attention(AttentionBase):
+    """Self-attention over the ``h*w`` tokens of a (block) map. Keys ``norm``, ``to_qkv``, ``to_out.0``."""
+
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.0):
+        super().__init__(attn_dropout=dropout)
+        dim_head = dim // heads
+        inner_dim = dim_head * heads
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.norm = ChanLayerNorm(dim)
+        self.to_qkv = nn.Conv2d(dim, inner_dim * 3, 1, bias=False)
+        self.to_out = nn.Sequential(nn.Conv2d(inner_dim, dim, 1), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        width = x.shape[-1]
+        q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=self.heads)
+                   for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))
+        out = self.attend(q, k, v, scale=self.scale)
+        return self.to_out(rearrange(out, "b h (x y) d -> b (h d) x y", y=width))
+
+
+def Aggregate(dim: int, dim_out: int) -> nn.Sequential:  # noqa: N802 - vit-pytorch's name
+    """3x3 conv -> channel LayerNorm -> 3x3 stride-2 max pool (halves the map). Keys ``0``, ``1``."""
+    return nn.Sequential(nn.Conv2d(dim, dim_out, 3, padding=1), ChanLayerNorm(dim_out),
+                         nn.MaxPool2d(3, stride=2, padding=1))
+
+
+class Transformer(nn.Module):
+    """Position embedding (one scalar per block position), then ``depth`` x (attention + MLP), residual.
+
+    Args:
+        grid: the ``(h, w)`` block grid ``pos_emb`` is laid out for (``seq_len = h * w``).
+        legacy_pos_slicing: smaller blocks slice the flat ``pos_emb`` (vit-pytorch) instead of cropping it.
+    """
+
+    def __init__(self, dim: int, grid: tuple, depth: int, heads: int, mlp_mult: int, dropout: float = 0.0,
+                 legacy_pos_slicing: bool = False):
+        super().__init__()
+        self.grid = tuple(grid)
+        self.legacy_pos_slicing = legacy_pos_slicing
+        self.pos_emb = nn.Parameter(torch.randn(self.grid[0] * self.grid[1]))
+        self.layers = nn.ModuleList([
+            nn.ModuleList([Attention(dim, heads=heads, dropout=dropout), FeedForward(dim, mlp_mult, dropout=dropout)])
+            for _ in range(depth)
+        ])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        pos = crop_positions(self.pos_emb[:, None], self.grid, h, w, num_prefix=0, legacy=self.legacy_pos_slicing)
+        x = x + pos.view(1, 1, h, w)
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
+class NesT(VisionModel):
+    """NesT with vit-pytorch's constructor (``vit_pytorch.nest.NesT``).
+
+    Args:
+        image_size: int or (h, w), the largest input. patch_size: int or (ph, pw).
+        num_classes: classifier width. dim: width of the first level (doubles per level).
+        heads: heads of the first level (double per level). num_hierarchies: levels.
+        block_repeats: transformer blocks per level, from the bottom (an int for all levels).
+        mlp_mult: MLP expansion. channels: input channels. dim_head: unused (vit-pytorch's signature).
+        dropout: attention / MLP dropout. legacy_pos_slicing: vit-pytorch's position slicing for smaller inputs.
+    """
+
+    def __init__(self, *, image_size, patch_size, num_classes, dim, heads, num_hierarchies, block_repeats,
+                 mlp_mult=4, channels=3, dim_head=64, dropout=0.0, legacy_pos_slicing=False):
+        super().__init__()
+        self.image_size, self.patch_size = pair(image_size), pair(patch_size)
+        (ih, iw), (ph, pw) = self.image_size, self.patch_size
+        if ih % ph or iw % pw:
+            raise ValueError(f"image size {self.image_size} must be divisible by the patch size {self.patch_size}")
+        if num_hierarchies < 1:
+            raise ValueError(f"num_hierarchies must be at least 1, got {num_hierarchies}")
+        blocks = 2 ** (num_hierarchies - 1)
+        fh, fw = ih // ph, iw // pw
+        if fh % blocks or fw % blocks:
+            raise ValueError(f"the {fh}x{fw} patch grid must divide into {blocks}x{blocks} blocks "
+                             f"(num_hierarchies={num_hierarchies})")
+        block_repeats = block_repeats if isinstance(block_repeats, tuple) else (block_repeats,) * num_hierarchies
+        if len(block_repeats) != num_hierarchies:
+            raise ValueError(f"block_repeats must have one entry per hierarchy ({num_hierarchies}), "
+                             f"got {block_repeats}")
+        self.channels = channels
+        self.num_classes = num_classes
+        self.num_hierarchies = num_hierarchies
+        grid = (fh // blocks, fw // blocks)  # tokens per block side, the same at every level
+
+        mults = [2 ** i for i in range(num_hierarchies)]
+        layer_dims = [m * dim for m in mults]
+        last_dim = layer_dims[-1]
+        self.to_patch_embedding = nn.Sequential(
+            Rearrange("b c (h p1) (w p2) -> b (p1 p2 c) h w", p1=ph, p2=pw),
+            ChanLayerNorm(channels * ph * pw),
+            nn.Conv2d(channels * ph * pw, layer_dims[0], 1),
+            ChanLayerNorm(layer_dims[0]),
+        )
+        self.layers = nn.ModuleList()
+        for i, (mult, depth) in enumerate(zip(mults, block_repeats)):
+            is_last = i == num_hierarchies - 1
+            dim_in, dim_out = layer_dims[i], layer_dims[min(i + 1, num_hierarchies - 1)]
+            self.layers.append(nn.ModuleList([
+                Transformer(dim_in, grid, depth, mult * heads, mlp_mult, dropout, legacy_pos_slicing),
+                nn.Identity() if is_last else Aggregate(dim_in, dim_out),
+            ]))
+        self.mlp_head = nn.Sequential(ChanLayerNorm(last_dim), Reduce("b c h w -> b c", "mean"),
+                                      Linear(last_dim, num_classes))
+
+    def forward_features(self, img: Tensor) -> Tensor:
+        """The top level's feature map ``(b, dim * 2^(L-1), h', w')`` before the head."""
+        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
+        x = self.to_patch_embedding(img)
+        blocks = 2 ** (self.num_hierarchies - 1)
+        if x.shape[-2] % blocks or x.shape[-1] % blocks:
+            raise ValueError(f"image size {tuple(img.shape[-2:])}: its {x.shape[-2]}x{x.shape[-1]} patch grid "
+                             f"does not divide into {blocks}x{blocks} blocks")
+        for level, (transformer, aggregate) in zip(reversed(range(self.num_hierarchies)), self.layers):
+            s = 2 ** level  # blocks per side at this level
+            x = rearrange(x, "b c (b1 h) (b2 w) -> (b b1 b2) c h w", b1=s, b2=s)
+            x = transformer(x)
+            x = rearrange(x, "(b b1 b2) c h w -> b c (b1 h) (b2 w)", b1=s, b2=s)
+            x = aggregate(x)
+        return x
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.mlp_head(x)
+
+
+_SMALL = dict(image_size=32, patch_size=4, num_classes=10, dim=16, heads=2, num_hierarchies=3, block_repeats=(2, 1, 1))
+
+# The seed README's "NesT-T" example (224 px, 4x4 patches, three levels, 8/4/1 blocks from the bottom).
+register_model("nest_tiny_224", NesT, vit_pytorch="vit_pytorch.nest:NesT", test_overrides=_SMALL, image_size=224,
+               patch_size=4, num_classes=1000, dim=96, heads=3, num_hierarchies=3, block_repeats=(8, 4, 1))
