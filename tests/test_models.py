@@ -86,8 +86,8 @@ def test_vit_pytorch_parity(name):
     entry = get_model_entry(name)
     torch.manual_seed(0)
     reference = entry.build_vit_pytorch(**entry.test_overrides).eval()
-    _, model = build(name, seed=1)  # different init: the weights must come from the checkpoint
-    model.eval()
+    torch.manual_seed(1)  # different init: the weights must come from the checkpoint
+    model = entry.build(**entry.test_overrides, **entry.vit_pytorch_compat).eval()
     model.load_vit_pytorch_state_dict(reference.state_dict())
     x = example(entry)
     with torch.no_grad():

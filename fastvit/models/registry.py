@@ -26,6 +26,9 @@ class ModelEntry:
     input_size: tuple = (3, 224, 224)
     description: str = ""
     test_input_size: Optional[tuple] = None
+    # fastvit arguments that restore vit-pytorch's behaviour where a deliberate fix changes outputs
+    # (the parity test builds the fastvit side with them).
+    vit_pytorch_compat: dict = field(default_factory=dict)
 
     def input_size_for(self, overrides: dict) -> tuple:
         """``(c, h, w)`` of an input for the model built with ``overrides`` (tests use test_overrides)."""
@@ -60,7 +63,8 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pytorch: Optional[str] = None,
                    test_overrides: Optional[dict] = None, input_size: tuple = (3, 224, 224),
-                   test_input_size: Optional[tuple] = None, description: str = "", **kwargs) -> ModelEntry:
+                   test_input_size: Optional[tuple] = None, description: str = "",
+                   vit_pytorch_compat: Optional[dict] = None, **kwargs) -> ModelEntry:
     """Register a preset. ``kwargs`` are the constructor arguments of the preset.
 
     Args:
@@ -72,11 +76,14 @@ def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pyto
         test_input_size: ``(c, h, w)`` of the input for ``test_overrides`` (derived from its
             ``image_size`` / ``img_size`` when not given).
         description: one line for listings.
+        vit_pytorch_compat: fastvit arguments that reproduce vit-pytorch's outputs where a documented
+            bug fix changes them (e.g. ``{"legacy_dpb_offsets": True}``).
     """
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     entry = ModelEntry(name, constructor, dict(kwargs), vit_pytorch, dict(test_overrides or {}),
-                       tuple(input_size), description, tuple(test_input_size) if test_input_size else None)
+                       tuple(input_size), description, tuple(test_input_size) if test_input_size else None,
+                       dict(vit_pytorch_compat or {}))
     _REGISTRY[name] = entry
     return entry
 
