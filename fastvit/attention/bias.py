@@ -29,6 +29,9 @@ _INDEX_RANGE_CACHE: dict = {}
 
 
 def _index_range(index: Tensor) -> tuple[int, int]:
+    if index.is_inference():  # no version counter to validate a cached entry with
+        lo, hi = (int(v) for v in torch.aminmax(index))
+        return lo, hi
     key = id(index)
     cached = _INDEX_RANGE_CACHE.get(key)
     if cached is not None and cached[0]() is index and cached[1] == index._version:
