@@ -10,9 +10,11 @@ __version__ = "0.1.0"
 
 from .attention import DenseBias, KeyPaddingMask, RelPosBias, attend, set_backend, use_backend
 from .models import Recorder, SimpleViT, ViT, create_model, list_models, register_model
+from .ssl.dino import Dino
+from .ssl.mae import MAE
 
 __all__ = [
-    "__version__", "ViT", "SimpleViT", "Recorder",
+    "__version__", "ViT", "SimpleViT", "Recorder", "MAE", "Dino",
     "create_model", "list_models", "register_model",
     "attend", "use_backend", "set_backend", "RelPosBias", "DenseBias", "KeyPaddingMask",
 ]

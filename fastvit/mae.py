@@ -1,0 +1,5 @@
+"""vit-pytorch module path ``vit_pytorch.mae``."""
+
+from fastvit.ssl.mae import MAE
+
+__all__ = ["MAE"]
