@@ -1,8 +1,9 @@
-"""Assertions that say where they fail."""
+"""Assertions that say where they fail, and the weight set-ups the parity tests share."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float, what: str = "") -> None:
@@ -22,3 +23,35 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
             f"{e[idx].item():.6g}); {bad.float().mean().item():.2%} of {err.numel()} elements exceed "
             f"atol={atol:g} rtol={rtol:g}"
         )
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 1, gamma_mean: float = 1.0, gamma_std: float = 0.5) -> None:
+    """Fresh BatchNorms are the identity in eval (and LeViT's output BNs start at gamma = 0): give every
+    BatchNorm2d random affine parameters and running statistics, so parity tests exercise them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * gamma_std + gamma_mean)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def randomize_channel_norms(model: nn.Module, scale: float = 0.2) -> None:
+    """vit-pytorch's channel LayerNorms (parameters ``g``, ``b``) start at 1 and 0: move them away."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".g", ".b")):
+                p.copy_(torch.randn_like(p) * scale + (1.0 if name.endswith(".g") else 0.0))
+
+
+def losses_with_backward(fast: nn.Module, ref: nn.Module, img: torch.Tensor, seed: int = 1) -> tuple:
+    """Both training losses under the same seed, each backpropagated: ``(fast_loss, ref_loss)``."""
+    torch.manual_seed(seed)
+    ref_loss = ref(img)
+    ref_loss.backward()
+    torch.manual_seed(seed)
+    fast_loss = fast(img)
+    fast_loss.backward()
+    return fast_loss, ref_loss

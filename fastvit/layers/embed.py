@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from .linear import Linear
 
-__all__ = ["pair", "PatchEmbed", "check_image", "posemb_sincos_2d", "patch_grid", "crop_positions"]
+__all__ = ["pair", "cast_tuple", "PatchEmbed", "check_image", "posemb_sincos_2d", "patch_grid", "crop_positions"]
 
 IntOrPair = Union[int, tuple]
 
@@ -22,6 +22,14 @@ def pair(x: IntOrPair) -> tuple[int, int]:
             raise ValueError(f"expected an int or an (h, w) pair, got {x!r}")
         return int(x[0]), int(x[1])
     return int(x), int(x)
+
+
+def cast_tuple(value, length: int, name: str) -> tuple:
+    """A per-stage setting: a tuple of ``length`` as given, or one value repeated; else a ValueError."""
+    out = value if isinstance(value, tuple) else (value,) * length
+    if len(out) != length:
+        raise ValueError(f"{name} must be a single value or a tuple of length {length}, got {value!r}")
+    return out
 
 
 def patch_grid(image_size: IntOrPair, patch_size: IntOrPair) -> tuple[int, int]:

@@ -40,7 +40,7 @@ from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
 from fastvit.attention import DenseBias
-from fastvit.layers import AttentionBase, Linear, check_image
+from fastvit.layers import AttentionBase, Linear, cast_tuple, check_image
 
 from .base import VisionModel
 from .cvt import ChanLayerNorm
@@ -49,13 +49,6 @@ from .registry import register_model
 __all__ = ["CrossFormer", "CrossEmbedLayer", "DynamicPositionBias", "Attention", "Transformer", "FeedForward"]
 
 _ANY_SIZE = (1 << 30, 1 << 30)
-
-
-def _tuple(value, length: int, name: str) -> tuple:
-    out = value if isinstance(value, tuple) else (value,) * length
-    if len(out) != length:
-        raise ValueError(f"{name} must be a value or a tuple of {length}, got {value!r}")
-    return out
 
 
 class CrossEmbedLayer(nn.Module):
@@ -196,12 +189,12 @@ class CrossFormer(VisionModel):
                  cross_embed_strides=(4, 2, 2, 2), num_classes=1000, attn_dropout=0.0, ff_dropout=0.0, channels=3,
                  legacy_dpb_offsets=False):
         super().__init__()
-        dim = _tuple(dim, 4, "dim")
-        depth = _tuple(depth, 4, "depth")
-        global_window_size = _tuple(global_window_size, 4, "global_window_size")
-        local_window_size = _tuple(local_window_size, 4, "local_window_size")
-        cross_embed_kernel_sizes = _tuple(cross_embed_kernel_sizes, 4, "cross_embed_kernel_sizes")
-        cross_embed_strides = _tuple(cross_embed_strides, 4, "cross_embed_strides")
+        dim = cast_tuple(dim, 4, "dim")
+        depth = cast_tuple(depth, 4, "depth")
+        global_window_size = cast_tuple(global_window_size, 4, "global_window_size")
+        local_window_size = cast_tuple(local_window_size, 4, "local_window_size")
+        cross_embed_kernel_sizes = cast_tuple(cross_embed_kernel_sizes, 4, "cross_embed_kernel_sizes")
+        cross_embed_strides = cast_tuple(cross_embed_strides, 4, "cross_embed_strides")
         self.channels = channels
         self.num_classes = num_classes
         self.windows = list(zip(local_window_size, global_window_size))

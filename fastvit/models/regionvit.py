@@ -38,7 +38,7 @@ from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
 from fastvit.attention import RelPosBias
-from fastvit.layers import AttentionBase, Linear, check_image, merge_heads, split_heads
+from fastvit.layers import AttentionBase, Linear, cast_tuple, check_image, merge_heads, split_heads
 
 from .base import VisionModel
 from .cvt import ChanLayerNorm
@@ -47,13 +47,6 @@ from .registry import register_model
 __all__ = ["RegionViT", "R2LTransformer", "Attention", "Downsample", "PEG", "FeedForward"]
 
 _ANY_SIZE = (1 << 30, 1 << 30)
-
-
-def _tuple(value, length: int, name: str) -> tuple:
-    out = value if isinstance(value, tuple) else (value,) * length
-    if len(out) != length:
-        raise ValueError(f"{name} must be a single value or a tuple of length {length}, got {value!r}")
-    return out
 
 
 class Downsample(nn.Module):
@@ -177,8 +170,8 @@ class RegionViT(VisionModel):
                  tokenize_local_3_conv=False, local_patch_size=4, use_peg=False, attn_dropout=0.0, ff_dropout=0.0,
                  channels=3):
         super().__init__()
-        dim = _tuple(dim, 4, "dim")
-        depth = _tuple(depth, 4, "depth")
+        dim = cast_tuple(dim, 4, "dim")
+        depth = cast_tuple(depth, 4, "depth")
         self.channels = channels
         self.num_classes = num_classes
         self.window_size = window_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, randomize_channel_norms
 
 from fastvit import Recorder
 from fastvit.crossformer import Attention, CrossFormer
@@ -22,10 +22,7 @@ SMALL = dict(dim=(32, 32, 64, 64), depth=(1, 2, 1, 1), global_window_size=(2, 2,
 def pair_of_models(legacy=True, **kwargs):
     torch.manual_seed(0)
     ref = RefCrossFormer(**kwargs).eval()
-    with torch.no_grad():  # the channel LayerNorms start at g=1, b=0: give them values
-        for name, p in ref.named_parameters():
-            if name.endswith((".g", ".b")):
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(".g") else 0.0))
+    randomize_channel_norms(ref)  # they start at g=1, b=0
     fast = CrossFormer(**kwargs, legacy_dpb_offsets=legacy).eval()
     fast.load_vit_pytorch_state_dict(ref.state_dict())
     return fast, ref
@@ -112,7 +109,7 @@ def test_cross_embed_kernels_that_disagree_on_a_size_raise():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="dim must be a value or a tuple of 4"):
+    with pytest.raises(ValueError, match="dim must be a single value or a tuple of length 4"):
         CrossFormer(**{**SMALL, "dim": (32, 32, 64)})
     with pytest.raises(ValueError, match="attn_type"):
         Attention(16, "medium", 2)

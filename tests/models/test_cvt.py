@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
-from torch import nn
+from helpers import assert_close, randomize_batchnorms
 
 from fastvit import Recorder
 from fastvit.cvt import ChanLayerNorm, CvT
@@ -18,18 +17,6 @@ from vit_pytorch.cvt import LayerNorm as RefChanLayerNorm  # noqa: E402
 # The seed README config (s3_heads=4), shrunk in width and depth.
 SMALL = dict(num_classes=10, s1_emb_dim=16, s1_heads=1, s1_depth=1, s1_mlp_mult=2, s2_emb_dim=24, s2_heads=2,
              s2_depth=2, s2_mlp_mult=2, s3_emb_dim=32, s3_heads=4, s3_depth=1, s3_mlp_mult=2)
-
-
-def randomize_batchnorms(model: nn.Module, seed: int = 1) -> None:
-    """Fresh BatchNorms are the identity in eval; give them random state so parity covers them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5 + 1)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def pair_of_models(**kwargs):

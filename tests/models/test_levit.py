@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
-from torch import nn
+from helpers import assert_close, randomize_batchnorms
 
 from fastvit import Recorder
 from fastvit.attention import RelPosBias, attend
@@ -22,23 +21,10 @@ SMALL = dict(image_size=64, num_classes=10, stages=3, dim=(32, 48, 64), depth=2,
              dim_key=16, dim_value=32, dropout=0.1)
 
 
-def randomize_batchnorms(model: nn.Module, seed: int = 1) -> None:
-    """LeViT's output BNs start with gamma = 0 (attention is a no-op); give every BN random state so
-    parity tests exercise the attention, its bias and the running statistics."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-
-
 def pair_of_models(ref_kwargs=None, **kwargs):
     torch.manual_seed(0)
     ref = RefLeViT(**(ref_kwargs or kwargs)).eval()
-    randomize_batchnorms(ref)
+    randomize_batchnorms(ref, gamma_mean=0.0, gamma_std=1.0)
     fast = LeViT(**kwargs).eval()
     fast.load_vit_pytorch_state_dict(ref.state_dict())
     return fast, ref
@@ -115,7 +101,7 @@ def test_attention_adds_the_table_divided_by_the_scale():
     with its 1x1 convs run as convs on the map (fastvit runs them as Linears on tokens)."""
     torch.manual_seed(0)
     attn = Attention(8, fmap_size=(3, 4), heads=2, dim_key=4, dim_value=6, downsample=True).eval()
-    randomize_batchnorms(attn)
+    randomize_batchnorms(attn, gamma_mean=0.0, gamma_std=1.0)
     x = torch.randn(2, 8, 3, 4)  # (b, c, h, w)
     tokens = x.flatten(2).transpose(1, 2)  # (b, 12, c)
     with torch.no_grad():

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
-from torch import nn
+from helpers import assert_close, randomize_batchnorms
 
 from fastvit import Recorder
 from fastvit.mobile_vit import MobileViT
@@ -16,18 +15,6 @@ from vit_pytorch.mobile_vit import MobileViT as RefMobileViT  # noqa: E402
 
 SMALL = dict(image_size=(64, 64), dims=[16, 24, 32], channels=[8, 8, 16, 16, 16, 16, 24, 24, 32, 32, 64],
              num_classes=10, expansion=2, depths=(1, 2, 1))
-
-
-def randomize_batchnorms(model: nn.Module, seed: int = 1) -> None:
-    """Fresh BatchNorms are the identity in eval; give them random state so parity covers them."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5 + 1)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def pair_of_models(**kwargs):

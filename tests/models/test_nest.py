@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, randomize_channel_norms
 
 from fastvit import Recorder
 from fastvit.nest import NesT, Transformer
@@ -19,10 +19,7 @@ SMALL = dict(image_size=32, patch_size=4, num_classes=10, dim=16, heads=2, num_h
 def pair_of_models(**kwargs):
     torch.manual_seed(0)
     ref = RefNesT(**kwargs).eval()
-    with torch.no_grad():  # the channel LayerNorms start at g=1, b=0: give them values
-        for name, p in ref.named_parameters():
-            if name.endswith((".g", ".b")):
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(".g") else 0.0))
+    randomize_channel_norms(ref)  # they start at g=1, b=0
     fast = NesT(**kwargs).eval()
     fast.load_vit_pytorch_state_dict(ref.state_dict())
     return fast, ref

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, randomize_channel_norms
 
 from fastvit import Recorder
 from fastvit.regionvit import R2LTransformer, RegionViT
@@ -21,10 +21,7 @@ SMALL = dict(dim=(16, 16, 32, 32), depth=(1, 2, 1, 1), window_size=2, num_classe
 def pair_of_models(**kwargs):
     torch.manual_seed(0)
     ref = RefRegionViT(**kwargs).eval()
-    with torch.no_grad():  # channel LayerNorms start at g=1, b=0: give them values
-        for name, p in ref.named_parameters():
-            if name.endswith((".g", ".b")):
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith(".g") else 0.0))
+    randomize_channel_norms(ref)  # they start at g=1, b=0
     fast = RegionViT(**kwargs).eval()
     fast.load_vit_pytorch_state_dict(ref.state_dict())
     return fast, ref

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, losses_with_backward
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -35,16 +35,6 @@ def pair_of_wrappers(vit_kwargs: dict, mae_kwargs: dict):
         # fails on its own 2-D table. Give its encoder that layout so the reference runs as intended.
         ref.encoder.pos_embedding = nn.Parameter(ref.encoder.pos_embedding.detach()[None])  # (1, N + 1, dim)
     return fast, ref
-
-
-def losses_with_backward(fast, ref, img, seed=1):
-    torch.manual_seed(seed)
-    ref_loss = ref(img)
-    ref_loss.backward()
-    torch.manual_seed(seed)
-    fast_loss = fast(img)
-    fast_loss.backward()
-    return fast_loss, ref_loss
 
 
 def assert_grads_match(fast: nn.Module, ref: nn.Module, what: str) -> int:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, losses_with_backward
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -42,16 +42,6 @@ def pair_of_wrappers(vit_kwargs: dict, sim_kwargs: dict):
     # fails on its own 2-D table (either pooling). Give its encoder that layout so it runs as intended.
     ref.encoder.pos_embedding = legacy_3d_positions(ref.encoder.pos_embedding, ref.encoder.pool)
     return fast, ref
-
-
-def losses_with_backward(fast, ref, img, seed=1):
-    torch.manual_seed(seed)
-    ref_loss = ref(img)
-    ref_loss.backward()
-    torch.manual_seed(seed)
-    fast_loss = fast(img)
-    fast_loss.backward()
-    return fast_loss, ref_loss
 
 
 def assert_grads_match(fast: nn.Module, ref: nn.Module, pool: str, what: str) -> int:
