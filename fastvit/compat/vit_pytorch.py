@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["load_vit_pytorch_state_dict", "convert_vit_pytorch_state_dict"]
+__all__ = ["load_vit_pytorch_state_dict", "convert_vit_pytorch_state_dict", "convert_nested_state_dict"]
 
 
 def _fit_shape(value: torch.Tensor, target: torch.Size) -> torch.Tensor:
@@ -91,3 +91,21 @@ def load_vit_pytorch_state_dict(model: nn.Module, state_dict: Mapping, strict: b
         lines.append("  (was the fastvit model built with the same constructor arguments?)")
         raise ValueError("\n".join(lines))
     return model.load_state_dict(converted, strict=strict)
+
+
+def convert_nested_state_dict(state_dict: Mapping, submodels: Mapping[str, nn.Module]) -> dict:
+    """Convert the entries under each ``prefix`` with ``submodels[prefix]``'s vit-pytorch converter.
+
+    Wrappers (MPP, Dino) hold whole models under a prefix (``transformer.``, ``net.``); each model may
+    rename keys or reshape the 3-D/2-D CLS and position layouts, which this applies to its own slice.
+    """
+    out, inner = {}, {prefix: {} for prefix in submodels}
+    for key, value in state_dict.items():
+        prefix = next((p for p in submodels if key.startswith(p)), None)
+        if prefix is None:
+            out[key] = value
+        else:
+            inner[prefix][key[len(prefix):]] = value
+    for prefix, model in submodels.items():
+        out.update({prefix + key: value for key, value in convert_vit_pytorch_state_dict(model, inner[prefix]).items()})
+    return out

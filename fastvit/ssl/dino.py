@@ -52,10 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvit.compat.vit_pytorch import load_vit_pytorch_state_dict
+from fastvit.compat.vit_pytorch import convert_nested_state_dict, load_vit_pytorch_state_dict
 from fastvit.layers import Linear, pair
-
-from .mpp import convert_nested_state_dict
 
 __all__ = ["Dino", "NetWrapper", "MLP", "L2Norm", "RandomApply", "loss_fn"]
 

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvit.compat.vit_pytorch import convert_vit_pytorch_state_dict, load_vit_pytorch_state_dict
+from fastvit.compat.vit_pytorch import convert_nested_state_dict, load_vit_pytorch_state_dict
 from fastvit.layers import Linear, Transformer, check_image, pair
 
 __all__ = ["MAE", "MaskedImageModeling", "gather_tokens"]
@@ -175,16 +175,11 @@ class MaskedImageModeling(nn.Module):
         Raises:
             ValueError: naming the missing, unexpected and mis-shaped keys.
         """
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"expected a state_dict mapping, got {type(state_dict).__name__}")
-        for key in ("state_dict", "model"):
-            if key in state_dict and isinstance(state_dict[key], Mapping):
-                state_dict = state_dict[key]
-        prefix = "encoder."
-        encoder_part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        converted = {prefix + k: v for k, v in convert_vit_pytorch_state_dict(self.encoder, encoder_part).items()}
-        converted.update({k: v for k, v in state_dict.items() if not k.startswith(prefix)})
-        return load_vit_pytorch_state_dict(self, converted, strict=strict)
+        return load_vit_pytorch_state_dict(self, state_dict, strict=strict)
+
+    def _vit_pytorch_convert(self, state_dict: dict) -> dict:
+        """The converter hook of ``fastvit.compat``: the ``encoder.*`` part goes through the encoder's."""
+        return convert_nested_state_dict(state_dict, {"encoder.": self.encoder})
 
 
 class MAE(MaskedImageModeling):

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor, nn
 
-from fastvit.compat.vit_pytorch import convert_vit_pytorch_state_dict, load_vit_pytorch_state_dict
+from fastvit.compat.vit_pytorch import convert_nested_state_dict, load_vit_pytorch_state_dict
 from fastvit.layers import Linear, check_image, pair
 
 __all__ = ["MPP", "MPPLoss", "convert_nested_state_dict"]
@@ -74,24 +74,6 @@ def _cpu_bernoulli_mask(batch: int, seq_len: int, prob: float, device: torch.dev
     """
     mask = torch.zeros((batch, seq_len), dtype=torch.float32).uniform_(0, 1) < prob
     return mask.to(device, non_blocking=True)
-
-
-def convert_nested_state_dict(state_dict: Mapping, submodels: Mapping[str, nn.Module]) -> dict:
-    """Convert the entries under each ``prefix`` with ``submodels[prefix]``'s vit-pytorch converter.
-
-    Wrappers (MPP, Dino) hold whole models under a prefix (``transformer.``, ``net.``); each model may
-    rename keys or reshape the 3-D/2-D CLS and position layouts, which this applies to its own slice.
-    """
-    out, inner = {}, {prefix: {} for prefix in submodels}
-    for key, value in state_dict.items():
-        prefix = next((p for p in submodels if key.startswith(p)), None)
-        if prefix is None:
-            out[key] = value
-        else:
-            inner[prefix][key[len(prefix):]] = value
-    for prefix, model in submodels.items():
-        out.update({prefix + key: value for key, value in convert_vit_pytorch_state_dict(model, inner[prefix]).items()})
-    return out
 
 
 class MPPLoss(nn.Module):
