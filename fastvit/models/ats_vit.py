@@ -17,7 +17,8 @@ How it runs (vit-pytorch's results, without its per-image Python loop, ``torch.u
 - How far this can go on a CPU: vit-pytorch's and fastvit's work is then the same GEMMs bar those
   query rows, and those GEMMs are ~85-90% of both runs. fastvit's oneDNN GEMMs run at the machine's
   peak (~215 GFLOP/s fp32 on a 2-core Zen 4), 1.15-1.3x ``F.linear``'s, so the measured speed-up
-  (1.2-1.6x, ``benchmarks/ats_profile.py``) is bounded by about 1.75x at the seed configuration.
+  (1.2-1.66x, ``benchmarks/ats_profile.py``) is bounded by about 1.85x at the seed configuration
+  (batch 8: its GEMMs alone take ~370 ms, vit-pytorch's whole forward ~684 ms).
 - Sampling is vit-pytorch's Gumbel-max over ``log(score / sum + eps)``, vectorised over the batch:
   the sampled positions are scattered into a ``(b, n)`` keep mask and compacted in order with a
   cumulative sum (vit-pytorch: ``torch.unique`` per image, then ``pad_sequence``).
