@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from einops import rearrange
 from helpers import assert_close, randomize_channel_norms
 
 from fastvit import Recorder
 from fastvit.attention import use_backend
-from fastvit.twins_svt import LocalAttention, TwinsSVT
+from fastvit.twins_svt import GlobalAttention, LocalAttention, TwinsSVT
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -110,3 +111,20 @@ def test_recorder_sees_window_and_subsampled_maps():
     # stage 1: 16x16 map in 2x2 windows -> (64 windows, 8 heads, 4, 4); GSA k=2 -> (1, 8, 256, 64).
     assert shapes[0] == (64, 8, 4, 4) and shapes[1] == (1, 8, 256, 64)
     assert shapes[-1] == (1, 8, 4, 4)  # stage 4: 2x2 map, GSA only with k=1
+
+
+@pytest.mark.parametrize("size,k", [((8, 8), 2), ((7, 9), 3), ((14, 14), 7)])
+def test_gsa_keys_values_gemm_equals_the_strided_conv(size, k):
+    torch.manual_seed(0)
+    attn = GlobalAttention(8, heads=2, dim_head=4, k=k)
+    x = torch.randn(2, 8, *size, requires_grad=True)
+    k_fast, v_fast = attn.keys_values(x)
+    conv = attn.to_kv(x)  # the module's own conv: (b, 2*h*d, h', w'), remainders dropped
+    k_ref, v_ref = (rearrange(t, "b (h d) x y -> b h (x y) d", h=2) for t in conv.chunk(2, dim=1))
+    assert_close(k_fast, k_ref, atol=1e-5, rtol=1e-5, what="k")
+    assert_close(v_fast, v_ref, atol=1e-5, rtol=1e-5, what="v")
+    g = torch.randn_like(k_ref)
+    grads_fast = torch.autograd.grad((k_fast * g).sum() + v_fast.sum(), (x, attn.to_kv.weight))
+    grads_ref = torch.autograd.grad((k_ref * g).sum() + v_ref.sum(), (x, attn.to_kv.weight))
+    for a, e, name in zip(grads_fast, grads_ref, ("input", "weight")):
+        assert_close(a, e, atol=1e-4, rtol=1e-4, what=f"grad {name}")
