@@ -35,6 +35,7 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
+        "ssl": ["torchvision"],  # Dino's crops and default augmentation
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",

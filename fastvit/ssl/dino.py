@@ -62,7 +62,8 @@ def _transforms():
     try:
         from torchvision import transforms
     except ImportError as err:  # pragma: no cover - torchvision is a dev dependency
-        raise ImportError("Dino's crops and default augmentation need torchvision: pip install torchvision") from err
+        raise ImportError("Dino's crops and default augmentation need torchvision: "
+                          "pip install 'fastvit[ssl]' (or torchvision)") from err
     return transforms
 
 
