@@ -94,10 +94,11 @@ class Attention(AttentionBase):
         else:
             self.to_out = Linear(inner_dim, dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, bias=None) -> Tensor:
+        """``x (b, n, dim)``; ``bias``: attention bias descriptors for ``attend`` (RegionViT's relative positions)."""
         x = self.norm(x)
         b, n, _ = x.shape
         # (b, n, 3*h*d) -> three (b, h, n, d) views; heads are the outer factor as in vit-pytorch.
         q, k, v = self.to_qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = self.attend(q, k, v, scale=self.scale)
+        out = self.attend(q, k, v, scale=self.scale, bias=bias)
         return self.to_out(merge_heads(out))

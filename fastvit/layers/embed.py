@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from einops.layers.torch import Rearrange
@@ -40,19 +40,22 @@ def patch_grid(image_size: IntOrPair, patch_size: IntOrPair) -> tuple[int, int]:
     return ih // ph, iw // pw
 
 
-def check_image(img: Tensor, *, channels: int, max_size: IntOrPair, patch_size: IntOrPair = 1,
+def check_image(img: Tensor, *, channels: int, max_size: Optional[IntOrPair], patch_size: IntOrPair = 1,
                 allow_smaller: bool = True) -> None:
-    """Fail early and clearly on the wrong channel count, size or divisibility."""
+    """Fail early and clearly on the wrong channel count, size or divisibility (``max_size=None``: any size,
+    for fully convolutional models)."""
     if not isinstance(img, Tensor) or img.dim() != 4:
         shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
         raise ValueError(f"expected an image batch (b, c, h, w), got {shape}")
     _, c, h, w = img.shape
     if c != channels:
         raise ValueError(f"expected {channels} channels, got {c} (image shape {tuple(img.shape)})")
-    mh, mw = pair(max_size)
     ph, pw = pair(patch_size)
     if h % ph or w % pw:
         raise ValueError(f"image size {(h, w)} is not divisible by the patch size {(ph, pw)}")
+    if max_size is None:
+        return
+    mh, mw = pair(max_size)
     too_big = h > mh or w > mw
     if too_big or (not allow_smaller and (h, w) != (mh, mw)):
         want = f"at most {(mh, mw)}" if allow_smaller else f"exactly {(mh, mw)}"

@@ -48,8 +48,6 @@ from .registry import register_model
 
 __all__ = ["CrossFormer", "CrossEmbedLayer", "DynamicPositionBias", "Attention", "Transformer", "FeedForward"]
 
-_ANY_SIZE = (1 << 30, 1 << 30)
-
 
 class CrossEmbedLayer(nn.Module):
     """Convs of several kernel sizes and one stride, concatenated on channels (smallest kernel first;
@@ -222,7 +220,7 @@ class CrossFormer(VisionModel):
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The last stage's feature map ``(b, dim[-1], h/32, w/32)`` (default strides)."""
-        check_image(img, channels=self.channels, max_size=_ANY_SIZE)
+        check_image(img, channels=self.channels, max_size=None)
         self.check_size(*img.shape[-2:])
         x = img
         for cel, transformer in self.layers:

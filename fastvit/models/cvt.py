@@ -33,8 +33,6 @@ from .registry import register_model
 
 __all__ = ["CvT", "ChanLayerNorm", "DepthWiseConv2d", "Attention", "Transformer", "FeedForward"]
 
-_ANY_SIZE = (1 << 30, 1 << 30)
-
 
 class ChanLayerNorm(nn.Module):
     """LayerNorm over the channels of ``(b, c, h, w)``: ``(x - mean) / sqrt(var + eps) * g + b``.
@@ -193,7 +191,7 @@ class CvT(VisionModel):
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The last stage's feature map ``(b, s3_emb_dim, h', w')``."""
-        check_image(img, channels=self.channels, max_size=_ANY_SIZE)
+        check_image(img, channels=self.channels, max_size=None)
         return self.layers(img)
 
     def forward_head(self, x: Tensor) -> Tensor:

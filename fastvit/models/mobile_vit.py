@@ -42,8 +42,6 @@ from .registry import register_model
 
 __all__ = ["MobileViT", "MV2Block", "MobileViTBlock", "conv_1x1_bn", "conv_nxn_bn"]
 
-_ANY_SIZE = (1 << 30, 1 << 30)
-
 
 def conv_1x1_bn(inp: int, oup: int) -> nn.Sequential:
     """1x1 conv (no bias) -> BatchNorm -> SiLU."""
@@ -168,7 +166,7 @@ class MobileViT(VisionModel):
     def forward_features(self, img: Tensor) -> Tensor:
         """The feature map before the head, ``(b, channels[-2], h / 32, w / 32)``."""
         ph, pw = self.patch_size
-        check_image(img, channels=self.in_channels, max_size=_ANY_SIZE, patch_size=(32 * ph, 32 * pw))
+        check_image(img, channels=self.in_channels, max_size=None, patch_size=(32 * ph, 32 * pw))
         x = self.conv1(img)
         for block in self.stem:
             x = block(x)

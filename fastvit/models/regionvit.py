@@ -13,8 +13,8 @@ pools the region tokens.
 vit-pytorch 1.26.x layout and numerics: ``local_encoder`` (one 8x8 stride-4 conv, or three convs
 with channel LayerNorms when ``tokenize_local_3_conv``), ``region_encoder.1`` (a 1x1 conv on
 flattened regions), ``layers.{i}`` = (Downsample ``conv``, PEG ``proj``, R2LTransformer with
-``local_rel_pos_bias`` and ``layers.{j}.{0,1}``), attention keys ``norm``, ``to_qkv``, ``to_out.0`` (4
-heads of width 32), MLP keys ``0/1/4``, ``to_logits.{1,2}``.
+``local_rel_pos_bias`` and ``layers.{j}.{0,1}``), attention ``fastvit.layers.Attention`` (keys
+``norm``, ``to_qkv``, ``to_out.0``; 4 heads of width 32), MLP keys ``0/1/4``, ``to_logits.{1,2}``.
 
 Deliberate differences from vit-pytorch:
 
@@ -30,23 +30,19 @@ Deliberate differences from vit-pytorch:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
 from fastvit.attention import RelPosBias
-from fastvit.layers import AttentionBase, Linear, cast_tuple, check_image, merge_heads, split_heads
+from fastvit.layers import Attention, Linear, cast_tuple, check_image
 
 from .base import VisionModel
 from .cvt import ChanLayerNorm
 from .registry import register_model
 
 __all__ = ["RegionViT", "R2LTransformer", "Attention", "Downsample", "PEG", "FeedForward"]
-
-_ANY_SIZE = (1 << 30, 1 << 30)
 
 
 class Downsample(nn.Module):
@@ -75,24 +71,6 @@ def FeedForward(dim: int, mult: int = 4, dropout: float = 0.0) -> nn.Sequential:
     """``LayerNorm -> Linear -> GELU -> Dropout -> Linear`` on tokens. Keys ``0``, ``1``, ``4``."""
     return nn.Sequential(nn.LayerNorm(dim), Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout),
                          Linear(dim * mult, dim))
-
-
-class Attention(AttentionBase):
-    """Pre-norm self-attention on ``(b, n, dim)`` with an optional bias descriptor.
-    Keys ``norm``, ``to_qkv`` (no bias), ``to_out.0``."""
-
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32, dropout: float = 0.0):
-        super().__init__(attn_dropout=dropout)
-        inner_dim = dim_head * heads
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = Linear(dim, inner_dim * 3, bias=False)
-        self.to_out = nn.Sequential(Linear(inner_dim, dim), nn.Dropout(dropout))
-
-    def forward(self, x: Tensor, bias: Optional[RelPosBias] = None) -> Tensor:
-        q, k, v = (split_heads(t, self.heads) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))
-        return self.to_out(merge_heads(self.attend(q, k, v, scale=self.scale, bias=bias)))
 
 
 class R2LTransformer(nn.Module):
@@ -219,7 +197,7 @@ class RegionViT(VisionModel):
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The region tokens of the last stage, ``(b, dim[-1], h', w')``."""
-        check_image(img, channels=self.channels, max_size=_ANY_SIZE)
+        check_image(img, channels=self.channels, max_size=None)
         local_tokens = self.local_encoder(img)
         self.check_size(*img.shape[-2:], local_size=tuple(local_tokens.shape[-2:]))
         region_tokens = self.region_encoder(img)

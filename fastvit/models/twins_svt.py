@@ -47,7 +47,6 @@ from .registry import register_model
 
 __all__ = ["TwinsSVT", "LocalAttention", "GlobalAttention", "Transformer", "PatchEmbedding", "PEG", "Residual"]
 
-_ANY_SIZE = (1 << 30, 1 << 30)
 _STAGES = ("s1", "s2", "s3", "s4")
 
 
@@ -240,7 +239,7 @@ class TwinsSVT(VisionModel):
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The last stage's feature map ``(b, s4_emb_dim, h/32, w/32)`` (default patch sizes)."""
-        check_image(img, channels=self.channels, max_size=_ANY_SIZE)
+        check_image(img, channels=self.channels, max_size=None)
         self.check_size(*img.shape[-2:])
         return self.layers[:4](img)
 
