@@ -1,75 +1,153 @@
-"""Everything worth knowing from a lent CUDA machine, in one run and one JSON file.
+"""Everything worth knowing from a lent CUDA machine, in one command and one JSON file.
 
-    python benchmarks/gpu_check.py                 # on the GPU machine, from the repository root
+    make gpu-check                                   # = python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py --out-dir DIR     # also copy the JSON into DIR
+    python benchmarks/gpu_check.py --device cpu --quick   # dry run of the orchestration (CI)
 
-Parts, each in its own subprocess with its own time limit, so one failing or hanging part is
-recorded and the others still run:
+What the GPU machine needs: torch (with CUDA), triton, timm, einops, rich, pytest, hypothesis
+(pytest-xdist is used when present). No network, no vit-pytorch, no xformers: the tests that need
+them skip with the reason. ``make gpu-check`` installs fastvit itself (``pip install --no-deps -e .``).
 
-1. ``info``: ``fastvit info`` (devices, versions, backends, dispatch).
-2. ``tests``: ``pytest tests -x -q`` natively on the GPU (Triton kernels compiled, not interpreted).
-3. ``check``: ``fastvit check --device cuda`` (every backend vs the reference, fwd + bwd, fp32/bf16/fp16).
-4. ``bench_attention``: ``fastvit bench --no-models`` in fp32 and bf16, forward and forward + backward.
-5. ``bench_models``: ``fastvit bench --no-attention`` (the default models plus ViT-B/16, batch 64),
-   fp32 and bf16 autocast, forward and forward + backward.
-6. ``kernels``: ``fastvit kernels`` (ahead-of-time compile report: registers, spills, shared memory).
+Parts, most valuable first, each in its own subprocess with its own time limit (a failing or hanging
+part is recorded and the next one still runs), inside a total budget of 420 s (``--budget``):
 
-The result goes to ``benchmarks/results/gpu-<device-name-slug>-<date>.json`` (``--out`` to change):
-device, versions, commit, and per part its status (ok / failed / timeout / error), exit code, wall
-time, the tail of its output and its parsed JSON results. The whole run is budgeted to finish in
-under 9 minutes on an H100 (``--budget``); a part gets its share plus whatever earlier parts left.
-The file is rewritten after every part, so even an interrupted run leaves what it measured.
+1. ``tests``: the triton (and flex) kernel tests natively on CUDA tensors, no ``-x``: forward and the
+   gradients of q, k, v, tables and dense biases, fp32/fp16/bf16, N = 1..785, Nq != Nk, key padding,
+   CLS probabilities, padding poisoning. Every outcome is streamed to the JSON as it happens
+   (``benchmarks/pytest_record.py``), each failure with its message (worst element, index, fraction).
+2. ``check``: ``fastvit check --device cuda`` (every backend vs the reference).
+3. ``bench_attention``: bf16 forward and forward + backward at shapes named after models, triton vs
+   flex vs sdpa vs the reference, with TFLOP/s and % of the device's peak.
+4. ``bench_vit_b16``: ViT-B/16 at batch 128 in bf16 autocast: fastvit auto vs the ``sdpa`` backend
+   vs timm eager.
+5. ``bench_models``: the default presets, same contenders.
+6. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
+   ``kernels/tuned/<device>.json``), with what time is left.
+7. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
+   only if at least 90 s are left.
 
-``--device cpu --quick`` exercises the orchestration on a CPU machine (tiny sizes, quick checks).
+A part gets its share of the budget plus what earlier parts left unused. At its limit it receives
+SIGINT (pytest and ``fastvit bench`` then write what they have), then SIGKILL 15 s later. The JSON
+(``benchmarks/results/gpu-<device>-<date>.json``) is rewritten after every part and carries device,
+versions, commit, per part its status, exit code, wall time, output tail and parsed results, and a
+``targets`` section: the measured ratios against the design's GPU targets.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
+import platform
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
+TOTAL_BUDGET_S = 420.0
 
-# Share of the budget per part (seconds on an H100, scaled to --budget); leftovers roll forward.
-SHARES = {"info": 15, "tests": 190, "check": 70, "bench_attention": 90, "bench_models": 110, "kernels": 35}
+# Seconds per part at the default budget (scaled to --budget); a part's unused time rolls forward.
+SHARES = {"info": 10, "tests": 130, "check": 40, "bench_attention": 95, "bench_vit_b16": 35, "bench_models": 55,
+          "tune": 55, "bench_timm_compile": 0}
+OPTIONAL_MIN_S = {"bench_timm_compile": 90.0}  # parts with no share run only if this much is left
+
+# The kernel tests, natively on CUDA (on the CPU dry run: a few interpreter cases).
+TEST_PATHS = ["tests/kernels", "tests/attention/test_backends.py", "tests/attention/test_flex.py"]
+QUICK_TEST_ARGS = ["tests/attention/test_backends.py", "-k", "(triton or flex) and fp32 and N1-"]
+ATTENTION_SHAPES = ("vit_b16_224,vit_s16_224,levit_256_stage1,levit_256_stage2,levit_256_stage3,vit_l16_384,"
+                    "ats_vit_s_cls_probs,ats_keypad,cvt_13_stage1,twins_svt_s_gsa_stage1,vit_b16_1024")
+BENCH_DTYPE = "bf16"  # on CUDA; the CPU dry run uses fp32
+VIT_B16, QUICK_MODEL = "vit_base_patch16_224", "vit_small_patch16_224"
+QUICK_SHAPES = "vit_b16_224,vit_s16_224,levit_256_stage2,ats_vit_s_cls_probs"
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def run_part(name: str, cmd: list, timeout: float, json_path: str | None = None) -> dict:
-    """Run one part; never raises. Returns its record."""
+# --------------------------------------------------------------------------------------------------
+# The environment, probed without importing fastvit (a broken install must still give a JSON)
+# --------------------------------------------------------------------------------------------------
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "platform": platform.platform(),
+           "versions": {name: _version(name) for name in ("torch", "triton", "timm", "einops", "rich", "pytest",
+                                                           "pytest-xdist", "hypothesis", "vit-pytorch", "xformers",
+                                                           "fastvit")},
+           "cuda_runtime": torch.version.cuda}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    env.update(git_commit=commit, git_dirty=dirty)
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        env["device"] = props.name
+        env["cuda_device"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                              "memory_bytes": props.total_memory, "sms": props.multi_processor_count}
+    else:
+        name = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+        except OSError:
+            pass
+        env["device"] = name
+    return env
+
+
+# --------------------------------------------------------------------------------------------------
+# Running one part
+# --------------------------------------------------------------------------------------------------
+
+def run_part(cmd: list, timeout: float, json_path: Optional[str] = None, env: Optional[dict] = None) -> dict:
+    """Run one part in a session of its own; never raises. Returns its record."""
     started = time.perf_counter()
     record = {"command": " ".join(cmd), "timeout_s": round(timeout, 1)}
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    log = tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace")
     try:
-        # A session of its own, so a timeout can end the whole process group (pytest-xdist workers,
-        # compile workers), not just the direct child.
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True)
         try:
-            out, err = proc.communicate(timeout=max(timeout, 1))
+            proc.wait(timeout=max(timeout, 1))
             record.update(rc=proc.returncode, status="ok" if proc.returncode == 0 else "failed")
         except subprocess.TimeoutExpired:
+            # SIGINT first: pytest and `fastvit bench` then flush what they have measured.
+            _signal_group(proc, signal.SIGINT)
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                proc.kill()
-            out, err = proc.communicate()
-            record.update(rc=None, status="timeout")
-        output = (out or "") + ("\n[stderr]\n" + err if (err or "").strip() else "")
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                _signal_group(proc, signal.SIGKILL)
+                proc.wait()
+            record.update(rc=proc.returncode, status="timeout")
+        log.seek(0)
+        output = log.read()
     except Exception as e:  # noqa: BLE001 - e.g. the executable is missing
         output = f"{type(e).__name__}: {e}"
         record.update(rc=None, status="error")
+    finally:
+        log.close()
     record["wall_s"] = round(time.perf_counter() - started, 1)
     record["output_tail"] = output[-6000:]
     if json_path and os.path.exists(json_path):
@@ -81,10 +159,21 @@ def run_part(name: str, cmd: list, timeout: float, json_path: str | None = None)
     return record
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except OSError:
+        try:
+            proc.send_signal(sig)
+        except OSError:
+            pass
+
+
 def pytest_summary(output: str) -> dict:
     """Counts from pytest's last summary line (``3 failed, 120 passed, 4 skipped in 80.1s``)."""
     counts = {}
-    lines = [line for line in output.splitlines() if re.search(r"\b(passed|failed|error|skipped)\b", line)]
+    lines = [line for line in output.splitlines()
+             if re.search(r"\d+ (passed|failed|errors?|skipped)\b", line)]
     if lines:
         for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed|deselected)", lines[-1]):
             counts[what.rstrip("s") if what.startswith("error") else what] = int(n)
@@ -92,109 +181,220 @@ def pytest_summary(output: str) -> dict:
     return counts
 
 
+def read_records(path: str) -> dict:
+    """The streamed test outcomes: counts per outcome and every non-passing test with its message."""
+    outcomes, problems = {}, []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                key = rec["outcome"] if rec["when"] == "call" or rec["outcome"] == "skipped" else "error"
+                outcomes[key] = outcomes.get(key, 0) + 1
+                if key != "passed":
+                    problems.append(rec)
+    failing = [p for p in problems if p["outcome"] != "skipped"]
+    skip_reasons = {}
+    for p in problems:
+        if p["outcome"] == "skipped":
+            skip_reasons[p["message"][:200]] = skip_reasons.get(p["message"][:200], 0) + 1
+    return {"counts": outcomes, "failures": failing, "skip_reasons": skip_reasons}
+
+
+# --------------------------------------------------------------------------------------------------
+# The measured ratios against the design's targets
+# --------------------------------------------------------------------------------------------------
+
+def _median(rows: list, *, kind: str, name: str, mode: str = "fwd", **match) -> Optional[float]:
+    for r in rows:
+        if r.get("kind") == kind and r.get("name") == name and r.get("mode") == mode and r.get("status") == "ok" \
+                and all(r.get(k) == v for k, v in match.items()):
+            return r["median_ms"]
+    return None
+
+
+def _target(what: str, goal: float, numerator: Optional[float], denominator: Optional[float],
+            lower_is_better: bool = False) -> dict:
+    """``ratio`` = denominator time / numerator time (>1: the numerator is faster)."""
+    if numerator is None or denominator is None:
+        return {"target": what, "goal": goal, "ratio": None, "met": None, "reason": "not measured"}
+    ratio = denominator / numerator
+    if lower_is_better:  # overhead: numerator / denominator - 1
+        overhead = numerator / denominator - 1.0
+        return {"target": what, "goal": goal, "overhead": round(overhead, 4), "met": overhead <= goal}
+    return {"target": what, "goal": goal, "ratio": round(ratio, 3), "met": ratio >= goal}
+
+
+def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224") -> list:
+    """The design's GPU targets from the parts' results (``dtype`` and ``model`` as the run used them)."""
+    att = ((parts.get("bench_attention") or {}).get("result") or {}).get("results", [])
+    vitb = ((parts.get("bench_vit_b16") or {}).get("result") or {}).get("results", [])
+    a = lambda name, backend, mode="fwd": _median(att, kind="attention", name=name, mode=mode, backend=backend,
+                                                  dtype=dtype)
+    m = lambda contender: _median(vitb, kind="model", name=model, contender=contender)
+    return [
+        _target("ViT-B attention (N=197, D=64) fwd: triton >= 1.0x sdpa", 1.0, a("vit_b16_224", "triton"),
+                a("vit_b16_224", "sdpa")),
+        _target("ViT-B attention fwd: triton >= 4x reference", 4.0, a("vit_b16_224", "triton"),
+                a("vit_b16_224", "reference")),
+        _target("LeViT relative-bias attention fwd: triton >= 1.5x sdpa (expanded float bias)", 1.5,
+                a("levit_256_stage2", "triton"), a("levit_256_stage2", "sdpa")),
+        _target("LeViT relative-bias attention fwd: triton >= 1.2x flex", 1.2, a("levit_256_stage2", "triton"),
+                a("levit_256_stage2", "flex")),
+        _target("ViT-B attention fwd+bwd: triton >= 0.9x sdpa", 0.9, a("vit_b16_224", "triton", "fwd+bwd"),
+                a("vit_b16_224", "sdpa", "fwd+bwd")),
+        _target("CLS probabilities: <= 10% over plain fused attention (ViT-S shape)", 0.10,
+                a("ats_vit_s_cls_probs", "triton"), a("vit_s16_224", "triton"), lower_is_better=True),
+        _target("ViT-B/16 end to end, bf16, batch 128: fastvit auto >= 1.0x timm eager", 1.0,
+                m(f"fastvit[auto] {dtype}"), m(f"timm {dtype}")),
+    ]
+
+
+# --------------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------------
+
+def tuned_table_path(device_name: str) -> str:
+    """Where ``fastvit.kernels`` looks for this device's tuned configs (``kernels/tuned/<slug>.json``)."""
+    return os.path.join(ROOT, "kernels", "tuned", slug(device_name) + ".json")
+
+
+def build_parts(args, tmp: str) -> dict:
+    """``{part: (command, json path or None, extra env)}`` in the order they run."""
+    py = sys.executable
+    fastvit = [py, "-m", "fastvit"]
+    quick = ["--quick"] if args.quick else []
+    dev = ["--device", args.device]
+    record = os.path.join(tmp, "tests.jsonl")
+    pytest_cmd = [py, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-p", "pytest_record",
+                  "--record-to", record]
+    pytest_cmd += QUICK_TEST_ARGS if args.quick else [p for p in TEST_PATHS if os.path.exists(os.path.join(ROOT, p))]
+    if not args.quick and _version("pytest-xdist") is not None:
+        pytest_cmd += ["-n", str(min(8, max(2, (os.cpu_count() or 4) // 2)))]
+    bench = [*fastvit, "bench", *dev, "--dtype", BENCH_DTYPE if args.device.startswith("cuda") else "fp32", *quick]
+    models = [*bench, "--no-attention", "--backends", "auto,sdpa", "--no-vit-pytorch"]
+    path = lambda name: os.path.join(tmp, name)
+    return {
+        "info": ([*fastvit, "info"], None, {}),
+        "tests": (pytest_cmd, None, {"PYTHONPATH": os.pathsep.join(filter(None, [
+            os.path.join(ROOT, "benchmarks"), os.environ.get("PYTHONPATH")]))}),
+        "check": ([*fastvit, "check", *dev, "--failures-only", *quick, "--json", path("check.json")],
+                  path("check.json"), {}),
+        "bench_attention": ([*bench, "--no-models", "--backward", "--shapes", QUICK_SHAPES if args.quick
+                             else ATTENTION_SHAPES, "--backends", "triton,flex,sdpa,reference,auto",
+                             "--group-seconds", "0.2" if args.quick else "0.6", "--json", path("attention.json")],
+                            path("attention.json"), {}),
+        "bench_vit_b16": ([*models, "--models", VIT_B16 if not args.quick else QUICK_MODEL,
+                           "--batch-size", "2" if args.quick else "128", "--group-seconds",
+                           "0.2" if args.quick else "2", "--json", path("vit_b16.json")], path("vit_b16.json"), {}),
+        "bench_models": ([*models, "--models", "default", "--group-seconds", "0.2" if args.quick else "0.4",
+                          *(["--batch-size", "32"] if not args.quick else []), "--json", path("models.json")],
+                         path("models.json"), {}),
+        # The tuned table goes where the launchers read it (kernels/tuned/<device>.json, copied to --out-dir);
+        # the dry run writes a throwaway one.
+        "tune": ([*fastvit, "tune", *dev, *quick, "--json", path("tune.json"), "--tuned-out",
+                  path("tuned.json") if args.quick else tuned_table_path(args.device_name)], path("tune.json"), {}),
+        "bench_timm_compile": ([*models, "--models", VIT_B16 if not args.quick else QUICK_MODEL,
+                                "--batch-size", "2" if args.quick else "128",
+                                "--timm-compile", "--group-seconds", "0.2" if args.quick else "2",
+                                "--json", path("timm_compile.json")], path("timm_compile.json"), {}),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda (the point of this script) or cpu (dry run)")
-    parser.add_argument("--budget", type=float, default=510.0, help="seconds for all parts together")
+    parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S, help="seconds for all parts together")
     parser.add_argument("--quick", action="store_true", help="tiny sizes everywhere (orchestration dry run)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: " + ", ".join(SHARES))
-    parser.add_argument("--pytest-args", default=None, help="replace the pytest arguments (default: "
-                                                            "'tests -x -q', plus -n 8 when xdist is installed)")
     parser.add_argument("--out", default=None, help="the results JSON (default: benchmarks/results/gpu-<device>-"
-                                                    "<date>.json)")
+                                                    "<date>.json; cpu-dry-run-<date>.json with --device cpu)")
+    parser.add_argument("--out-dir", default=None, help="also copy the results JSON into this directory")
     args = parser.parse_args(argv)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if skip - set(SHARES):
+        parser.error(f"unknown part(s) to skip: {', '.join(sorted(skip - set(SHARES)))}")
+    started = time.perf_counter()
 
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --device cpu --quick for a dry run)", file=sys.stderr)
         return 2
-    sys.path.insert(0, ROOT)
-    from fastvit.bench import device_name, git_info, versions
-
-    name = device_name(args.device)
+    env = environment(args.device)
     date = datetime.date.today().strftime("%Y%m%d")
-    out_path = args.out or os.path.join(RESULTS, f"gpu-{slug(name)}-{date}.json")
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = skip - set(SHARES)
-    if unknown:
-        parser.error(f"unknown part(s) to skip: {', '.join(sorted(unknown))}")
-
-    doc = {
-        "schema_version": 1, "kind": "fastvit-gpu-check", "device": name, "device_type": args.device,
-        "versions": versions(), "git_commit": git_info()["commit"], "git_dirty": git_info()["dirty"],
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "budget_s": args.budget, "quick": args.quick, "parts": {},
-    }
-    if args.device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(0)
-        doc["cuda_device"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
-                              "memory_bytes": props.total_memory}
+    default_name = (f"gpu-{slug(env['device'])}-{date}.json" if args.device.startswith("cuda")
+                    else f"cpu-dry-run-{date}.json")
+    out_path = args.out or os.path.join(RESULTS, default_name)
+    doc = {"schema_version": 2, "kind": "fastvit-gpu-check", "device_type": args.device, **env,
+           "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "budget_s": args.budget, "quick": args.quick, "complete": False, "parts": {}}
 
     def save():
+        doc["wall_s"] = round(time.perf_counter() - started, 1)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, default=str)
+            json.dump(doc, f, indent=1, default=str)
             f.write("\n")
+        if args.out_dir:
+            os.makedirs(args.out_dir, exist_ok=True)
+            shutil.copy(out_path, os.path.join(args.out_dir, os.path.basename(out_path)))
 
-    py = sys.executable
-    fastvit = [py, "-m", "fastvit"]
-    quick = ["--quick"] if args.quick else []
     tmp = tempfile.mkdtemp(prefix="fastvit-gpu-check-")
-    if args.pytest_args is not None:
-        pytest_cmd = [py, "-m", "pytest", *args.pytest_args.split()]
-    else:
-        pytest_cmd = [py, "-m", "pytest", "tests", "-x", "-q", "-p", "no:cacheprovider"]
-        try:
-            import xdist  # noqa: F401
-
-            pytest_cmd += ["-n", "8"]
-        except ImportError:
-            pass
-    bench_common = [*fastvit, "bench", "--device", args.device, "--dtype", "fp32,bf16", "--backward", *quick]
-    parts = {
-        "info": ([*fastvit, "info"], None),
-        "tests": (pytest_cmd, None),
-        "check": ([*fastvit, "check", "--device", args.device, "--failures-only", *quick,
-                   "--json", os.path.join(tmp, "check.json")], os.path.join(tmp, "check.json")),
-        "bench_attention": ([*bench_common, "--no-models", "--group-seconds", "0.2" if args.quick else "1.0",
-                             "--json", os.path.join(tmp, "attention.json")], os.path.join(tmp, "attention.json")),
-        "bench_models": ([*bench_common, "--no-attention", "--models", "default,vit_base_patch16_224",
-                          "--backends", "auto,sdpa,triton,xformers", "--group-seconds",
-                          "0.2" if args.quick else "0.5", *([] if args.quick else ["--batch-size", "64"]),
-                          "--json", os.path.join(tmp, "models.json")], os.path.join(tmp, "models.json")),
-        "kernels": ([*fastvit, "kernels", "--workers", str(max(2, (os.cpu_count() or 4) - 2)),
-                     "--json", os.path.join(tmp, "kernels.json")], os.path.join(tmp, "kernels.json")),
-    }
-
-    deadline = time.perf_counter() + args.budget
-    scale = args.budget / sum(SHARES.values())
+    args.device_name = env["device"]
+    parts = build_parts(args, tmp)
+    deadline = started + args.budget
+    scale = args.budget / TOTAL_BUDGET_S
     carry = 0.0
-    for part, (cmd, json_path) in parts.items():
+    save()
+    for part, (cmd, json_path, part_env) in parts.items():
+        remaining = deadline - time.perf_counter()
         if part in skip:
             doc["parts"][part] = {"status": "skipped", "reason": "--skip"}
             continue
-        remaining = deadline - time.perf_counter()
+        if SHARES[part] == 0 and remaining < OPTIONAL_MIN_S[part] * scale:
+            doc["parts"][part] = {"status": "skipped", "reason": f"runs only with {OPTIONAL_MIN_S[part] * scale:.0f} s "
+                                                                 f"left; {remaining:.0f} s were"}
+            save()
+            continue
         if remaining < 5:
             doc["parts"][part] = {"status": "skipped", "reason": "the time budget was spent by earlier parts"}
             save()
             continue
-        allowance = min(remaining, SHARES[part] * scale + carry)
+        allowance = min(remaining, SHARES[part] * scale + carry) if SHARES[part] else remaining
+        if part == "tune":  # tuning stops starting new buckets in time to write its table
+            cmd = [*cmd, "--max-seconds", f"{max(1.0, allowance - 30):.0f}"]
         print(f"[gpu_check] {part}: {' '.join(cmd[1:])} (limit {allowance:.0f} s)", flush=True)
-        record = run_part(part, cmd, allowance, json_path)
+        record = run_part(cmd, allowance, json_path, part_env)
         carry = max(0.0, allowance - record["wall_s"])
         if part == "tests":
             record["summary"] = pytest_summary(record["output_tail"])
+            record.update(read_records(os.path.join(tmp, "tests.jsonl")))
+            if record["status"] == "failed" and record["summary"].get("failed") and not record.get("counts"):
+                record["note"] = "pytest reported failures but none were streamed: see output_tail"
         elif part == "info":
             record["output"] = record.pop("output_tail")
+        elif part == "tune" and not args.quick and args.out_dir and os.path.exists(tuned_table_path(env["device"])):
+            shutil.copy(tuned_table_path(env["device"]), args.out_dir)
+            record["tuned_table"] = os.path.relpath(tuned_table_path(env["device"]), ROOT)
         doc["parts"][part] = record
+        doc["targets"] = targets(doc["parts"], BENCH_DTYPE if args.device.startswith("cuda") else "fp32",
+                                 VIT_B16 if not args.quick else QUICK_MODEL)
         print(f"[gpu_check] {part}: {record['status']} in {record['wall_s']:.0f} s", flush=True)
         save()
 
     doc["statuses"] = {p: r.get("status") for p, r in doc["parts"].items()}
     doc["ok"] = all(s in ("ok", "skipped") for s in doc["statuses"].values())
+    doc["complete"] = True
     save()
-    print(f"[gpu_check] wrote {out_path}: " + ", ".join(f"{p} {s}" for p, s in doc["statuses"].items()))
+    print(f"[gpu_check] wrote {out_path} in {doc['wall_s']:.0f} s: "
+          + ", ".join(f"{p} {s}" for p, s in doc["statuses"].items()))
+    for t in doc.get("targets", []):
+        print(f"[gpu_check] target: {t['target']}: "
+              + (f"{t['ratio'] if 'ratio' in t else t['overhead']} (met: {t['met']})" if t["met"] is not None
+                 else t["reason"]))
     return 0 if doc["ok"] else 1
 
 

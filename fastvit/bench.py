@@ -430,6 +430,7 @@ class AttentionShape:
         batch: batch size per device type (a CPU gets a smaller one).
         quick: ``(B, H, Nq, Nk, D, Dv)`` for ``--quick`` runs and tests.
         source: where the shape comes from.
+        cls_probs: the call also returns the CLS row's probabilities (adaptive token sampling).
     """
 
     name: str
@@ -442,6 +443,7 @@ class AttentionShape:
     batch: tuple = (("cpu", 8), ("cuda", 64))
     quick: tuple = (1, 2, 16, 16, 16, 16)
     source: str = ""
+    cls_probs: bool = False
 
     def dims(self, device: str, quick: bool = False, batch_size: Optional[int] = None) -> tuple:
         """``(B, H, Nq, Nk, D, Dv)`` for a device."""
@@ -459,16 +461,30 @@ ATTENTION_SHAPES = [
                    quick=(2, 2, 17, 17, 16, 16), source="ViT-S/16 at 224 px: 196 patches + CLS, 6 heads of 64"),
     AttentionShape("vit_b16_224", 12, 197, 197, 64, batch=(("cpu", 8), ("cuda", 64)),
                    quick=(1, 3, 17, 17, 16, 16), source="ViT-B/16 at 224 px: 12 heads of 64"),
+    AttentionShape("vit_l16_384", 16, 577, 577, 64, batch=(("cpu", 2), ("cuda", 32)),
+                   quick=(1, 2, 33, 33, 16, 16), source="ViT-L/16 at 384 px: 576 patches + CLS, 16 heads of 64"),
+    AttentionShape("levit_256_stage1", 4, 196, 196, 32, 64, bias="relpos", batch=(("cpu", 8), ("cuda", 256)),
+                   quick=(2, 2, 16, 16, 8, 16),
+                   source="LeViT-256 stage 1: 14x14 map, 4 heads, key dim 32, value dim 64, trainable "
+                          "relative-position table [196, 4] gathered by |dy|*14+|dx|"),
     AttentionShape("levit_256_stage2", 6, 49, 49, 32, 64, bias="relpos", batch=(("cpu", 32), ("cuda", 256)),
                    quick=(2, 2, 16, 16, 8, 16),
                    source="LeViT-256 stage 2: 7x7 map, 6 heads, key dim 32, value dim 64, trainable "
                           "relative-position table [49, 6] gathered by |dy|*7+|dx|"),
+    AttentionShape("levit_256_stage3", 8, 16, 16, 32, 64, bias="relpos", batch=(("cpu", 32), ("cuda", 256)),
+                   quick=(2, 2, 16, 16, 8, 16),
+                   source="LeViT-256 stage 3: 4x4 map, 8 heads, key dim 32, value dim 64, trainable "
+                          "relative-position table [16, 8] gathered by |dy|*4+|dx|"),
     AttentionShape("cvt_13_stage1", 1, 3136, 784, 64, batch=(("cpu", 2), ("cuda", 64)),
                    quick=(1, 1, 64, 16, 16, 16),
                    source="CvT-13 stage 1: 56x56 queries, keys/values from a stride-2 conv projection (28x28)"),
     AttentionShape("twins_svt_s_gsa_stage1", 2, 3136, 49, 32, batch=(("cpu", 2), ("cuda", 64)),
                    quick=(1, 2, 64, 4, 16, 16),
                    source="Twins-SVT-S stage 1 global sub-sampled attention: 56x56 queries, 7x7 keys"),
+    AttentionShape("ats_vit_s_cls_probs", 6, 197, 197, 64, batch=(("cpu", 8), ("cuda", 64)), cls_probs=True,
+                   quick=(2, 2, 17, 17, 16, 16),
+                   source="ATS-ViT-S sampling layer: the vit_s16_224 call plus the CLS row's probabilities "
+                          "(compare with vit_s16_224 for the cost of the extra output)"),
     AttentionShape("ats_keypad", 6, 129, 129, 64, bias="padding", batch=(("cpu", 8), ("cuda", 64)),
                    quick=(2, 2, 17, 17, 16, 16),
                    source="ATS-ViT-S after token sampling: 128 tokens + CLS, 6 heads, per-image key padding"),
@@ -533,6 +549,32 @@ def attention_bytes(dims: tuple, dtype: torch.dtype, mode: str = "fwd") -> float
     return float(size * (fwd + (bwd if mode == "fwd+bwd" else 0)))
 
 
+# Nominal dense tensor-core peaks (TFLOP/s, datasheet, no sparsity) for the "% of peak" column, by a
+# substring of torch.cuda.get_device_name(). 16-bit = bf16/fp16 tensor cores; fp32 = plain CUDA-core FMA
+# (fastvit's fp32 path; TF32 when torch.backends.cuda.matmul.allow_tf32 is set is not counted here).
+PEAK_TFLOPS = (
+    ("H200", {"16bit": 989.4, "fp32": 66.9}),
+    ("H100 PCIe", {"16bit": 756.0, "fp32": 51.2}),
+    ("H100 NVL", {"16bit": 835.0, "fp32": 60.0}),
+    ("H100", {"16bit": 989.4, "fp32": 66.9}),
+    ("A100", {"16bit": 312.0, "fp32": 19.5}),
+    ("L40S", {"16bit": 362.1, "fp32": 91.6}),
+    ("A10G", {"16bit": 70.0, "fp32": 31.2}),
+    ("RTX 4090", {"16bit": 165.2, "fp32": 82.6}),
+)
+
+
+def peak_tflops(device: str, dtype: torch.dtype) -> Optional[float]:
+    """The device's nominal dense peak for matmuls in ``dtype`` (None on the CPU and unknown GPUs)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for key, peaks in PEAK_TFLOPS:
+        if key in name:
+            return peaks["fp32" if dtype == torch.float32 else "16bit"]
+    return None
+
+
 def _interpreted(backend: str, device: str, quick: bool) -> list:
     """Triton on the CPU runs in its numpy interpreter (TRITON_INTERPRET=1): a correctness tool, not a
     benchmark, and minutes per call at full sizes. Allowed in --quick runs only."""
@@ -553,7 +595,8 @@ def attention_contenders(shape: AttentionShape, *, device: str, dtype: torch.dty
     dims = shape.dims(device, quick, batch_size)
     backward = mode == "fwd+bwd"
     q, k, v, make_bias = attention_inputs(dims, shape.bias, device, dtype, requires_grad=backward)
-    inp = make_inputs(q, k, v, bias=make_bias())
+    extra = dict(return_cls_probs=True) if shape.cls_probs else {}
+    inp = make_inputs(q, k, v, bias=make_bias(), **extra)
     names = list(backends) if backends is not None else [*BACKENDS, "auto"]
     leaves = [q, k, v] + ([make_bias().table] if shape.bias == "relpos" else [])
     grad_out = torch.randn(dims[0], dims[1], dims[2], dims[5], device=device, dtype=dtype) if backward else None
@@ -581,13 +624,14 @@ def attention_contenders(shape: AttentionShape, *, device: str, dtype: torch.dty
             def fn(name=name):
                 for t in leaves:
                     t.grad = None
-                out = attend(q, k, v, bias=make_bias(), backend=name)
+                res = attend(q, k, v, bias=make_bias(), backend=name, **extra)
+                out = res.out if shape.cls_probs else res
                 out.backward(grad_out)
                 return out
         else:
             def fn(name=name):
                 with torch.inference_mode():
-                    return attend(q, k, v, bias=make_bias(), backend=name)
+                    return attend(q, k, v, bias=make_bias(), backend=name, **extra)
         contenders.append(Contender(name, fn, meta))
     return contenders, dims
 
@@ -720,13 +764,14 @@ def _model_fn(model: torch.nn.Module, x: torch.Tensor, device: str, dtype: torch
 
 def model_contenders(name: str, *, device: str, dtypes: Sequence[torch.dtype], mode: str = "fwd",
                      batch_size: int = 8, backends: Optional[Sequence[str]] = None, vit_pytorch: bool = True,
-                     timm: bool = True, quick: bool = False, extra_auto_dtypes: Sequence[torch.dtype] = ()) -> tuple:
+                     timm: bool = True, quick: bool = False, extra_auto_dtypes: Sequence[torch.dtype] = (),
+                     timm_compile: bool = False) -> tuple:
     """The contenders of one model group.
 
     fastvit runs under each name in ``backends`` (``use_backend(name, strict=False)``: calls a backend
     cannot serve fall back to auto) and ``"auto"``; vit-pytorch with the same weights; timm's
-    equivalent. Each in every dtype of ``dtypes`` (autocast for bf16 / fp16), plus fastvit auto in
-    ``extra_auto_dtypes``.
+    equivalent (and, with ``timm_compile``, the same timm model under ``torch.compile``). Each in every
+    dtype of ``dtypes`` (autocast for bf16 / fp16), plus fastvit auto in ``extra_auto_dtypes``.
 
     Returns:
         ``(contenders, info)``; ``info`` has the input size, parameter count and notes.
@@ -812,6 +857,15 @@ def model_contenders(name: str, *, device: str, dtypes: Sequence[torch.dtype], m
             contenders.append(Contender(f"timm {dt}", meta=meta, skip_reason=timm_reason))
         else:
             contenders.append(Contender(f"timm {dt}", _model_fn(timm_model, x, device, dtype, mode, None), meta))
+        if timm_compile:
+            meta = dict(meta, impl="timm", compiled=True)
+            if timm_model is None:
+                contenders.append(Contender(f"timm compiled {dt}", meta=meta, skip_reason=timm_reason))
+            else:
+                # Compiled on its first (warm-up) call, outside the timed rounds.
+                compiled = torch.compile(timm_model)
+                contenders.append(Contender(f"timm compiled {dt}", _model_fn(compiled, x, device, dtype, mode, None),
+                                            meta))
     return contenders, info
 
 
@@ -860,6 +914,7 @@ class BenchConfig:
     max_seconds: Optional[float] = None
     threads: Optional[int] = None
     tune_allocator: bool = False
+    timm_compile: bool = False
 
     def resolved_device(self) -> str:
         return self.device or default_device()
@@ -948,7 +1003,8 @@ def plan(config: BenchConfig) -> list:
                 base * (5 if headline else 1),
                 functools.partial(model_contenders, name, device=device, dtypes=[DTYPES[d] for d in dtype_names],
                                   mode=mode, batch_size=batch, backends=backends, vit_pytorch=config.vit_pytorch,
-                                  timm=config.timm, quick=config.quick, extra_auto_dtypes=extra)))
+                                  timm=config.timm, quick=config.quick, extra_auto_dtypes=extra,
+                                  timm_compile=config.timm_compile)))
     return groups
 
 
@@ -958,10 +1014,11 @@ def _ratio(baseline: Optional[float], t: Optional[float]) -> Optional[float]:
     return baseline / t
 
 
-def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict) -> list:
+def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict, device: str = "cpu") -> list:
     B, H, Nq, Nk, D, Dv = dims
     shape = next(s for s in ATTENTION_SHAPES if s.name == group.name)
     dtype = DTYPES[group.dtype]
+    peak = peak_tflops(device, dtype)
     ref = measured.get("reference")
     ref_t = ref.median if ref is not None and ref.ok else None
     rows = []
@@ -969,8 +1026,8 @@ def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict)
         m = measured[c.name]
         row = {"kind": "attention", "name": group.name, "contender": c.name, "backend": c.meta.get("backend"),
                "served_by": c.meta.get("served_by"), "dtype": group.dtype, "mode": group.mode,
-               "bias": shape.bias, "shape": {"B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "Dv": Dv},
-               "source": shape.source}
+               "bias": shape.bias, "cls_probs": shape.cls_probs,
+               "shape": {"B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "Dv": Dv}, "source": shape.source}
         row.update(m.row())
         if c.skip_reason is not None:
             row.update(status="skipped", reason=c.skip_reason)
@@ -978,8 +1035,9 @@ def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict)
             row.update(status="error", reason=m.error or "no samples")
         else:
             t = m.median
-            row.update(status="ok", reason="",
-                       gflops=attention_flops(dims, group.mode) / t * 1e-9,
+            gflops = attention_flops(dims, group.mode) / t * 1e-9
+            row.update(status="ok", reason="", gflops=gflops, tflops=gflops * 1e-3,
+                       pct_peak=100.0 * gflops * 1e-3 / peak if peak else None, peak_tflops=peak,
                        gbps=attention_bytes(dims, dtype, group.mode) / t * 1e-9,
                        x_reference=_ratio(ref_t, t))
         rows.append(row)
@@ -1000,7 +1058,7 @@ def _model_rows(group: Group, contenders: list, info: dict, measured: dict, batc
         row = {"kind": "model", "name": group.name, "contender": c.name, "impl": c.meta["impl"],
                "backend": c.meta.get("backend"), "dtype": dt, "mode": group.mode, "batch_size": batch_size,
                "input_size": info["input_size"], "params": info["params"], "vit_pytorch": info["vit_pytorch"],
-               "timm_model": info.get("timm_model")}
+               "timm_model": info.get("timm_model"), "compiled": bool(c.meta.get("compiled"))}
         row.update(m.row())
         if c.skip_reason is not None:
             row.update(status="skipped", reason=c.skip_reason)
@@ -1032,7 +1090,7 @@ def run_group(group: Group, config: BenchConfig, on_round: Optional[Callable[[fl
                                 measure_memory=config.memory, on_round=on_round)
     wall = time.perf_counter() - started
     if group.kind == "attention":
-        rows = _attention_rows(group, contenders, extra, measured)
+        rows = _attention_rows(group, contenders, extra, measured, device)
     else:
         rows = _model_rows(group, contenders, extra, measured, group.build.keywords["batch_size"])
     for row in rows:

@@ -247,10 +247,10 @@ def render_bench(doc: dict, out: Console) -> None:
     if attention:
         table = Table(title=f"attention on {doc['device']} (median of interleaved samples; x naive = speed-up "
                             f"vs the reference backend)", box=box.SIMPLE_HEAD, title_justify="left")
-        for col in ("shape", "B H Nq Nk D Dv", "bias", "dtype", "mode", "backend", "ms", "GFLOP/s", "GB/s",
-                    "peak MiB", "x naive", "note"):
-            table.add_column(col, overflow="fold", justify="right" if col in ("ms", "GFLOP/s", "GB/s", "peak MiB",
-                                                                               "x naive") else "left")
+        for col in ("shape", "B H Nq Nk D Dv", "bias", "dtype", "mode", "backend", "ms", "GFLOP/s", "% peak",
+                    "GB/s", "peak MiB", "x naive", "note"):
+            table.add_column(col, overflow="fold", justify="right" if col in ("ms", "GFLOP/s", "% peak", "GB/s",
+                                                                               "peak MiB", "x naive") else "left")
         last = None
         for r in attention:
             if _is_unavailable(r, unavailable):
@@ -265,8 +265,10 @@ def render_bench(doc: dict, out: Console) -> None:
             if r["contender"] == "auto" and r.get("served_by"):
                 backend = f"auto -> {r['served_by']}"
             note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
-            table.add_row(r["name"], dims, r.get("bias", ""), r["dtype"], r["mode"], backend,
-                          _fmt(r.get("median_ms"), ".3f"), _fmt(r.get("gflops"), ".1f"), _fmt(r.get("gbps"), ".2f"),
+            bias = r.get("bias", "") + (" +cls_probs" if r.get("cls_probs") else "")
+            table.add_row(r["name"], dims, bias, r["dtype"], r["mode"], backend,
+                          _fmt(r.get("median_ms"), ".3f"), _fmt(r.get("gflops"), ".1f"), _fmt(r.get("pct_peak"), ".1f"),
+                          _fmt(r.get("gbps"), ".2f"),
                           _mib(r.get("peak_mem_bytes")), _ratio(r.get("x_reference")), escape(note))
         out.print(table)
 
@@ -288,7 +290,7 @@ def render_bench(doc: dict, out: Console) -> None:
             last = key
             contender = r.get("impl") or r.get("contender") or "-"
             if r.get("impl") == "timm" and r.get("timm_model"):
-                contender = f"timm ({r['timm_model']})"
+                contender = f"timm{' compiled' if r.get('compiled') else ''} ({r['timm_model']})"
             elif r.get("impl") == "fastvit":
                 contender = f"fastvit[{r.get('backend')}]"
             note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
@@ -365,7 +367,8 @@ def cmd_bench(args, out: Console) -> int:
                          backends=_split(args.backends), models=models, shapes=shapes, backward=args.backward,
                          quick=args.quick, group_seconds=args.group_seconds, vit_pytorch=not args.no_vit_pytorch,
                          timm=not args.no_timm, memory=not args.no_memory, max_seconds=args.max_seconds,
-                         threads=args.threads, tune_allocator=args.tune_allocator)
+                         threads=args.threads, tune_allocator=args.tune_allocator,
+                         timm_compile=args.timm_compile)
     try:
         n_groups = len(plan(config))
     except ValueError as e:
@@ -464,6 +467,64 @@ def cmd_kernels(args, out: Console) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# tune
+# --------------------------------------------------------------------------------------------------
+
+def cmd_tune(args, out: Console) -> int:
+    from fastvit.check import DTYPES
+    from fastvit.tune import tune, write_table
+
+    device = _device(args.device)
+    if device == "cpu" and "fastvit.kernels.attention" not in sys.modules:
+        # The CPU smoke run needs the Triton interpreter, chosen when the kernels module is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    dtype_name = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    if dtype_name not in DTYPES:
+        raise UsageError(f"unknown dtype {dtype_name!r}; choose from {', '.join(DTYPES)}")
+    table = Table(title=f"kernel configs tuned on {device} ({dtype_name})", box=box.SIMPLE_HEAD,
+                  title_justify="left")
+    for col in ("bucket", "first shape", "best config", "ms", "x default", "candidates"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("ms", "x default", "candidates") else "left")
+
+    with _progress(_console(stderr=True)) as progress:
+        task = progress.add_task("tuning kernel configs", total=None)
+
+        def on_bucket(key, record):
+            progress.update(task, advance=1, description=f"tuned {record['shape']} {record['kernel']}")
+            best = record.get("best")
+            cfg = "-" if best is None else (f"{best['block_m']}x{best['block_n']} w{best['num_warps']} "
+                                            f"s{best['num_stages']}")
+            table.add_row(escape(key), record["shape"], cfg, _fmt(best and best["ms"], ".3f"),
+                          _ratio(record.get("x_default")), str(len(record["candidates"])))
+
+        try:
+            doc = tune(device=device, dtype=DTYPES[dtype_name], shapes=_split(args.shapes), quick=args.quick,
+                       budget_s=args.bucket_seconds or (0.05 if args.quick else 0.3), max_configs=args.max_configs,
+                       max_seconds=args.max_seconds, on_bucket=on_bucket)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    out.print(table)
+    for skipped in doc["not_tuned"]:
+        out.print(f"not tuned: {skipped['key']} ({skipped['shape']}): {skipped['reason']}")
+    target = args.tuned_out
+    if target is None and device.startswith("cuda"):
+        from fastvit.kernels.attention import tuned_path
+
+        target = tuned_path(torch.device(device))
+    if target:
+        write_table(doc, target)
+        out.print(f"wrote the tuned table {target} ({len(doc['entries'])} buckets); the launchers read it from now on")
+    else:
+        out.print("no tuned table written: timings in the CPU's Triton interpreter say nothing about a GPU "
+                  "(--tuned-out PATH writes one anyway)")
+    if args.json:
+        _write_json(args.json, doc)
+        out.print(f"wrote {args.json}")
+    failed = [r for r in doc["buckets"] if r.get("best") is None]
+    return 1 if failed else 0
+
+
+# --------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -515,6 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-allocator", action="store_true",
                    help="fastvit.runtime.tune_cpu_allocator() first: glibc keeps freed memory instead of "
                         "page-faulting it back (applies to every contender)")
+    p.add_argument("--timm-compile", action="store_true",
+                   help="also time the timm equivalent under torch.compile (compiled during warm-up)")
     p.add_argument("--no-vit-pytorch", action="store_true", help="do not compare against vit-pytorch")
     p.add_argument("--no-timm", action="store_true", help="do not compare against timm")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -527,10 +590,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="every config, not only the pruned list")
     p.add_argument("--workers", type=int, help="parallel compile processes (default: the report's)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
+    p = sub.add_parser("tune", help="time every kernel config per model-named shape bucket; keep the fastest in "
+                                    "kernels/tuned/<device>.json")
+    p.add_argument("--device", help="cuda (default when available) or cpu (interpreter smoke run)")
+    p.add_argument("--dtype", help="fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on the CPU)")
+    p.add_argument("--shapes", action="append", metavar="PATTERN",
+                   help="attention shapes of `fastvit bench` (comma-separated globs; default: all)")
+    p.add_argument("--quick", action="store_true", help="the shapes' tiny sizes (smoke test)")
+    p.add_argument("--bucket-seconds", type=float, help="interleaved timing per bucket (default 0.3 s)")
+    p.add_argument("--max-configs", type=int, help="time at most this many candidates per bucket")
+    p.add_argument("--max-seconds", type=float, help="start no new bucket after this many seconds")
+    p.add_argument("--tuned-out", metavar="PATH", help="the tuned table to write (default on CUDA: "
+                                                       "kernels/tuned/<device>.json; none on the CPU)")
+    p.add_argument("--json", metavar="PATH", help="also write the full report (every candidate's time)")
     return parser
 
 
-COMMANDS = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "kernels": cmd_kernels}
+COMMANDS = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "kernels": cmd_kernels, "tune": cmd_tune}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -177,6 +177,40 @@ def test_full_size_shapes_are_the_documented_ones():
     assert by_name["levit_256_stage2"].bias == "relpos" and by_name["ats_keypad"].bias == "padding"
 
 
+def test_cls_probs_shape_asks_every_backend_for_the_cls_row():
+    shape = next(s for s in bench.ATTENTION_SHAPES if s.name == "ats_vit_s_cls_probs")
+    plain = next(s for s in bench.ATTENTION_SHAPES if s.name == "vit_s16_224")
+    assert shape.cls_probs and shape.dims("cuda") == plain.dims("cuda"), "the overhead target compares these two"
+    contenders, dims = bench.attention_contenders(shape, device="cpu", dtype=torch.float32, quick=True,
+                                                  backends=["reference", "sdpa"])
+    by_name = {c.name: c for c in contenders}
+    assert "return_cls_probs" in by_name["sdpa"].skip_reason
+    res = by_name["reference"].fn()
+    assert tuple(res.cls_probs.shape) == (dims[0], dims[1], dims[3])
+
+
+def test_peak_tflops_by_device_name(monkeypatch):
+    assert bench.peak_tflops("cpu", torch.bfloat16) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, bf16 in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Future GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_, n=name: n)
+        assert bench.peak_tflops("cuda", torch.bfloat16) == bf16, name
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
+    assert bench.peak_tflops("cuda", torch.float32) == 66.9
+
+
+def test_timm_compile_adds_a_compiled_timm_contender():
+    pytest.importorskip("timm")
+    contenders, _ = bench.model_contenders("vit_small_patch16_224", device="cpu", dtypes=[torch.float32],
+                                           backends=["auto"], vit_pytorch=False, quick=True, timm_compile=True)
+    by_name = {c.name: c for c in contenders}
+    assert by_name["timm compiled fp32"].meta["compiled"] and by_name["timm compiled fp32"].skip_reason is None
+    assert "timm compiled fp32" not in {c.name for c in bench.model_contenders(
+        "vit_small_patch16_224", device="cpu", dtypes=[torch.float32], backends=["auto"], vit_pytorch=False,
+        quick=True)[0]}
+
+
 def test_attention_flops_and_bytes():
     dims = (2, 3, 10, 20, 8, 16)
     assert bench.attention_flops(dims) == 2 * 2 * 3 * 10 * 20 * (8 + 16)

@@ -1,0 +1,94 @@
+"""benchmarks/gpu_check.py's bookkeeping: streamed test outcomes, pytest summaries, target ratios, and a
+part that overruns its limit. (CI also runs the whole orchestration: `make gpu-check-dry-run`.)"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+gpu_check = _load()
+
+
+def test_streamed_records_keep_failures_with_their_messages(tmp_path):
+    """The record plugin in a real pytest run: a pass, a failure with its assertion text, a skip."""
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n"
+        "def test_ok():\n    assert True\n"
+        "def test_bad():\n    assert 1 == 2, 'max abs err 3.0e-01 at (0, 1)'\n"
+        "def test_skipped():\n    pytest.skip('needs vit-pytorch')\n")
+    record = tmp_path / "out.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "benchmarks"))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "pytest_record", "--record-to", str(record),
+                           "-p", "no:cacheprovider", str(tmp_path / "test_sample.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    got = gpu_check.read_records(str(record))
+    assert got["counts"] == {"passed": 1, "failed": 1, "skipped": 1}
+    (failure,) = got["failures"]
+    assert failure["nodeid"].endswith("test_bad") and "max abs err 3.0e-01 at (0, 1)" in failure["message"]
+    assert any("needs vit-pytorch" in reason for reason in got["skip_reasons"])
+    assert gpu_check.pytest_summary(proc.stdout)["failed"] == 1
+
+
+def test_pytest_summary_reads_the_last_counts_line():
+    out = "collected\n...\n=== 3 failed, 120 passed, 4 skipped, 1 error in 80.1s ===\n"
+    assert gpu_check.pytest_summary(out) == {"failed": 3, "passed": 120, "skipped": 4, "error": 1,
+                                             "line": "3 failed, 120 passed, 4 skipped, 1 error in 80.1s"}
+
+
+def _att(name, backend, ms, mode="fwd"):
+    return {"kind": "attention", "name": name, "backend": backend, "mode": mode, "dtype": "bf16", "status": "ok",
+            "median_ms": ms}
+
+
+def test_targets_are_ratios_of_the_measured_medians():
+    parts = {"bench_attention": {"result": {"results": [
+        _att("vit_b16_224", "triton", 1.0), _att("vit_b16_224", "sdpa", 1.2), _att("vit_b16_224", "reference", 3.0),
+        _att("vit_s16_224", "triton", 2.0), _att("ats_vit_s_cls_probs", "triton", 2.3)]}},
+        "bench_vit_b16": {"result": {"results": [
+            {"kind": "model", "name": "vit_base_patch16_224", "contender": "fastvit[auto] bf16", "mode": "fwd",
+             "status": "ok", "median_ms": 50.0},
+            {"kind": "model", "name": "vit_base_patch16_224", "contender": "timm bf16", "mode": "fwd",
+             "status": "ok", "median_ms": 55.0}]}}}
+    by_target = {t["target"].split(":")[0]: t for t in gpu_check.targets(parts)}
+    sdpa = by_target["ViT-B attention (N=197, D=64) fwd"]
+    assert sdpa["ratio"] == pytest.approx(1.2) and sdpa["met"] is True
+    assert by_target["ViT-B attention fwd"]["ratio"] == pytest.approx(3.0) and by_target["ViT-B attention fwd"][
+        "met"] is False
+    cls = by_target["CLS probabilities"]
+    assert cls["overhead"] == pytest.approx(0.15) and cls["met"] is False
+    assert by_target["ViT-B/16 end to end, bf16, batch 128"]["ratio"] == pytest.approx(1.1)
+    flex = by_target["LeViT relative-bias attention fwd"]
+    assert flex["met"] is None and flex["reason"] == "not measured"
+
+
+def test_a_part_past_its_limit_is_interrupted_and_recorded(tmp_path):
+    script = tmp_path / "slow.py"
+    out = tmp_path / "partial.json"
+    script.write_text("import json, time, sys\n"
+                      f"json.dump({{'rows': 1}}, open({str(out)!r}, 'w'))\n"
+                      "print('started', flush=True)\n"
+                      "time.sleep(60)\n")
+    record = gpu_check.run_part([sys.executable, str(script)], timeout=3, json_path=str(out))
+    assert record["status"] == "timeout" and record["wall_s"] < 30
+    assert "started" in record["output_tail"] and record["result"] == {"rows": 1}
+
+
+def test_tuned_table_path_matches_the_kernels_lookup():
+    kattn = pytest.importorskip("fastvit.kernels.attention")
+    name = "NVIDIA H100 80GB HBM3"
+    assert os.path.basename(gpu_check.tuned_table_path(name)) == os.path.basename(kattn.tuned_path(name))
