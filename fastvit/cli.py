@@ -158,7 +158,10 @@ def cmd_info(args, out: Console) -> int:
                     refused = "; ".join(filter(None, [refused, f"unavailable (see above): {', '.join(down)}"]))
                 dispatch.add_row(device, dtype_name(dtype), str(n), " > ".join(order), chosen, escape(refused) or "-")
     if not torch.cuda.is_available():
-        dispatch.add_row("cuda", "-", "-", "triton > xformers > sdpa > reference", "-", "no CUDA device here")
+        from fastvit.attention.dispatch import CUDA_ORDER
+
+        dispatch.add_row("cuda", "-", "-", " > ".join(CUDA_ORDER) + " (or the order `fastvit tune` measured)", "-",
+                         "no CUDA device here")
     out.print(dispatch)
     return 0
 
@@ -483,7 +486,7 @@ def cmd_tune(args, out: Console) -> int:
         raise UsageError(f"unknown dtype {dtype_name!r}; choose from {', '.join(DTYPES)}")
     table = Table(title=f"kernel configs tuned on {device} ({dtype_name})", box=box.SIMPLE_HEAD,
                   title_justify="left")
-    for col in ("bucket", "first shape", "best config", "ms", "x default", "candidates"):
+    for col in ("bucket", "first shape", "best config / backend order", "ms", "x default", "candidates"):
         table.add_column(col, overflow="fold", justify="right" if col in ("ms", "x default", "candidates") else "left")
 
     with _progress(_console(stderr=True)) as progress:
@@ -492,8 +495,11 @@ def cmd_tune(args, out: Console) -> int:
         def on_bucket(key, record):
             progress.update(task, advance=1, description=f"tuned {record['shape']} {record['kernel']}")
             best = record.get("best")
-            cfg = "-" if best is None else (f"{best['block_m']}x{best['block_n']} w{best['num_warps']} "
-                                            f"s{best['num_stages']}")
+            if record["kernel"] == "dispatch":  # a backend order for auto dispatch
+                cfg = " > ".join(record["order"]) or "-"
+            else:
+                cfg = "-" if best is None else (f"{best['block_m']}x{best['block_n']} w{best['num_warps']} "
+                                                f"s{best['num_stages']}")
             table.add_row(escape(key), record["shape"], cfg, _fmt(best and best["ms"], ".3f"),
                           _ratio(record.get("x_default")), str(len(record["candidates"])))
 

@@ -137,21 +137,76 @@ def tune(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes: O
             report.append(record)
             if on_bucket is not None:
                 on_bucket(key, record)
+    dispatch, orders = {}, []
+    for shape in _shapes(shapes):
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            skipped.append({"key": f"dispatch:{shape.name}", "shape": shape.name,
+                            "reason": f"--max-seconds {max_seconds:g} reached"})
+            continue
+        key, record = measure_backend_order(shape, device=device, dtype=dtype, quick=quick, budget_s=budget_s)
+        orders.append(record)
+        if record["order"] and key not in dispatch:
+            dispatch[key] = record["order"]
+        if on_bucket is not None:
+            on_bucket(f"dispatch:{key}", record)
     return {"kind": "fastvit-tune", "device": _device_name(device), "device_type": torch.device(device).type,
             "dtype": str(dtype).replace("torch.", ""), "quick": quick,
             "triton": _version("triton"), "torch": torch.__version__,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "wall_s": time.perf_counter() - started, "entries": entries, "buckets": report, "not_tuned": skipped}
+            "wall_s": time.perf_counter() - started, "entries": entries, "buckets": report,
+            "dispatch": dispatch, "backend_orders": orders, "not_tuned": skipped}
+
+
+# Backends auto dispatch may order on CUDA by measurement (the reference is always last).
+ORDERED_BACKENDS = ("triton", "flex", "xformers", "sdpa")
+
+
+def measure_backend_order(shape, *, device: str, dtype: torch.dtype, quick: bool, budget_s: float) -> tuple:
+    """Times the forward of every backend that serves ``shape`` in one interleaved run.
+
+    Returns:
+        ``(bucket key of fastvit.attention.measured, record)``; ``record["order"]`` is fastest first.
+    """
+    from fastvit.attention import BACKENDS, attend, make_inputs
+    from fastvit.attention.measured import key_of
+    from fastvit.bench import Contender, attention_inputs, time_interleaved
+
+    dims = shape.dims(device, quick)
+    q, k, v, make_bias = attention_inputs(dims, shape.bias, device, dtype)
+    extra = dict(return_cls_probs=True) if shape.cls_probs else {}
+    inp = make_inputs(q, k, v, bias=make_bias(), **extra)
+    contenders, refused = [], {}
+    for name in ORDERED_BACKENDS:
+        reasons = BACKENDS[name].not_supported_reasons(inp) if name in BACKENDS else [f"{name} is not registered"]
+        if reasons:
+            refused[name] = "; ".join(reasons)
+            continue
+
+        def fn(name=name):
+            with torch.inference_mode():
+                return attend(q, k, v, bias=make_bias(), backend=name, **extra)
+        contenders.append(Contender(name, fn))
+    measured = time_interleaved(contenders, device, budget_s=budget_s, min_samples=3, measure_memory=False)
+    times = {c.name: measured[c.name].median * 1e3 for c in contenders if measured[c.name].ok}
+    errors = {c.name: measured[c.name].error or "no samples" for c in contenders if not measured[c.name].ok}
+    order = sorted(times, key=times.get)
+    key = key_of(inp)
+    return key, {"key": key, "kernel": "dispatch", "shape": shape.name, "dims": list(dims), "order": order,
+                 "ms": times, "refused": refused, "errors": errors,
+                 "candidates": [{"backend": n, "ms": t} for n, t in times.items()],
+                 "best": {"backend": order[0], "ms": times[order[0]]} if order else None}
 
 
 def write_table(doc: dict, path: str) -> str:
     """Merge ``doc["entries"]`` into the tuned table at ``path`` (entries of other buckets are kept)."""
     table = {"device": doc["device"], "triton": doc["triton"], "torch": doc["torch"], "entries": {}}
+    old = {}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
         table["entries"].update(old.get("entries", {}))
     table["entries"].update(doc["entries"])
+    table["dispatch"] = {**old.get("dispatch", {}), **doc.get("dispatch", {})}
     table["updated"] = doc["timestamp"]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
