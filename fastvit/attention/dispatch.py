@@ -19,17 +19,20 @@ from typing import Iterator, Optional
 
 import torch
 
+from . import measured
 from .backends import BACKENDS, Backend, get_backend
 from .inputs import AttnInputs
 
 __all__ = ["choose", "explain", "use_backend", "set_backend", "get_selected_backend", "Selection",
-           "CPU_SDPA_MIN_KEYS", "AUTO"]
+           "CPU_SDPA_MIN_KEYS", "CUDA_ORDER", "AUTO"]
 
 AUTO = "auto"
 ENV_VAR = "FASTVIT_ATTN_BACKEND"
 
-# Auto priority on CUDA: our kernels, then xformers, then SDPA, then the reference.
-_CUDA_ORDER = ("triton", "xformers", "sdpa", "reference")
+# Auto priority on CUDA: our kernels, then FlexAttention (compiled; it serves what the kernels refuse,
+# e.g. several biases of one kind), then xformers, then SDPA, then the reference. A per-shape order
+# from measured data may replace this fixed one.
+CUDA_ORDER = ("triton", "flex", "xformers", "sdpa", "reference")
 
 # On a small CPU the naive path can beat SDPA at ViT-sized sequences: the score matrix of a layer
 # (6 heads x 197^2 fp32 ~ 0.9 MB per image) stays in cache and matmul runs at GEMM speed, while SDPA's
@@ -112,7 +115,7 @@ def _cpu_order(inp: AttnInputs) -> tuple:
 def auto_order(inp: AttnInputs) -> tuple:
     """The backends auto dispatch tries for these inputs, best first."""
     if inp.device_type == "cuda":
-        order = _CUDA_ORDER
+        order = measured.ordered(inp, CUDA_ORDER)  # `fastvit tune`'s measured order for the bucket, if any
     elif inp.device_type == "cpu":
         order = _cpu_order(inp)
     else:

@@ -1,13 +1,14 @@
 """Attention backends, one file each. Adding a backend touches no model file: register it here."""
 
 from .base import Backend
+from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SDPABackend
 from .triton import TritonBackend
 from .xformers import XFormersBackend
 
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (ReferenceBackend, SDPABackend, XFormersBackend, TritonBackend)
+    b.name: b for b in (ReferenceBackend, SDPABackend, XFormersBackend, TritonBackend, FlexBackend)
 }
 
 
@@ -25,4 +26,4 @@ def register_backend(backend: type[Backend]) -> type[Backend]:
 
 
 __all__ = ["Backend", "BACKENDS", "get_backend", "register_backend",
-           "ReferenceBackend", "SDPABackend", "XFormersBackend", "TritonBackend"]
+           "ReferenceBackend", "SDPABackend", "XFormersBackend", "TritonBackend", "FlexBackend"]
