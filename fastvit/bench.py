@@ -581,6 +581,8 @@ def _interpreted(backend: str, device: str, quick: bool) -> list:
     if backend == "triton" and torch.device(device).type == "cpu" and not quick \
             and os.environ.get("TRITON_INTERPRET") == "1":
         return ["triton runs in its interpreter on the CPU (TRITON_INTERPRET=1); not benchmarked at full size"]
+    if backend == "flex" and torch.device(device).type == "cpu" and not quick:
+        return ["flex runs uncompiled on the CPU (it materialises the B*H*N^2 scores); not benchmarked at full size"]
     return []
 
 

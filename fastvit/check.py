@@ -139,7 +139,7 @@ def declares(case: CheckCase) -> bool:
     B, H, Nq, Nk, D, Dv = case.shape
     return (case.device in backend.devices and case.dtype in backend.dtypes
             and (backend.max_head_dim is None or max(D, Dv) <= backend.max_head_dim)
-            and min(D, Dv) >= backend.min_head_dim
+            and min(D, Dv) >= backend.min_head_dim_on(case.device)
             and all(issubclass(kind, backend.bias_types) for kind in _BIAS_TYPES[case.bias]))
 
 

@@ -213,10 +213,13 @@ def test_deterministic_mode_refuses_bias_gradients_off_the_cpu():
 def test_cuda_refuses_head_dims_below_16():
     # No CUDA device here: the capability check reads only these fields.
     def reasons(d, dv, device="cuda"):
-        return FlexBackend.extra_reasons(SimpleNamespace(device_type=device, head_dim=d, value_dim=dv, bias=()))
+        return FlexBackend.not_supported_reasons(SimpleNamespace(
+            device_type=device, dtype=torch.float32, head_dim=d, value_dim=dv, bias=(), dropout_p=0.0,
+            return_probs=False, head_mix=None, return_cls_probs=False, needs_grad=False))
 
-    assert any("needs both >= 16 (tl.dot)" in r for r in reasons(8, 8))
-    assert any("needs both >= 16 (tl.dot)" in r for r in reasons(16, 8))
+    assert FlexBackend.min_head_dim_on("cuda") == 16 and FlexBackend.min_head_dim_on("cpu") == 1
+    assert any("flex on cuda needs both >= 16" in r for r in reasons(8, 8))
+    assert any("flex on cuda needs both >= 16" in r for r in reasons(16, 8))
     assert reasons(16, 16) == [] and reasons(48, 80) == [] and reasons(16, 64) == []
     assert reasons(8, 8, device="cpu") == []
 

@@ -33,6 +33,7 @@ class Backend:
     dtypes: ClassVar[tuple] = (torch.float32, torch.float16, torch.bfloat16)
     max_head_dim: ClassVar[Optional[int]] = None
     min_head_dim: ClassVar[int] = 1
+    min_head_dim_by_device: ClassVar[dict] = {}  # device type -> a stricter minimum there
     bias_types: ClassVar[tuple] = (RelPosBias, DenseBias, KeyPaddingMask)
     supports_backward: ClassVar[bool] = True
     supports_dropout: ClassVar[bool] = True
@@ -65,8 +66,10 @@ class Backend:
         widest = max(inp.head_dim, inp.value_dim)
         if cls.max_head_dim is not None and widest > cls.max_head_dim:
             reasons.append(f"head_dim={widest} > {cls.max_head_dim}")
-        if min(inp.head_dim, inp.value_dim) < cls.min_head_dim:
-            reasons.append(f"head_dim={min(inp.head_dim, inp.value_dim)} < {cls.min_head_dim}")
+        least = cls.min_head_dim_on(inp.device_type)
+        if min(inp.head_dim, inp.value_dim) < least:
+            reasons.append(f"head_dim={inp.head_dim}, value head dim={inp.value_dim}: {cls.name} on "
+                           f"{inp.device_type} needs both >= {least}")
         for b in inp.bias:
             if not isinstance(b, cls.bias_types):
                 reasons.append(f"{type(b).__name__} is not supported")
@@ -83,6 +86,10 @@ class Backend:
             reasons.append("backward is not supported and an input requires grad")
         reasons.extend(cls.extra_reasons(inp))
         return reasons
+
+    @classmethod
+    def min_head_dim_on(cls, device_type: str) -> int:
+        return cls.min_head_dim_by_device.get(device_type, cls.min_head_dim)
 
     @classmethod
     def extra_reasons(cls, inp: AttnInputs) -> list[str]:

@@ -91,7 +91,7 @@ class FlexBackend(Backend):
     devices = ("cuda", "cpu")  # the CPU runs FlexAttention uncompiled: slow, for tests
     # tl.dot needs every dimension >= 16: inductor's CUDA lowering raises for a smaller q/k or v width.
     # The CPU's math implementation has no minimum.
-    min_head_dim_by_device = {"cuda": 16}
+    min_head_dim_by_device = {"cuda": 16}  # inductor's flex kernels use tl.dot on the head dims
     supports_dropout = False
     supports_cls_probs = True  # from the returned log-sum-exp
     deterministic = False  # captured-tensor (bias) gradients are accumulated with atomic adds on CUDA
@@ -108,11 +108,6 @@ class FlexBackend(Backend):
     @classmethod
     def extra_reasons(cls, inp: AttnInputs) -> list[str]:
         reasons = []
-        least = cls.min_head_dim_by_device.get(inp.device_type, cls.min_head_dim)
-        if min(inp.head_dim, inp.value_dim) < least:
-            reasons.append(f"head_dim={inp.head_dim}, value head dim={inp.value_dim}: FlexAttention on "
-                           f"{inp.device_type} needs both >= {least} (tl.dot); pad the head dim or use "
-                           f"another backend")
         if inp.device_type != "cpu" and torch.are_deterministic_algorithms_enabled() and _bias_needs_grad(inp):
             reasons.append("deterministic algorithms are enabled and a bias tensor requires grad: FlexAttention "
                            "accumulates bias gradients with atomic adds (q, k, v gradients are deterministic); "
