@@ -15,6 +15,7 @@ PACKAGES = [
     "fastvit.models",
     "fastvit.ssl",
     "fastvit.compat",
+    "fastvit.tools",
     "fastvit.kernels",
 ]
 

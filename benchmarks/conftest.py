@@ -57,7 +57,7 @@ def pytest_generate_tests(metafunc):
     if "bench_mode" in metafunc.fixturenames:
         metafunc.parametrize("bench_mode", _modes(config))
     if "bench_model" in metafunc.fixturenames:
-        from fastvit.bench import select_models
+        from fastvit.tools.contenders import select_models
 
         patterns = config.getoption("--bench-models")
         names = select_models(patterns.split(",") if patterns else None)

@@ -1,6 +1,6 @@
 """Benchmark shapes named after the models they come from (after xformers' benchmark shapes).
 
-The shapes live in ``fastvit.bench`` (``fastvit bench`` uses them too); this module re-exports them
+The shapes live in ``fastvit.tools.shapes`` (``fastvit bench`` uses them too); this module re-exports them
 for the pytest-benchmark suites and for anyone scripting a benchmark:
 
     from shapes import ATTENTION_SHAPES, shape_by_name
@@ -9,7 +9,8 @@ for the pytest-benchmark suites and for anyone scripting a benchmark:
 
 from __future__ import annotations
 
-from fastvit.bench import ATTENTION_SHAPES, HEADLINE_MODEL, AttentionShape, default_models
+from fastvit.tools.contenders import HEADLINE_MODEL, default_models
+from fastvit.tools.shapes import ATTENTION_SHAPES, AttentionShape
 
 __all__ = ["ATTENTION_SHAPES", "AttentionShape", "HEADLINE_MODEL", "default_models", "shape_by_name"]
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 from shapes import ATTENTION_SHAPES
 
-from fastvit.attention import BACKENDS
-from fastvit.bench import DTYPES, attention_bytes, attention_contenders, attention_flops
+from fastvit.attention import BACKENDS, DTYPES
+from fastvit.tools.contenders import attention_contenders
+from fastvit.tools.shapes import attention_bytes, attention_flops
 
 CONTENDERS = [*BACKENDS, "auto"]
 

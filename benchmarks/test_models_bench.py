@@ -12,8 +12,8 @@ import functools
 
 import pytest
 
-from fastvit.attention import BACKENDS
-from fastvit.bench import DTYPES, HEADLINE_MODEL, model_contenders
+from fastvit.attention import BACKENDS, DTYPES
+from fastvit.tools.contenders import HEADLINE_MODEL, model_contenders
 
 CONTENDERS = [f"fastvit[{b}]" for b in (*BACKENDS, "auto")] + ["vit-pytorch", "timm"]
 

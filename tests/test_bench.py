@@ -1,4 +1,4 @@
-"""The benchmark engine (fastvit/bench.py), ``fastvit bench --quick`` end to end, and the check cases.
+"""The benchmark tooling (fastvit/tools/), ``fastvit bench --quick`` end to end, and the check cases.
 
 Nothing here asserts a timing: only that things were measured, recorded and reported.
 """
@@ -10,10 +10,13 @@ import json
 import pytest
 import torch
 
-from fastvit import bench, check, cli
-from fastvit.attention import BACKENDS, Backend, DenseBias, KeyPaddingMask, RelPosBias, register_backend
+from fastvit import cli
+from fastvit.attention import BACKENDS, Backend, DenseBias, KeyPaddingMask, RelPosBias, register_backend, testing
 from fastvit.attention.reference import reference_attention
 from fastvit.models.registry import get_model_entry
+from fastvit.tools import contenders as bench_contenders
+from fastvit.tools import env as bench_env
+from fastvit.tools import runner, schema, shapes, timing
 
 
 def test_bench_quick_end_to_end_writes_a_valid_document(capsys, tmp_path):
@@ -23,8 +26,8 @@ def test_bench_quick_end_to_end_writes_a_valid_document(capsys, tmp_path):
     out = capsys.readouterr().out
     assert rc == 0, out
     doc = json.loads(path.read_text())
-    assert bench.validate_document(doc) == []
-    assert doc["schema_version"] == bench.SCHEMA_VERSION
+    assert schema.validate_document(doc) == []
+    assert doc["schema_version"] == schema.SCHEMA_VERSION
     assert doc["device_type"] == "cpu" and doc["device"]
     for key in ("torch", "triton", "timm", "vit-pytorch"):
         assert key in doc["versions"]
@@ -32,7 +35,7 @@ def test_bench_quick_end_to_end_writes_a_valid_document(capsys, tmp_path):
     assert "git_commit" in doc and doc["timestamp"]
 
     attention = [r for r in doc["results"] if r["kind"] == "attention"]
-    assert {r["name"] for r in attention} == {s.name for s in bench.ATTENTION_SHAPES}
+    assert {r["name"] for r in attention} == {s.name for s in shapes.ATTENTION_SHAPES}
     for name in {r["name"] for r in attention}:
         rows = {r["contender"]: r for r in attention if r["name"] == name}
         assert set(rows) == set(BACKENDS) | {"auto"}
@@ -56,11 +59,11 @@ def test_bench_quick_end_to_end_writes_a_valid_document(capsys, tmp_path):
 
 
 def test_default_plan_has_the_headline_model_every_backend_and_a_bf16_row():
-    groups = bench.plan(bench.BenchConfig(device="cpu"))
+    groups = runner.plan(runner.BenchConfig(device="cpu"))
     kinds = [g.kind for g in groups]
-    assert kinds.index("model") == len(bench.ATTENTION_SHAPES)  # attention first, one group per shape
+    assert kinds.index("model") == len(shapes.ATTENTION_SHAPES)  # attention first, one group per shape
     headline = next(g for g in groups if g.kind == "model")
-    assert headline.name == bench.HEADLINE_MODEL
+    assert headline.name == bench_contenders.HEADLINE_MODEL
     assert headline.build.keywords["batch_size"] == 8
     assert headline.build.keywords["backends"] is None  # every registered backend + auto
     assert headline.build.keywords["extra_auto_dtypes"] == [torch.bfloat16]
@@ -69,19 +72,19 @@ def test_default_plan_has_the_headline_model_every_backend_and_a_bf16_row():
 
 
 def test_default_models_take_one_preset_per_vit_pytorch_architecture():
-    names = bench.default_models()
-    assert names[0] == bench.HEADLINE_MODEL
+    names = bench_contenders.default_models()
+    assert names[0] == bench_contenders.HEADLINE_MODEL
     families = [get_model_entry(n).vit_pytorch.split(":")[0] for n in names]
     assert len(families) == len(set(families))
     assert all(get_model_entry(n).vit_pytorch for n in names)
 
 
 def test_select_models():
-    assert bench.select_models(["vit_small_patch16_224"]) == ["vit_small_patch16_224"]
-    assert "vit_base_patch16_224" in bench.select_models(["vit_*"])
-    assert bench.select_models(None) == bench.default_models()
+    assert bench_contenders.select_models(["vit_small_patch16_224"]) == ["vit_small_patch16_224"]
+    assert "vit_base_patch16_224" in bench_contenders.select_models(["vit_*"])
+    assert bench_contenders.select_models(None) == bench_contenders.default_models()
     with pytest.raises(ValueError, match="no registered model"):
-        bench.select_models(["no_such_model*"])
+        bench_contenders.select_models(["no_such_model*"])
 
 
 def test_bench_bad_usage_exits_2(capsys):
@@ -105,9 +108,9 @@ def test_time_interleaved_measures_everyone_and_records_errors():
     def broken():
         raise RuntimeError("no kernel for you")
 
-    contenders = [bench.Contender("a", a), bench.Contender("b", b), bench.Contender("broken", broken),
-                  bench.Contender("skipped", skip_reason="refused: head_dim=512 > 256")]
-    measured = bench.time_interleaved(contenders, "cpu", budget_s=0.05, min_samples=3, measure_memory=False)
+    contenders = [timing.Contender("a", a), timing.Contender("b", b), timing.Contender("broken", broken),
+                  timing.Contender("skipped", skip_reason="refused: head_dim=512 > 256")]
+    measured = timing.time_interleaved(contenders, "cpu", budget_s=0.05, min_samples=3, measure_memory=False)
     for name in ("a", "b"):
         m = measured[name]
         # how many samples fit depends on the machine's speed; at least one always does
@@ -120,14 +123,14 @@ def test_time_interleaved_measures_everyone_and_records_errors():
 def test_time_interleaved_takes_one_sample_when_one_call_exceeds_the_budget():
     import time
 
-    measured = bench.time_interleaved([bench.Contender("slow", lambda: time.sleep(0.05))], "cpu", budget_s=0.01,
+    measured = timing.time_interleaved([timing.Contender("slow", lambda: time.sleep(0.05))], "cpu", budget_s=0.01,
                                       min_samples=5, measure_memory=False)
     assert len(measured["slow"].samples) >= 1
 
 
 def test_peak_memory_on_cpu_sees_torch_allocations():
-    big = bench.peak_memory(lambda: torch.ones(8 * 2**20, dtype=torch.uint8).add_(1), "cpu")
-    small = bench.peak_memory(lambda: torch.ones(16), "cpu")
+    big = timing.peak_memory(lambda: torch.ones(8 * 2**20, dtype=torch.uint8).add_(1), "cpu")
+    small = timing.peak_memory(lambda: torch.ones(16), "cpu")
     assert big is not None and small is not None
     assert big >= 8 * 2**20
     assert small < 2**20
@@ -145,8 +148,8 @@ def test_attention_contenders_list_refusals_with_reasons():
 
     register_backend(NoRelPos)
     try:
-        shape = next(s for s in bench.ATTENTION_SHAPES if s.bias == "relpos")
-        contenders, dims = bench.attention_contenders(shape, device="cpu", dtype=torch.float32, quick=True)
+        shape = next(s for s in shapes.ATTENTION_SHAPES if s.bias == "relpos")
+        contenders, dims = bench_contenders.attention_contenders(shape, device="cpu", dtype=torch.float32, quick=True)
         by_name = {c.name: c for c in contenders}
         assert "RelPosBias is not supported" in by_name[NoRelPos.name].skip_reason
         assert by_name["reference"].skip_reason is None
@@ -157,20 +160,20 @@ def test_attention_contenders_list_refusals_with_reasons():
         BACKENDS.pop(NoRelPos.name, None)
 
 
-@pytest.mark.parametrize("shape", bench.ATTENTION_SHAPES, ids=lambda s: s.name)
+@pytest.mark.parametrize("shape", shapes.ATTENTION_SHAPES, ids=lambda s: s.name)
 def test_attention_shapes_build_valid_inputs_forward_and_backward(shape):
-    contenders, dims = bench.attention_contenders(shape, device="cpu", dtype=torch.float32, mode="fwd+bwd",
+    contenders, dims = bench_contenders.attention_contenders(shape, device="cpu", dtype=torch.float32, mode="fwd+bwd",
                                                   backends=["reference"], quick=True)
     out = contenders[0].fn()
     assert tuple(out.shape) == (dims[0], dims[1], dims[2], dims[5])
     assert not torch.isnan(out).any()
     if shape.bias == "relpos":
-        _, _, _, make_bias = bench.attention_inputs(shape.quick, "relpos", "cpu", torch.float32)
+        _, _, _, make_bias = shapes.attention_inputs(shape.quick, "relpos", "cpu", torch.float32)
         assert isinstance(make_bias(), RelPosBias)
 
 
 def test_full_size_shapes_are_the_documented_ones():
-    by_name = {s.name: s for s in bench.ATTENTION_SHAPES}
+    by_name = {s.name: s for s in shapes.ATTENTION_SHAPES}
     assert by_name["vit_s16_224"].dims("cpu") == (8, 6, 197, 197, 64, 64)
     assert by_name["vit_b16_1024"].dims("cpu") == (1, 12, 4096, 4096, 64, 64)
     assert by_name["twins_svt_s_gsa_stage1"].dims("cpu")[2:4] == (3136, 49)
@@ -178,10 +181,10 @@ def test_full_size_shapes_are_the_documented_ones():
 
 
 def test_cls_probs_shape_asks_every_backend_for_the_cls_row():
-    shape = next(s for s in bench.ATTENTION_SHAPES if s.name == "ats_vit_s_cls_probs")
-    plain = next(s for s in bench.ATTENTION_SHAPES if s.name == "vit_s16_224")
+    shape = next(s for s in shapes.ATTENTION_SHAPES if s.name == "ats_vit_s_cls_probs")
+    plain = next(s for s in shapes.ATTENTION_SHAPES if s.name == "vit_s16_224")
     assert shape.cls_probs and shape.dims("cuda") == plain.dims("cuda"), "the overhead target compares these two"
-    contenders, dims = bench.attention_contenders(shape, device="cpu", dtype=torch.float32, quick=True,
+    contenders, dims = bench_contenders.attention_contenders(shape, device="cpu", dtype=torch.float32, quick=True,
                                                   backends=["reference", "sdpa"])
     by_name = {c.name: c for c in contenders}
     assert "return_cls_probs" in by_name["sdpa"].skip_reason
@@ -190,60 +193,60 @@ def test_cls_probs_shape_asks_every_backend_for_the_cls_row():
 
 
 def test_peak_tflops_by_device_name(monkeypatch):
-    assert bench.peak_tflops("cpu", torch.bfloat16) is None
+    assert shapes.peak_tflops("cpu", torch.bfloat16) is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, bf16 in (("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.4),
                        ("NVIDIA A100-SXM4-80GB", 312.0), ("Some Future GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_, n=name: n)
-        assert bench.peak_tflops("cuda", torch.bfloat16) == bf16, name
+        assert shapes.peak_tflops("cuda", torch.bfloat16) == bf16, name
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H100 80GB HBM3")
-    assert bench.peak_tflops("cuda", torch.float32) == 66.9
+    assert shapes.peak_tflops("cuda", torch.float32) == 66.9
 
 
 def test_timm_compile_adds_a_compiled_timm_contender():
     pytest.importorskip("timm")
-    contenders, _ = bench.model_contenders("vit_small_patch16_224", device="cpu", dtypes=[torch.float32],
+    contenders, _ = bench_contenders.model_contenders("vit_small_patch16_224", device="cpu", dtypes=[torch.float32],
                                            backends=["auto"], vit_pytorch=False, quick=True, timm_compile=True)
     by_name = {c.name: c for c in contenders}
     assert by_name["timm compiled fp32"].meta["compiled"] and by_name["timm compiled fp32"].skip_reason is None
-    assert "timm compiled fp32" not in {c.name for c in bench.model_contenders(
+    assert "timm compiled fp32" not in {c.name for c in bench_contenders.model_contenders(
         "vit_small_patch16_224", device="cpu", dtypes=[torch.float32], backends=["auto"], vit_pytorch=False,
         quick=True)[0]}
 
 
 def test_attention_flops_and_bytes():
     dims = (2, 3, 10, 20, 8, 16)
-    assert bench.attention_flops(dims) == 2 * 2 * 3 * 10 * 20 * (8 + 16)
-    assert bench.attention_flops(dims, "fwd+bwd") == pytest.approx(3.5 * bench.attention_flops(dims))
-    assert bench.attention_bytes(dims, torch.bfloat16) == 2 * 2 * 3 * (10 * 8 + 20 * 8 + 20 * 16 + 10 * 16)
+    assert shapes.attention_flops(dims) == 2 * 2 * 3 * 10 * 20 * (8 + 16)
+    assert shapes.attention_flops(dims, "fwd+bwd") == pytest.approx(3.5 * shapes.attention_flops(dims))
+    assert shapes.attention_bytes(dims, torch.bfloat16) == 2 * 2 * 3 * (10 * 8 + 20 * 8 + 20 * 16 + 10 * 16)
 
 
 def test_validate_document_finds_problems():
-    assert any("schema_version" in p for p in bench.validate_document({}))
-    good = {"schema_version": bench.SCHEMA_VERSION, "kind": "fastvit-bench", "device": "x", "device_type": "cpu",
+    assert any("schema_version" in p for p in schema.validate_document({}))
+    good = {"schema_version": schema.SCHEMA_VERSION, "kind": "fastvit-bench", "device": "x", "device_type": "cpu",
             "dtype": ["fp32"], "versions": {"torch": "1", "triton": None, "timm": None, "vit-pytorch": None},
             "git_commit": None, "timestamp": "t", "config": {}, "results": []}
-    assert bench.validate_document(good) == []
+    assert schema.validate_document(good) == []
     bad_row = {"kind": "model", "name": "m", "mode": "fwd", "status": "error"}  # an error without a reason
-    assert bench.validate_document({**good, "results": [bad_row]})
+    assert schema.validate_document({**good, "results": [bad_row]})
 
 
 def test_environment_names_the_device_and_commit():
-    env = bench.environment("cpu")
+    env = bench_env.environment("cpu")
     assert env["device"] and env["device_type"] == "cpu"
     assert env["versions"]["torch"] == torch.__version__
     assert "git_commit" in env and "timestamp" in env
 
 
-# ---- fastvit.check case generation (reused by tests and benchmarks/gpu_check.py) -----------------
+# ---- fastvit.attention.testing case generation (reused by tests and benchmarks/gpu_check.py) -----------------
 
 def test_check_cases_cover_the_awkward_shapes():
-    cases = check.generate_cases(["sdpa"], "cpu", [torch.float32])
+    cases = testing.generate_cases(["sdpa"], "cpu", [torch.float32])
     shapes = {c.shape for c in cases}
     assert {s[2] for s in shapes} >= {1, 49, 50, 197}
     assert {s[4] for s in shapes} >= {8, 32, 48, 64, 80}
     assert any(s[2] != s[3] for s in shapes) and any(s[4] != s[5] for s in shapes)
-    assert {c.bias for c in cases} == set(check.BIAS_KINDS)
+    assert {c.bias for c in cases} == set(testing.BIAS_KINDS)
     ids = {c.id for c in cases}
     assert "sdpa-cpu-fp32-B2-H3-N49-D32-relpos" in ids
     assert "sdpa-cpu-fp32-B2-H2-Nq49-Nk196-D16-Dv64" in ids
@@ -251,38 +254,38 @@ def test_check_cases_cover_the_awkward_shapes():
 
 
 def test_check_padding_cases_include_a_fully_masked_sample():
-    case = check.CheckCase("sdpa", "cpu", torch.float32, (2, 3, 49, 49, 32, 32), "relpos+padding")
-    q, k, v, bias = check.make_case_inputs(case)
+    case = testing.CheckCase("sdpa", "cpu", torch.float32, (2, 3, 49, 49, 32, 32), "relpos+padding")
+    q, k, v, bias = testing.make_case_inputs(case)
     mask = next(b for b in bias if isinstance(b, KeyPaddingMask)).mask
     assert not mask[-1].any() and mask[0].any()
-    assert [name for name, _ in check.trainable(q, k, v, bias)] == ["q", "k", "v", "rel_table"]
+    assert [name for name, _ in testing.trainable(q, k, v, bias)] == ["q", "k", "v", "rel_table"]
 
 
 def test_check_filters_and_devices():
-    cases = check.generate_cases(["sdpa", "reference"], "cpu", None, ["*-N197-*"])
+    cases = testing.generate_cases(["sdpa", "reference"], "cpu", None, ["*-N197-*"])
     assert cases and all("-N197-" in c.id for c in cases)
     assert all(c.backend == "sdpa" for c in cases)  # the reference is the oracle, never a candidate
-    assert torch.float32 in check.device_dtypes("cpu")
-    assert all(max(c.shape[2], c.shape[3]) <= 64 for c in check.generate_cases(["sdpa"], "cpu", quick=True))
+    assert torch.float32 in testing.device_dtypes("cpu")
+    assert all(max(c.shape[2], c.shape[3]) <= 64 for c in testing.generate_cases(["sdpa"], "cpu", quick=True))
 
 
 def test_check_compare_reports_the_worst_element():
     expected = torch.zeros(2, 3)
     actual = expected.clone()
     actual[1, 2] = 0.5
-    res = check.compare(actual, expected, atol=1e-3, rtol=0)
+    res = testing.compare(actual, expected, atol=1e-3, rtol=0)
     assert not res["ok"] and res["index"] == (1, 2) and res["max_abs_err"] == pytest.approx(0.5)
     actual[0, 0] = float("nan")
-    assert check.compare(actual, expected, atol=1e-3, rtol=0)["max_abs_err"] == float("inf")
-    assert check.compare(expected, expected, atol=0, rtol=0)["ok"]
+    assert testing.compare(actual, expected, atol=1e-3, rtol=0)["max_abs_err"] == float("inf")
+    assert testing.compare(expected, expected, atol=0, rtol=0)["ok"]
 
 
 def test_a_tight_max_seconds_shrinks_group_budgets_but_still_measures():
-    config = bench.BenchConfig(device="cpu", quick=True, models=["vit_small_patch16_224"], shapes=["vit_s16*"],
+    config = runner.BenchConfig(device="cpu", quick=True, models=["vit_small_patch16_224"], shapes=["vit_s16*"],
                                max_seconds=0.5, timm=False, memory=False)
-    planned = {g.name: g.budget_s for g in bench.plan(config)}
-    doc = bench.run_bench(config)
-    assert doc["complete"] and bench.validate_document(doc) == []
+    planned = {g.name: g.budget_s for g in runner.plan(config)}
+    doc = runner.run_bench(config)
+    assert doc["complete"] and schema.validate_document(doc) == []
     for row in doc["results"]:
         assert row["group_budget_s"] <= planned[row["name"]] + 1e-9
         if row["contender"] in ("reference", "fastvit[auto] fp32", "vit-pytorch fp32"):

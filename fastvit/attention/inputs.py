@@ -10,7 +10,16 @@ from torch import Tensor
 
 from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
 
-__all__ = ["AttnInputs", "AttnOutput", "validate_inputs"]
+__all__ = ["AttnInputs", "AttnOutput", "validate_inputs", "DTYPES", "dtype_name"]
+
+# The short dtype names used everywhere a dtype is printed or parsed (CLI flags, case ids, results).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NAMES = {**{v: k for k, v in DTYPES.items()}, torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``fp32`` / ``bf16`` / ``fp16`` / ``fp64``; other dtypes by torch's name (``int32``)."""
+    return _NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 class AttnOutput(NamedTuple):

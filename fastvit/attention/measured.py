@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
-from .inputs import AttnInputs
+from .inputs import AttnInputs, dtype_name
 
 __all__ = ["order_key", "measured_order", "ordered"]
 
@@ -35,9 +35,8 @@ def _bucket(n: int) -> int:
 
 def order_key(dtype: torch.dtype, bias_kinds: tuple, nq: int, nk: int, head_dim: int, value_dim: int) -> str:
     """The bucket of a call: dtype, bias kinds, query / key length buckets, head widths."""
-    dt = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
     bias = "+".join(bias_kinds) or "none"
-    return f"{dt}|{bias}|q{_bucket(nq)}|k{_bucket(nk)}|d{head_dim}x{value_dim}"
+    return f"{dtype_name(dtype)}|{bias}|q{_bucket(nq)}|k{_bucket(nk)}|d{head_dim}x{value_dim}"
 
 
 def key_of(inp: AttnInputs) -> str:

@@ -1,6 +1,6 @@
 """Every backend against the reference on fp32 copies: forward and the gradients of q, k, v and of
-trainable biases, over the cases each backend declares (``fastvit.check``, the same cases and
-comparison ``fastvit check`` runs).
+trainable biases, over the cases each backend declares (``fastvit.attention.testing``, the same cases
+and comparison ``fastvit check`` runs).
 
 Cases run on CUDA tensors when a CUDA device is present (the triton kernels compiled, more and larger
 shapes) and on the CPU otherwise (triton under ``TRITON_INTERPRET=1``, small shapes only).
@@ -12,9 +12,10 @@ import pytest
 import torch
 from helpers import assert_close
 
-from fastvit import check
 from fastvit.attention import BACKENDS, KeyPaddingMask, attend, get_backend
 from fastvit.attention import make_inputs as attn_inputs
+from fastvit.attention import testing as check
+from fastvit.tools.check import run_case
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = check.generate_cases(BACKENDS, DEVICE, dtypes=[torch.float32, torch.bfloat16, torch.float16],
@@ -45,7 +46,7 @@ def _skip_unavailable(name: str):
 @pytest.mark.parametrize("case", [c for c in CASES if not _slow_here(c)], ids=lambda c: c.id)
 def test_backend_matches_reference(case: check.CheckCase):
     _skip_unavailable(case.backend)
-    res = check.run_case(case)
+    res = run_case(case)
     assert res.status != "skip", f"{case.backend} declares support for {case.id} but refuses it: {res.reason}"
     assert res.status == "pass", (f"{case.id}: {res.status}: {res.reason}; worst {res.worst}: max abs err "
                                   f"{res.max_abs_err} at {res.index} (atol {res.atol}, rtol {res.rtol}); "

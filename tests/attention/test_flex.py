@@ -25,7 +25,7 @@ from fastvit.attention import (
 )
 from fastvit.attention.backends import flex as flex_module
 from fastvit.attention.backends.flex import FlexBackend
-from fastvit.check import CheckCase, fp32_copy, make_case_inputs, no_tf32, trainable
+from fastvit.attention.testing import CheckCase, fp32_copy, make_case_inputs, no_tf32, trainable
 
 if not FlexBackend.availability()[0]:
     pytest.skip(f"flex unavailable: {FlexBackend.availability()[1]}", allow_module_level=True)

@@ -13,15 +13,10 @@ from typing import ClassVar, Optional
 import torch
 
 from ..bias import DenseBias, KeyPaddingMask, RelPosBias
-from ..inputs import AttnInputs, AttnOutput
+from ..inputs import AttnInputs, AttnOutput, dtype_name
 
 __all__ = ["Backend", "dtype_name"]
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
 
 
 class Backend:

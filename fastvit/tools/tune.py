@@ -4,11 +4,11 @@ the fastest per shape bucket in ``kernels/tuned/<device>.json``, which the launc
     fastvit tune --device cuda                  # all attention shapes of the benchmark, bf16
     fastvit tune --device cpu --quick --tuned-out /tmp/t.json   # smoke run under TRITON_INTERPRET=1
 
-For each shape of ``fastvit.bench.ATTENTION_SHAPES`` and each tunable kernel (forward, dK/dV, dQ),
+For each shape of ``fastvit.tools.shapes.ATTENTION_SHAPES`` and each tunable kernel (forward, dK/dV, dQ),
 the bucket key (``fastvit.kernels.attention.tune_key``) says which launches share a config; a bucket
 is tuned once, by the first shape that falls in it. Each candidate of ``candidate_configs`` is forced
 on that kernel (``forced_configs``) and all candidates are timed in ONE interleaved run
-(``fastvit.bench.time_interleaved``): the forward kernel by the forward call, a backward kernel by
+(``fastvit.tools.timing.time_interleaved``): the forward kernel by the forward call, a backward kernel by
 forward + backward (the other kernels keep their defaults, so only the candidate's kernel changes).
 A candidate that fails to compile or launch is recorded with its error and never chosen.
 
@@ -29,11 +29,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from fastvit.tools.env import device_name, package_version
+
 __all__ = ["tune", "write_table"]
 
 
 def _shapes(patterns: Optional[Sequence[str]]) -> list:
-    from fastvit.bench import ATTENTION_SHAPES
+    from fastvit.tools.shapes import ATTENTION_SHAPES
 
     if not patterns:
         return list(ATTENTION_SHAPES)
@@ -82,8 +84,9 @@ def tune(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes: O
         max_seconds: stop starting new buckets after this many seconds (the report says which were left).
         on_bucket: called with ``(key, entry)`` after each bucket.
     """
-    from fastvit.bench import Contender, attention_inputs, time_interleaved
     from fastvit.kernels import attention as kattn
+    from fastvit.tools.shapes import attention_inputs
+    from fastvit.tools.timing import Contender, time_interleaved
 
     ok, why = kattn._runtime_available(torch.device(device))
     if not ok:
@@ -149,9 +152,9 @@ def tune(*, device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes: O
             dispatch[key] = record["order"]
         if on_bucket is not None:
             on_bucket(f"dispatch:{key}", record)
-    return {"kind": "fastvit-tune", "device": _device_name(device), "device_type": torch.device(device).type,
+    return {"kind": "fastvit-tune", "device": device_name(device), "device_type": torch.device(device).type,
             "dtype": str(dtype).replace("torch.", ""), "quick": quick,
-            "triton": _version("triton"), "torch": torch.__version__,
+            "triton": package_version("triton"), "torch": torch.__version__,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "wall_s": time.perf_counter() - started, "entries": entries, "buckets": report,
             "dispatch": dispatch, "backend_orders": orders, "not_tuned": skipped}
@@ -169,7 +172,8 @@ def measure_backend_order(shape, *, device: str, dtype: torch.dtype, quick: bool
     """
     from fastvit.attention import BACKENDS, attend, make_inputs
     from fastvit.attention.measured import key_of
-    from fastvit.bench import Contender, attention_inputs, time_interleaved
+    from fastvit.tools.shapes import attention_inputs
+    from fastvit.tools.timing import Contender, time_interleaved
 
     dims = shape.dims(device, quick)
     q, k, v, make_bias = attention_inputs(dims, shape.bias, device, dtype)
@@ -223,13 +227,3 @@ def _same(timing: dict, cfg) -> bool:
     return all(timing[k] == v for k, v in cfg._asdict().items())
 
 
-def _device_name(device: str) -> str:
-    from fastvit.bench import device_name
-
-    return device_name(device)
-
-
-def _version(dist: str) -> Optional[str]:
-    from fastvit.bench import package_version
-
-    return package_version(dist)

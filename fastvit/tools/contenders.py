@@ -1,0 +1,311 @@
+"""What a benchmark group times: every attention backend on one shape; a model under each backend
+selection, vit-pytorch with the same weights and timm's equivalent."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from fastvit.attention import BACKENDS, attend, choose, dtype_name, make_inputs, use_backend
+from fastvit.tools.env import package_version
+from fastvit.tools.shapes import AttentionShape, attention_inputs
+from fastvit.tools.timing import Contender
+
+HEADLINE_MODEL = "vit_small_patch16_224"
+
+
+def _interpreted(backend: str, device: str, quick: bool) -> list:
+    """Triton on the CPU runs in its numpy interpreter (TRITON_INTERPRET=1): a correctness tool, not a
+    benchmark, and minutes per call at full sizes. Allowed in --quick runs only."""
+    if backend == "triton" and torch.device(device).type == "cpu" and not quick \
+            and os.environ.get("TRITON_INTERPRET") == "1":
+        return ["triton runs in its interpreter on the CPU (TRITON_INTERPRET=1); not benchmarked at full size"]
+    if backend == "flex" and torch.device(device).type == "cpu" and not quick:
+        return ["flex runs uncompiled on the CPU (it materialises the B*H*N^2 scores); not benchmarked at full size"]
+    return []
+
+
+def attention_contenders(shape: AttentionShape, *, device: str, dtype: torch.dtype, mode: str = "fwd",
+                         backends: Optional[Sequence[str]] = None, quick: bool = False,
+                         batch_size: Optional[int] = None) -> tuple:
+    """The contenders of one attention group: every backend (refusals skipped with their reasons) + auto.
+
+    Returns:
+        ``(contenders, dims)``.
+    """
+    dims = shape.dims(device, quick, batch_size)
+    backward = mode == "fwd+bwd"
+    q, k, v, make_bias = attention_inputs(dims, shape.bias, device, dtype, requires_grad=backward)
+    extra = dict(return_cls_probs=True) if shape.cls_probs else {}
+    inp = make_inputs(q, k, v, bias=make_bias(), **extra)
+    names = list(backends) if backends is not None else [*BACKENDS, "auto"]
+    leaves = [q, k, v] + ([make_bias().table] if shape.bias == "relpos" else [])
+    grad_out = torch.randn(dims[0], dims[1], dims[2], dims[5], device=device, dtype=dtype) if backward else None
+
+    contenders = []
+    for name in names:
+        meta = {"backend": name}
+        if name == "auto":
+            try:
+                meta["served_by"] = choose(inp, "auto").name
+            except ValueError as e:
+                contenders.append(Contender(name, meta=meta, skip_reason=str(e)))
+                continue
+        else:
+            if name not in BACKENDS:
+                contenders.append(Contender(name, meta=meta, skip_reason=f"unknown backend {name!r}"))
+                continue
+            reasons = BACKENDS[name].not_supported_reasons(inp) or _interpreted(name, device, quick)
+            if reasons:
+                contenders.append(Contender(name, meta=meta, skip_reason="; ".join(reasons)))
+                continue
+            meta["served_by"] = name
+
+        if backward:
+            def fn(name=name):
+                for t in leaves:
+                    t.grad = None
+                res = attend(q, k, v, bias=make_bias(), backend=name, **extra)
+                out = res.out if shape.cls_probs else res
+                out.backward(grad_out)
+                return out
+        else:
+            def fn(name=name):
+                with torch.inference_mode():
+                    return attend(q, k, v, bias=make_bias(), backend=name, **extra)
+        contenders.append(Contender(name, fn, meta))
+    return contenders, dims
+
+
+# fastvit preset -> (timm model name, extra timm kwargs). Same sizes; timm's own block details (qkv
+# bias, conv patch embedding, fused SDPA attention, LeViT's BN-folded layers) are kept as timm ships them.
+TIMM_EQUIVALENTS = {
+    "vit_tiny_patch16_224": ("vit_tiny_patch16_224", {}),
+    "vit_small_patch16_224": ("vit_small_patch16_224", {}),
+    "vit_base_patch16_224": ("vit_base_patch16_224", {}),
+    "vit_large_patch16_224": ("vit_large_patch16_224", {}),
+    "vit_base_patch32_384": ("vit_base_patch32_384", {}),
+    "vit_small_patch16_224_mean": ("vit_small_patch16_224", {"global_pool": "avg", "class_token": False,
+                                                             "fc_norm": False}),
+    "cait_xxs24_224": ("cait_xxs24_224", {}),
+    "cait_xxs36_224": ("cait_xxs36_224", {}),
+    "cait_s24_224": ("cait_s24_224", {}),
+    "levit_128s": ("levit_128s", {}),
+    "levit_128": ("levit_128", {}),
+    "levit_192": ("levit_192", {}),
+    "levit_256": ("levit_256", {}),
+    "levit_384": ("levit_384", {}),
+    "pit_ti_224": ("pit_ti_224", {}),
+    "pit_xs_224": ("pit_xs_224", {}),
+    "pit_s_224": ("pit_s_224", {}),
+    "pit_b_224": ("pit_b_224", {}),
+    "crossvit_tiny_240": ("crossvit_tiny_240", {}),
+    "crossvit_small_240": ("crossvit_small_240", {}),
+    "crossvit_base_240": ("crossvit_base_240", {}),
+}
+
+
+def _registry():
+    from fastvit.models.registry import _REGISTRY, get_model_entry, list_models
+
+    return _REGISTRY, get_model_entry, list_models
+
+
+def default_models() -> list:
+    """The headline ViT-S/16, then one preset per vit-pytorch architecture (the first registered one),
+    so models added to the registry show up without touching the benchmark."""
+    registry, _, _ = _registry()
+    names, seen = [], set()
+    if HEADLINE_MODEL in registry:
+        names.append(HEADLINE_MODEL)
+        seen.add((registry[HEADLINE_MODEL].vit_pytorch or "").split(":")[0])
+    for name, entry in registry.items():
+        if not entry.vit_pytorch:
+            continue
+        family = entry.vit_pytorch.split(":")[0]
+        if family not in seen:
+            seen.add(family)
+            names.append(name)
+    return names
+
+
+def select_models(patterns: Optional[Sequence[str]]) -> list:
+    """Presets matching any glob pattern (``all`` = every preset with a vit-pytorch equivalent)."""
+    registry, _, list_models = _registry()
+    if not patterns:
+        return default_models()
+    names = []
+    for pattern in patterns:
+        if pattern == "all":
+            matched = [n for n, e in registry.items() if e.vit_pytorch]
+        elif pattern == "default":
+            matched = default_models()
+        else:
+            matched = list_models(pattern)
+            if not matched:
+                raise ValueError(f"no registered model matches {pattern!r} (see fastvit.list_models())")
+        names += [n for n in matched if n not in names]
+    return names
+
+
+def _timm_vit_kwargs(kwargs: dict) -> dict:
+    """timm VisionTransformer arguments with the sizes of a fastvit ViT (for --quick's tiny presets)."""
+    dim, heads = kwargs["dim"], kwargs["heads"]
+    out = dict(img_size=kwargs["image_size"], patch_size=kwargs["patch_size"], embed_dim=dim,
+               depth=kwargs["depth"], num_heads=heads, mlp_ratio=kwargs["mlp_dim"] / dim,
+               num_classes=kwargs.get("num_classes", 1000), in_chans=kwargs.get("channels", 3))
+    if kwargs.get("pool", "cls") == "mean":
+        out.update(global_pool="avg", class_token=False, fc_norm=False)
+    return out
+
+
+def _build_timm(name: str, entry, overrides: dict, quick: bool):
+    """``(model or None, timm name, reason)``."""
+    if package_version("timm") is None:
+        return None, None, "timm is not installed"
+    if name not in TIMM_EQUIVALENTS:
+        return None, None, f"no timm equivalent registered for {name}"
+    timm_name, extra = TIMM_EQUIVALENTS[name]
+    import timm
+
+    kwargs = dict(extra)
+    if quick:
+        if not (entry.vit_pytorch or "").startswith("vit_pytorch.vit:"):
+            return None, timm_name, "no size-matched timm model for --quick's tiny preset"
+        kwargs.update(_timm_vit_kwargs({**entry.kwargs, **overrides}))
+    return timm.create_model(timm_name, pretrained=False, **kwargs), timm_name, None
+
+
+def _autocast(device: str, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _model_fn(model: torch.nn.Module, x: torch.Tensor, device: str, dtype: torch.dtype, mode: str,
+              backend: Optional[str]) -> Callable[[], Any]:
+    selection = (lambda: use_backend(backend, strict=False)) if backend else contextlib.nullcontext
+    if mode == "fwd+bwd":
+        def fn():
+            model.zero_grad(set_to_none=True)
+            with selection(), _autocast(device, dtype):
+                out = model(x)
+            out.float().sum().backward()
+            return out
+    else:
+        def fn():
+            with torch.inference_mode(), selection(), _autocast(device, dtype):
+                return model(x)
+    return fn
+
+
+def model_contenders(name: str, *, device: str, dtypes: Sequence[torch.dtype], mode: str = "fwd",
+                     batch_size: int = 8, backends: Optional[Sequence[str]] = None, vit_pytorch: bool = True,
+                     timm: bool = True, quick: bool = False, extra_auto_dtypes: Sequence[torch.dtype] = (),
+                     timm_compile: bool = False) -> tuple:
+    """The contenders of one model group.
+
+    fastvit runs under each name in ``backends`` (``use_backend(name, strict=False)``: calls a backend
+    cannot serve fall back to auto) and ``"auto"``; vit-pytorch with the same weights; timm's
+    equivalent (and, with ``timm_compile``, the same timm model under ``torch.compile``). Each in every
+    dtype of ``dtypes`` (autocast for bf16 / fp16), plus fastvit auto in ``extra_auto_dtypes``.
+
+    Returns:
+        ``(contenders, info)``; ``info`` has the input size, parameter count and notes.
+    """
+    _, get_model_entry, _ = _registry()
+    entry = get_model_entry(name)
+    overrides = dict(entry.test_overrides) if quick else {}
+    input_size = entry.input_size_for(overrides) if quick else entry.input_size
+    if quick and entry.test_input_size:
+        input_size = entry.test_input_size
+    info = {"input_size": list(input_size), "vit_pytorch": entry.vit_pytorch, "notes": []}
+
+    torch.manual_seed(0)
+    model = entry.build(**overrides).eval()
+    ref = None
+    ref_reason = None
+    if not vit_pytorch:
+        ref_reason = "disabled (--no-vit-pytorch)"
+    elif entry.vit_pytorch is None:
+        ref_reason = "no vit-pytorch equivalent"
+    elif package_version("vit-pytorch") is None:
+        ref_reason = "vit-pytorch is not installed"
+    else:
+        try:
+            torch.manual_seed(0)
+            ref = entry.build_vit_pytorch(**overrides).eval()
+            model.load_vit_pytorch_state_dict(ref.state_dict())
+        except Exception as e:  # noqa: BLE001 - a broken equivalent must not stop the benchmark
+            ref_reason = f"vit-pytorch build or weight loading failed: {type(e).__name__}: {e}"
+            info["notes"].append(ref_reason)
+            ref = None
+    timm_model, timm_name, timm_reason = (None, None, "disabled (--no-timm)")
+    if timm:
+        try:
+            timm_model, timm_name, timm_reason = _build_timm(name, entry, overrides, quick)
+        except Exception as e:  # noqa: BLE001
+            timm_reason = f"timm build failed: {type(e).__name__}: {e}"
+    info["timm_model"] = timm_name
+    info["params"] = sum(p.numel() for p in model.parameters())
+
+    model.to(device)
+    if ref is not None:
+        ref.to(device)
+    if timm_model is not None:
+        timm_model.eval().to(device)
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, *input_size, device=device)
+    if mode == "fwd+bwd":
+        x.requires_grad_(False)
+
+    names = list(backends) if backends is not None else [*BACKENDS, "auto"]
+    contenders = []
+    for dtype in list(dtypes) + [d for d in extra_auto_dtypes if d not in dtypes]:
+        dt = dtype_name(dtype)
+        extra_only = dtype not in dtypes
+        for backend in (["auto"] if extra_only else names):
+            meta = {"impl": "fastvit", "backend": backend, "dtype": dt}
+            cname = f"fastvit[{backend}] {dt}"
+            if backend != "auto":
+                if backend not in BACKENDS:
+                    contenders.append(Contender(cname, meta=meta, skip_reason=f"unknown backend {backend!r}"))
+                    continue
+                ok, why = BACKENDS[backend].availability()
+                if not ok:
+                    contenders.append(Contender(cname, meta=meta, skip_reason=f"unavailable: {why}"))
+                    continue
+                if torch.device(device).type not in BACKENDS[backend].devices:
+                    contenders.append(Contender(cname, meta=meta, skip_reason=f"{backend} does not run on {device}"))
+                    continue
+                if _interpreted(backend, device, quick):
+                    contenders.append(Contender(cname, meta=meta, skip_reason=_interpreted(backend, device, quick)[0]))
+                    continue
+            contenders.append(Contender(cname, _model_fn(model, x, device, dtype, mode, backend), meta))
+        if extra_only:
+            continue
+        meta = {"impl": "vit-pytorch", "backend": None, "dtype": dt}
+        if ref is None:
+            contenders.append(Contender(f"vit-pytorch {dt}", meta=meta, skip_reason=ref_reason))
+        else:
+            contenders.append(Contender(f"vit-pytorch {dt}", _model_fn(ref, x, device, dtype, mode, None), meta))
+        meta = {"impl": "timm", "backend": None, "dtype": dt, "timm_model": timm_name}
+        if timm_model is None:
+            contenders.append(Contender(f"timm {dt}", meta=meta, skip_reason=timm_reason))
+        else:
+            contenders.append(Contender(f"timm {dt}", _model_fn(timm_model, x, device, dtype, mode, None), meta))
+        if timm_compile:
+            meta = dict(meta, impl="timm", compiled=True)
+            if timm_model is None:
+                contenders.append(Contender(f"timm compiled {dt}", meta=meta, skip_reason=timm_reason))
+            else:
+                # Compiled on its first (warm-up) call, outside the timed rounds.
+                compiled = torch.compile(timm_model)
+                contenders.append(Contender(f"timm compiled {dt}", _model_fn(compiled, x, device, dtype, mode, None),
+                                            meta))
+    return contenders, info
+
+

@@ -1,0 +1,44 @@
+"""The one results schema of ``fastvit bench`` (``SCHEMA_VERSION``) and its validator."""
+
+from __future__ import annotations
+
+SCHEMA_VERSION = 1
+
+
+_TOP_LEVEL = {"schema_version": int, "kind": str, "device": str, "device_type": str, "dtype": list,
+              "versions": dict, "git_commit": (str, type(None)), "timestamp": str, "config": dict,
+              "results": list}
+_ROW = {"kind": str, "name": str, "mode": str, "status": str}
+_OK_ROW = {"median_ms": float, "min_ms": float, "samples": int, "calls": int}
+
+
+def validate_document(doc: dict) -> list:
+    """Problems with a results document (an empty list means it follows the schema)."""
+    problems = []
+    for key, kind in _TOP_LEVEL.items():
+        if key not in doc:
+            problems.append(f"missing top-level key {key!r}")
+        elif not isinstance(doc[key], kind):
+            problems.append(f"{key!r} is {type(doc[key]).__name__}")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version {doc.get('schema_version')!r} != {SCHEMA_VERSION}")
+    for key in ("torch", "triton", "timm", "vit-pytorch"):
+        if key not in doc.get("versions", {}):
+            problems.append(f"versions lacks {key!r}")
+    for i, row in enumerate(doc.get("results", [])):
+        for key, kind in _ROW.items():
+            if not isinstance(row.get(key), kind):
+                problems.append(f"results[{i}].{key} is missing or not {kind.__name__}")
+        if row.get("status") not in ("ok", "skipped", "error"):
+            problems.append(f"results[{i}].status is {row.get('status')!r}")
+        if row.get("status") == "ok":
+            for key, kind in _OK_ROW.items():
+                if not isinstance(row.get(key), (kind, int) if kind is float else kind):
+                    problems.append(f"results[{i}].{key} is missing or not {kind.__name__}")
+            if row["kind"] == "model" and not isinstance(row.get("img_per_s"), float):
+                problems.append(f"results[{i}].img_per_s is missing")
+            if row["kind"] == "attention" and not isinstance(row.get("gflops"), float):
+                problems.append(f"results[{i}].gflops is missing")
+        elif not row.get("reason"):
+            problems.append(f"results[{i}] is {row.get('status')} without a reason")
+    return problems
