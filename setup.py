@@ -28,6 +28,8 @@ setup(
     python_requires=">=3.9",
     packages=PACKAGES,
     package_dir={"fastvit.kernels": "kernels"},
+    # Per-GPU tuned kernel configs (`fastvit tune`), read by the launchers at run time.
+    package_data={"fastvit.kernels": ["tuned/*.json"]},
     install_requires=[
         "torch>=2.4",
         "einops>=0.7",

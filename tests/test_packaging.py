@@ -43,6 +43,11 @@ def test_built_wheel_contains_and_imports_fastvit_kernels(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastvit/kernels/__init__.py" in names and "fastvit/kernels/attention.py" in names
     assert not any(n.startswith("kernels/") for n in names), "kernels must not be a top-level package"
+    packages = {p.parent.relative_to(ROOT).as_posix() for p in (ROOT / "fastvit").rglob("__init__.py")}
+    missing = [p for p in packages if f"{p}/__init__.py" not in names]
+    assert not missing, f"packages missing from the wheel (setup.py PACKAGES): {missing}"
+    tuned = [p.name for p in (ROOT / "kernels" / "tuned").glob("*.json")]
+    assert all(f"fastvit/kernels/tuned/{name}" in names for name in tuned), "tuned tables missing from the wheel"
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     fastvit_file, kernels_file, ok = run_probe(tmp_path, extra_path=str(site))
