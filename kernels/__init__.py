@@ -7,6 +7,11 @@ dispatch and depends on torch and triton only. Importing it never fails when tri
 Modules:
     attention: the fused attention family (forward, CLS probabilities, backward, reference).
     aot: ahead-of-time compile report (registers, spills, shared memory) for sm_80 and sm_90a.
+    tuned/: per-device tuned config tables (``<device-slug>.json``), written by ``fastvit tune``.
+
+Tuning API (``fastvit tune`` calls it): ``candidate_configs``, ``tune_key``, ``forced_configs``,
+``tuned_path``, ``load_tuned``; the JSON format is documented in ``attention`` (tuned tables).
+``DETERMINISTIC_BIAS_GRADS`` is True: the bias gradients are bitwise reproducible run to run.
 
 ``fastvit.kernels.attention`` is the module (``from fastvit.kernels import attention as kattn``,
 then ``kattn.attention(q, k, v, ...)``): a function of the same name re-exported here would shadow
@@ -21,20 +26,36 @@ import torch
 
 from . import attention
 from .attention import (
+    DETERMINISTIC_BIAS_GRADS,
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
+    TUNABLE_KERNELS,
     AttentionFn,
+    Config,
     attention_bwd,
     attention_fwd,
     attention_ref,
     attention_with_cls_probs,
+    candidate_configs,
+    forced_configs,
     iter_compile_specs,
+    load_tuned,
     not_supported_reasons,
+    tune_key,
+    tuned_path,
 )
 from .attention import attention as fused_attention
 
 __all__ = [
+    "DETERMINISTIC_BIAS_GRADS",
     "MAX_HEAD_DIM",
+    "TUNABLE_KERNELS",
+    "Config",
+    "candidate_configs",
+    "forced_configs",
+    "load_tuned",
+    "tune_key",
+    "tuned_path",
     "SUPPORTED_DTYPES",
     "AttentionFn",
     "attention",

@@ -15,7 +15,11 @@ process that has ``TRITON_INTERPRET=1`` set (the test suite). Triton's cache (``
 makes a second run fast.
 
 The spill table: configs whose variants spill on either capability are listed in
-``attention.PRUNED``; ``keep()`` then skips them and the heuristics fall back to the next config.
+``attention.PRUNED`` (``--spill-table`` compiles every config of the preference lists for every
+head-block pair and bias kind); ``keep()`` then skips them and the heuristics fall back to the next
+config. Each row is labelled with its variant (see ``attention.divisible_by_16`` for the run-time
+specialisation each row stands for): ``split`` marks the variants with the split key/query loop's
+masked last block compiled in, ``even`` the mask-free one of aligned shapes.
 """
 
 from __future__ import annotations
@@ -43,7 +47,10 @@ def _dtype_of(spec) -> str:
 
 
 def _variant(constexprs: dict) -> str:
-    """A short label of a variant's switches, e.g. ``rel+dense+pad uneven`` or ``plain even``."""
+    """A short label of a variant's switches and specialisation, e.g. ``rel+dense+pad even:D split``
+    (the table gathered in-kernel, a dense bias, key padding; the head dim a block size; Nq and Nk
+    not block multiples, so the split loop's masked last block is compiled in), ``plain even``
+    (every extent a block multiple: no masks at all) or ``dense+pad even:D split tf32``."""
     feats = [name for name, flag in (("rel", "HAS_REL"), ("dense", "HAS_DENSE"), ("pad", "HAS_PAD"))
              if constexprs.get(flag)]
     evens = [k for k in ("EVEN_M", "EVEN_N", "EVEN_D") if k in constexprs]
@@ -53,6 +60,8 @@ def _variant(constexprs: dict) -> str:
         shape = "uneven"
     else:
         shape = "even:" + ",".join(k[5:] for k in evens if constexprs[k])
+    if any(k in constexprs and not constexprs[k] for k in ("EVEN_M", "EVEN_N")):
+        shape += " split"
     return f"{'+'.join(feats) or 'plain'} {shape}"
 
 
@@ -62,7 +71,8 @@ def _config_dict(spec) -> dict:
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV"):
         if key in c:
             cfg[key] = c[key]
-    cfg.update(num_warps=spec.config.num_warps, num_stages=spec.config.num_stages, variant=_variant(c))
+    variant = _variant(c) + (" tf32" if cfg["dtype"] == "fp32" and c.get("FP32_IEEE") is False else "")
+    cfg.update(num_warps=spec.config.num_warps, num_stages=spec.config.num_stages, variant=variant)
     return cfg
 
 
@@ -123,7 +133,8 @@ def compile_spec(spec, capability: int) -> dict:
                                "run the report in a process without it (compile_report does)")
         start = time.perf_counter()
         target = GPUTarget("cuda", capability, 32)
-        source = _ast_source(fn, spec.signature, spec.constexprs, attention.divisible_by_16(fn), target)
+        source = _ast_source(fn, spec.signature, spec.constexprs,
+                             attention.divisible_by_16(fn, spec.constexprs), target)
         compiled = triton.compile(source, target=target,
                                   options={"num_warps": spec.config.num_warps,
                                            "num_stages": spec.config.num_stages})
@@ -165,7 +176,10 @@ def compile_report(capabilities: Iterable[int] = (80, 90), progress: Optional[Ca
     # Chunks of a few specs amortise process round trips; capabilities alternate so both workers
     # stay busy to the end.
     chunk = 4
-    jobs = [(specs[i:i + chunk], cap) for i in range(0, len(specs), chunk) for cap in caps]
+    # A spec that names its capabilities (the config a launcher picks on that one) compiles for those.
+    per_cap = {cap: [s for s in specs if not getattr(s, "capabilities", ()) or cap in s.capabilities]
+               for cap in caps}
+    jobs = [(per_cap[cap][i:i + chunk], cap) for cap in caps for i in range(0, len(per_cap[cap]), chunk)]
     rows: list[dict] = []
     with _compile_pool(workers) as pool:
         for result in pool.map(_compile_chunk, jobs):
@@ -176,45 +190,44 @@ def compile_report(capabilities: Iterable[int] = (80, 90), progress: Optional[Ca
     return rows
 
 
-def _walk_preferences(args) -> tuple[list, list]:
-    """Compiles one preference list in order until a config whose default variants compile without
-    spills on every capability; returns (the spilling configs before it as `PRUNED` keys, errors)."""
-    kernel, prefs, dtype_name, blocks, biased, capabilities = args
+def _check_config(args) -> tuple[list, list]:
+    """Compiles the default variants of one (kernel, config, dtype, head blocks, bias kind) for every
+    capability; returns (its `PRUNED` key if any variant spills or fails, else nothing; the errors)."""
+    kernel, cfg, dtype_name, blocks, kind, capabilities = args
     import torch
 
     from . import attention as A
 
     dtype = getattr(torch, dtype_name)
-    pruned, errors = [], []
-    for cfg in prefs:
-        rows = []
-        for variant in A._variants(biased, full=False):
-            for extra in (A._ds_variants(variant, full=False) if kernel == "_attn_bwd_dq" else [{}]):
-                spec = A.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
-                rows += [compile_spec(spec, cap) for cap in capabilities]
-        errors += [r for r in rows if not r["ok"]]
-        if all(r["ok"] and not r["spills"] for r in rows):
-            break
-        pruned.append((kernel, cfg, A._dtype_class(dtype), tuple(blocks), biased))
-    return pruned, errors
+    rows = []
+    for variant in A._variants(kind, full=False, even_plain=False):
+        for extra in (A._ds_variants(variant, full=False) if kernel == "_attn_bwd_dq" else [{}]):
+            spec = A.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
+            rows += [compile_spec(spec, cap) for cap in capabilities]
+    errors = [r for r in rows if not r["ok"]]
+    bad_caps = sorted({r["capability"] for r in rows if not (r["ok"] and not r["spills"])})
+    return [(kernel, cfg, A._dtype_class(dtype), tuple(blocks), kind, cap) for cap in bad_caps], errors
 
 
 def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tuple[set, list]:
-    """Regenerates `attention.PRUNED`: for each preference list (per kernel, dtype class, head
-    blocks, biased), the configs before the first one that compiles without spills everywhere.
-    bf16 stands for the 16-bit class (fp16 compiles to the same register allocation).
-    Returns (the table, the rows of compiles that failed)."""
+    """Regenerates `attention.PRUNED`: every config of every preference list (per kernel, dtype
+    class, head blocks and bias kind) whose default variant spills (or fails) on some capability.
+    Every config is compiled, not just those up to the heuristic's pick, so that
+    `attention.candidate_configs` (the configs a tuner times) are all spill-free. bf16 stands for the
+    16-bit class (fp16 compiles to the same register allocation). Returns (the table, the rows of
+    compiles that failed)."""
     from . import attention as A
 
     jobs = []
     for dtype_name in ("bfloat16", "float32"):
         cls = "fp32" if dtype_name == "float32" else "16bit"
-        lists = [("_attn_fwd", A._FWD_PREFS[(cls, b)]) for b in ("short", "long")]
-        lists += [("_attn_bwd_dkdv", A._DKDV_PREFS[cls]), ("_attn_bwd_dq", A._DQ_PREFS[cls])]
-        for (kernel, prefs), blocks, biased in itertools.product(lists, A.HEAD_BLOCKS, (False, True)):
-            jobs.append((kernel, prefs, dtype_name, blocks, biased, tuple(capabilities)))
+        configs = {"_attn_fwd": list(dict.fromkeys(A._FWD_PREFS[(cls, "short")] + A._FWD_PREFS[(cls, "long")])),
+                   "_attn_bwd_dkdv": list(A._DKDV_PREFS[cls]), "_attn_bwd_dq": list(A._DQ_PREFS[cls])}
+        for kernel, cfgs in configs.items():
+            for cfg, blocks, kind in itertools.product(cfgs, A.HEAD_BLOCKS, A.BIAS_KINDS):
+                jobs.append((kernel, cfg, dtype_name, blocks, kind, tuple(capabilities)))
     with _compile_pool(workers) as pool:
-        results = list(pool.map(_walk_preferences, jobs))
+        results = list(pool.map(_check_config, jobs))
     return {key for keys, _ in results for key in keys}, [row for _, rows in results for row in rows]
 
 
@@ -278,8 +291,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.spill_table:
         pruned, errors = spill_table(args.capabilities, args.workers)
         print("PRUNED = frozenset({")
-        for kernel, cfg, cls, blocks, biased in sorted(pruned):
-            print(f"    ({kernel!r}, Config{tuple(cfg)}, {cls!r}, {blocks}, {biased}),")
+        for kernel, cfg, cls, blocks, kind, cap in sorted(pruned):
+            print(f"    ({kernel!r}, Config{tuple(cfg)}, {cls!r}, {blocks}, {kind!r}, {cap}),")
         print("})")
         print(f"# {len(pruned)} entries, {time.perf_counter() - start:.0f} s")
         for row in errors:

@@ -12,51 +12,94 @@ The forward streams over key blocks with an online softmax (in base 2: ``exp2`` 
 folded into ``log2(e)``) and saves only ``out`` and ``lse``. The backward recomputes ``p`` from
 ``lse``: ``delta = rowsum(dO * O)``; one kernel per key block accumulates ``dK, dV`` over query
 blocks, one per query block accumulates ``dQ`` over key blocks; ``dS = P * (dP - delta)`` is also
-the gradient of every additive bias (summed by the dQ kernel, see below). Biases enter each
+the gradient of every additive bias (written by the dQ kernel, see below). Biases enter each
 ``QK^T`` tile as the matmul accumulator (``_logits``), which keeps the softmax in the matmul's
-register layout: the difference between spilling and not spilling for biased 64x64 tiles.
+register layout.
 
 Layout: ``q [B, H, Nq, D]``, ``k [B, H, Nk, D]``, ``v [B, H, Nk, Dv]``, ``out [B, H, Nq, Dv]``,
 ``lse [B, H, Nq]`` fp32. Strided views are accepted; a tensor is copied only when its last dim is
 not contiguous. ``Nq != Nk`` and ``D != Dv`` are allowed.
 
+Masking only where needed (FlashAttention-2's split loop), for every N:
+
+- forward and dQ (loops over key blocks): the full key blocks run with no key-bound mask at all
+  (no masked loads, no ``-inf`` select); the last, partial block runs once after the loop with the
+  masks (``_fwd_step`` / ``_dq_step`` with ``MASK_N``). Query rows past Nq (the program's own rows)
+  read the last row of the bias instead of masking it (their results are never stored).
+- dK/dV (loop over query blocks): no tile is masked on any block; rows past Nq are clamped onto
+  the last row and get ``p = 0`` from ``lse = +inf`` (only the [BLOCK_M] lse/delta loads are masked).
+  A peeled masked last block made ptxas spill on sm_80; the clamp costs one vector min per block.
+- EVEN_M / EVEN_N / EVEN_D (extents that are block multiples, known at launch) compile the tail
+  and the remaining masks out. Key padding, when present, applies on every block.
+
 Biases (any combination in one call):
 
-- ``rel_table [T, H]`` + ``rel_index [Nq, Nk]`` (int32/int64): gathered inside the kernels, never
-  expanded to ``[B, H, Nq, Nk]``. The table is read in fp32; its gradient is accumulated by the dQ
-  kernel in an fp32 ``[1, H, Nq, Nk]`` buffer (atomic adds over the batch) and scattered into
-  ``[T, H]`` with ``index_add_``: the backward holds one batch element's worth of logits, not
-  ``B`` of them (``H * Nq * Nk * 4`` bytes, e.g. 1.8 MB for 12 heads at N=197).
+- ``rel_table [T, H]`` + ``rel_index [Nq, Nk]`` (int32/int64), never expanded to ``[B, H, Nq, Nk]``.
+  Two paths, chosen by a documented rule: when ``Nq * Nk <= REL_BIAS_PRECOMPUTE_MAX_LOGITS``
+  (``2**18``; a tuned table may set ``rel_bias_precompute_max_logits``) the table is expanded once
+  per call to ``[1, H, Nq, Nk]`` in the compute dtype (``table[index].permute(2, 0, 1)``, a torch
+  gather; a batch-free dense bias is added into it) and the kernels read it like a dense bias: one
+  coalesced tile per logit, no index tile, no dependent gather, and one pointer tile fewer in the
+  biased kernels. Above the threshold, or when a dense bias with a batch dim is also given (their
+  sum would be ``[B, H, Nq, Nk]``), the kernels gather ``table[h, index[i, j]]`` from the table
+  transposed to ``[H, T]`` fp32 (a head's entries adjacent, so neighbouring keys, whose indices
+  are usually neighbours, share sectors).
 - ``dense_bias``: additive, shape ``[1|B, 1|H, Nq, Nk]`` (broadcast dims read with stride 0), read
   in q's dtype (converted when it differs). Its gradient is ``dS`` summed over the broadcast dims.
 - ``key_padding [B, Nk]`` bool, True = attend.
+
+Deterministic bias gradients (``DETERMINISTIC_BIAS_GRADS``): the dQ kernel writes its fp32 ``dS``
+tiles with plain stores (no atomics, no masks) into a ``[B, H, Nq_pad, Nk_pad]`` buffer padded to
+block multiples, each (batch, head, query, key) its own element; torch then sums it over the batch
+(and the dense bias's broadcast dims) in a fixed order. The buffer is bounded by
+``DS_BUFFER_MAX_BYTES`` (256 MiB): above it the dQ kernel runs over the batch in chunks whose
+partial sums are added in order (the chunking depends only on the shapes). The table gradient
+scatters ``dS`` summed over the batch into ``[T, H]`` with ``index_put_(accumulate=True)`` on CUDA
+(sorts the indices, then adds each run of equal indices in order: torch's deterministic
+scatter-add; ``index_add_`` on CUDA uses float atomics) and ``index_add_`` (a serial loop) on the
+CPU. Both bias gradients are bitwise reproducible run to run.
+
+Row offsets: every bias, index and dS pointer is formed from int64 row offsets (``row * stride``
+in int64, plus the column), and batch/head offsets are int64, so ``Nq * Nk >= 2**31`` cannot
+overflow. Launches run under ``torch.cuda.device(q.device)`` (q on cuda:1 while cuda:0 is current).
 
 Limits and caveats:
 
 - Head dims 1..128 (``MAX_HEAD_DIM``; a head row is kept in registers). They are padded to a power
   of two >= 16 inside the kernels with masks (``D = 8, 48, 80`` work).
-- fp32, fp16, bf16 inputs; fp32 accumulation; outputs in the input dtype. fp32 matmuls use IEEE
-  fp32 (no TF32), which is exact but slow on tensor-core GPUs: fp32 is the correctness path.
+- fp32, fp16, bf16 inputs; fp32 accumulation; outputs in the input dtype. fp32 matmuls use TF32
+  tensor cores when ``torch.backends.cuda.matmul.allow_tf32`` is True (as cuBLAS would) and IEEE
+  fp32 otherwise (torch's default: exact but slow on tensor-core GPUs); the ``FP32_IEEE`` constexpr
+  is chosen by the launcher at each call.
 - Dropout is not supported: ``dropout_p > 0`` raises ``ValueError`` (the dispatcher falls back).
 - ``scale`` must be non-zero (the bias is added to the matmul as ``bias / scale``).
 - Head-block pairs are (16,16), (32,32), (64,64), (128,128) and (32,64); other D != Dv pairs run in
   (max, max) blocks (LeViT's D=16, Dv=64 runs as 64x64: wasted compute, no extra memory traffic).
 - A row with no valid key gets ``out = 0`` and ``lse = +inf``: ``exp(s - lse)`` is then 0 for
   every key, so the backward yields zero gradients for it without a special case.
-- The bias gradients use fp32 atomic adds, so they are not bitwise deterministic run to run.
 - ``cls_probs`` (``return_cls_probs=True``) are the probabilities of query row 0, ``[B, H, Nk]``
   in the input dtype, recomputed from the saved ``lse`` by a one-row kernel. They carry no
   gradient.
-- Configs are chosen by a deterministic heuristic (no run-time autotuning) from a list pruned by the
-  ahead-of-time compile report (``fastvit.kernels.aot``); every variant a launcher can launch is
-  listed by ``iter_compile_specs()``.
-- Triton runs on CUDA, or on the CPU with ``TRITON_INTERPRET=1`` (tests; slow).
+- Configs: a forced config (``forced_configs``, for timing), else the entry of the device's tuned
+  table (``kernels/tuned/<device-slug>.json``, see ``load_tuned``), else a deterministic heuristic:
+  the first config of a preference list that the spill table ``PRUNED`` (per capability: sm_80
+  and sm_90a, from the AOT report) keeps. So the biased 16-bit backward at head dim 64 keeps
+  64-key tensor-core tiles (wgmma on sm_90a). ``candidate_configs``/``tune_key`` serve a tuner.
+- The ahead-of-time report (``fastvit.kernels.aot``) compiles every config the launchers pick, per
+  capability, with the run-time specialisation of a typical ViT call (``divisible_by_16``); every
+  variant a launcher can launch is listed by ``iter_compile_specs(full=True)``.
+- Triton runs on CUDA, or on the CPU with ``TRITON_INTERPRET=1`` (tests; slow). Kernels use only
+  Triton APIs present in triton 3.2 through 3.9.
 """
-
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import json
 import math
 import os
+import re
+import warnings
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -95,6 +138,15 @@ __all__ = [
     "not_supported_reasons",
     "iter_compile_specs",
     "attention_ref",
+    "BIAS_KINDS",
+    "DETERMINISTIC_BIAS_GRADS",
+    "REL_BIAS_PRECOMPUTE_MAX_LOGITS",
+    "TUNABLE_KERNELS",
+    "candidate_configs",
+    "forced_configs",
+    "load_tuned",
+    "tune_key",
+    "tuned_path",
 ]
 
 MAX_HEAD_DIM = 128
@@ -111,7 +163,8 @@ _LN2 = 0.6931471805599453
 def _mma(a, b, acc, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """``a @ b + acc`` (``acc`` may be None) with fp32 accumulation.
 
-    FP32_IEEE: fp32 inputs multiply in IEEE fp32 (Triton defaults to TF32 on tensor-core GPUs).
+    FP32_IEEE: fp32 inputs multiply in IEEE fp32; off, fp32 inputs use TF32 tensor cores (the
+    launcher sets it from ``torch.backends.cuda.matmul.allow_tf32``; 16-bit inputs ignore it).
     UPCAST_DOT: only under TRITON_INTERPRET=1 with bf16 inputs: the interpreter (triton 3.x)
     multiplies bf16 as raw uint16 bits in tl.dot. bf16 -> fp32 is exact, so the result is the same.
     """
@@ -126,7 +179,7 @@ def _mma(a, b, acc, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
 
 @triton.jit
 def _load_tile(ptrs, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS: tl.constexpr):
-    """A tile load that compiles its masks away when the extents are known to be block multiples."""
+    """A tile load that compiles its masks away when the extents are known to be in bounds."""
     if EVEN_ROWS and EVEN_COLS:
         tile = tl.load(ptrs)
     elif EVEN_ROWS:
@@ -151,29 +204,26 @@ def _store_tile(ptrs, value, row_ok, col_ok, EVEN_ROWS: tl.constexpr, EVEN_COLS:
 
 
 @triton.jit
-def _bias_tile(
-    rows, cols, off_b, off_h, Nq, Nk, RelTable, RelIndex, DenseBias,
-    stride_tt, stride_th, stride_im, stride_in, stride_db, stride_dh, stride_dm, stride_dn,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr,
-):
-    """``rel_table[rel_index[i, j], h] + dense_bias[b, h, i, j]`` in fp32, natural units, 0 outside
-    ``Nq x Nk``. ``rows`` (i) and ``cols`` (j) broadcast in either orientation (the dK/dV kernel
-    works on transposed tiles)."""
-    in_bounds = (rows < Nq) & (cols < Nk)
+def _load_vec(ptrs, ok, other, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptrs, mask=ok, other=other)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _bias_tile(Dense, dense_offs, Index, index_offs, TableRow, in_bounds,
+               MASKED: tl.constexpr, HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr):
+    """``table[h, index[i, j]] + dense[i, j]`` in fp32 for one tile. ``Dense`` is the (batch, head)
+    slice and ``*_offs`` the tile's int64 offsets (row * row stride + column: no int32 product can
+    overflow however large ``Nq * Nk`` is); ``TableRow`` is head h's row of the ``[H, T]`` table.
+    MASKED: only the tile on the last partial block checks ``in_bounds``."""
     if HAS_REL:
-        index_ptrs = RelIndex + rows * stride_im + cols * stride_in
-        if EVEN_M and EVEN_N:
-            rel_index = tl.load(index_ptrs)
-        else:
-            rel_index = tl.load(index_ptrs, mask=in_bounds, other=0)  # row 0 of the table: in range
-        bias = tl.load(RelTable + rel_index * stride_tt + off_h * stride_th).to(tl.float32)
+        rel_index = _load_vec(Index + index_offs, in_bounds, 0, MASKED)  # row 0 of the table: in range
+        bias = tl.load(TableRow + rel_index).to(tl.float32)
     if HAS_DENSE:
-        dense_ptrs = (DenseBias + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
-                      + rows * stride_dm + cols * stride_dn)
-        if EVEN_M and EVEN_N:
-            dense = tl.load(dense_ptrs).to(tl.float32)
-        else:
-            dense = tl.load(dense_ptrs, mask=in_bounds, other=0.0).to(tl.float32)
+        dense = _load_vec(Dense + dense_offs, in_bounds, 0.0, MASKED).to(tl.float32)
         if HAS_REL:
             bias += dense
         else:
@@ -182,43 +232,56 @@ def _bias_tile(
 
 
 @triton.jit
-def _mask_keys(s, cols, off_b, Nk, KeyPad, stride_pb, stride_pn, EVEN_N: tl.constexpr, HAS_PAD: tl.constexpr):
-    """-inf where a key is padded out or past ``Nk``."""
-    if HAS_PAD:
-        attend = tl.load(KeyPad + off_b.to(tl.int64) * stride_pb + cols * stride_pn, mask=cols < Nk, other=0)
-        s = tl.where(attend != 0, s, float("-inf"))
-    if not EVEN_N:
-        s = tl.where(cols < Nk, s, float("-inf"))
-    return s
-
-
-@triton.jit
-def _logits(
-    a, b, rows, cols, off_b, off_h, Nq, Nk, qk_scale, inv_scale,
-    RelTable, RelIndex, DenseBias, KeyPad,
-    stride_tt, stride_th, stride_im, stride_in,
-    stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
-    HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr,
-    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-):
-    """A tile of logits in log2 units: ``(a @ b) * scale * log2(e) + bias * log2(e)``, -inf at
-    invalid keys; ``a @ b`` is ``q @ k^T`` or, transposed, ``k @ q^T``.
+def _logits(a, b, Dense, dense_offs, Index, index_offs, TableRow, in_bounds, qk_scale, inv_scale,
+            MASKED: tl.constexpr, HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr,
+            FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """A tile of logits in log2 units: ``(a @ b) * scale * log2(e) + bias * log2(e)``; ``a @ b`` is
+    ``q @ k^T`` or, transposed, ``k @ q^T``. Key masks are the caller's.
 
     The bias enters as the matmul's accumulator, ``(a @ b + bias / scale) * scale * log2(e)``:
     that puts it in the matmul's register layout once, so the softmax stays in that layout too.
     Added after the matmul, the bias tile's load layout wins instead and the logits are shuffled
-    through shared memory every step, which costs registers and spills (the AOT report showed 255
-    registers and spills for a 64x64 tile; 194 and none this way).
+    through shared memory every step, which costs registers and spills.
     """
     if HAS_REL or HAS_DENSE:
-        bias = _bias_tile(rows, cols, off_b, off_h, Nq, Nk, RelTable, RelIndex, DenseBias,
-                          stride_tt, stride_th, stride_im, stride_in, stride_db, stride_dh, stride_dm, stride_dn,
-                          EVEN_M, EVEN_N, HAS_REL, HAS_DENSE)
+        bias = _bias_tile(Dense, dense_offs, Index, index_offs, TableRow, in_bounds, MASKED, HAS_REL, HAS_DENSE)
         s = _mma(a, b, bias * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
     else:
         s = _mma(a, b, None, FP32_IEEE, UPCAST_DOT) * qk_scale
-    return _mask_keys(s, cols, off_b, Nk, KeyPad, stride_pb, stride_pn, EVEN_N, HAS_PAD)
+    return s
+
+
+@triton.jit
+def _fwd_step(
+    acc, l_i, m_i, q, K, V, Dense, dense_rows, Index, index_rows, TableRow, KeyPad,
+    start_n, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv, qk_scale, inv_scale,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One key block of the online softmax. MASK_N only on the last, partial key block."""
+    cols = start_n + offs_n
+    col_ok = cols < Nk
+    k_t = _load_tile(K + cols[None, :] * stride_kn + offs_d[:, None],
+                     offs_d[:, None] < D, col_ok[None, :], EVEN_D, not MASK_N)  # (BLOCK_D, BLOCK_N)
+    s = _logits(q, k_t, Dense, dense_rows[:, None] + cols[None, :], Index, index_rows[:, None] + cols[None, :],
+                TableRow, col_ok[None, :], qk_scale, inv_scale, MASK_N, HAS_REL, HAS_DENSE, FP32_IEEE, UPCAST_DOT)
+    if HAS_PAD:
+        attend = _load_vec(KeyPad + cols, col_ok, 0, MASK_N)
+        s = tl.where(attend[None, :] != 0, s, float("-inf"))
+    if MASK_N:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row whose keys so far are all masked has m_new = -inf; subtracting 0 instead keeps
+    # exp2(-inf - -inf) = NaN out of p and alpha (both become exactly 0).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :],
+                   col_ok[:, None], offs_dv[None, :] < Dv, not MASK_N, EVEN_D)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE, UPCAST_DOT)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -229,8 +292,7 @@ def _attn_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
-    stride_tt, stride_th, stride_im, stride_in,
-    stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
+    stride_th, stride_im, stride_db, stride_dh, stride_dm, stride_pb,
     H, Nq, Nk, D, Dv, qk_scale, inv_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -240,14 +302,18 @@ def _attn_fwd(
     """One program: BLOCK_M query rows of one (batch, head), streaming over all keys.
 
     The grid is 1-D with the query block fastest, so the programs that share one head's K and V
-    run next to each other (L2 reuse), and B * H is not limited by CUDA's 65535 grid-y cap.
+    run next to each other (L2 reuse), and B * H is not limited by CUDA's 65535 grid-y cap. The
+    full key blocks run without key-bound masks; the last, partial one (EVEN_N False) runs after
+    them with masks.
     """
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(Nq, BLOCK_M)
     pid_bh = pid // num_m_blocks
     off_b = pid_bh // H
     off_h = pid_bh % H
-    rows = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -255,33 +321,36 @@ def _attn_fwd(
     Q += off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     K += off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
     V += off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
-
     q = _load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :],
                    rows[:, None] < Nq, offs_d[None, :] < D, EVEN_M, EVEN_D)
+
+    # Bias tiles: int64 row offsets (Nq * Nk may exceed 2**31), plus the key block's columns.
+    # Rows past Nq read the last row instead (their results are never stored), so the bias loads
+    # of full key blocks need no mask.
+    if EVEN_M:
+        rows_in = rows
+    else:
+        rows_in = tl.minimum(rows, Nq - 1)
+    Dense = DenseBias + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
+    TableRow = RelTable + off_h.to(tl.int64) * stride_th
+    KeyPad += off_b.to(tl.int64) * stride_pb
+    dense_rows = rows_in.to(tl.int64) * stride_dm
+    index_rows = rows_in.to(tl.int64) * stride_im
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)  # running row sum of exp2(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(0, Nk, BLOCK_N):
-        cols = start_n + offs_n
-        k_t = _load_tile(K + cols[None, :] * stride_kn + offs_d[:, None],
-                         offs_d[:, None] < D, cols[None, :] < Nk, EVEN_D, EVEN_N)  # (BLOCK_D, BLOCK_N)
-        s = _logits(q, k_t, rows[:, None], cols[None, :], off_b, off_h, Nq, Nk, qk_scale, inv_scale,
-                    RelTable, RelIndex, DenseBias, KeyPad,
-                    stride_tt, stride_th, stride_im, stride_in,
-                    stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
-                    EVEN_M, EVEN_N, HAS_REL, HAS_DENSE, HAS_PAD, FP32_IEEE, UPCAST_DOT)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row whose keys so far are all masked has m_new = -inf; subtracting 0 instead keeps
-        # exp2(-inf - -inf) = NaN out of p and alpha (both become exactly 0).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :],
-                       cols[:, None] < Nk, offs_dv[None, :] < Dv, EVEN_N, EVEN_D)
-        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE, UPCAST_DOT)
-        m_i = m_new
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Dense, dense_rows, RelIndex, index_rows, TableRow,
+                                  KeyPad, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv,
+                                  qk_scale, inv_scale, False, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD,
+                                  FP32_IEEE, UPCAST_DOT)
+    if not EVEN_N:  # the launcher sets EVEN_N = (Nk % BLOCK_N == 0): otherwise a partial block is left
+        acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Dense, dense_rows, RelIndex, index_rows, TableRow,
+                                  KeyPad, n_full, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv,
+                                  qk_scale, inv_scale, True, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD,
+                                  FP32_IEEE, UPCAST_DOT)
 
     # l_i >= 1 for any row with a valid key (its max contributes exp2(0)); 0 means no valid key.
     empty = l_i == 0.0
@@ -305,8 +374,7 @@ def _attn_cls_probs(
     RelTable, RelIndex, DenseBias, KeyPad,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
-    stride_tt, stride_th, stride_im, stride_in,
-    stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
+    stride_th, stride_db, stride_dh, stride_pb,
     H, Nq, Nk, D, qk_scale, inv_scale,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -322,7 +390,9 @@ def _attn_cls_probs(
     pid_bh = pid // num_n_blocks
     off_b = pid_bh // H
     off_h = pid_bh % H
-    cols = (pid % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    cols = start_n + tl.arange(0, BLOCK_N)
+    col_ok = cols < Nk
     offs_d = tl.arange(0, BLOCK_D)
 
     q_ptrs = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + offs_d
@@ -332,21 +402,25 @@ def _attn_cls_probs(
         q0 = tl.load(q_ptrs, mask=offs_d < D, other=0.0).to(tl.float32)
     K += off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
     k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :],
-                   cols[:, None] < Nk, offs_d[None, :] < D, EVEN_N, EVEN_D).to(tl.float32)
+                   col_ok[:, None], offs_d[None, :] < D, EVEN_N, EVEN_D).to(tl.float32)
     s = tl.sum(k * q0[None, :], 1)
-    if HAS_REL or HAS_DENSE:
-        rows = tl.zeros([BLOCK_N], dtype=tl.int32)  # query 0 for every key
-        s += _bias_tile(rows, cols, off_b, off_h, Nq, Nk, RelTable, RelIndex, DenseBias,
-                        stride_tt, stride_th, stride_im, stride_in, stride_db, stride_dh, stride_dm, stride_dn,
-                        True, EVEN_N, HAS_REL, HAS_DENSE) * inv_scale
-    s = _mask_keys(s * qk_scale, cols, off_b, Nk, KeyPad, stride_pb, stride_pn, EVEN_N, HAS_PAD)
+    if HAS_REL or HAS_DENSE:  # query row 0: the first Nk entries of the index and of the bias rows
+        s += _bias_tile(DenseBias + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh, cols,
+                        RelIndex, cols, RelTable + off_h.to(tl.int64) * stride_th, col_ok,
+                        not EVEN_N, HAS_REL, HAS_DENSE) * inv_scale
+    s = s * qk_scale
+    if HAS_PAD:
+        attend = _load_vec(KeyPad + off_b.to(tl.int64) * stride_pb + cols, col_ok, 0, not EVEN_N)
+        s = tl.where(attend != 0, s, float("-inf"))
+    if not EVEN_N:
+        s = tl.where(col_ok, s, float("-inf"))
     lse2 = tl.load(Lse + pid_bh.to(tl.int64) * Nq) * 1.4426950408889634
     p = tl.exp2(s - lse2)
     probs_ptrs = Probs + pid_bh.to(tl.int64) * Nk + cols
     if EVEN_N:
         tl.store(probs_ptrs, p.to(Probs.dtype.element_ty))
     else:
-        tl.store(probs_ptrs, p.to(Probs.dtype.element_ty), mask=cols < Nk)
+        tl.store(probs_ptrs, p.to(Probs.dtype.element_ty), mask=col_ok)
 
 
 @triton.jit
@@ -380,6 +454,50 @@ def _attn_bwd_preprocess(
 
 
 @triton.jit
+def _dkdv_step(
+    dk, dv, k, v, key_ok, Q, DOut, Lse, Delta, Dense, Index, cols_in, TableRow,
+    start_m, offs_m, offs_d, offs_dv, stride_qm, stride_dom, stride_dm, stride_im,
+    Nq, D, Dv, qk_scale, inv_scale,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One query block of the dK/dV loop, on transposed (keys x queries) tiles.
+
+    No tile needs a mask on any block: query rows past Nq (the last block, unless EVEN_M) read the
+    last row of q, dO and the bias instead (a [BLOCK_M] clamp), and their lse loads as +inf, so their
+    p = 0 and they add exactly 0 to dK and dV. Only the two [BLOCK_M] vectors lse, delta are masked.
+    """
+    rows = start_m + offs_m
+    if EVEN_M:
+        rows_in = rows
+    else:
+        rows_in = tl.minimum(rows, Nq - 1)
+    q = _load_tile(Q + rows_in[:, None] * stride_qm + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
+    do = _load_tile(DOut + rows_in[:, None] * stride_dom + offs_dv[None, :], None, offs_dv[None, :] < Dv,
+                    True, EVEN_D)
+    lse = _load_vec(Lse + rows, rows < Nq, float("inf"), not EVEN_M)
+    delta = _load_vec(Delta + rows, rows < Nq, 0.0, not EVEN_M)
+    if HAS_REL or HAS_DENSE:
+        # Loaded in the natural (queries x keys) orientation, contiguous along keys, then
+        # transposed; int64 row offsets (Nq * Nk may exceed 2**31).
+        bias = _bias_tile(Dense, rows_in.to(tl.int64)[:, None] * stride_dm + cols_in[None, :],
+                          Index, rows_in.to(tl.int64)[:, None] * stride_im + cols_in[None, :], TableRow,
+                          None, False, HAS_REL, HAS_DENSE)
+        s_t = _mma(k, tl.trans(q), tl.trans(bias) * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
+    else:
+        s_t = _mma(k, tl.trans(q), None, FP32_IEEE, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
+    if HAS_PAD:
+        s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
+    p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    dv = _mma(p_t.to(do.dtype), do, dv, FP32_IEEE, UPCAST_DOT)
+    dp_t = _mma(v, tl.trans(do), None, FP32_IEEE, UPCAST_DOT)
+    ds_t = p_t * (dp_t - delta[None, :])  # dL/ds, s in natural units
+    dk = _mma(ds_t.to(q.dtype), q, dk, FP32_IEEE, UPCAST_DOT)
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, DOut, Lse, Delta, DK, DV,
     RelTable, RelIndex, DenseBias, KeyPad,
@@ -389,8 +507,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_tt, stride_th, stride_im, stride_in,
-    stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
+    stride_th, stride_im, stride_db, stride_dh, stride_dm, stride_pb,
     H, Nq, Nk, D, Dv, qk_scale, inv_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -399,14 +516,20 @@ def _attn_bwd_dkdv(
 ):
     """One program: BLOCK_N keys of one (batch, head); loops over all query blocks.
 
-    Works on transposed tiles (keys x queries) so dK and dV accumulate without a transpose.
+    Works on transposed tiles (keys x queries) so dK and dV accumulate without a transpose. No
+    tile in the loop is masked: query rows past Nq are clamped onto the last row and get p = 0 from
+    lse = +inf (see `_dkdv_step`; cheaper in registers than a peeled masked last block, which made
+    ptxas spill on sm_80). Keys past Nk need no mask at all: a row of dK or dV depends only on its
+    own key, and those rows are never stored (their bias loads read the last key instead).
     """
     pid = tl.program_id(0)
     num_n_blocks = tl.cdiv(Nk, BLOCK_N)
     pid_bh = pid // num_n_blocks
     off_b = pid_bh // H
     off_h = pid_bh % H
-    cols = (pid % num_n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = start_n + offs_n
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -421,31 +544,25 @@ def _attn_bwd_dkdv(
     v = _load_tile(V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
                    + cols[:, None] * stride_vn + offs_dv[None, :],
                    cols[:, None] < Nk, offs_dv[None, :] < Dv, EVEN_N, EVEN_D)
+    if HAS_PAD:  # loop-invariant: one load per program
+        key_ok = _load_vec(KeyPad + off_b.to(tl.int64) * stride_pb + cols, cols < Nk, 0, not EVEN_N) != 0
+    else:
+        key_ok = None
+
+    if EVEN_N:
+        cols_in = cols
+    else:  # keys past Nk read the last key's bias (their rows of dK, dV are never stored)
+        cols_in = tl.minimum(cols, Nk - 1)
+    Dense = DenseBias + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
+    TableRow = RelTable + off_h.to(tl.int64) * stride_th
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start_m in range(0, Nq, BLOCK_M):
-        rows = start_m + offs_m
-        q = _load_tile(Q + rows[:, None] * stride_qm + offs_d[None, :],
-                       rows[:, None] < Nq, offs_d[None, :] < D, EVEN_M, EVEN_D)
-        do = _load_tile(DOut + rows[:, None] * stride_dom + offs_dv[None, :],
-                        rows[:, None] < Nq, offs_dv[None, :] < Dv, EVEN_M, EVEN_D)
-        if EVEN_M:
-            lse = tl.load(Lse + rows)
-            delta = tl.load(Delta + rows)
-        else:  # +inf makes p = 0 on the rows past Nq
-            lse = tl.load(Lse + rows, mask=rows < Nq, other=float("inf"))
-            delta = tl.load(Delta + rows, mask=rows < Nq, other=0.0)
-        s_t = _logits(k, tl.trans(q), rows[None, :], cols[:, None], off_b, off_h, Nq, Nk, qk_scale, inv_scale,
-                      RelTable, RelIndex, DenseBias, KeyPad,
-                      stride_tt, stride_th, stride_im, stride_in,
-                      stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
-                      EVEN_M, EVEN_N, HAS_REL, HAS_DENSE, HAS_PAD, FP32_IEEE, UPCAST_DOT)  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
-        dv = _mma(p_t.to(do.dtype), do, dv, FP32_IEEE, UPCAST_DOT)
-        dp_t = _mma(v, tl.trans(do), None, FP32_IEEE, UPCAST_DOT)
-        ds_t = p_t * (dp_t - delta[None, :])  # dL/ds, s in natural units
-        dk = _mma(ds_t.to(q.dtype), q, dk, FP32_IEEE, UPCAST_DOT)
+        dk, dv = _dkdv_step(dk, dv, k, v, key_ok, Q, DOut, Lse, Delta, Dense, RelIndex, cols_in,
+                            TableRow, start_m, offs_m, offs_d, offs_dv, stride_qm, stride_dom, stride_dm,
+                            stride_im, Nq, D, Dv, qk_scale, inv_scale, EVEN_M, EVEN_D,
+                            HAS_REL, HAS_DENSE, HAS_PAD, FP32_IEEE, UPCAST_DOT)
 
     dk *= scale
     _store_tile(DK + off_b.to(tl.int64) * stride_dkb + off_h.to(tl.int64) * stride_dkh
@@ -457,6 +574,38 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
+def _dq_step(
+    dq, q, do, lse2, delta, K, V, DS, ds_rows, Dense, dense_rows, Index, index_rows, TableRow, KeyPad,
+    start_n, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv, qk_scale, inv_scale,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One key block of the dQ loop. MASK_N only on the last, partial key block."""
+    cols = start_n + offs_n
+    col_ok = cols < Nk
+    k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :],
+                   col_ok[:, None], offs_d[None, :] < D, not MASK_N, EVEN_D)
+    v = _load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :],
+                   col_ok[:, None], offs_dv[None, :] < Dv, not MASK_N, EVEN_D)
+    s = _logits(q, tl.trans(k), Dense, dense_rows[:, None] + cols[None, :], Index,
+                index_rows[:, None] + cols[None, :], TableRow, col_ok[None, :], qk_scale, inv_scale, MASK_N,
+                HAS_REL, HAS_DENSE, FP32_IEEE, UPCAST_DOT)
+    if HAS_PAD:
+        attend = _load_vec(KeyPad + cols, col_ok, 0, MASK_N)
+        s = tl.where(attend[None, :] != 0, s, float("-inf"))
+    if MASK_N:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+    p = tl.exp2(s - lse2[:, None])
+    dp = _mma(do, tl.trans(v), None, FP32_IEEE, UPCAST_DOT)
+    ds = p * (dp - delta[:, None])
+    if STORE_DS:  # plain stores into this batch element's padded buffer: no masks, no atomics
+        tl.store(DS + ds_rows[:, None] + cols[None, :], ds)
+    dq = _mma(ds.to(k.dtype), k, dq, FP32_IEEE, UPCAST_DOT)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq(
     Q, K, V, DOut, Lse, Delta, DQ, DS,
     RelTable, RelIndex, DenseBias, KeyPad,
@@ -465,28 +614,30 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    stride_sb, stride_sh, stride_sm, stride_sn,
-    stride_tt, stride_th, stride_im, stride_in,
-    stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
+    stride_sbh, stride_sm,
+    stride_th, stride_im, stride_db, stride_dh, stride_dm, stride_pb,
     H, Nq, Nk, D, Dv, qk_scale, inv_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
     FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (batch, head); loops over all key blocks for dQ.
+    """One program: BLOCK_M queries of one (batch, head); loops over all key blocks for dQ (full
+    blocks unmasked, the partial last one masked).
 
-    ``dS`` is also the gradient of the additive biases. With STORE_DS it is added into the zeroed
-    fp32 buffer DS, whose strides are 0 on the dims it sums over (the batch, for a relative-position
-    table), so programs may share addresses: relaxed atomic adds. This kernel sees every (query, key)
-    pair once, in the natural orientation, and holds fewer registers than the dK/dV kernel.
+    ``dS`` is also the gradient of the additive biases. With STORE_DS each program writes its dS
+    tiles with plain stores into DS, an fp32 ``[B, H, Nq_pad, Nk_pad]`` buffer padded to block
+    multiples (every (batch, head, query, key) has its own element, so there are no atomics and no
+    masks); the launcher sums it over the batch in a fixed order.
     """
     pid = tl.program_id(0)
     num_m_blocks = tl.cdiv(Nq, BLOCK_M)
     pid_bh = pid // num_m_blocks
     off_b = pid_bh // H
     off_h = pid_bh % H
-    rows = (pid % num_m_blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = start_m + offs_m
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -499,34 +650,33 @@ def _attn_bwd_dq(
     do = _load_tile(DOut + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
                     + rows[:, None] * stride_dom + offs_dv[None, :],
                     rows[:, None] < Nq, offs_dv[None, :] < Dv, EVEN_M, EVEN_D)
-    if EVEN_M:
-        lse = tl.load(Lse + pid_bh.to(tl.int64) * Nq + rows)
-        delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + rows)
-    else:
-        lse = tl.load(Lse + pid_bh.to(tl.int64) * Nq + rows, mask=rows < Nq, other=float("inf"))
-        delta = tl.load(Delta + pid_bh.to(tl.int64) * Nq + rows, mask=rows < Nq, other=0.0)
+    # +inf makes p = 0 on the rows past Nq
+    lse = _load_vec(Lse + pid_bh.to(tl.int64) * Nq + rows, rows < Nq, float("inf"), not EVEN_M)
+    delta = _load_vec(Delta + pid_bh.to(tl.int64) * Nq + rows, rows < Nq, 0.0, not EVEN_M)
     lse2 = lse * 1.4426950408889634
 
+    if EVEN_M:
+        rows_in = rows
+    else:  # rows past Nq read the last row's bias (p = 0 there: lse = +inf)
+        rows_in = tl.minimum(rows, Nq - 1)
+    Dense = DenseBias + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
+    TableRow = RelTable + off_h.to(tl.int64) * stride_th
+    KeyPad += off_b.to(tl.int64) * stride_pb
+    dense_rows = rows_in.to(tl.int64) * stride_dm  # int64: Nq * Nk may exceed 2**31
+    index_rows = rows_in.to(tl.int64) * stride_im
+    DS += pid_bh.to(tl.int64) * stride_sbh
+    ds_rows = rows.to(tl.int64) * stride_sm  # the buffer is padded: rows past Nq are in it
+
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, Nk, BLOCK_N):
-        cols = start_n + offs_n
-        k = _load_tile(K + cols[:, None] * stride_kn + offs_d[None, :],
-                       cols[:, None] < Nk, offs_d[None, :] < D, EVEN_N, EVEN_D)
-        v = _load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :],
-                       cols[:, None] < Nk, offs_dv[None, :] < Dv, EVEN_N, EVEN_D)
-        s = _logits(q, tl.trans(k), rows[:, None], cols[None, :], off_b, off_h, Nq, Nk, qk_scale, inv_scale,
-                    RelTable, RelIndex, DenseBias, KeyPad,
-                    stride_tt, stride_th, stride_im, stride_in,
-                    stride_db, stride_dh, stride_dm, stride_dn, stride_pb, stride_pn,
-                    EVEN_M, EVEN_N, HAS_REL, HAS_DENSE, HAS_PAD, FP32_IEEE, UPCAST_DOT)
-        p = tl.exp2(s - lse2[:, None])
-        dp = _mma(do, tl.trans(v), None, FP32_IEEE, UPCAST_DOT)
-        ds = p * (dp - delta[:, None])
-        if STORE_DS:
-            ds_ptrs = (DS + off_b.to(tl.int64) * stride_sb + off_h.to(tl.int64) * stride_sh
-                       + rows[:, None] * stride_sm + cols[None, :] * stride_sn)
-            tl.atomic_add(ds_ptrs, ds, mask=(rows[:, None] < Nq) & (cols[None, :] < Nk), sem="relaxed")
-        dq = _mma(ds.to(k.dtype), k, dq, FP32_IEEE, UPCAST_DOT)
+    n_full = (Nk // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_step(dq, q, do, lse2, delta, K, V, DS, ds_rows, Dense, dense_rows, RelIndex, index_rows,
+                      TableRow, KeyPad, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv, qk_scale,
+                      inv_scale, False, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD, STORE_DS, FP32_IEEE, UPCAST_DOT)
+    if not EVEN_N:
+        dq = _dq_step(dq, q, do, lse2, delta, K, V, DS, ds_rows, Dense, dense_rows, RelIndex, index_rows,
+                      TableRow, KeyPad, n_full, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv, qk_scale,
+                      inv_scale, True, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD, STORE_DS, FP32_IEEE, UPCAST_DOT)
 
     dq *= scale
     _store_tile(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
@@ -535,7 +685,8 @@ def _attn_bwd_dq(
 
 
 # --------------------------------------------------------------------------------------------------
-# configs: a pruned list, a deterministic heuristic, and the variants the launchers can launch
+# configs: a pruned list, a deterministic heuristic, tuned tables, and the variants the launchers
+# can launch
 # --------------------------------------------------------------------------------------------------
 
 class Config(NamedTuple):
@@ -548,12 +699,14 @@ class Config(NamedTuple):
 
 
 class CompileSpec(NamedTuple):
-    """One kernel variant: what ``triton.compile`` needs to build it ahead of time."""
+    """One kernel variant: what ``triton.compile`` needs to build it ahead of time, and the
+    capabilities it is compiled for (empty: every capability of the report)."""
 
     kernel: str
     config: Config
     signature: dict
     constexprs: dict
+    capabilities: tuple = ()
 
 
 # Head blocks: (BLOCK_D, BLOCK_DV). D and Dv are padded to a power of two >= 16 (tl.dot needs 16),
@@ -564,13 +717,41 @@ class CompileSpec(NamedTuple):
 HEAD_BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (32, 64))
 _DTYPE_CODES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
-# Preference lists, tried in order; the first that `keep()` accepts is launched. Keys: the kernel,
-# the dtype class (fp32 tiles take twice the registers, and its IEEE matmuls run on CUDA cores) and,
-# for the forward, a query bucket ("short": Nq <= 128, "long") -- so each (kernel, dtype, head
-# blocks, biased or not) launches at most two forward configs and one per backward kernel. Class
-# attention (Nq = 1) runs in a 64-row tile: 63 wasted rows of a tiny problem cost less than another
-# compiled variant. 8-warp entries are the fallbacks for biased calls: the in-kernel gathers hold a
-# pointer per logit, which spills 4-warp tiles.
+# The kernels whose configs are chosen per shape (and may be tuned); the CLS-row and preprocess
+# kernels have one fixed config each.
+TUNABLE_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+
+# Bias kinds, which select both the compiled variant and the config:
+#   "none":   no bias;
+#   "dense":  a dense bias tile read per logit (a dense bias, a relative-position table expanded
+#             once per call, see REL_BIAS_PRECOMPUTE_MAX_LOGITS) and/or key padding;
+#   "gather": the relative-position table gathered in-kernel from ``[H, T]`` (large Nq * Nk).
+BIAS_KINDS = ("none", "dense", "gather")
+
+# A relative-position table is expanded once per call to a ``[1, H, Nq, Nk]`` bias in the compute
+# dtype (a torch gather) and read like a dense bias when ``Nq * Nk`` is at most this: the kernels
+# then read one coalesced 16-bit tile per logit instead of an int32 index tile plus a dependent,
+# uncoalesced table gather, and the biased kernels hold one pointer tile fewer (item: register
+# pressure). Above it (``2**18`` logits = N of 512; 12 heads: 6 MB of bf16), the table is gathered
+# in-kernel from its ``[H, T]`` transpose. A tuned table may refine it (``"rel_bias_precompute_max_logits"``).
+REL_BIAS_PRECOMPUTE_MAX_LOGITS = 1 << 18
+
+# The fp32 buffer the bias gradients are reduced from holds ``B * H * Nq_pad * Nk_pad`` floats; above
+# this many bytes the dQ kernel runs over the batch in chunks (the chunking depends only on the shapes,
+# so the result stays bitwise reproducible).
+DS_BUFFER_MAX_BYTES = 256 << 20
+
+# The bias gradients (rel_table, dense_bias) are bitwise reproducible run to run: no atomics, fixed
+# reduction orders (see the module docstring). The triton backend reads this flag.
+DETERMINISTIC_BIAS_GRADS = True
+
+# Preference lists, tried in order; the first that `keep()` accepts is launched (unless a tuned
+# table or `forced_configs` says otherwise). Keys: the kernel, the dtype class (fp32 tiles take twice
+# the registers, and its IEEE matmuls run on CUDA cores) and, for the forward, a query bucket
+# ("short": Nq <= 128, "long") -- so each (kernel, dtype, head blocks, bias kind) launches at most
+# two forward configs and one per backward kernel. Class attention (Nq = 1) runs in a 64-row tile:
+# 63 wasted rows of a tiny problem cost less than another compiled variant. 8-warp entries are the
+# fallbacks for biased calls: half the registers per thread for the same tile.
 _FWD_PREFS = {
     ("16bit", "short"): (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 2), Config(64, 32, 8, 2),
                          Config(32, 32, 4, 2)),
@@ -582,92 +763,329 @@ _FWD_PREFS = {
                        Config(16, 32, 4, 2), Config(16, 16, 4, 2), Config(16, 16, 4, 1)),
 }
 # dK/dV: BLOCK_N keys per program, BLOCK_M queries per step; dQ: BLOCK_M queries per program.
-_DKDV_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 32, 4, 2)),
+# The 8-warp, 1-stage entries keep 64 keys per dK/dV program and 64 queries per dQ program where
+# sm_80 (mma.sync) spills the larger ones with a bias (sm_90a's wgmma fits 64x64 with 4 warps).
+_DKDV_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 64, 8, 1),
+                         Config(32, 32, 4, 2)),
                "fp32": (Config(32, 32, 4, 2), Config(32, 32, 8, 2), Config(16, 32, 4, 2), Config(16, 16, 4, 1))}
-_DQ_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 2)),
+_DQ_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 2), Config(64, 32, 8, 1),
+                       Config(32, 32, 4, 2), Config(32, 32, 8, 1)),
              "fp32": (Config(32, 32, 4, 2), Config(32, 32, 8, 2), Config(32, 16, 4, 2), Config(16, 16, 4, 1))}
+
+
 def _cls_config(block_d: int) -> Config:
     """The CLS-row kernel holds a (BLOCK_N, BLOCK_D) fp32 tile of K: 64 keys spill at BLOCK_D=128."""
     return Config(1, 64 if block_d <= 64 else 32, 4, 1)  # block_m is unused: one query row
+
+
 _PREPROCESS_CONFIG = Config(64, 1, 4, 1)  # block_n is unused
 
-# The spill table: (kernel, config, dtype class, (BLOCK_D, BLOCK_DV), biased) whose variant spills
-# registers on sm_80 or sm_90a (triton 3.8; "biased" = the variant with all three biases). Generated
-# by `python -m fastvit.kernels.aot --spill-table` from every config in the preference lists.
+# The spill table: (kernel, config, dtype class, (BLOCK_D, BLOCK_DV), bias kind, capability) whose
+# default variant spills registers (or fails to compile) for sm_80 (80) or sm_90a (90) with triton
+# 3.8. Generated by `python -m fastvit.kernels.aot --spill-table`, which compiles every config of
+# every preference list. A CUDA device of capability 9.x uses the 90 entries, older ones the 80
+# entries; without a device (the interpreter, `launch_plan` without a capability) a config must be
+# clean on both.
+SPILL_CAPABILITIES = (80, 90)
 PRUNED = frozenset({
-    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 32), False),
-    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 32), True),
-    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), False),
-    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), True),
-    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (64, 64), False),
-    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), False),
-    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), True),
-    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (64, 64), True),
-    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (128, 128), True),
-    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (32, 32), True),
-    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (32, 64), True),
-    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (64, 64), False),
-    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (64, 64), True),
-    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), False),
-    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), True),
-    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (32, 64), True),
-    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (64, 64), True),
-    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (128, 128), True),
-    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (128, 128), True),
-    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (64, 64), True),
-    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), False),
-    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), True),
-    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (128, 128), True),
-    ('_attn_bwd_dq', Config(64, 32, 4, 2), '16bit', (64, 64), True),
-    ('_attn_bwd_dq', Config(64, 32, 4, 2), '16bit', (128, 128), True),
-    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (16, 16), True),
-    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (32, 32), True),
-    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (32, 64), True),
-    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (64, 64), True),
-    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (128, 128), False),
-    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (128, 128), True),
-    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (32, 64), True),
-    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (64, 64), True),
-    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (128, 128), True),
-    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), False),
-    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), True),
-    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (64, 64), True),
-    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), False),
-    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), True),
-    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (64, 64), True),
-    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), False),
-    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), True),
-    ('_attn_fwd', Config(64, 32, 4, 2), '16bit', (128, 128), True),
-    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 32), True),
-    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), False),
-    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), True),
-    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), False),
-    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), True),
-    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), False),
-    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), True),
-    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (32, 64), False),
-    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), False),
-    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), True),
-    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), False),
-    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), True),
-    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (16, 16), True),
-    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (32, 32), True),
-    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (128, 128), True),
-    ('_attn_fwd', Config(64, 64, 8, 2), '16bit', (128, 128), True),
-    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (16, 16), True),
-    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 32), True),
-    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 64), True),
-    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (64, 64), True),
-    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), False),
-    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), True),
-    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (16, 16), True),
-    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (32, 32), True),
-    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (128, 128), True),
+    ('_attn_bwd_dkdv', Config(16, 16, 4, 1), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(16, 32, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(16, 32, 4, 2), 'fp32', (32, 32), 'none', 80),
+    ('_attn_bwd_dkdv', Config(16, 32, 4, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), '16bit', (32, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), '16bit', (32, 64), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), '16bit', (32, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), 'gather', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), 'none', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), 'none', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 8, 2), 'fp32', (16, 16), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 8, 2), 'fp32', (32, 64), 'none', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 8, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (128, 128), 'gather', 90),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (32, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (64, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (64, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), 'gather', 90),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), 'none', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (128, 128), 'none', 90),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (32, 32), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (32, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (32, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (64, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (64, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (32, 32), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (32, 32), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (32, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (32, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (64, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (64, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (128, 128), 'none', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (32, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (32, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (32, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (32, 64), 'none', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (32, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (64, 64), 'none', 80),
+    ('_attn_bwd_dq', Config(16, 16, 4, 1), 'fp32', (64, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (32, 32), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (32, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (32, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (32, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (32, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (32, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (64, 64), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 16, 4, 2), 'fp32', (64, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), '16bit', (128, 128), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), '16bit', (128, 128), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (16, 16), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (16, 16), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (16, 16), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (16, 16), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 32), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 32), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 32), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 32), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 32), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 32), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 64), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (32, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (64, 64), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 32, 4, 2), 'fp32', (64, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 32), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 32), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 32), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (32, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (64, 64), 'none', 80),
+    ('_attn_bwd_dq', Config(32, 32, 8, 2), 'fp32', (64, 64), 'none', 90),
+    ('_attn_bwd_dq', Config(64, 32, 4, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 32, 4, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 32, 4, 2), '16bit', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(64, 32, 4, 2), '16bit', (64, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 32, 4, 2), '16bit', (64, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 32, 8, 1), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 32, 8, 1), '16bit', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 32, 8, 1), '16bit', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (128, 128), 'dense', 90),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (128, 128), 'gather', 90),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (32, 32), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (32, 32), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (32, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (32, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (64, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 4, 2), '16bit', (64, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (128, 128), 'none', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (32, 32), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (32, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (32, 64), 'gather', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (64, 64), 'dense', 80),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (16, 16), 'dense', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (16, 16), 'dense', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (16, 16), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (16, 16), 'gather', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 32), 'dense', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 32), 'dense', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 32), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 32), 'gather', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 64), 'dense', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (32, 64), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (64, 64), 'dense', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (64, 64), 'gather', 90),
+    ('_attn_fwd', Config(128, 64, 4, 3), '16bit', (64, 64), 'none', 80),
+    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (16, 16), 'gather', 80),
+    ('_attn_fwd', Config(128, 64, 8, 3), '16bit', (32, 32), 'gather', 80),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (64, 64), 'none', 80),
+    ('_attn_fwd', Config(16, 16, 4, 1), 'fp32', (64, 64), 'none', 90),
+    ('_attn_fwd', Config(16, 16, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(16, 16, 4, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(16, 16, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(16, 16, 4, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(16, 16, 4, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(16, 16, 4, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (64, 64), 'none', 80),
+    ('_attn_fwd', Config(32, 32, 4, 2), 'fp32', (64, 64), 'none', 90),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), '16bit', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), '16bit', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (16, 16), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 32), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 32), 'dense', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 32), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 32), 'gather', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 32), 'none', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 32), 'none', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), 'dense', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), 'gather', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), 'none', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (32, 64), 'none', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), 'none', 80),
+    ('_attn_fwd', Config(64, 32, 4, 2), 'fp32', (64, 64), 'none', 90),
+    ('_attn_fwd', Config(64, 32, 8, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), 'gather', 90),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), 'none', 80),
+    ('_attn_fwd', Config(64, 32, 8, 2), 'fp32', (64, 64), 'none', 90),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (128, 128), 'dense', 90),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (128, 128), 'gather', 90),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (128, 128), 'none', 80),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (16, 16), 'gather', 80),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (32, 32), 'dense', 80),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (32, 32), 'gather', 80),
+    ('_attn_fwd', Config(64, 64, 8, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_fwd', Config(64, 64, 8, 2), '16bit', (128, 128), 'gather', 80),
+    ('_attn_fwd', Config(64, 64, 8, 2), '16bit', (128, 128), 'gather', 90),
 })
 
 
 def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def _tf32(dtype: torch.dtype) -> bool:
+    """fp32 inputs multiply in TF32 when torch allows it for matmuls (as cuBLAS would)."""
+    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
 
 
 def _head_blocks(d: int, dv: int) -> tuple[int, int]:
@@ -686,33 +1104,255 @@ def _m_bucket(nq: int) -> str:
     return "short" if nq <= 128 else "long"
 
 
-def keep(cfg: Config, kernel: str, dtype: torch.dtype, head_blocks: tuple[int, int], biased: bool) -> bool:
-    """Whether ``cfg`` may be launched for this kernel, dtype, head blocks and bias presence: not in
-    the spill table (``PRUNED``, from the AOT report)."""
-    return (kernel, cfg, _dtype_class(dtype), tuple(head_blocks), bool(biased)) not in PRUNED
+def _bias_kind(biased, nq: int, nk: int) -> str:
+    """A bias kind from ``biased``: a kind by name, or a bool. True means what a relative-position
+    table (or a dense bias) of this size runs as: "dense" up to the precompute threshold, "gather" above."""
+    if isinstance(biased, str):
+        if biased not in BIAS_KINDS:
+            raise ValueError(f"biased={biased!r}: expected a bool or one of {BIAS_KINDS}")
+        return biased
+    if not biased:
+        return "none"
+    return "dense" if nq * nk <= rel_bias_precompute_max_logits() else "gather"
 
 
-def _first_kept(prefs, kernel, dtype, head_blocks, biased) -> Config:
+def _spill_caps(capability) -> tuple:
+    """The spill-table capabilities that apply to a device capability ((major, minor), 80/90 or None)."""
+    if capability is None:
+        return SPILL_CAPABILITIES
+    major = capability[0] if isinstance(capability, tuple) else int(capability) // 10
+    return (90,) if major >= 9 else (80,)
+
+
+def keep(cfg: Config, kernel: str, dtype: torch.dtype, head_blocks: tuple[int, int], biased,
+         capability=None) -> bool:
+    """Whether ``cfg`` may be launched for this kernel, dtype, head blocks and bias kind (``biased``: a
+    kind, or a bool = "dense"/"none") on ``capability`` ((major, minor), or None: every capability):
+    not in the spill table (``PRUNED``, from the AOT report)."""
+    kind = biased if isinstance(biased, str) else ("dense" if biased else "none")
+    key = (kernel, cfg, _dtype_class(dtype), tuple(head_blocks), kind)
+    return not any(key + (cap,) in PRUNED for cap in _spill_caps(capability))
+
+
+def _prefs(kernel: str, dtype: torch.dtype, nq: int) -> tuple:
+    cls = _dtype_class(dtype)
+    if kernel == "_attn_fwd":
+        return _FWD_PREFS[(cls, _m_bucket(nq))]
+    if kernel == "_attn_bwd_dkdv":
+        return _DKDV_PREFS[cls]
+    if kernel == "_attn_bwd_dq":
+        return _DQ_PREFS[cls]
+    raise ValueError(f"unknown kernel {kernel!r}: expected one of {TUNABLE_KERNELS}")
+
+
+def _first_kept(prefs, kernel, dtype, head_blocks, kind, capability=None) -> Config:
     for cfg in prefs:
-        if keep(cfg, kernel, dtype, head_blocks, biased):
+        if keep(cfg, kernel, dtype, head_blocks, kind, capability):
             return cfg
     return prefs[-1]  # the smallest tile is the last resort (in the report all the same)
 
 
+# ---- tuned tables and forced configs ---------------------------------------------------------------
+#
+# A tuned table is a JSON file ``kernels/tuned/<device-slug>.json`` (``tuned_path``), written by
+# ``fastvit tune`` on a GPU:
+#
+#     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+#      "rel_bias_precompute_max_logits": 262144,                       (optional)
+#      "entries": {"<tune_key>": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
+#                                 "ms": 0.021}, ...}}
+#
+# ``tune_key`` buckets a call: kernel, dtype class ("16bit", "fp32" IEEE, "tf32"), head blocks, bias
+# kind, and Nq and Nk rounded up to a power of two in [16, 8192] (e.g.
+# ``_attn_fwd|16bit|d64x64|none|m256|n256`` for ViT-B/16). "ms" is informational. A launch looks its
+# key up; no file or no entry means the heuristic above. A file that cannot be read or parsed is
+# ignored with a warning (training must not stop over a stale tuning file); `load_tuned` called
+# directly raises ValueError instead.
+
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+_TUNED_CACHE: dict = {}  # path -> (mtime, table) or (mtime, None) after a warning
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("fastvit_kernels_forced_configs", default=None)
+
+
+def device_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def tuned_path(device=None) -> str:
+    """The tuned-table path of ``device``: a device name, a ``torch.device``/index (CUDA: its name
+    from ``torch.cuda.get_device_name``), or None (the current CUDA device, else "cpu")."""
+    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
+        name = device
+    else:
+        dev = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        if isinstance(device, int):
+            dev = torch.device("cuda", device)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return os.path.join(TUNED_DIR, device_slug(name) + ".json")
+
+
+def _pow2_bucket(n: int) -> int:
+    return min(8192, max(16, triton_next_power_of_2(n)))
+
+
+def tune_key(kernel: str, nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, biased) -> str:
+    """The tuned-table key of a call (``biased``: a bool or a bias kind, see `BIAS_KINDS`)."""
+    if kernel not in TUNABLE_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: expected one of {TUNABLE_KERNELS}")
+    cls = "tf32" if _tf32(dtype) else _dtype_class(dtype)
+    bd, bdv = _head_blocks(d, dv)
+    return f"{kernel}|{cls}|d{bd}x{bdv}|{_bias_kind(biased, nq, nk)}|m{_pow2_bucket(nq)}|n{_pow2_bucket(nk)}"
+
+
+_POW2_BLOCKS = (16, 32, 64, 128, 256)
+
+
+def _parse_config(key: str, entry) -> Config:
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {key!r} must be an object, got {type(entry).__name__}")
+    try:
+        cfg = Config(*(int(entry[f]) for f in Config._fields))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"entry {key!r} needs integer {', '.join(Config._fields)}: {e}") from None
+    if (cfg.block_m not in _POW2_BLOCKS or cfg.block_n not in _POW2_BLOCKS or cfg.num_warps not in (1, 2, 4, 8, 16)
+            or not 1 <= cfg.num_stages <= 8):
+        raise ValueError(f"entry {key!r}: {cfg} is not a valid config (blocks 16..256, powers of two)")
+    return cfg
+
+
+def load_tuned(path: Optional[str] = None) -> dict:
+    """Reads a tuned table (default: this process's device, `tuned_path()`).
+
+    Returns:
+        ``{"device", "triton", "rel_bias_precompute_max_logits" (or None), "entries": {key: Config}}``;
+        an empty table when the file does not exist.
+
+    Raises:
+        ValueError: the file is not valid JSON or not in the documented format.
+    """
+    path = tuned_path() if path is None else path
+    if not os.path.exists(path):
+        return {"device": None, "triton": None, "rel_bias_precompute_max_logits": None, "entries": {}}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"tuned table {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
+        raise ValueError(f"tuned table {path}: expected an object with an \"entries\" object")
+    threshold = raw.get("rel_bias_precompute_max_logits")
+    if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
+        raise ValueError(f"tuned table {path}: rel_bias_precompute_max_logits must be a non-negative int")
+    entries = {}
+    for key, entry in raw["entries"].items():
+        if key.split("|")[0] not in TUNABLE_KERNELS:
+            raise ValueError(f"tuned table {path}: key {key!r} does not start with one of {TUNABLE_KERNELS}")
+        try:
+            entries[key] = _parse_config(key, entry)
+        except ValueError as e:
+            raise ValueError(f"tuned table {path}: {e}") from None
+    return {"device": raw.get("device"), "triton": raw.get("triton"),
+            "rel_bias_precompute_max_logits": threshold, "entries": entries}
+
+
+def _tuned_table(device: torch.device) -> Optional[dict]:
+    """The tuned table of ``device`` (cached per file modification time); None when absent or bad."""
+    path = tuned_path(device)
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+    cached = _TUNED_CACHE.get(path)
+    if cached is not None and cached[0] == mtime:
+        return cached[1]
+    try:
+        table = load_tuned(path)
+    except ValueError as e:
+        warnings.warn(f"{e}; ignoring it and using the built-in configs", RuntimeWarning, stacklevel=3)
+        table = None
+    _TUNED_CACHE[path] = (mtime, table)
+    return table
+
+
+def rel_bias_precompute_max_logits(device: Optional[torch.device] = None) -> int:
+    """The precompute threshold in use: the tuned table's, else `REL_BIAS_PRECOMPUTE_MAX_LOGITS`."""
+    table = _tuned_table(device) if device is not None else None
+    if table is not None and table["rel_bias_precompute_max_logits"] is not None:
+        return table["rel_bias_precompute_max_logits"]
+    return REL_BIAS_PRECOMPUTE_MAX_LOGITS
+
+
+@contextlib.contextmanager
+def forced_configs(configs: dict):
+    """Makes the launchers use the given configs, e.g. ``{"_attn_fwd": Config(128, 64, 4, 3)}``
+    (for timing candidates); kernels not named keep their usual choice. Not checked against the
+    spill table: pass configs from `candidate_configs`."""
+    for kernel, cfg in configs.items():
+        if kernel not in TUNABLE_KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: expected one of {TUNABLE_KERNELS}")
+        if not isinstance(cfg, Config):
+            raise ValueError(f"{kernel}: expected a Config, got {cfg!r}")
+    token = _FORCED.set({**(_FORCED.get() or {}), **configs})
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def candidate_configs(kernel: str, nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, biased,
+                      capability=None) -> list[Config]:
+    """Every config worth timing for this call: the kernel's preference lists (both query buckets
+    for the forward) without the ones the spill table prunes for ``capability`` ((major, minor);
+    default: the current CUDA device's, else every capability); the heuristic's pick comes first."""
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    blocks = _head_blocks(d, dv)
+    kind = _bias_kind(biased, nq, nk)
+    picked = _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, blocks, kind, capability)
+    lists = ([_FWD_PREFS[(_dtype_class(dtype), b)] for b in ("short", "long")] if kernel == "_attn_fwd"
+             else [_prefs(kernel, dtype, nq)])
+    out = [picked]
+    for prefs in lists:
+        out += [c for c in prefs if c not in out and keep(c, kernel, dtype, blocks, kind, capability)]
+    return out
+
+
+def _pick_config(kernel: str, nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype, kind: str,
+                 device: Optional[torch.device], use_tuned: bool = True, capability=None) -> Config:
+    """Forced config > tuned table entry (CUDA, or the CPU table under the interpreter) > heuristic
+    (the first config of the preference list that the spill table keeps for the device's capability)."""
+    forced = (_FORCED.get() or {}).get(kernel)
+    if forced is not None:
+        return forced
+    if use_tuned and device is not None:
+        table = _tuned_table(device)
+        if table is not None:
+            d, dv = head_blocks
+            cfg = table["entries"].get(tune_key(kernel, nq, nk, d, dv, dtype, kind))
+            if cfg is not None:
+                return cfg
+    if capability is None and device is not None:
+        capability = _capability(device)
+    return _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, head_blocks, kind, capability)
+
+
 def _pick_fwd_config(nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype,
-                     capability: Optional[tuple[int, int]] = None, biased: bool = False) -> Config:
-    """The forward config, by query bucket, dtype class, head blocks and bias presence. ``nk`` and
-    ``capability`` are part of the key for later tuning; today one list serves sm_80 and sm_90."""
-    prefs = _FWD_PREFS[(_dtype_class(dtype), _m_bucket(nq))]
-    return _first_kept(prefs, "_attn_fwd", dtype, head_blocks, biased)
+                     capability: Optional[tuple[int, int]] = None, biased=False,
+                     device: Optional[torch.device] = None) -> Config:
+    """The forward config, by query bucket, dtype class, head blocks and bias kind."""
+    return _pick_config("_attn_fwd", nq, nk, head_blocks, dtype, _bias_kind(biased, nq, nk), device,
+                        capability=capability)
 
 
 def _pick_bwd_configs(nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype,
-                      capability: Optional[tuple[int, int]] = None, biased: bool = False) -> tuple[Config, Config]:
+                      capability: Optional[tuple[int, int]] = None, biased=False,
+                      device: Optional[torch.device] = None) -> tuple[Config, Config]:
     """(dK/dV config, dQ config)."""
-    cls = _dtype_class(dtype)
-    return (_first_kept(_DKDV_PREFS[cls], "_attn_bwd_dkdv", dtype, head_blocks, biased),
-            _first_kept(_DQ_PREFS[cls], "_attn_bwd_dq", dtype, head_blocks, biased))
+    kind = _bias_kind(biased, nq, nk)
+    return (_pick_config("_attn_bwd_dkdv", nq, nk, head_blocks, dtype, kind, device, capability=capability),
+            _pick_config("_attn_bwd_dq", nq, nk, head_blocks, dtype, kind, device, capability=capability))
 
 
 def _interpreting() -> bool:
@@ -725,7 +1365,7 @@ def _flags(*, even_m, even_n, even_d, has_rel, has_dense, has_pad) -> dict:
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
-    return dict(FP32_IEEE=dtype == torch.float32,
+    return dict(FP32_IEEE=dtype == torch.float32 and not _tf32(dtype),
                 UPCAST_DOT=dtype == torch.bfloat16 and _interpreting())
 
 
@@ -829,52 +1469,79 @@ def _runtime_available(device: torch.device) -> tuple[bool, str]:
 class _BiasArgs(NamedTuple):
     """The bias inputs as kernel arguments: pointers (placeholders when absent) and strides."""
 
-    rel_table: Tensor
-    rel_index: Tensor
-    dense_bias: Tensor
-    key_padding: Tensor
-    strides: tuple  # stride_tt, stride_th, stride_im, stride_in, stride_db..dn, stride_pb, stride_pn
-    has_rel: bool
+    rel_table: Tensor  # [H, T] fp32 contiguous (the transpose of the caller's [T, H])
+    rel_index: Tensor  # [Nq, Nk] int32 contiguous
+    dense_bias: Tensor  # [1|B, 1|H, Nq, Nk] in q's dtype, last dim contiguous; or the expanded table
+    key_padding: Tensor  # [B, Nk] uint8 contiguous
+    strides: tuple  # stride_th, stride_im, stride_db, stride_dh, stride_dm, stride_pb
+    has_rel: bool  # gather the table in-kernel
     has_dense: bool
     has_pad: bool
 
     @property
-    def biased(self) -> bool:
-        return self.has_rel or self.has_dense or self.has_pad
+    def kind(self) -> str:
+        return "gather" if self.has_rel else ("dense" if self.has_dense or self.has_pad else "none")
+
+    @property
+    def cls_strides(self) -> tuple:  # stride_th, stride_db, stride_dh, stride_pb
+        return (self.strides[0], self.strides[2], self.strides[3], self.strides[5])
+
+
+def _precompute_rel(q: Tensor, nq: int, nk: int, dense_bias: Optional[Tensor]) -> bool:
+    """Whether a relative-position table runs as a dense ``[1, H, Nq, Nk]`` bias expanded once per
+    call (see REL_BIAS_PRECOMPUTE_MAX_LOGITS). A dense bias with a batch dim is then kept separate:
+    adding the two would materialise ``[B, H, Nq, Nk]``, so the table is gathered in-kernel instead."""
+    if dense_bias is not None and dense_bias.shape[0] != 1:
+        return False
+    return nq * nk <= rel_bias_precompute_max_logits(q.device)
 
 
 def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
-    """Normalises the biases to the dtypes the kernels are compiled for: table fp32, index int32,
-    dense bias in q's dtype, padding as uint8. Absent biases become empty placeholders with the same
-    dtypes, so a variant's signature does not depend on which biases are present."""
+    """Normalises the biases to what the kernels are compiled for: table fp32 ``[H, T]``, index
+    int32, dense bias in q's dtype, padding as uint8. A small relative-position table is expanded
+    (plus a batch-free dense bias) to one dense bias in q's dtype. Absent biases become empty
+    placeholders with the same dtypes, so a variant's signature does not depend on which are present."""
     device = q.device
-    if rel_table is not None:
-        table = rel_table.detach().to(torch.float32)
-        index = rel_index.to(torch.int32)
-        rel_strides = (table.stride(0), table.stride(1), index.stride(0), index.stride(1))
+    nq, nk = q.shape[2], rel_index.shape[1] if rel_index is not None else 0
+    has_rel = rel_table is not None
+    if has_rel and _precompute_rel(q, nq, nk, dense_bias):
+        expanded = rel_table.detach().float()[rel_index.long()].permute(2, 0, 1).unsqueeze(0)  # (1, h, nq, nk)
+        if dense_bias is not None:
+            expanded = expanded + dense_bias.detach().float()
+        dense_bias, has_rel = expanded.to(q.dtype), False
+    if has_rel:
+        table = rel_table.detach().to(torch.float32).t().contiguous()  # (h, t): a head's entries adjacent
+        index = rel_index.to(torch.int32).contiguous()
+        rel_strides = (table.stride(0), index.stride(0))
     else:
         table = torch.empty(0, dtype=torch.float32, device=device)
         index = torch.empty(0, dtype=torch.int32, device=device)
-        rel_strides = (0, 0, 0, 0)
+        rel_strides = (0, 0)
     if dense_bias is not None:
-        dense = _last_dim_contiguous(dense_bias.detach().to(q.dtype))
+        dense = dense_bias.detach().to(q.dtype)
+        if dense.stride(-1) != 1 and dense.shape[-1] != 1:
+            dense = dense.contiguous()
         # Broadcast dims are read with stride 0, whatever stride the caller's tensor has there.
-        dense_strides = tuple(0 if dense.shape[i] == 1 else dense.stride(i) for i in range(4))
+        dense_strides = tuple(0 if dense.shape[i] == 1 else dense.stride(i) for i in range(3))
     else:
         dense = torch.empty(0, dtype=q.dtype, device=device)
-        dense_strides = (0, 0, 0, 0)
+        dense_strides = (0, 0, 0)
     if key_padding is not None:
-        pad = key_padding.view(torch.uint8)  # same bytes; triton loads bool pointers as int1 unevenly
-        pad_strides = (pad.stride(0), pad.stride(1))
+        pad = key_padding.contiguous().view(torch.uint8)  # same bytes; triton loads bool pointers unevenly
+        pad_strides = (pad.stride(0),)
     else:
         pad = torch.empty(0, dtype=torch.uint8, device=device)
-        pad_strides = (0, 0)
+        pad_strides = (0,)
     return _BiasArgs(table, index, dense, pad, rel_strides + dense_strides + pad_strides,
-                     rel_table is not None, dense_bias is not None, key_padding is not None)
+                     has_rel, dense_bias is not None, key_padding is not None)
 
 
 def _launch(kernel, grid: int, args: tuple, constexprs: dict, cfg: Config) -> None:
-    kernel[(grid,)](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    device = args[0].device
+    # The kernels launch on the current CUDA device: make it q's (q on cuda:1 with cuda:0 current).
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        kernel[(grid,)](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _geometry(q: Tensor, k: Tensor, v: Tensor, block_m: int, block_n: int, head_blocks) -> dict:
@@ -922,7 +1589,7 @@ def attention_fwd(
 
     bias = _bias_args(q, rel_table, rel_index, dense_bias, key_padding)
     head_blocks = _head_blocks(D, Dv)
-    cfg = _pick_fwd_config(Nq, Nk, head_blocks, q.dtype, _capability(q.device), bias.biased)
+    cfg = _pick_config("_attn_fwd", Nq, Nk, head_blocks, q.dtype, bias.kind, q.device)
     flags = _flags(**_geometry(q, k, v, cfg.block_m, cfg.block_n, head_blocks),
                    has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
     qk_scale = scale * _LOG2E
@@ -946,7 +1613,7 @@ def _launch_cls_probs(q, k, lse, cls_probs, bias: _BiasArgs, scale: float, head_
     del flags["EVEN_M"]
     _launch(_attn_cls_probs, B * H * triton.cdiv(Nk, cfg.block_n),
             (q, k, lse, cls_probs, bias.rel_table, bias.rel_index, bias.dense_bias, bias.key_padding,
-             *q.stride()[:2], *k.stride()[:3], *bias.strides, H, Nq, Nk, D, scale * _LOG2E, 1.0 / scale),
+             *q.stride()[:2], *k.stride()[:3], *bias.cls_strides, H, Nq, Nk, D, scale * _LOG2E, 1.0 / scale),
             dict(BLOCK_N=cfg.block_n, BLOCK_D=head_blocks[0], **flags), cfg)
 
 
@@ -970,15 +1637,22 @@ def cls_probs_from_lse(
     return cls_probs
 
 
-def _ds_buffer(q: Tensor, H: int, Nq: int, Nk: int, dense_bias: Optional[Tensor],
-               need_rel_grad: bool, need_dense_grad: bool) -> tuple[Tensor, tuple]:
-    """The zeroed fp32 buffer dS is summed into: ``[Bd, Hd, Nq, Nk]`` with Bd, Hd the dims the
-    wanted gradients keep (rel_table: heads, summed over the batch; dense bias: its own shape).
-    Returns (buffer, kernel strides with 0 on the summed dims)."""
-    bd = dense_bias.shape[0] if need_dense_grad else 1
-    hd = H if need_rel_grad else (dense_bias.shape[1] if need_dense_grad else 1)
-    buf = torch.zeros((bd, hd, Nq, Nk), dtype=torch.float32, device=q.device)
-    return buf, tuple(0 if buf.shape[i] == 1 else buf.stride(i) for i in range(4))
+def _table_grad(ds_heads: Tensor, rel_index: Tensor, num_entries: int) -> Tensor:
+    """``d table[t, h] = sum over (i, j) with index[i, j] == t of dS[h, i, j]`` as fp32 ``[T, H]``,
+    bitwise reproducible: on CUDA ``index_put_(accumulate=True)``, which sorts the indices and adds
+    each run of equal indices in order in one thread (torch's deterministic scatter-add, also used
+    under ``torch.use_deterministic_algorithms``; ``index_add_`` on CUDA uses atomics instead); on
+    the CPU ``index_add_``, a serial loop over the index. One sort of Nq * Nk int64 indices per
+    backward: microseconds at the sizes the tables have (Swin 49 x 49, LeViT 196 x 196)."""
+    heads = ds_heads.shape[0]
+    flat = ds_heads.reshape(heads, -1).t()  # (nq * nk, h)
+    index = rel_index.reshape(-1).long()
+    out = torch.zeros((num_entries, heads), dtype=torch.float32, device=ds_heads.device)
+    if out.is_cuda:
+        out.index_put_((index,), flat, accumulate=True)
+    else:
+        out.index_add_(0, index, flat)
+    return out
 
 
 def attention_bwd(
@@ -997,7 +1671,7 @@ def attention_bwd(
 
     Returns:
         ``(dq, dk, dv, d_rel_table [T, H] or None, d_dense_bias (dense_bias's shape) or None)``, each
-        in its input's dtype.
+        in its input's dtype; the bias gradients are contiguous and bitwise reproducible.
     """
     scale = _check_scale(scale)
     _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
@@ -1018,9 +1692,9 @@ def attention_bwd(
     do = _last_dim_contiguous(do.to(q.dtype))
     lse = lse.contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    d_rel = torch.zeros_like(rel_table) if need_rel_grad else None
-    d_dense = torch.zeros_like(dense_bias) if need_dense_grad else None
     if B * H * Nq * Nk == 0:
+        d_rel = rel_table.new_zeros(rel_table.shape) if need_rel_grad else None
+        d_dense = dense_bias.new_zeros(dense_bias.shape) if need_dense_grad else None
         return dq.zero_(), dk.zero_(), dv.zero_(), d_rel, d_dense
 
     bias = _bias_args(q, rel_table, rel_index, dense_bias, key_padding)
@@ -1035,12 +1709,7 @@ def attention_bwd(
             dict(BLOCK_M=pre.block_m, BLOCK_DV=head_blocks[1], EVEN_M=Nq % pre.block_m == 0,
                  EVEN_D=Dv == head_blocks[1]), pre)
 
-    cfg_kv, cfg_q = _pick_bwd_configs(Nq, Nk, head_blocks, q.dtype, _capability(q.device), bias.biased)
-    store_ds = need_rel_grad or need_dense_grad
-    if store_ds:
-        ds, ds_strides = _ds_buffer(q, H, Nq, Nk, dense_bias, need_rel_grad, need_dense_grad)
-    else:
-        ds, ds_strides = torch.empty(0, dtype=torch.float32, device=q.device), (0, 0, 0, 0)
+    cfg_kv, cfg_q = _pick_bwd_configs(Nq, Nk, head_blocks, q.dtype, biased=bias.kind, device=q.device)
     flags = _flags(**_geometry(q, k, v, cfg_kv.block_m, cfg_kv.block_n, head_blocks),
                    has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
     _launch(_attn_bwd_dkdv, B * H * triton.cdiv(Nk, cfg_kv.block_n),
@@ -1052,24 +1721,56 @@ def attention_bwd(
             dict(BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
                  **flags, **dots), cfg_kv)
 
+    # dQ, and dS for the bias gradients: each batch element's dS goes to its own slice of a padded
+    # fp32 buffer (plain stores), which is then summed over the batch by torch in a fixed order. The
+    # batch runs in chunks when the buffer would exceed DS_BUFFER_MAX_BYTES.
+    store_ds = need_rel_grad or need_dense_grad
+    nq_pad = triton.cdiv(Nq, cfg_q.block_m) * cfg_q.block_m
+    nk_pad = triton.cdiv(Nk, cfg_q.block_n) * cfg_q.block_n
+    chunk = max(1, min(B, DS_BUFFER_MAX_BYTES // (H * nq_pad * nk_pad * 4))) if store_ds else B
+    if store_ds:
+        ds = torch.empty((chunk, H, nq_pad, nk_pad), dtype=torch.float32, device=q.device)
+    else:
+        ds = torch.empty(0, dtype=torch.float32, device=q.device)
+    ds_strides = (nq_pad * nk_pad, nk_pad) if store_ds else (0, 0)
     flags = _flags(**_geometry(q, k, v, cfg_q.block_m, cfg_q.block_n, head_blocks),
                    has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
-    _launch(_attn_bwd_dq, B * H * triton.cdiv(Nq, cfg_q.block_m),
-            (q, k, v, do, lse, delta, dq, ds,
-             bias.rel_table, bias.rel_index, bias.dense_bias, bias.key_padding,
-             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-             *ds_strides, *bias.strides, H, Nq, Nk, D, Dv, qk_scale, 1.0 / scale, scale),
-            dict(BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
-                 **flags, STORE_DS=store_ds, **dots), cfg_q)
+    constexprs = dict(BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=head_blocks[0],
+                      BLOCK_DV=head_blocks[1], **flags, STORE_DS=store_ds, **dots)
+    dense_batched = bias.has_dense and bias.dense_bias.dim() == 4 and bias.dense_bias.shape[0] != 1
+    rel_sum = dense_sum = None
+    d_dense_parts = []
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        sl = slice(b0, b1)
+        dense_c = bias.dense_bias[sl] if dense_batched else bias.dense_bias
+        pad_c = bias.key_padding[sl] if bias.has_pad else bias.key_padding
+        _launch(_attn_bwd_dq, (b1 - b0) * H * triton.cdiv(Nq, cfg_q.block_m),
+                (q[sl], k[sl], v[sl], do[sl], lse[sl], delta[sl], dq[sl], ds,
+                 bias.rel_table, bias.rel_index, dense_c, pad_c,
+                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+                 *ds_strides, *bias.strides, H, Nq, Nk, D, Dv, qk_scale, 1.0 / scale, scale),
+                constexprs, cfg_q)
+        if not store_ds:
+            continue
+        ds_c = ds[: b1 - b0, :, :Nq, :Nk]  # (b, h, nq, nk)
+        if need_rel_grad:
+            part = ds_c.sum(dim=0)
+            rel_sum = part if rel_sum is None else rel_sum + part
+        if need_dense_grad:
+            dims = [i for i in (0, 1) if dense_bias.shape[i] == 1]
+            part = ds_c.sum(dim=dims, keepdim=True) if dims else ds_c.clone()
+            if dense_bias.shape[0] == 1:
+                dense_sum = part if dense_sum is None else dense_sum + part
+            else:
+                d_dense_parts.append(part)
 
+    d_rel = d_dense = None
     if need_dense_grad:
-        sum_dims = [i for i in (0, 1) if dense_bias.shape[i] == 1 and ds.shape[i] > 1]
-        d_dense = (ds.sum(dim=sum_dims, keepdim=True) if sum_dims else ds).to(dense_bias.dtype)
+        d_dense = (dense_sum if dense_sum is not None else torch.cat(d_dense_parts)).to(dense_bias.dtype)
+        d_dense = d_dense.contiguous()
     if need_rel_grad:
-        ds_heads = ds.sum(dim=0)  # (H, Nq, Nk)
-        d_rel = torch.zeros(rel_table.shape, dtype=torch.float32, device=q.device)
-        d_rel.index_add_(0, rel_index.reshape(-1).long(), ds_heads.reshape(H, -1).t())
-        d_rel = d_rel.to(rel_table.dtype)
+        d_rel = _table_grad(rel_sum, rel_index, rel_table.shape[0]).to(rel_table.dtype)
     return dq, dk, dv, d_rel, d_dense
 
 
@@ -1134,24 +1835,12 @@ def _kernel_params(kernel) -> list[tuple[str, bool]]:
     return params
 
 
-# How triton specialises a typical call at run time, mirrored ahead of time so that the report
-# compiles the code the launchers really run: an integer argument equal to 1 becomes a constant (the
-# unit strides of contiguous bias tensors), and pointers (torch allocations are aligned) and the
-# strides of q, k, v, out and their gradients (multiples of the head dim: 16, 32, 48, 64, 80, ...)
-# are divisible by 16, which is what lets the compiler vectorise loads. Calls with other strides
-# (a head dim of 8 or 24, a strided bias) compile another specialisation at run time.
-_UNIT_STRIDES = ("stride_th", "stride_in", "stride_dn", "stride_pn", "stride_sn")
-_ALIGNED_STRIDE_PREFIXES = ("stride_q", "stride_k", "stride_v", "stride_o", "stride_do", "stride_dq", "stride_dk",
-                            "stride_dv")
-
-
 def kernel_signature(kernel, dtype: torch.dtype) -> dict:
-    """The ``triton.compile`` signature of ``kernel`` for inputs of ``dtype`` (unit strides are
-    constexprs: see `unit_stride_constants`)."""
+    """The ``triton.compile`` signature of ``kernel`` for inputs of ``dtype``."""
     code = _DTYPE_CODES[dtype]
     sig = {}
     for name, is_constexpr in _kernel_params(kernel):
-        if is_constexpr or name in _UNIT_STRIDES:
+        if is_constexpr:
             sig[name] = "constexpr"
         elif name in _POINTER_TYPES:
             t = _POINTER_TYPES[name]
@@ -1161,36 +1850,64 @@ def kernel_signature(kernel, dtype: torch.dtype) -> dict:
     return sig
 
 
-def unit_stride_constants(kernel) -> dict:
-    return {name: 1 for name, _ in _kernel_params(kernel) if name in _UNIT_STRIDES}
+# How triton specialises a call at run time, mirrored ahead of time so that the report compiles the
+# code the launchers really run: an integer argument divisible by 16 gets a divisibility hint (and 1
+# becomes a constant), which is what lets the compiler vectorise and pipeline loads. Each report row
+# is the specialisation of a typical ViT-family call with that row's switches:
+#   - pointers (torch allocations are aligned), the strides of q, k, v, out and their gradients
+#     (multiples of a head dim of 16, 32, 48, 64, 80, ...), D and Dv: divisible by 16;
+#   - Nq divisible only in EVEN_M variants, Nk only in EVEN_N ones (N = 197 or 49 is not);
+#   - the bias row strides (Nk: stride_im, stride_dm, stride_pb) follow Nk; the head stride of a dense
+#     bias (Nq * Nk) is divisible when either is; the batch stride is 0 (the expanded table, broadcast);
+#   - the dS buffer is padded to block multiples: its strides are always divisible;
+#   - the table's row stride (T) and H are not (T = 169, H = 12).
+# Calls with other strides (a head dim of 8 or 24, a strided bias) compile another specialisation at
+# run time; ``Nq = 1`` (class attention) makes Nq a constant in another one.
+_ALIGNED_STRIDE_PREFIXES = ("stride_q", "stride_k", "stride_v", "stride_o", "stride_do", "stride_dq", "stride_dk",
+                            "stride_dv", "stride_s")
 
 
-def divisible_by_16(kernel) -> list[str]:
-    """The arguments the AOT compile declares divisible by 16 (pointers and q/k/v/o strides)."""
-    return [name for name, is_constexpr in _kernel_params(kernel)
-            if not is_constexpr and (name in _POINTER_TYPES or name.startswith(_ALIGNED_STRIDE_PREFIXES))]
+def divisible_by_16(kernel, constexprs: Optional[dict] = None) -> list[str]:
+    """The arguments the AOT compile of one variant (``constexprs``) declares divisible by 16."""
+    c = constexprs or {}
+    even_m, even_n = bool(c.get("EVEN_M")), bool(c.get("EVEN_N"))
+    conditional = {"Nq": even_m, "Nk": even_n, "stride_im": even_n, "stride_dm": even_n, "stride_pb": even_n,
+                   "stride_dh": even_m or even_n, "stride_db": True, "D": True, "Dv": True}
+    names = []
+    for name, is_constexpr in _kernel_params(kernel):
+        if is_constexpr:
+            continue
+        if name in _POINTER_TYPES or name.startswith(_ALIGNED_STRIDE_PREFIXES) or conditional.get(name, False):
+            names.append(name)
+    return names
 
 
 _BIASES = ("HAS_REL", "HAS_DENSE", "HAS_PAD")
 _EVENS = ("EVEN_M", "EVEN_N", "EVEN_D")
+# The bias switches compiled for each kind by default: the variant with the most code of that kind.
+_KIND_SWITCHES = {"none": (False, False, False), "dense": (False, True, True), "gather": (True, True, True)}
 
 
-def _variants(biased: bool, full: bool, even_plain: bool = True) -> list[dict]:
-    """Bias and mask switches compiled for one config.
+def _variants(biased, full: bool, even_plain: bool = True) -> list[dict]:
+    """Bias and mask switches compiled for one config; ``biased``: a bias kind (or a bool: "dense"/"none").
 
-    Default: the variant with the most code, masks on (the ViT sizes 49, 50, 197 are never block
-    multiples) and, if biased, all three biases (a subset only removes code from it); with
-    ``even_plain`` also the unbiased mask-free variant of aligned shapes. ``full``: every bias subset
-    times every EVEN_M/N/D combination.
+    Default: the kind's variant with the most code and the split loop's masked tail on both sides
+    (EVEN_M = EVEN_N = False: the ViT sizes 49, 50, 197 are never block multiples) with the head
+    dim a block size (EVEN_D: D = 16, 32, 64, 128); with ``even_plain`` also the unbiased mask-free
+    variant of aligned shapes. D = 48 or 80 (EVEN_D False) only adds masks to the q/k/v tile loads
+    and stores; ``full`` compiles it, with every bias subset of the kind times every EVEN_* combination.
     """
     import itertools
 
+    kind = biased if isinstance(biased, str) else ("dense" if biased else "none")
     if full:
-        subsets = [s for s in itertools.product((False, True), repeat=3) if any(s) == biased]
+        subsets = [s for s in itertools.product((False, True), repeat=3)
+                   if (kind == "none" and not any(s)) or (kind == "gather" and s[0])
+                   or (kind == "dense" and not s[0] and any(s))]
         evens = list(itertools.product((False, True), repeat=3))
     else:
-        subsets = [(True, True, True)] if biased else [(False, False, False)]
-        evens = [(False, False, False)] + ([(True, True, True)] if even_plain and not biased else [])
+        subsets = [_KIND_SWITCHES[kind]]
+        evens = [(False, False, True)] + ([(True, True, True)] if even_plain and kind == "none" else [])
     return [dict(zip(_EVENS, e), **dict(zip(_BIASES, s))) for s in subsets for e in evens]
 
 
@@ -1201,23 +1918,43 @@ def _ds_variants(flags: dict, full: bool) -> list[dict]:
     return [dict(STORE_DS=False), dict(STORE_DS=True)] if full else [dict(STORE_DS=True)]
 
 
-def _launchable(pref_lists, kernel, dtype, blocks, biased, include_pruned) -> list[Config]:
-    """The configs the heuristic picks from each preference list (or all of them), deduplicated."""
-    picked = []
+def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict:
+    """``{config: capabilities}``: the configs the heuristic picks from each preference list on each
+    spill-table capability (or all of them, for every capability), in order."""
+    picked: dict = {}
     for prefs in pref_lists:
-        for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, biased)]):
-            if cfg not in picked:
-                picked.append(cfg)
+        for cap in SPILL_CAPABILITIES:
+            for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, (cap // 10, 0))]):
+                picked.setdefault(cfg, [])
+                if cap not in picked[cfg]:
+                    picked[cfg].append(cap)
     return picked
 
 
-def tile_spec(kernel: str, cfg: Config, dtype: torch.dtype, blocks: tuple[int, int], switches: dict) -> CompileSpec:
+def _tuned_configs(kernel: str, dtype: torch.dtype, blocks: tuple[int, int], kind: str) -> list[Config]:
+    """The configs that tuned tables under TUNED_DIR give this (kernel, dtype class, blocks, kind)."""
+    import glob
+
+    cls = _dtype_class(dtype)
+    prefix = f"{kernel}|{cls}|d{blocks[0]}x{blocks[1]}|{kind}|"
+    found = []
+    for path in sorted(glob.glob(os.path.join(TUNED_DIR, "*.json"))):
+        try:
+            entries = load_tuned(path)["entries"]
+        except ValueError:
+            continue  # the launchers ignore it too (with a warning)
+        found += [cfg for key, cfg in sorted(entries.items()) if key.startswith(prefix) and cfg not in found]
+    return found
+
+
+def tile_spec(kernel: str, cfg: Config, dtype: torch.dtype, blocks: tuple[int, int], switches: dict,
+              tf32: bool = False) -> CompileSpec:
     """The spec of one of the three tiled kernels (forward, dK/dV, dQ) with the given switches
     (EVEN_*, HAS_*, STORE_DS)."""
     fn = KERNELS[kernel]
     return CompileSpec(kernel, cfg, kernel_signature(fn, dtype), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1], **switches,
-        FP32_IEEE=dtype == torch.float32, UPCAST_DOT=False, **unit_stride_constants(fn)))
+        FP32_IEEE=dtype == torch.float32 and not tf32, UPCAST_DOT=False))
 
 
 def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtypes=SUPPORTED_DTYPES,
@@ -1225,51 +1962,62 @@ def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtyp
     """Every (kernel, config, signature, constexprs) the launchers may launch.
 
     By default: every (kernel, config, dtype, head blocks) the launchers can launch -- over dtypes,
-    head-block pairs, unbiased and biased calls, and the config the heuristics pick for each query
-    bucket -- each with the switch variants of `_variants` that hold the most code (about 200 specs,
-    3 minutes for sm_80 + sm_90a on 2 cores). ``full=True`` lists every specialisation the launchers
-    can launch: every bias subset and EVEN_* combination (several thousand compiles).
-    ``include_pruned=True`` lists every config of the preference lists instead of the picked ones
-    (to regenerate the spill table).
+    head-block pairs, the three bias kinds ("none", "dense", "gather"), the config the heuristics pick
+    for each query bucket and any config a tuned table under ``kernels/tuned/`` names -- each with the
+    switch variants of `_variants` (the split loop's masked tail compiled in; about 300 specs, 3-4
+    minutes for sm_80 + sm_90a on 2 cores). ``full=True`` lists every specialisation the launchers
+    can launch: every bias subset and EVEN_* combination, and the TF32 variants of fp32 (several
+    thousand compiles). ``include_pruned=True`` lists every config of the preference lists instead of
+    the picked ones (to regenerate the spill table).
     """
     import itertools
 
     for dtype, blocks in itertools.product(dtypes, head_blocks):
         cls = _dtype_class(dtype)
         sig = {name: kernel_signature(KERNELS[name], dtype) for name in ("_attn_cls_probs", "_attn_bwd_preprocess")}
-        for biased in (False, True):
+        tf32s = (False, True) if full and dtype == torch.float32 else (False,)
+        for kind in BIAS_KINDS:
             fwd_prefs = [_FWD_PREFS[(cls, bucket)] for bucket in ("short", "long")]
             for kernel, pref_lists in (("_attn_fwd", fwd_prefs), ("_attn_bwd_dkdv", [_DKDV_PREFS[cls]]),
                                        ("_attn_bwd_dq", [_DQ_PREFS[cls]])):
-                for cfg in _launchable(pref_lists, kernel, dtype, blocks, biased, include_pruned):
+                configs = _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned)
+                for cfg in _tuned_configs(kernel, dtype, blocks, kind):
+                    configs[cfg] = list(SPILL_CAPABILITIES)  # a tuned config: compile it everywhere
+                for cfg, caps in configs.items():
+                    caps = () if len(caps) == len(SPILL_CAPABILITIES) else tuple(caps)
                     # the mask-free forward is the one aligned-shape variant worth its compile time
-                    for flags in _variants(biased, full, even_plain=kernel == "_attn_fwd"):
+                    for flags in _variants(kind, full, even_plain=kernel == "_attn_fwd"):
                         extras = _ds_variants(flags, full) if kernel == "_attn_bwd_dq" else [{}]
-                        for extra in extras:
-                            yield tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra))
+                        for extra, tf32 in itertools.product(extras, tf32s):
+                            yield tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra), tf32=tf32)._replace(
+                                capabilities=caps)
             # The CLS-row and preprocess kernels see one head width: one set per distinct width.
             if blocks[0] == blocks[1]:
-                for flags in _variants(biased, full, even_plain=False):
+                for flags in _variants(kind, full, even_plain=False):
                     flags = {k: v for k, v in flags.items() if k != "EVEN_M"}
                     cls_cfg = _cls_config(blocks[0])
                     yield CompileSpec("_attn_cls_probs", cls_cfg, sig["_attn_cls_probs"],
-                                      dict(BLOCK_N=cls_cfg.block_n, BLOCK_D=blocks[0], **flags,
-                                           **unit_stride_constants(KERNELS["_attn_cls_probs"])))
+                                      dict(BLOCK_N=cls_cfg.block_n, BLOCK_D=blocks[0], **flags))
         if blocks[0] == blocks[1]:
-            evens = list(itertools.product((False, True), repeat=2)) if full else [(False, False), (True, True)]
+            evens = list(itertools.product((False, True), repeat=2)) if full else [(False, True), (True, True)]
             for even_m, even_d in evens:
                 yield CompileSpec("_attn_bwd_preprocess", _PREPROCESS_CONFIG, sig["_attn_bwd_preprocess"],
                                   dict(BLOCK_M=_PREPROCESS_CONFIG.block_m, BLOCK_DV=blocks[1],
                                        EVEN_M=even_m, EVEN_D=even_d))
 
 
-def launch_plan(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, *, biased: bool = False,
+def launch_plan(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, *, biased=False,
                 capability: Optional[tuple[int, int]] = None) -> dict:
-    """What the launchers use for a shape: ``{kernel: (config, (BLOCK_D, BLOCK_DV))}``."""
+    """What the launchers use for a shape: ``{kernel: (config, (BLOCK_D, BLOCK_DV))}`` (built-in
+    configs: no tuned table; ``biased``: a bool or a bias kind; ``capability``: (major, minor),
+    default the current CUDA device's, else a config clean on every capability)."""
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
     blocks = _head_blocks(d, dv)
-    cfg_kv, cfg_q = _pick_bwd_configs(nq, nk, blocks, dtype, capability, biased)
-    return {"_attn_fwd": (_pick_fwd_config(nq, nk, blocks, dtype, capability, biased), blocks),
-            "_attn_bwd_dkdv": (cfg_kv, blocks), "_attn_bwd_dq": (cfg_q, blocks),
+    kind = _bias_kind(biased, nq, nk)
+    plan = {kernel: (_pick_config(kernel, nq, nk, blocks, dtype, kind, None, capability=capability), blocks)
+            for kernel in TUNABLE_KERNELS}
+    return {**plan,
             "_attn_cls_probs": (_cls_config(blocks[0]), (blocks[0], blocks[0])),
             "_attn_bwd_preprocess": (_PREPROCESS_CONFIG, (blocks[1], blocks[1]))}
 
@@ -1324,9 +2072,13 @@ def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
 @_attn_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, rel_table, rel_index, dense_bias, key_padding, need_rel_grad,
       need_dense_grad):
+    # The same layouts as the real op: dq/dk/dv like q/k/v after `_last_dim_contiguous`, the bias
+    # gradients contiguous.
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(rel_table) if need_rel_grad and rel_table is not None else q.new_empty(0),
-            torch.empty_like(dense_bias) if need_dense_grad and dense_bias is not None else q.new_empty(0))
+            rel_table.new_empty(rel_table.shape) if need_rel_grad and rel_table is not None else q.new_empty(0),
+            dense_bias.new_empty(dense_bias.shape) if need_dense_grad and dense_bias is not None
+            else q.new_empty(0))
 
 
 def _save_for_backward(ctx, q, k, v, scale, rel_table, rel_index, dense_bias, key_padding, out, lse,

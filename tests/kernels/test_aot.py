@@ -102,28 +102,56 @@ def test_launched_variants_are_listed(device, monkeypatch):
         assert (name, cfg, blocks, code) in default, f"launched config not in the default report: {key}"
 
 
+def _kind(constexprs: dict) -> str:
+    if constexprs.get("HAS_REL"):
+        return "gather"
+    return "dense" if constexprs.get("HAS_DENSE") or constexprs.get("HAS_PAD") else "none"
+
+
 def test_compile_report_builds_a_subset_for_sm80_and_sm90a():
     wanted = [
-        ("_attn_fwd", torch.bfloat16, (64, 64), True),
-        ("_attn_bwd_dkdv", torch.float16, (32, 64), True),
-        ("_attn_bwd_dq", torch.float32, (16, 16), False),
-        ("_attn_cls_probs", torch.bfloat16, (64, 64), True),
-        ("_attn_bwd_preprocess", torch.float32, (32, 32), False),
+        ("_attn_fwd", torch.bfloat16, (64, 64), "dense"),
+        ("_attn_bwd_dkdv", torch.float16, (64, 64), "dense"),
+        ("_attn_bwd_dq", torch.float32, (16, 16), "none"),
+        ("_attn_cls_probs", torch.bfloat16, (64, 64), "gather"),
+        ("_attn_bwd_preprocess", torch.float32, (32, 32), "none"),
     ]
     subset = []
-    for kernel, dtype, blocks, biased in wanted:
+    for kernel, dtype, blocks, kind in wanted:
         for spec in kattn.iter_compile_specs(dtypes=(dtype,), head_blocks=(blocks,)):
-            if spec.kernel == kernel and bool(spec.constexprs.get("HAS_REL")) == biased:
+            if spec.kernel == kernel and _kind(spec.constexprs) == kind:
                 subset.append(spec)
                 break
     assert len(subset) == len(wanted)
     rows = aot.compile_report(capabilities=(80, 90), specs=subset)
-    assert len(rows) == 2 * len(subset)
+    expected = sum(len(s.capabilities) or 2 for s in subset)  # a spec may be picked on one capability only
+    assert len(rows) == expected
     for row in rows:
         assert row["ok"], row["error"]
         assert row["registers"] > 0 and row["spills"] == 0 and row["shared_mem_bytes"] is not None, row
     assert {row["capability"] for row in rows} == {80, 90}
-    assert "10 compiled, 0 failed" in aot.format_report(rows)
+    assert f"{expected} compiled, 0 failed" in aot.format_report(rows)
+
+
+def test_report_rows_carry_the_runtime_specialisation():
+    """A ViT call (N=197, D=64) has its head dim, strides and pointers divisible by 16, not N."""
+    spec = next(s for s in kattn.iter_compile_specs(dtypes=(torch.bfloat16,), head_blocks=((64, 64),))
+                if s.kernel == "_attn_fwd" and not s.constexprs["EVEN_N"])
+    hints = kattn.divisible_by_16(kattn.KERNELS["_attn_fwd"], spec.constexprs)
+    assert {"Q", "stride_qm", "D", "Dv"} <= set(hints)
+    assert not {"Nq", "Nk", "H", "stride_dm"} & set(hints)
+    even = dict(spec.constexprs, EVEN_M=True, EVEN_N=True)
+    assert {"Nq", "Nk", "stride_dm"} <= set(kattn.divisible_by_16(kattn.KERNELS["_attn_fwd"], even))
+    assert "split" in aot._variant(spec.constexprs)
+
+
+def test_the_biased_16bit_backward_keeps_64_key_tiles():
+    """Head dim 64 with a bias: dK/dV programs own 64 keys, dQ programs 64 queries, on sm_80 and sm_90a."""
+    for capability in ((8, 0), (9, 0)):
+        plan = kattn.launch_plan(197, 197, 64, 64, torch.bfloat16, biased=True, capability=capability)
+        assert plan["_attn_bwd_dkdv"][0].block_n >= 64, (capability, plan)
+        assert plan["_attn_bwd_dq"][0].block_m >= 64, (capability, plan)
+        assert all(len(key) == 6 and key[5] in (80, 90) for key in kattn.PRUNED)
 
 
 def test_compile_spec_records_errors_instead_of_raising(device):
