@@ -1,13 +1,40 @@
-"""Modules the models share. They build attention inputs and call ``attend()``."""
+"""The vocabulary every model speaks: stems, attention kinds, MLPs, conv blocks, token helpers.
 
-from .attention import Attention, AttentionBase, merge_heads, split_heads
-from .embed import PatchEmbed, cast_tuple, check_image, crop_positions, pair, patch_grid, posemb_sincos_2d
+Model files import their building blocks from here and from nowhere else (never from another model).
+"""
+
+from .attention import (
+    Attention,
+    AttentionBase,
+    ContextAttention,
+    ReAttention,
+    TalkingHeadsAttention,
+    merge_heads,
+    split_heads,
+    split_qkv,
+)
+from .conv import PEG, ChanLayerNorm, DepthWiseConv2d, DropPath, Residual, conv_output_size
+from .distill import DistillTokenMixin
+from .embed import (
+    PatchEmbed,
+    ViTStem,
+    cast_tuple,
+    check_image,
+    crop_positions,
+    pair,
+    patch_grid,
+    posemb_sincos_2d,
+)
 from .linear import Linear
-from .mlp import FeedForward
-from .transformer import Transformer
+from .mlp import FeedForward, mlp
+from .tokens import gather_tokens
+from .transformer import ResidualBlocks, Transformer
 
 __all__ = [
-    "Attention", "AttentionBase", "merge_heads", "split_heads",
-    "PatchEmbed", "cast_tuple", "check_image", "crop_positions", "pair", "patch_grid", "posemb_sincos_2d",
-    "FeedForward", "Transformer", "Linear",
+    "Attention", "AttentionBase", "ContextAttention", "ReAttention", "TalkingHeadsAttention",
+    "merge_heads", "split_heads", "split_qkv",
+    "ChanLayerNorm", "DepthWiseConv2d", "PEG", "Residual", "DropPath", "conv_output_size",
+    "DistillTokenMixin",
+    "PatchEmbed", "ViTStem", "cast_tuple", "check_image", "crop_positions", "pair", "patch_grid", "posemb_sincos_2d",
+    "FeedForward", "mlp", "Linear", "gather_tokens", "ResidualBlocks", "Transformer",
 ]

@@ -1,4 +1,11 @@
-"""Patch and position embeddings, and the size checks every model shares."""
+"""Patch and position embeddings, the size checks every model shares, and the ViT stem.
+
+``ViTStem`` is the start of every ViT-like model (ViT, DeepViT, CaiT, ATS-ViT, the pluggable ViT,
+CrossViT's branches, PiT, T2T-ViT): a patch embedding, CLS token(s) and a learned position table,
+with the image check and the position crop for smaller inputs. It is a mixin that sets its modules on
+the model itself, so the checkpoint keys stay vit-pytorch's (``to_patch_embedding``,
+``pos_embedding``, ``cls_token``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,8 @@ from torch import Tensor, nn
 
 from .linear import Linear
 
-__all__ = ["pair", "cast_tuple", "PatchEmbed", "check_image", "posemb_sincos_2d", "patch_grid", "crop_positions"]
+__all__ = ["pair", "cast_tuple", "PatchEmbed", "ViTStem", "check_image", "posemb_sincos_2d", "patch_grid",
+           "crop_positions"]
 
 IntOrPair = Union[int, tuple]
 
@@ -24,8 +32,18 @@ def pair(x: IntOrPair) -> tuple[int, int]:
     return int(x), int(x)
 
 
-def cast_tuple(value, length: int, name: str) -> tuple:
-    """A per-stage setting: a tuple of ``length`` as given, or one value repeated; else a ValueError."""
+def cast_tuple(value, length: int, name: str, pad: bool = False) -> tuple:
+    """A per-stage setting: a tuple of ``length`` as given, or one value repeated; else a ValueError.
+
+    With ``pad`` a shorter tuple (or list) is padded with its last value (LeViT: ``(1, 2) -> (1, 2, 2)``)
+    and only a longer one is an error.
+    """
+    if pad:
+        value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        out = (*value, *((value[-1],) * max(length - len(value), 0)))
+        if len(out) != length:
+            raise ValueError(f"{name} {value} has more entries than stages={length}")
+        return out
     out = value if isinstance(value, tuple) else (value,) * length
     if len(out) != length:
         raise ValueError(f"{name} must be a single value or a tuple of length {length}, got {value!r}")
@@ -78,6 +96,86 @@ class PatchEmbed(nn.Sequential):
             Linear(patch_dim, dim),
             nn.LayerNorm(dim) if norms else nn.Identity(),
         )
+
+
+class ViTStem:
+    """Mixin for an ``nn.Module``: patch embedding, CLS token(s), positions (vit-pytorch's keys).
+
+    Call ``build_stem`` in ``__init__``; ``embed(img)`` then checks the image and returns
+    ``(b, num_cls + n, dim)`` tokens with their positions, before ``self.dropout`` (the embedding
+    dropout, which the model applies where vit-pytorch does).
+    """
+
+    def build_stem(self, *, image_size, patch_size: Optional[IntOrPair], channels: int, dim: int,
+                   num_cls_tokens: int = 1, cls_in_positions: bool = True, flat: bool = False,
+                   emb_dropout: float = 0.0, legacy_pos_slicing: bool = False,
+                   patch_embedding: Optional[nn.Module] = None, grid: Optional[tuple] = None,
+                   pool: Optional[str] = None) -> None:
+        """Set the stem's modules and sizes on the model.
+
+        Args:
+            image_size: int or (h, w); the largest input.
+            patch_size: int or (ph, pw), which the image sides must divide (None: any size, T2T).
+            channels: input channels. dim: token width.
+            num_cls_tokens: CLS tokens (ViT with ``pool='mean'``: 0).
+            cls_in_positions: the position table has rows for the CLS tokens (CaiT's has not, and its
+                CLS token joins later: ``embed`` then returns the patches alone).
+            flat: vit-pytorch's ViT layout, ``cls_token (num_cls, dim)`` and ``pos_embedding
+                (num_cls + N, dim)``, created in that order; otherwise ``pos_embedding (1, [1 +] N, dim)``
+                then ``cls_token (1, 1, dim)``.
+            emb_dropout: rate of ``self.dropout``.
+            legacy_pos_slicing: smaller inputs slice the flat position table, as vit-pytorch does,
+                instead of taking the top-left crop of the 2-D grid.
+            patch_embedding: replaces the dual-patchnorm ``PatchEmbed`` (PiT's unfold, T2T's soft splits).
+            grid: the token grid of an ``image_size`` input (default: image over patch size); models with
+                another grid override ``token_grid`` too.
+            pool: ``"cls"`` or ``"mean"`` for ``pool_tokens`` (checked; None: the model pools itself).
+        """
+        if pool is not None and pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.pool = pool
+        self.image_size = pair(image_size)
+        self.patch_size = None if patch_size is None else pair(patch_size)
+        self.grid = patch_grid(image_size, patch_size) if grid is None else tuple(grid)
+        self.channels = channels
+        self.dim = dim
+        self.legacy_pos_slicing = legacy_pos_slicing
+        self.num_cls_tokens = num_cls_tokens
+        self.cls_in_positions = cls_in_positions
+        self.pos_prefix = num_cls_tokens if cls_in_positions else 0  # rows before the grid in pos_embedding
+        num_positions = self.pos_prefix + self.grid[0] * self.grid[1]
+        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim) if patch_embedding is None else \
+            patch_embedding
+        if flat:
+            self.cls_token = nn.Parameter(torch.randn(num_cls_tokens, dim))
+            self.pos_embedding = nn.Parameter(torch.randn(num_positions, dim))
+        else:
+            self.pos_embedding = nn.Parameter(torch.randn(1, num_positions, dim))
+            self.cls_token = nn.Parameter(torch.randn(1, num_cls_tokens, dim))
+        self.dropout = nn.Dropout(emb_dropout)
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """The ``(h, w)`` token grid of an ``h x w`` image (patches; PiT and T2T override it)."""
+        return h // self.patch_size[0], w // self.patch_size[1]
+
+    def position_embedding(self, h: int, w: int) -> Tensor:
+        """Positions for an ``h x w`` token grid: ``([1,] pos_prefix + h*w, dim)``."""
+        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=self.pos_prefix,
+                              legacy=self.legacy_pos_slicing)
+
+    def embed(self, img: Tensor) -> Tensor:
+        """Image check, patch embedding, CLS token(s) and positions: ``(b, num_cls + n, dim)``."""
+        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size or 1)
+        pos = self.position_embedding(*self.token_grid(img.shape[-2], img.shape[-1]))
+        x = self.to_patch_embedding(img)  # (b, n, dim)
+        if not self.cls_in_positions:  # CaiT: the CLS token joins later, without a position
+            return x + pos
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, num_cls, dim)
+        return torch.cat((cls_tokens, x), dim=1) + pos
+
+    def pool_tokens(self, x: Tensor) -> Tensor:
+        """``(b, n, dim) -> (b, dim)``: the mean over all tokens (CLS included, if any), or the first token."""
+        return x.mean(dim=1) if self.pool == "mean" else x[:, 0]
 
 
 def posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10000.0, dtype=torch.float32) -> Tensor:

@@ -1,39 +1,64 @@
-"""The pre-norm transformer encoder of vit-pytorch's ViT family."""
+"""The pre-norm transformer encoder of vit-pytorch's ViT family, and the residual loop it shares."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from torch import Tensor, nn
 
 from .attention import Attention
 from .mlp import FeedForward
 
-__all__ = ["Transformer"]
+__all__ = ["ResidualBlocks", "Transformer"]
 
 
-class Transformer(nn.Module):
-    """``depth`` x (attention + MLP, each residual, norm inside), then a final LayerNorm.
+class ResidualBlocks(nn.Module):
+    """``x = attn(x) + x; x = ff(x) + x`` per block, then ``norm`` if the module has one.
 
-    Keys: ``layers.{i}.0`` (Attention), ``layers.{i}.1`` (FeedForward), ``norm``. SimpleViT's variant
-    is ``dropout=None, out_bias=False`` (no dropout layers, bias-free output projection); MobileViT's is
-``final_norm=False, activation=nn.SiLU``.
+    Keys: ``layers.{i}.0`` (attention), ``layers.{i}.1`` (feed-forward), ``norm``. Models whose blocks
+    are these two residuals on tokens or maps (ViT, CvT, NesT, CrossViT) build on it; a subclass that
+    registers other modules first (NesT's ``pos_emb``), or the norm after the layers (CrossViT), passes
+    nothing here and calls ``set_blocks`` where vit-pytorch creates them, so the state_dict order is
+    vit-pytorch's.
+
+    Args:
+        blocks: ``(attention, feed_forward)`` module pairs, in order.
+        norm: the final norm, registered before the blocks (``None``: none, and no key).
     """
 
-    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: Optional[float] = 0.0,
-                 final_norm: bool = True, out_bias: bool = True, activation: Callable[[], nn.Module] = nn.GELU):
+    def __init__(self, blocks: Optional[Iterable[tuple]] = None, norm: Optional[nn.Module] = None):
         super().__init__()
-        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([
-                Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout or 0.0, out_bias=out_bias),
-                FeedForward(dim, mlp_dim, dropout=dropout, activation=activation),
-            ])
-            for _ in range(depth)
-        ])
+        if norm is not None:
+            self.norm = norm
+        if blocks is not None:
+            self.set_blocks(blocks)
+
+    def set_blocks(self, blocks: Iterable[tuple]) -> None:
+        self.layers = nn.ModuleList([nn.ModuleList(block) for block in blocks])
 
     def forward(self, x: Tensor) -> Tensor:
         for attn, ff in self.layers:
             x = attn(x) + x
             x = ff(x) + x
-        return self.norm(x)
+        norm = self._modules.get("norm")
+        return x if norm is None else norm(x)
+
+
+class Transformer(ResidualBlocks):
+    """``depth`` x (attention + MLP, each residual, norm inside), then a final LayerNorm.
+
+    Keys: ``layers.{i}.0`` (Attention), ``layers.{i}.1`` (FeedForward), ``norm``. SimpleViT's variant
+    is ``dropout=None, out_bias=False`` (no dropout layers, bias-free output projection); MobileViT's is
+    ``final_norm=False, activation=nn.SiLU``; DeepViT's ``attention=ReAttention, final_norm=False``;
+    CrossViT's branch encoder ``attention=ContextAttention``.
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: Optional[float] = 0.0,
+                 final_norm: bool = True, out_bias: bool = True, activation: Callable[[], nn.Module] = nn.GELU,
+                 attention: Callable[..., nn.Module] = Attention):
+        super().__init__(
+            [(attention(dim, heads=heads, dim_head=dim_head, dropout=dropout or 0.0, out_bias=out_bias),
+              FeedForward(dim, mlp_dim, dropout=dropout, activation=activation))
+             for _ in range(depth)],
+            norm=nn.LayerNorm(dim) if final_norm else None,
+        )

@@ -7,11 +7,10 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from .base import VisionModel
-from .distill import DistillableViT
 from .recorder import Recorder
 from .registry import create_model, get_model_entry, list_models, register_model
 from .simple_vit import SimpleViT
-from .vit import ViT
+from .vit import DistillableViT, ViT
 
 # Every model file registers its presets when imported; import them all so list_models() is complete.
 for _info in _pkgutil.iter_modules(__path__):

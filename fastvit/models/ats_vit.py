@@ -71,31 +71,14 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from fastvit import layers
 from fastvit.attention import KeyPaddingMask
-from fastvit.layers import (
-    AttentionBase,
-    FeedForward,
-    Linear,
-    PatchEmbed,
-    check_image,
-    crop_positions,
-    merge_heads,
-    pair,
-    patch_grid,
-    split_heads,
-)
+from fastvit.layers import FeedForward, Linear, ViTStem, gather_tokens, merge_heads, split_heads, split_qkv
 
 from .base import VisionModel
 from .registry import register_model
 
 __all__ = ["ViT", "Transformer", "Attention", "AdaptiveTokenSampling"]
-
-
-def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
-    """``x[i, ids[i]]`` for every image: ``(b, n, c), (b, m) -> (b, m, c)`` (one index_select)."""
-    b, n = x.shape[:2]
-    flat_ids = (ids + torch.arange(b, device=ids.device).unsqueeze(1) * n).flatten()  # (b*m,)
-    return x.flatten(0, 1).index_select(0, flat_ids).view(b, ids.shape[1], *x.shape[2:])
 
 
 class UniformStream:
@@ -212,8 +195,8 @@ class AdaptiveTokenSampling(nn.Module):
         return ids, new_mask
 
 
-class Attention(AttentionBase):
-    """vit-pytorch's ATS attention (pre-norm inside). Keys: ``norm``, ``to_qkv``, ``to_out.0``.
+class Attention(layers.Attention):
+    """vit-pytorch's ATS attention (pre-norm inside). Keys: ``norm``, ``to_qkv``, ``to_out.0`` (always).
 
     Args:
         dim: token width. heads: attention heads. dim_head: width per head.
@@ -227,17 +210,11 @@ class Attention(AttentionBase):
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0,
                  output_num_tokens: Optional[int] = None, batch_wide_sampling: bool = False,
                  trim_padding: Optional[bool] = None):
-        super().__init__(attn_dropout=dropout)
+        super().__init__(dim, heads, dim_head, dropout, project_out=True)
         self.trim_padding = trim_padding
-        inner_dim = dim_head * heads
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.norm = nn.LayerNorm(dim)
-        self.to_qkv = Linear(dim, inner_dim * 3, bias=False)
         self.output_num_tokens = output_num_tokens
         self.ats = (AdaptiveTokenSampling(output_num_tokens, batch_wide_sampling=batch_wide_sampling)
                     if output_num_tokens is not None else None)
-        self.to_out = nn.Sequential(Linear(inner_dim, dim), nn.Dropout(dropout))
 
     def samples(self, num_tokens: int) -> bool:
         """Whether this layer samples a sequence of ``num_tokens`` (CLS included)."""
@@ -263,14 +240,13 @@ class Attention(AttentionBase):
         bias = KeyPaddingMask(mask) if mask is not None else None
         samples = self.samples(n)
         if not samples and not cls_only:
-            # (b, n, 3*h*d) -> three (b, h, n, d) views; heads are the outer factor as in vit-pytorch.
-            q, k, v = self.to_qkv(x).view(b, n, 3, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = split_qkv(self.to_qkv(x), h)  # (b, h, n, d) each
             out = self.attend(q, k, v, scale=self.scale, bias=bias)
             return self.to_out(merge_heads(out)), mask, None
 
         # Keys and values of every token, but queries only for the tokens whose output is used: the
         # CLS token, then the kept ones (vit-pytorch projects queries for all, a third of to_qkv).
-        k, v = self.to_qkv.forward_rows(x, inner, 3 * inner).view(b, n, 2, h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = split_qkv(self.to_qkv.forward_rows(x, inner, 3 * inner), h, parts=2)  # (b, h, n, d) each
         q_cls = split_heads(self.to_qkv.forward_rows(x[:, :1], 0, inner), h)  # (b, h, 1, d)
         if not samples:  # cls_only, nothing to sample: the CLS token's update alone
             out = self.attend(q_cls, k, v, scale=self.scale, bias=bias)
@@ -357,14 +333,11 @@ class Transformer(nn.Module):
         return x, token_ids, mask
 
 
-class ViT(VisionModel):
+class ViT(ViTStem, VisionModel):
     """Adaptive token sampling ViT with vit-pytorch's constructor (``vit_pytorch.ats_vit.ViT``).
 
     Args:
-        image_size: int or (h, w); the largest input size.
-        patch_size: int or (ph, pw).
-        num_classes: classifier width.
-        dim: token width. depth: number of blocks. heads: attention heads. mlp_dim: MLP hidden width.
+        image_size, patch_size, num_classes, dim, depth, heads, mlp_dim: as ``ViT``'s.
         max_tokens_per_depth: per layer, the most patch tokens it keeps (non-increasing, length depth).
         channels: input channels. dim_head: width per head. dropout: attention/MLP dropout.
         emb_dropout: dropout after the position embedding.
@@ -377,26 +350,13 @@ class ViT(VisionModel):
                  mlp_dim, channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, batch_wide_sampling=False,
                  trim_padding=None, legacy_pos_slicing=False):
         super().__init__()
-        self.image_size = pair(image_size)
-        self.patch_size = pair(patch_size)
-        self.grid = patch_grid(image_size, patch_size)
-        self.channels = channels
-        self.num_classes = num_classes
-        self.legacy_pos_slicing = legacy_pos_slicing
-        num_patches = self.grid[0] * self.grid[1]
         check_max_tokens(max_tokens_per_depth, depth)
-
-        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
-        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches + 1, dim))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.dropout = nn.Dropout(emb_dropout)
+        self.num_classes = num_classes
+        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim,
+                        emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = Transformer(dim, depth, max_tokens_per_depth, heads, dim_head, mlp_dim, dropout,
                                        batch_wide_sampling=batch_wide_sampling, trim_padding=trim_padding)
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
-
-    def position_embedding(self, h: int, w: int) -> Tensor:
-        """Positions for an ``h x w`` patch grid: ``(1, 1 + h*w, dim)``."""
-        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
 
     def forward_tokens(self, img: Tensor, cls_only: bool = False) -> tuple[Tensor, Tensor]:
         """``(tokens (b, m, dim), token_ids (b, m - 1))``: CLS first, then the kept patches in order.
@@ -404,12 +364,7 @@ class ViT(VisionModel):
         ``token_ids`` are patch indices, ``-1`` for padding (whose token rows are meaningless). With
         ``cls_only`` the tokens are the CLS token alone, ``(b, 1, dim)`` (what the head reads).
         """
-        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
-        h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]
-        x = self.to_patch_embedding(img)  # (b, n, dim)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
-        x = torch.cat((cls_tokens, x), dim=1) + self.position_embedding(h, w)
-        x, token_ids, _ = self.transformer(self.dropout(x), cls_only=cls_only)
+        x, token_ids, _ = self.transformer(self.dropout(self.embed(img)), cls_only=cls_only)
         return x, token_ids[:, 1:] - 1  # drop CLS; padding (id 0 = CLS) becomes -1
 
     def forward_features(self, img: Tensor) -> Tensor:

@@ -38,19 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastvit.attention import HeadMix
-from fastvit.layers import (
-    AttentionBase,
-    FeedForward,
-    Linear,
-    PatchEmbed,
-    check_image,
-    crop_positions,
-    merge_heads,
-    pair,
-    patch_grid,
-    split_heads,
-)
+from fastvit.layers import FeedForward, Linear, TalkingHeadsAttention, ViTStem
 
 from .base import VisionModel
 from .registry import register_model
@@ -94,38 +82,6 @@ class LayerScale(nn.Module):
         return self.fn(x, **kwargs) * self.scale
 
 
-class TalkingHeadsAttention(AttentionBase):
-    """Self-attention, or class attention when ``context`` is given (vit-pytorch's ``cait.Attention``).
-
-    With ``context``, the (normed) queries ``x`` attend to ``[norm(x); context]``; the context itself
-    is not normed. Keys: ``norm``, ``to_q``, ``to_kv``, ``mix_heads_pre_attn``, ``mix_heads_post_attn``,
-    ``to_out.0``.
-    """
-
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
-        super().__init__(attn_dropout=dropout)
-        inner_dim = dim_head * heads
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.norm = nn.LayerNorm(dim)
-        self.to_q = Linear(dim, inner_dim, bias=False)
-        self.to_kv = Linear(dim, inner_dim * 2, bias=False)
-        self.mix_heads_pre_attn = nn.Parameter(torch.randn(heads, heads))
-        self.mix_heads_post_attn = nn.Parameter(torch.randn(heads, heads))
-        self.to_out = nn.Sequential(Linear(inner_dim, dim), nn.Dropout(dropout))
-
-    def forward(self, x: Tensor, context: Optional[Tensor] = None) -> Tensor:
-        x = self.norm(x)
-        context = x if context is None else torch.cat((x, context), dim=1)  # (b, m, dim)
-        b, m, _ = context.shape
-        q = split_heads(self.to_q(x), self.heads)  # (b, h, n, d)
-        # (b, m, 2*h*d) -> two (b, h, m, d) views
-        k, v = self.to_kv(context).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        mix = HeadMix(pre=self.mix_heads_pre_attn, post=self.mix_heads_post_attn)
-        out = self.attend(q, k, v, scale=self.scale, head_mix=mix)  # (b, h, n, d)
-        return self.to_out(merge_heads(out))
-
-
 class Transformer(nn.Module):
     """``depth`` x LayerScale(attention) + LayerScale(MLP), with layer dropout; no final norm.
 
@@ -154,12 +110,12 @@ class Transformer(nn.Module):
         if self.layer_dropout > 0 and (self.training or self.layer_dropout_in_eval):
             layers = dropout_layers(self.layers, self.layer_dropout)
         for attn, ff in layers:
-            x = attn(x, context=context) + x
+            x = attn(x, context=context, kv_include_self=True) + x  # class attention: keys [cls; patches]
             x = ff(x) + x
         return x
 
 
-class CaiT(VisionModel):
+class CaiT(ViTStem, VisionModel):
     """CaiT with vit-pytorch's constructor (plus ``channels`` and the flags below).
 
     Args:
@@ -184,19 +140,9 @@ class CaiT(VisionModel):
         super().__init__()
         if not 0.0 <= layer_dropout < 1.0:
             raise ValueError(f"layer_dropout must be in [0, 1), got {layer_dropout}")
-        self.image_size = pair(image_size)
-        self.patch_size = pair(patch_size)
-        self.grid = patch_grid(image_size, patch_size)
-        self.channels = channels
         self.num_classes = num_classes
-        self.dim = dim
-        self.legacy_pos_slicing = legacy_pos_slicing
-        num_patches = self.grid[0] * self.grid[1]
-
-        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
-        self.pos_embedding = nn.Parameter(torch.randn(1, num_patches, dim))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.dropout = nn.Dropout(emb_dropout)
+        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim,
+                        cls_in_positions=False, emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing)
 
         stage = dict(dropout=dropout, layer_dropout=layer_dropout,
                      layer_dropout_in_eval=layer_dropout_in_eval,
@@ -205,16 +151,9 @@ class CaiT(VisionModel):
         self.cls_transformer = Transformer(dim, cls_depth, heads, dim_head, mlp_dim, **stage)
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
 
-    def position_embedding(self, h: int, w: int) -> Tensor:
-        """Positions for an ``h x w`` patch grid: ``(1, h*w, dim)``."""
-        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=0, legacy=self.legacy_pos_slicing)
-
     def forward_features(self, img: Tensor) -> Tensor:
         """The CLS token after the class-attention blocks, ``(b, 1, dim)`` (not normed)."""
-        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
-        h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]
-        x = self.to_patch_embedding(img) + self.position_embedding(h, w)  # (b, n, dim)
-        x = self.patch_transformer(self.dropout(x))
+        x = self.patch_transformer(self.dropout(self.embed(img)))  # (b, n, dim): patches with positions
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
         return self.cls_transformer(cls_tokens, context=x)
 

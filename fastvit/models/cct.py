@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastvit.layers import AttentionBase, Linear, check_image, merge_heads, pair
+from fastvit.layers import AttentionBase, DropPath, Linear, check_image, merge_heads, pair, split_qkv
 
 from .base import VisionModel
 from .registry import register_model
@@ -80,26 +80,9 @@ class Attention(AttentionBase):
         self.proj_drop = nn.Dropout(projection_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)  # (b, h, n, d)
+        q, k, v = split_qkv(self.qkv(x), self.heads)  # (b, h, n, d) each
         out = self.attend(q, k, v, scale=self.scale)
         return self.proj_drop(self.proj(merge_heads(out)))
-
-
-class DropPath(nn.Module):
-    """Per-sample stochastic depth (training only), with vit-pytorch's random calls."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob <= 0.0 or not self.training:
-            return x
-        keep_prob = 1 - self.drop_prob
-        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep_mask = torch.zeros(shape, device=x.device).uniform_(0, 1) < keep_prob
-        return x.div(keep_prob) * keep_mask.to(x.dtype)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -369,39 +352,24 @@ def _cct(name, args, num_layers, num_heads, mlp_ratio, embedding_dim, kernel_siz
                kernel_size=kernel_size, stride=stride, padding=padding, **kwargs)
 
 
-def cct_2(*args, **kwargs) -> CCT:
-    """CCT-2: 2 layers, 2 heads, MLP ratio 1, width 128 (3x3 tokenizer unless overridden)."""
-    return _cct("cct_2", args, 2, 2, 1, 128, **kwargs)
+def _factory(name: str, num_layers: int, num_heads: int, mlp_ratio: float, embedding_dim: int, doc: str):
+    """vit-pytorch's ``cct_N(*args, **kwargs)``: a CCT of fixed depth, heads, MLP ratio and width."""
+    def factory(*args, **kwargs) -> CCT:
+        return _cct(name, args, num_layers, num_heads, mlp_ratio, embedding_dim, **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    return factory
 
 
-def cct_4(*args, **kwargs) -> CCT:
-    """CCT-4: 4 layers, 2 heads, MLP ratio 1, width 128."""
-    return _cct("cct_4", args, 4, 2, 1, 128, **kwargs)
-
-
-def cct_6(*args, **kwargs) -> CCT:
-    """CCT-6: 6 layers, 4 heads, MLP ratio 2, width 256."""
-    return _cct("cct_6", args, 6, 4, 2, 256, **kwargs)
-
-
-def cct_7(*args, **kwargs) -> CCT:
-    """CCT-7: 7 layers, 4 heads, MLP ratio 2, width 256."""
-    return _cct("cct_7", args, 7, 4, 2, 256, **kwargs)
-
-
-def cct_8(*args, **kwargs) -> CCT:
-    """CCT-8: 8 layers, 4 heads, MLP ratio 2, width 256."""
-    return _cct("cct_8", args, 8, 4, 2, 256, **kwargs)
-
-
-def cct_14(*args, **kwargs) -> CCT:
-    """CCT-14: 14 layers, 6 heads, MLP ratio 3, width 384."""
-    return _cct("cct_14", args, 14, 6, 3, 384, **kwargs)
-
-
-def cct_16(*args, **kwargs) -> CCT:
-    """CCT-16: 16 layers, 6 heads, MLP ratio 3, width 384."""
-    return _cct("cct_16", args, 16, 6, 3, 384, **kwargs)
+cct_2 = _factory("cct_2", 2, 2, 1, 128, "CCT-2: 2 layers, 2 heads, MLP ratio 1, width 128 (3x3 tokenizer unless "
+                 "overridden).")
+cct_4 = _factory("cct_4", 4, 2, 1, 128, "CCT-4: 4 layers, 2 heads, MLP ratio 1, width 128.")
+cct_6 = _factory("cct_6", 6, 4, 2, 256, "CCT-6: 6 layers, 4 heads, MLP ratio 2, width 256.")
+cct_7 = _factory("cct_7", 7, 4, 2, 256, "CCT-7: 7 layers, 4 heads, MLP ratio 2, width 256.")
+cct_8 = _factory("cct_8", 8, 4, 2, 256, "CCT-8: 8 layers, 4 heads, MLP ratio 2, width 256.")
+cct_14 = _factory("cct_14", 14, 6, 3, 384, "CCT-14: 14 layers, 6 heads, MLP ratio 3, width 384.")
+cct_16 = _factory("cct_16", 16, 6, 3, 384, "CCT-16: 16 layers, 6 heads, MLP ratio 3, width 384.")
 
 
 # Small test configs: the factories fix the widths and depths (vit-pytorch's raise on overriding them), so

@@ -25,23 +25,10 @@ Deliberate differences from vit-pytorch:
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
-from fastvit.layers import (
-    AttentionBase,
-    FeedForward,
-    Linear,
-    PatchEmbed,
-    check_image,
-    crop_positions,
-    merge_heads,
-    pair,
-    patch_grid,
-    split_heads,
-)
+from fastvit.layers import ContextAttention, FeedForward, Linear, ResidualBlocks, ViTStem, pair
 
 from .base import VisionModel
 from .registry import register_model
@@ -49,54 +36,17 @@ from .registry import register_model
 __all__ = ["CrossViT", "Attention", "Transformer", "CrossTransformer", "MultiScaleEncoder", "ImageEmbedder"]
 
 
-class Attention(AttentionBase):
-    """CrossViT's attention: ``to_q`` and ``to_kv`` apart, so keys/values may come from a context.
-
-    Keys: ``norm``, ``to_q``, ``to_kv`` (no bias), ``to_out.0``.
-    """
-
-    def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0):
-        super().__init__(attn_dropout=dropout)
-        inner_dim = dim_head * heads
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.norm = nn.LayerNorm(dim)
-        self.to_q = Linear(dim, inner_dim, bias=False)
-        self.to_kv = Linear(dim, inner_dim * 2, bias=False)
-        self.to_out = nn.Sequential(Linear(inner_dim, dim), nn.Dropout(dropout))
-
-    def forward(self, x: Tensor, context: Optional[Tensor] = None, kv_include_self: bool = False) -> Tensor:
-        x = self.norm(x)
-        # As in vit-pytorch, a given context is not normed here (it leaves a normed encoder already).
-        context = x if context is None else context
-        if kv_include_self:
-            context = torch.cat((x, context), dim=1)  # the CLS token is a key / value of its own query
-        b, m, _ = context.shape
-        q = split_heads(self.to_q(x), self.heads)  # (b, h, n, d)
-        # (b, m, 2*h*d) -> two (b, h, m, d) views: k | v, heads outer, as vit-pytorch's chunk + rearrange.
-        k, v = self.to_kv(context).view(b, m, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = self.attend(q, k, v, scale=self.scale)  # (b, h, n, d)
-        return self.to_out(merge_heads(out))
+Attention = ContextAttention  # vit-pytorch's cross_vit.Attention: to_q / to_kv apart, optional context
 
 
-class Transformer(nn.Module):
-    """A branch encoder: ``depth`` x (attention + MLP, residual), then its own LayerNorm."""
+class Transformer(ResidualBlocks):
+    """A branch encoder: ``depth`` x (attention + MLP, residual), then its own LayerNorm (registered after
+    the layers, as in vit-pytorch)."""
 
     def __init__(self, dim: int, depth: int, heads: int, dim_head: int, mlp_dim: int, dropout: float = 0.0):
-        super().__init__()
-        self.layers = nn.ModuleList([])
+        super().__init__([(Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
+                           FeedForward(dim, mlp_dim, dropout=dropout)) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
-        for _ in range(depth):
-            self.layers.append(nn.ModuleList([
-                Attention(dim, heads=heads, dim_head=dim_head, dropout=dropout),
-                FeedForward(dim, mlp_dim, dropout=dropout),
-            ]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return self.norm(x)
 
 
 class ProjectInOut(nn.Module):
@@ -157,31 +107,19 @@ class MultiScaleEncoder(nn.Module):
         return sm_tokens, lg_tokens
 
 
-class ImageEmbedder(nn.Module):
+class ImageEmbedder(ViTStem, nn.Module):
     """Patches -> tokens, a CLS token, positions, dropout. Keys ``to_patch_embedding.{1,2,3}``,
     ``pos_embedding (1, N + 1, dim)``, ``cls_token (1, 1, dim)``."""
 
     def __init__(self, *, dim: int, image_size, patch_size, dropout: float = 0.0, channels: int = 3,
                  legacy_pos_slicing: bool = False):
         super().__init__()
-        self.patch_size = pair(patch_size)
-        self.grid = patch_grid(image_size, patch_size)
-        self.legacy_pos_slicing = legacy_pos_slicing
-        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
-        self.pos_embedding = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, dim))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.dropout = nn.Dropout(dropout)
-
-    def position_embedding(self, h: int, w: int) -> Tensor:
-        """Positions for an ``h x w`` patch grid: ``(1, 1 + h*w, dim)``."""
-        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
+        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, emb_dropout=dropout,
+                        legacy_pos_slicing=legacy_pos_slicing)
 
     def forward(self, img: Tensor) -> Tensor:
-        h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]
-        x = self.to_patch_embedding(img)  # (b, n, dim)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
-        x = torch.cat((cls_tokens, x), dim=1)
-        return self.dropout(x + self.position_embedding(h, w))
+        """Checks the image; ``(b, 1 + n, dim)`` tokens after the embedding dropout."""
+        return self.dropout(self.embed(img))
 
 
 class CrossViT(VisionModel):
@@ -238,8 +176,6 @@ class CrossViT(VisionModel):
 
     def forward_features(self, img: Tensor) -> tuple[Tensor, Tensor]:
         """``(sm_tokens (b, 1 + n_sm, sm_dim), lg_tokens (b, 1 + n_lg, lg_dim))``, CLS first."""
-        for embedder in (self.sm_image_embedder, self.lg_image_embedder):
-            check_image(img, channels=self.channels, max_size=self.image_size, patch_size=embedder.patch_size)
         sm_tokens = self.sm_image_embedder(img)
         lg_tokens = self.lg_image_embedder(img)
         return self.multi_scale_encoder(sm_tokens, lg_tokens)

@@ -28,7 +28,7 @@ Deliberate differences from vit-pytorch:
   (vit-pytorch fails inside a rearrange); wrong tuple lengths raise ``ValueError``.
 - The q/k/v 1x1 conv and the pre-norm run once on the whole map before it is cut into windows
   (vit-pytorch cuts first): per-pixel operations, the same results.
-- The channel LayerNorm uses two means (CvT's ``ChanLayerNorm``) instead of ``torch.var``: rounding
+- The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: rounding
   differences only (~1e-6 in fp32).
 """
 
@@ -40,10 +40,9 @@ from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
 from fastvit.attention import DenseBias
-from fastvit.layers import AttentionBase, Linear, cast_tuple, check_image
+from fastvit.layers import AttentionBase, ChanLayerNorm, Linear, cast_tuple, check_image, mlp
 
 from .base import VisionModel
-from .cvt import ChanLayerNorm
 from .registry import register_model
 
 __all__ = ["CrossFormer", "CrossEmbedLayer", "DynamicPositionBias", "Attention", "Transformer", "FeedForward"]
@@ -88,8 +87,7 @@ def DynamicPositionBias(dim: int) -> nn.Sequential:  # noqa: N802 - vit-pytorch'
 
 def FeedForward(dim: int, mult: int = 4, dropout: float = 0.0) -> nn.Sequential:  # noqa: N802
     """``ChanLayerNorm -> Conv1x1 -> GELU -> Dropout -> Conv1x1`` (no dropout after it). Keys ``0``, ``1``, ``4``."""
-    return nn.Sequential(ChanLayerNorm(dim), nn.Conv2d(dim, dim * mult, 1), nn.GELU(), nn.Dropout(dropout),
-                         nn.Conv2d(dim * mult, dim, 1))
+    return mlp(dim, dim * mult, dropout=dropout, out_dropout=False, conv=True)
 
 
 class Attention(AttentionBase):

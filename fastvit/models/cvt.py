@@ -22,71 +22,23 @@ Deliberate differences from vit-pytorch:
 
 from __future__ import annotations
 
-import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from fastvit.layers import AttentionBase, Linear, check_image
+from fastvit.layers import (
+    AttentionBase,
+    ChanLayerNorm,
+    DepthWiseConv2d,
+    FeedForward,
+    Linear,
+    ResidualBlocks,
+    check_image,
+)
 
 from .base import VisionModel
 from .registry import register_model
 
 __all__ = ["CvT", "ChanLayerNorm", "DepthWiseConv2d", "Attention", "Transformer", "FeedForward"]
-
-
-class ChanLayerNorm(nn.Module):
-    """LayerNorm over the channels of ``(b, c, h, w)``: ``(x - mean) / sqrt(var + eps) * g + b``.
-
-    Keys ``g``, ``b`` of shape ``(1, c, 1, 1)`` (vit-pytorch's ``cvt.LayerNorm``).
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.g = nn.Parameter(torch.ones(1, dim, 1, 1))
-        self.b = nn.Parameter(torch.zeros(1, dim, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        # Two passes (mean, then the mean of the centred squares): torch.var over the channel axis of an
-        # NCHW map is 3-7x slower on the CPU than these two plain reductions.
-        x = x - x.mean(dim=1, keepdim=True)
-        var = x.square().mean(dim=1, keepdim=True)  # (b, 1, h, w), biased as in vit-pytorch
-        return x * torch.rsqrt(var + self.eps) * self.g + self.b
-
-
-class FeedForward(nn.Module):
-    """``ChanLayerNorm -> Conv1x1 -> GELU -> Dropout -> Conv1x1 -> Dropout``. Keys ``net.0/1/4``."""
-
-    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
-        super().__init__()
-        self.net = nn.Sequential(
-            ChanLayerNorm(dim),
-            nn.Conv2d(dim, dim * mult, 1),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Conv2d(dim * mult, dim, 1),
-            nn.Dropout(dropout),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
-class DepthWiseConv2d(nn.Module):
-    """Depthwise kxk conv, BatchNorm, pointwise 1x1 conv. Keys ``net.0``, ``net.1``, ``net.2``."""
-
-    def __init__(self, dim_in: int, dim_out: int, kernel_size: int, padding: int, stride: int,
-                 bias: bool = True):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(dim_in, dim_in, kernel_size=kernel_size, padding=padding, groups=dim_in, stride=stride,
-                      bias=bias),
-            nn.BatchNorm2d(dim_in),
-            nn.Conv2d(dim_in, dim_out, kernel_size=1, bias=bias),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
 
 
 class Attention(AttentionBase):
@@ -124,26 +76,17 @@ class Attention(AttentionBase):
         return self.to_out(out)
 
 
-class Transformer(nn.Module):
-    """``depth`` x (attention + MLP, residual) on a feature map, no final norm."""
+class Transformer(ResidualBlocks):
+    """``depth`` x (attention + conv MLP, residual) on a feature map, no final norm."""
 
     def __init__(self, dim: int, proj_kernel: int, kv_proj_stride: int, depth: int, heads: int,
                  dim_head: int = 64, mlp_mult: int = 4, dropout: float = 0.0):
-        super().__init__()
-        self.layers = nn.ModuleList([
-            nn.ModuleList([
-                Attention(dim, proj_kernel=proj_kernel, kv_proj_stride=kv_proj_stride, heads=heads,
-                          dim_head=dim_head, dropout=dropout),
-                FeedForward(dim, mlp_mult, dropout=dropout),
-            ])
+        super().__init__([
+            (Attention(dim, proj_kernel=proj_kernel, kv_proj_stride=kv_proj_stride, heads=heads, dim_head=dim_head,
+                       dropout=dropout),
+             FeedForward(dim, dim * mlp_mult, dropout=dropout, conv=True))
             for _ in range(depth)
         ])
-
-    def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
 
 
 class CvT(VisionModel):

@@ -1,63 +1,62 @@
-"""The pluggable-transformer ViT (vit-pytorch ``efficient.ViT``).
+"""The pluggable-transformer ViT (vit-pytorch ``efficient.ViT``), and its distillable variant.
 
 ``transformer`` is any module mapping ``(b, n, dim) -> (b, n, dim)`` (Nystromformer, an x-transformers
 ``Encoder``, or a fastvit ``Transformer``). vit-pytorch 1.26.x layout: 3-D ``pos_embedding
 (1, N + 1, dim)`` and ``cls_token (1, 1, dim)``, no embedding dropout, head ``LayerNorm + Linear``.
 
-Deliberate difference: ``patch_size`` may be an ``(h, w)`` pair (vit-pytorch takes an int only).
+Deliberate differences from vit-pytorch:
+
+- ``patch_size`` may be an ``(h, w)`` pair (vit-pytorch takes an int only).
+- Images smaller than ``image_size`` take the positions of the top-left crop of the 2-D position
+  grid, as fastvit's ViT does; vit-pytorch slices the flat table. ``legacy_pos_slicing=True`` restores
+  vit-pytorch's behaviour.
+- ``DistillableEfficientViT`` works (vit-pytorch 1.26.x's ``DistillMixin`` fails on the 3-D
+  ``cls_token``); its ``to_vit()`` deep-copies the ``transformer=`` module, so the two models are
+  independent (vit-pytorch would share it).
 """
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from fastvit.layers import Linear, PatchEmbed, Transformer, check_image, pair, patch_grid
+from fastvit.layers import DistillTokenMixin, Linear, Transformer, ViTStem
 
 from .base import VisionModel
 from .registry import register_model
 
-__all__ = ["ViT"]
+__all__ = ["ViT", "DistillableEfficientViT"]
 
 
-class ViT(VisionModel):
-    """Args: image_size, patch_size, num_classes, dim, transformer, pool ("cls" | "mean"), channels."""
+class ViT(ViTStem, VisionModel):
+    """Args: image_size, patch_size, num_classes, dim, transformer, pool ("cls" | "mean"), channels,
+    legacy_pos_slicing."""
 
-    def __init__(self, *, image_size, patch_size, num_classes, dim, transformer: nn.Module, pool="cls", channels=3):
+    def __init__(self, *, image_size, patch_size, num_classes, dim, transformer: nn.Module, pool="cls", channels=3,
+                 legacy_pos_slicing=False):
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         if not isinstance(transformer, nn.Module):
             raise ValueError(
                 f"transformer must be an nn.Module mapping (b, n, dim) -> (b, n, dim), got {transformer!r}"
             )
-        self.image_size = pair(image_size)
-        self.patch_size = pair(patch_size)
-        gh, gw = patch_grid(image_size, patch_size)
-        self.channels = channels
-        self.pool = pool
         self.num_classes = num_classes
-        self.dim = dim
-        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
-        self.pos_embedding = nn.Parameter(torch.randn(1, gh * gw + 1, dim))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
+        # No embedding dropout in vit-pytorch's pluggable ViT: the stem's dropout has rate 0.
+        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
+                        legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = transformer
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
-
-    def embed(self, img: Tensor) -> Tensor:
-        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
-        x = self.to_patch_embedding(img)  # (b, n, dim)
-        b, n, _ = x.shape
-        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
-        return x + self.pos_embedding[:, : n + 1]
 
     def forward_features(self, img: Tensor) -> Tensor:
         return self.transformer(self.embed(img))
 
     def forward_head(self, x: Tensor) -> Tensor:
-        x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
-        return self.mlp_head(self.to_latent(x))
+        return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+
+
+class DistillableEfficientViT(DistillTokenMixin, ViT):
+    """The pluggable ``ViT`` whose forward also accepts ``distill_token (1, dim)``; same constructor."""
+
+    plain_class = ViT
 
 
 def _efficient_vit(*, dim, depth, heads, mlp_dim, dim_head=64, **kwargs) -> ViT:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvit.attention import RelPosBias
-from fastvit.layers import AttentionBase, Linear, check_image, merge_heads, pair
+from fastvit.layers import AttentionBase, Linear, cast_tuple, check_image, merge_heads, mlp, pair
 
 from .base import VisionModel
 from .registry import register_model
@@ -69,12 +69,6 @@ def conv1x1(conv: nn.Conv2d, x: Tensor) -> Tensor:
 def batchnorm(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
     """A BatchNorm2d applied to tokens ``(b, n, c)``: per-channel statistics over all ``b*n`` tokens."""
     return bn(x.reshape(-1, x.shape[-1], 1, 1)).view(x.shape)  # (b*n, c, 1, 1): a view both ways
-
-
-def cast_tuple(val, length: int = 3) -> tuple:
-    """``4 -> (4, 4, 4)``; ``(1, 2) -> (1, 2, 2)`` (pads with the last value, as vit-pytorch)."""
-    val = tuple(val) if isinstance(val, (tuple, list)) else (val,)
-    return (*val, *((val[-1],) * max(length - len(val), 0)))
 
 
 def levit_pos_indices(fmap_size: tuple[int, int], stride: int = 1) -> Tensor:
@@ -97,13 +91,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int, dropout: float = 0.0):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(dim, dim * mult, 1),
-            nn.Hardswish(),
-            nn.Dropout(dropout),
-            nn.Conv2d(dim * mult, dim, 1),
-            nn.Dropout(dropout),
-        )
+        self.net = mlp(dim, dim * mult, dropout=dropout, norm=False, conv=True, activation=nn.Hardswish)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(b, n, dim) -> (b, n, dim)``."""
@@ -222,11 +210,9 @@ class LeViT(VisionModel):
     def __init__(self, *, image_size, num_classes, dim, depth, heads, mlp_mult, stages=3, dim_key=32,
                  dim_value=64, dropout=0.0, num_distill_classes=None, channels=3):
         super().__init__()
-        dims, depths = cast_tuple(dim, stages), cast_tuple(depth, stages)
-        layer_heads = cast_tuple(heads, stages)
-        for name, value in (("dim", dims), ("depth", depths), ("heads", layer_heads)):
-            if len(value) != stages:
-                raise ValueError(f"{name} {value} has more entries than stages={stages}")
+        # A shorter tuple is padded with its last value, as in vit-pytorch.
+        dims, depths = cast_tuple(dim, stages, "dim", pad=True), cast_tuple(depth, stages, "depth", pad=True)
+        layer_heads = cast_tuple(heads, stages, "heads", pad=True)
         self.image_size = pair(image_size)
         self.channels = channels
         self.num_classes = num_classes

@@ -23,7 +23,7 @@ Deliberate differences from vit-pytorch:
 - Sizes are checked up front (divisible by the patch, the feature map by ``2^(num_hierarchies-1)``,
   at most ``image_size``) with ``ValueError``s; vit-pytorch asserts or fails inside a rearrange.
 - ``dim_head`` is accepted and unused, as in vit-pytorch (heads are ``dim // heads`` wide).
-- The channel LayerNorm uses two means (CvT's ``ChanLayerNorm``) instead of ``torch.var``: rounding
+- The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: rounding
   differences only (~1e-6 in fp32).
 """
 
@@ -34,10 +34,18 @@ from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
-from fastvit.layers import AttentionBase, Linear, check_image, crop_positions, pair
+from fastvit.layers import (
+    AttentionBase,
+    ChanLayerNorm,
+    FeedForward,
+    Linear,
+    ResidualBlocks,
+    check_image,
+    crop_positions,
+    pair,
+)
 
 from .base import VisionModel
-from .cvt import ChanLayerNorm, FeedForward
 from .registry import register_model
 
 __all__ = ["NesT", "Attention", "Transformer", "Aggregate"]
@@ -70,7 +78,7 @@ def Aggregate(dim: int, dim_out: int) -> nn.Sequential:  # noqa: N802 - vit-pyto
                          nn.MaxPool2d(3, stride=2, padding=1))
 
 
-class Transformer(nn.Module):
+class Transformer(ResidualBlocks):
     """Position embedding (one scalar per block position), then ``depth`` x (attention + MLP), residual.
 
     Args:
@@ -84,19 +92,15 @@ class Transformer(nn.Module):
         self.grid = tuple(grid)
         self.legacy_pos_slicing = legacy_pos_slicing
         self.pos_emb = nn.Parameter(torch.randn(self.grid[0] * self.grid[1]))
-        self.layers = nn.ModuleList([
-            nn.ModuleList([Attention(dim, heads=heads, dropout=dropout), FeedForward(dim, mlp_mult, dropout=dropout)])
+        self.set_blocks(
+            (Attention(dim, heads=heads, dropout=dropout), FeedForward(dim, dim * mlp_mult, dropout=dropout, conv=True))
             for _ in range(depth)
-        ])
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
         pos = crop_positions(self.pos_emb[:, None], self.grid, h, w, num_prefix=0, legacy=self.legacy_pos_slicing)
-        x = x + pos.view(1, 1, h, w)
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
-        return x
+        return super().forward(x + pos.view(1, 1, h, w))  # one position scalar per token, shared by channels
 
 
 class NesT(VisionModel):

@@ -29,7 +29,7 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from fastvit.layers import Linear, Transformer, check_image, crop_positions, pair, patch_grid
+from fastvit.layers import DepthWiseConv2d, Linear, Transformer, ViTStem, conv_output_size, pair, patch_grid
 
 from .base import VisionModel
 from .registry import register_model
@@ -37,32 +37,12 @@ from .registry import register_model
 __all__ = ["PiT", "Pool", "DepthWiseConv2d"]
 
 
-def conv_output_size(size: int, kernel_size: int, stride: int, padding: int = 0) -> int:
-    return (size - kernel_size + 2 * padding) // stride + 1
-
-
-class DepthWiseConv2d(nn.Module):
-    """Depthwise conv ``dim_in -> dim_out`` (``groups=dim_in``), then a 1x1 conv. Keys ``net.0/1``."""
-
-    def __init__(self, dim_in: int, dim_out: int, kernel_size: int, padding: int, stride: int,
-                 bias: bool = True):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(dim_in, dim_out, kernel_size=kernel_size, padding=padding, groups=dim_in, stride=stride,
-                      bias=bias),
-            nn.Conv2d(dim_out, dim_out, kernel_size=1, bias=bias),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-
 class Pool(nn.Module):
     """Halve the token grid and double the width; the CLS token goes through a Linear."""
 
     def __init__(self, dim: int):
         super().__init__()
-        self.downsample = DepthWiseConv2d(dim, dim * 2, kernel_size=3, stride=2, padding=1)
+        self.downsample = DepthWiseConv2d(dim, dim * 2, kernel_size=3, stride=2, padding=1, batch_norm=False)
         self.cls_ff = Linear(dim, dim * 2)
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
@@ -77,7 +57,7 @@ class Pool(nn.Module):
         return torch.cat((cls_token, tokens), dim=1), new_grid
 
 
-class PiT(VisionModel):
+class PiT(ViTStem, VisionModel):
     """Pooling-based Vision Transformer with vit-pytorch's constructor.
 
     Args:
@@ -106,28 +86,22 @@ class PiT(VisionModel):
             heads = tuple(heads)
         else:
             heads = (heads,) * len(depth)
-        self.image_size = pair(image_size)
-        self.patch_size = pair(patch_size)
-        if min(self.patch_size) < 2:
-            raise ValueError(f"patch_size {self.patch_size} must be at least 2 "
-                             f"(the unfold stride is patch_size // 2)")
-        patch_grid(self.image_size, self.patch_size)  # raises if not divisible, as vit-pytorch asserts
-        self.stride = (self.patch_size[0] // 2, self.patch_size[1] // 2)
-        self.grid = self.token_grid(*self.image_size)
-        self.channels = channels
+        patch_size = pair(patch_size)
+        if min(patch_size) < 2:
+            raise ValueError(f"patch_size {patch_size} must be at least 2 (the unfold stride is patch_size // 2)")
+        patch_grid(image_size, patch_size)  # raises if not divisible, as vit-pytorch asserts
+        self.stride = (patch_size[0] // 2, patch_size[1] // 2)
         self.num_classes = num_classes
-        self.legacy_pos_slicing = legacy_pos_slicing
-        patch_dim = channels * self.patch_size[0] * self.patch_size[1]
-
         # Unfold flattens each patch as (c, ph, pw); vit-pytorch's layout, keys to_patch_embedding.2.
-        self.to_patch_embedding = nn.Sequential(
-            nn.Unfold(kernel_size=self.patch_size, stride=self.stride),
+        unfold = nn.Sequential(
+            nn.Unfold(kernel_size=patch_size, stride=self.stride),
             Rearrange("b c n -> b n c"),
-            Linear(patch_dim, dim),
+            Linear(channels * patch_size[0] * patch_size[1], dim),
         )
-        self.pos_embedding = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, dim))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.dropout = nn.Dropout(emb_dropout)
+        self.patch_size = patch_size  # token_grid reads it
+        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim,
+                        emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing, patch_embedding=unfold,
+                        grid=self.token_grid(*pair(image_size)))
 
         layers = []
         for ind, (layer_depth, layer_heads) in enumerate(zip(depth, heads)):
@@ -144,18 +118,10 @@ class PiT(VisionModel):
         return (conv_output_size(h, self.patch_size[0], self.stride[0]),
                 conv_output_size(w, self.patch_size[1], self.stride[1]))
 
-    def position_embedding(self, h: int, w: int) -> Tensor:
-        """Positions for an ``h x w`` token grid: ``(1, 1 + h*w, dim)``."""
-        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
-
     def forward_features(self, img: Tensor) -> Tensor:
         """CLS token and tokens of the last stage: ``(b, 1 + n_last, dim_last)``."""
-        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
         grid = self.token_grid(img.shape[-2], img.shape[-1])
-        x = self.to_patch_embedding(img)  # (b, n, dim)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
-        x = torch.cat((cls_tokens, x), dim=1)
-        x = self.dropout(x + self.position_embedding(*grid))
+        x = self.dropout(self.embed(img))  # (b, 1 + h*w, dim)
         for layer in self.layers:
             if isinstance(layer, Pool):
                 x, grid = layer(x, grid)

@@ -24,7 +24,7 @@ Deliberate differences from vit-pytorch:
   stage each region must cover a whole window of at most ``window_size`` local tokens on a side
   (vit-pytorch asserts the first two and fails inside a rearrange or an embedding lookup otherwise).
 - Wrong tuple lengths raise ``ValueError``.
-- The channel LayerNorm uses two means (CvT's ``ChanLayerNorm``) instead of ``torch.var``: rounding
+- The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: rounding
   differences only (~1e-6 in fp32).
 """
 
@@ -36,10 +36,9 @@ from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
 from fastvit.attention import RelPosBias
-from fastvit.layers import Attention, Linear, cast_tuple, check_image
+from fastvit.layers import PEG, Attention, ChanLayerNorm, Linear, cast_tuple, check_image, mlp
 
 from .base import VisionModel
-from .cvt import ChanLayerNorm
 from .registry import register_model
 
 __all__ = ["RegionViT", "R2LTransformer", "Attention", "Downsample", "PEG", "FeedForward"]
@@ -56,21 +55,9 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class PEG(nn.Module):
-    """Positional encoding generator: a residual depthwise conv. Keys ``proj``."""
-
-    def __init__(self, dim: int, kernel_size: int = 3):
-        super().__init__()
-        self.proj = nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x) + x
-
-
 def FeedForward(dim: int, mult: int = 4, dropout: float = 0.0) -> nn.Sequential:  # noqa: N802 - vit-pytorch's name
     """``LayerNorm -> Linear -> GELU -> Dropout -> Linear`` on tokens. Keys ``0``, ``1``, ``4``."""
-    return nn.Sequential(nn.LayerNorm(dim), Linear(dim, dim * mult), nn.GELU(), nn.Dropout(dropout),
-                         Linear(dim * mult, dim))
+    return mlp(dim, dim * mult, dropout=dropout, out_dropout=False)
 
 
 class R2LTransformer(nn.Module):

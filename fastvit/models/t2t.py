@@ -31,21 +31,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from fastvit.layers import Linear, Transformer, check_image, crop_positions, pair
+from fastvit.layers import DistillTokenMixin, Linear, Transformer, ViTStem, conv_output_size, pair
 
 from .base import VisionModel
 from .registry import register_model
 
-__all__ = ["T2TViT", "TokensToToken", "RearrangeImage", "conv_output_size"]
-
-
-def conv_output_size(image_size: int, kernel_size: int, stride: int, padding: int) -> int:
-    """Output length of a convolution / unfold along one axis."""
-    return (image_size - kernel_size + 2 * padding) // stride + 1
+__all__ = ["T2TViT", "DistillableT2TViT", "TokensToToken", "RearrangeImage", "conv_output_size"]
 
 
 class RearrangeImage(nn.Module):
@@ -97,7 +91,7 @@ class TokensToToken(nn.Sequential):
         return x  # (b, h*w, dim)
 
 
-class T2TViT(VisionModel):
+class T2TViT(ViTStem, VisionModel):
     """T2T-ViT with vit-pytorch's constructor.
 
     Args:
@@ -118,8 +112,6 @@ class T2TViT(VisionModel):
                  transformer: Optional[nn.Module] = None, t2t_layers=((7, 4), (3, 2), (3, 2)),
                  legacy_pos_slicing=False):
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         if transformer is None:
             missing = [n for n, v in (("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim)) if v is None]
             if missing:
@@ -129,47 +121,40 @@ class T2TViT(VisionModel):
                              f"got {transformer!r}")
         if not t2t_layers:
             raise ValueError("t2t_layers must hold at least one (kernel_size, stride) pair")
-        self.image_size = pair(image_size)
-        self.channels = channels
-        self.pool = pool
         self.num_classes = num_classes
-        self.dim = dim
-        self.legacy_pos_slicing = legacy_pos_slicing
-
-        self.to_patch_embedding = TokensToToken(t2t_layers, channels, dim, dropout)
-        self.grid = self.to_patch_embedding.output_grid(*self.image_size)
-        if min(self.grid) < 1:
-            raise ValueError(f"image size {self.image_size} is too small for t2t_layers {tuple(t2t_layers)}")
-        self.pos_embedding = nn.Parameter(torch.randn(1, self.grid[0] * self.grid[1] + 1, dim))
-        self.cls_token = nn.Parameter(torch.randn(1, 1, dim))
-        self.dropout = nn.Dropout(emb_dropout)
+        tokens_to_token = TokensToToken(t2t_layers, channels, dim, dropout)
+        grid = tokens_to_token.output_grid(*pair(image_size))
+        if min(grid) < 1:
+            raise ValueError(f"image size {pair(image_size)} is too small for t2t_layers {tuple(t2t_layers)}")
+        self.build_stem(image_size=image_size, patch_size=None, channels=channels, dim=dim, pool=pool,
+                        emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing,
+                        patch_embedding=tokens_to_token, grid=grid)
         if transformer is None:
             transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
         self.transformer = transformer
         self.to_latent = nn.Identity()
         self.mlp_head = Linear(dim, num_classes)
 
-    def position_embedding(self, h: int, w: int) -> Tensor:
-        """Positions for an ``h x w`` token grid: ``(1, 1 + h*w, dim)``."""
-        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=1, legacy=self.legacy_pos_slicing)
-
-    def embed(self, img: Tensor) -> Tensor:
-        """Soft splits, CLS token and positions: ``(b, 1 + n, dim)`` (before emb dropout)."""
-        check_image(img, channels=self.channels, max_size=self.image_size)
-        h, w = self.to_patch_embedding.output_grid(img.shape[-2], img.shape[-1])
-        if min(h, w) < 1:
-            raise ValueError(f"image size {tuple(img.shape[-2:])} is too small for t2t_layers "
-                             f"{self.to_patch_embedding.t2t_layers}")
-        x = self.to_patch_embedding(img)  # (b, n, dim)
-        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (b, 1 + n, dim)
-        return x + self.position_embedding(h, w)
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        """The token grid of the soft splits for an ``h x w`` image; too small an image is a ValueError."""
+        grid = self.to_patch_embedding.output_grid(h, w)
+        if min(grid) < 1:
+            raise ValueError(f"image size {(h, w)} is too small for t2t_layers {self.to_patch_embedding.t2t_layers}")
+        return grid
 
     def forward_features(self, img: Tensor) -> Tensor:
         return self.transformer(self.dropout(self.embed(img)))  # (b, 1 + n, dim)
 
     def forward_head(self, x: Tensor) -> Tensor:
-        x = x.mean(dim=1) if self.pool == "mean" else x[:, 0]
-        return self.mlp_head(self.to_latent(x))
+        return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+
+
+class DistillableT2TViT(DistillTokenMixin, T2TViT):
+    """``T2TViT`` whose forward also accepts ``distill_token (1, dim)``; same constructor as ``T2TViT``.
+    vit-pytorch 1.26.x's ``DistillMixin`` fails on T2T's 3-D ``cls_token``; this one works (embedding
+    dropout after the token is appended, as the mixin means)."""
+
+    plain_class = T2TViT
 
 
 _SMALL = dict(image_size=32, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64,

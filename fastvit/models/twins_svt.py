@@ -26,7 +26,7 @@ Deliberate differences from vit-pytorch:
   stage with local attention must divide into its windows (vit-pytorch fails inside a rearrange).
 - The q/k/v 1x1 convs of the local attention run once on the whole map before it is cut into
   windows (vit-pytorch cuts first); a 1x1 conv is per pixel, so the result is the same.
-- The channel LayerNorm uses two means (CvT's ``ChanLayerNorm``) instead of ``torch.var``: the same
+- The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: the same
   function, rounding differences only (~1e-6 in fp32).
 - GSA's ``k x k`` stride-``k`` key/value conv runs as one GEMM on the flattened patches (the same sums;
   the conv weight is used as it is stored), ~100x faster than oneDNN's conv for these shapes on a CPU.
@@ -39,26 +39,14 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from fastvit.layers import AttentionBase, Linear, check_image
+from fastvit.layers import PEG, AttentionBase, ChanLayerNorm, FeedForward, Linear, Residual, check_image, split_qkv
 
 from .base import VisionModel
-from .cvt import ChanLayerNorm, FeedForward
 from .registry import register_model
 
 __all__ = ["TwinsSVT", "LocalAttention", "GlobalAttention", "Transformer", "PatchEmbedding", "PEG", "Residual"]
 
 _STAGES = ("s1", "s2", "s3", "s4")
-
-
-class Residual(nn.Module):
-    """``fn(x) + x``; the wrapped module's keys live under ``fn`` (vit-pytorch's layout)."""
-
-    def __init__(self, fn: nn.Module):
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fn(x) + x
 
 
 class PatchEmbedding(nn.Module):
@@ -77,17 +65,6 @@ class PatchEmbedding(nn.Module):
     def forward(self, fmap: Tensor) -> Tensor:
         p = self.patch_size
         return self.proj(rearrange(fmap, "b c (h p1) (w p2) -> b (c p1 p2) h w", p1=p, p2=p))
-
-
-class PEG(nn.Module):
-    """Positional encoding generator: a residual depthwise conv. Keys ``proj.fn``."""
-
-    def __init__(self, dim: int, kernel_size: int = 3):
-        super().__init__()
-        self.proj = Residual(nn.Conv2d(dim, dim, kernel_size=kernel_size, padding=kernel_size // 2, groups=dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x)
 
 
 class LocalAttention(AttentionBase):
@@ -149,8 +126,7 @@ class GlobalAttention(AttentionBase):
         hk, wk = height // kh, width // kw  # the conv drops a remainder, as here
         patches = rearrange(x[..., : hk * kh, : wk * kw], "b c (x p1) (y p2) -> b (x y) (c p1 p2)", p1=kh, p2=kw)
         kv = F.linear(patches, self.to_kv.weight.flatten(1))  # (b, n', 2*h*d): k | v, heads outer
-        k, v = kv.view(b, hk * wk, 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        return k, v
+        return split_qkv(kv, self.heads, parts=2)  # (b, h, n', d) each
 
 
 class Transformer(nn.Module):
@@ -166,9 +142,9 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList([
             nn.ModuleList([
                 local(LocalAttention(dim, heads, dim_head, dropout, local_patch_size)),
-                local(FeedForward(dim, mlp_mult, dropout)),
+                local(FeedForward(dim, dim * mlp_mult, dropout, conv=True)),
                 Residual(GlobalAttention(dim, heads, dim_head, dropout, global_k)),
-                Residual(FeedForward(dim, mlp_mult, dropout)),
+                Residual(FeedForward(dim, dim * mlp_mult, dropout, conv=True)),
             ])
             for _ in range(depth)
         ])
@@ -213,7 +189,7 @@ class TwinsSVT(VisionModel):
             layers.append(nn.Sequential(
                 PatchEmbedding(dim=dim, dim_out=cfg["emb_dim"], patch_size=cfg["patch_size"]),
                 Transformer(dim=cfg["emb_dim"], depth=1, **block),
-                PEG(dim=cfg["emb_dim"], kernel_size=peg_kernel_size),
+                PEG(dim=cfg["emb_dim"], kernel_size=peg_kernel_size, wrapped=True),
                 Transformer(dim=cfg["emb_dim"], depth=cfg["depth"], **block),
             ))
             dim = cfg["emb_dim"]

@@ -16,18 +16,17 @@ Deliberate differences from vit-pytorch:
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
-from fastvit.layers import Linear, PatchEmbed, Transformer, check_image, crop_positions, pair, patch_grid
+from fastvit.layers import DistillTokenMixin, Linear, Transformer, ViTStem
 
 from .base import VisionModel
 from .registry import register_model
 
-__all__ = ["ViT"]
+__all__ = ["ViT", "DistillableViT"]
 
 
-class ViT(VisionModel):
+class ViT(ViTStem, VisionModel):
     """Vision Transformer with vit-pytorch's constructor.
 
     Args:
@@ -44,53 +43,29 @@ class ViT(VisionModel):
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
                  channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False):
         super().__init__()
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        self.image_size = pair(image_size)
-        self.patch_size = pair(patch_size)
-        self.grid = patch_grid(image_size, patch_size)
-        self.channels = channels
-        self.pool = pool
         self.num_classes = num_classes
-        self.dim = dim
-        self.legacy_pos_slicing = legacy_pos_slicing
-        num_patches = self.grid[0] * self.grid[1]
-        num_cls_tokens = 1 if pool == "cls" else 0
-        self.num_cls_tokens = num_cls_tokens
-
-        self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim)
-        self.cls_token = nn.Parameter(torch.randn(num_cls_tokens, dim))
-        self.pos_embedding = nn.Parameter(torch.randn(num_patches + num_cls_tokens, dim))
-        self.dropout = nn.Dropout(emb_dropout)
+        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
+                        num_cls_tokens=1 if pool == "cls" else 0, flat=True, emb_dropout=emb_dropout,
+                        legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
         self.to_latent = nn.Identity()
         self.mlp_head = Linear(dim, num_classes) if num_classes > 0 else None
-
-    def position_embedding(self, h: int, w: int) -> Tensor:
-        """Positions for an ``h x w`` patch grid: ``(num_cls + h*w, dim)``."""
-        return crop_positions(self.pos_embedding, self.grid, h, w, num_prefix=self.num_cls_tokens,
-                              legacy=self.legacy_pos_slicing)
-
-    def embed(self, img: Tensor) -> Tensor:
-        """Patch embedding, CLS token and positions: ``(b, num_cls + n, dim)`` (before emb dropout)."""
-        check_image(img, channels=self.channels, max_size=self.image_size, patch_size=self.patch_size)
-        h, w = img.shape[-2] // self.patch_size[0], img.shape[-1] // self.patch_size[1]
-        x = self.to_patch_embedding(img)  # (b, n, dim)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, num_cls, dim)
-        x = torch.cat((cls_tokens, x), dim=1)
-        return x + self.position_embedding(h, w)
 
     def forward_features(self, img: Tensor) -> Tensor:
         x = self.dropout(self.embed(img))
         return self.transformer(x)  # (b, num_cls + n, dim), normed
 
-    def pool_tokens(self, x: Tensor) -> Tensor:
-        return x.mean(dim=1) if self.pool == "mean" else x[:, 0]
-
     def forward_head(self, x: Tensor) -> Tensor:
         if self.mlp_head is None:
             return x
         return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+
+
+class DistillableViT(DistillTokenMixin, ViT):
+    """``ViT`` whose forward also accepts ``distill_token (1, dim)`` (vit-pytorch's ``distill.DistillableViT``);
+    same constructor as ``ViT``."""
+
+    plain_class = ViT
 
 
 _SMALL = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64, num_classes=10)

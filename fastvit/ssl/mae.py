@@ -44,14 +44,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvit.compat.vit_pytorch import convert_nested_state_dict, load_vit_pytorch_state_dict
-from fastvit.layers import Linear, Transformer, check_image, pair
+from fastvit.layers import Linear, Transformer, check_image, gather_tokens, pair
 
-__all__ = ["MAE", "MaskedImageModeling", "gather_tokens"]
-
-
-def gather_tokens(x: Tensor, indices: Tensor) -> Tensor:
-    """``x[batch_range, indices]`` as one gather: ``(b, n, d)``, ``(b, m)`` -> ``(b, m, d)``."""
-    return x.gather(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+__all__ = ["MAE", "MaskedImageModeling"]
 
 
 def _check_masking_ratio(masking_ratio) -> float:

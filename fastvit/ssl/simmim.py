@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastvit.layers import Linear
+from fastvit.layers import Linear, gather_tokens
 
-from .mae import MaskedImageModeling, gather_tokens
+from .mae import MaskedImageModeling
 
 __all__ = ["SimMIM"]
 
