@@ -55,3 +55,22 @@ def losses_with_backward(fast: nn.Module, ref: nn.Module, img: torch.Tensor, see
     fast_loss = fast(img)
     fast_loss.backward()
     return fast_loss, ref_loss
+
+
+def pair_of_models(fast_cls, ref_cls, *, fast_kwargs: dict | None = None, ref_kwargs: dict | None = None,
+                   prepare=None, **kwargs) -> tuple:
+    """vit-pytorch's model (seed 0) and fastvit's loaded from its state_dict, both in eval: ``(fast, ref)``.
+
+    Args:
+        fast_cls, ref_cls: the two constructors.
+        fast_kwargs, ref_kwargs: arguments for one side only (fastvit's flags, vit-pytorch's spelling).
+        prepare: called on the reference before its weights are copied (``randomize_batchnorms``, ...).
+        kwargs: the arguments both take.
+    """
+    torch.manual_seed(0)
+    ref = ref_cls(**kwargs, **(ref_kwargs or {})).eval()
+    if prepare is not None:
+        prepare(ref)
+    fast = fast_cls(**kwargs, **(fast_kwargs or {})).eval()
+    fast.load_vit_pytorch_state_dict(ref.state_dict())
+    return fast, ref

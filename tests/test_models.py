@@ -1,5 +1,7 @@
 """Every registered preset (built with its small test_overrides): shape, no NaN, a gradient on every
-parameter, the same logits under every CPU backend, state_dict round trip, vit-pytorch parity."""
+parameter, the same logits under every CPU backend, state_dict round trip, vit-pytorch parity, and
+vit-pytorch's state_dict order and initialisation under the same seed. tests/models/ holds only what
+each model adds to these."""
 
 from __future__ import annotations
 
@@ -92,6 +94,23 @@ def test_vit_pytorch_parity(name):
     x = example(entry)
     with torch.no_grad():
         assert_close(logits(model(x)), logits(reference(x)), atol=1e-5, rtol=1e-5, what=f"{name} vs vit-pytorch")
+
+
+# Presets whose random init (not their keys or outputs) differs from vit-pytorch's under the same seed.
+INIT_DIFFERS = {"cct_14", "cct_16", "regionvit_seed_224", "twins_svt_seed_224"}
+
+
+@pytest.mark.skipif(not HAS_VIT_PYTORCH, reason="vit-pytorch is not installed (pip install fastvit[dev])")
+@pytest.mark.parametrize("name", [n for n in MODELS if get_model_entry(n).vit_pytorch and n not in INIT_DIFFERS])
+def test_same_seed_gives_vit_pytorchs_state_dict_order_and_initialisation(name):
+    entry = get_model_entry(name)
+    torch.manual_seed(3)
+    ref_sd = entry.build_vit_pytorch(**entry.test_overrides).state_dict()
+    torch.manual_seed(3)
+    fast_sd = entry.build(**entry.test_overrides, **entry.vit_pytorch_compat).state_dict()
+    assert list(fast_sd) == list(ref_sd), f"{name}: state_dict keys or their order differ from vit-pytorch's"
+    for key, value in ref_sd.items():  # buffers too (LeViT's pos_indices, computed independently)
+        assert value.dtype == fast_sd[key].dtype and torch.equal(value, fast_sd[key]), f"{name}: {key}"
 
 
 @pytest.mark.parametrize("name", MODELS)

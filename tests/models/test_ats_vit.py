@@ -3,6 +3,7 @@ batch consistency, padding widths, gradients, bad input."""
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 from helpers import assert_close
@@ -24,13 +25,10 @@ UNEVEN = dict(image_size=64, patch_size=8, num_classes=10, dim=32, depth=4,
 MODES = {"fixed": False, "trimmed": True}
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    shared = {k: v for k, v in kwargs.items() if k not in ("trim_padding", "batch_wide_sampling")}
-    ref = vit_pytorch_ats.ViT(**shared).eval()
-    fast = ViT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+def pair_of_models(trim_padding=None, batch_wide_sampling=False, **kwargs):
+    """vit-pytorch's ATS ViT and fastvit's, which alone takes the sampling flags."""
+    fast_kwargs = dict(trim_padding=trim_padding, batch_wide_sampling=batch_wide_sampling)
+    return helpers.pair_of_models(ViT, vit_pytorch_ats.ViT, fast_kwargs=fast_kwargs, **kwargs)
 
 
 def run(model, x, seed):
@@ -211,17 +209,6 @@ def test_training_with_dropout_runs_and_every_parameter_gets_a_gradient():
     logits.sum().backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert not missing and torch.isfinite(logits).all() and (ids < 64).all()
-
-
-def test_state_dict_keys_and_same_seed_init_match_vit_pytorch():
-    torch.manual_seed(0)
-    ref = vit_pytorch_ats.ViT(**SEED)
-    torch.manual_seed(0)
-    fast = ViT(**SEED)
-    ref_sd, sd = ref.state_dict(), fast.state_dict()
-    assert list(sd) == list(ref_sd)
-    for key, value in ref_sd.items():
-        assert torch.equal(sd[key], value), key
 
 
 def test_smaller_images_use_the_2d_grid_crop_and_legacy_flag_restores_vit_pytorch():

@@ -1,12 +1,12 @@
 """CaiT: vit-pytorch parity, the two bug fixes and their restoring flags (layer dropout in eval,
-LayerScale init), talking heads / class attention dispatch, channels, sizes, bad input, seed README."""
+LayerScale init), talking heads / class attention dispatch, channels, sizes, bad input."""
 
 from __future__ import annotations
 
 import random
-import re
-from pathlib import Path
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from helpers import assert_close
@@ -24,19 +24,7 @@ SEED_SMALL = dict(image_size=64, patch_size=16, num_classes=10, dim=64, depth=3,
 NO_DROP = {**SEED_SMALL, "layer_dropout": 0.0}
 
 
-def pair_of_models(fast_kwargs=None, **kwargs):
-    torch.manual_seed(0)
-    ref = RefCaiT(**kwargs).eval()
-    fast = CaiT(**{**kwargs, **(fast_kwargs or {})}).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
-
-
-def seed_readme_example(title: str) -> str:
-    """The python blocks of one seed README section, with ``vit_pytorch`` replaced by ``fastvit``."""
-    text = (Path(__file__).parents[1] / "data" / "seed_readme.md").read_text()
-    body = next(s for s in re.split(r"^## ", text, flags=re.M) if s.splitlines()[0].strip() == title)
-    return "\n".join(re.findall(r"```python\n(.*?)```", body, flags=re.S)).replace("vit_pytorch", "fastvit")
+pair_of_models = partial(helpers.pair_of_models, CaiT, RefCaiT)
 
 
 def test_matches_vit_pytorch_in_eval():
@@ -160,11 +148,3 @@ def test_compiles_fullgraph_in_eval():
     model = CaiT(**{**NO_DROP, "depth": 1, "cls_depth": 1}).eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
-
-
-def test_seed_readme_example_runs():
-    namespace: dict = {}
-    torch.manual_seed(0)
-    exec(seed_readme_example("CaiT"), namespace)
-    assert isinstance(namespace["v"], CaiT)
-    assert namespace["preds"].shape == (1, 1000)

@@ -1,12 +1,11 @@
 """CCT: vit-pytorch parity (every positional embedding, eval and seeded training, the factories), the
-``mlp_radio`` typo and unknown kwargs, smaller / larger inputs, bad input, and the seed README examples."""
+``mlp_radio`` typo and unknown kwargs, smaller / larger inputs and bad input."""
 
 from __future__ import annotations
 
-import re
 import warnings
-from pathlib import Path
 
+import helpers
 import pytest
 import torch
 from helpers import assert_close
@@ -27,20 +26,9 @@ SMALL = dict(img_size=32, embedding_dim=32, n_conv_layers=2, kernel_size=3, stri
 
 
 def pair_of_models(ref_factory=ref_cct.CCT, fast_factory=CCT, **kwargs):
-    torch.manual_seed(0)
-    ref = ref_factory(**kwargs).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # mlp_radio
-        fast = fast_factory(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
-
-
-def seed_readme_example(title: str) -> str:
-    """The python blocks of one seed README section, with ``vit_pytorch`` replaced by ``fastvit``."""
-    text = (Path(__file__).parents[1] / "data" / "seed_readme.md").read_text()
-    body = next(s for s in re.split(r"^## ", text, flags=re.M) if s.splitlines()[0].strip() == title)
-    return "\n".join(re.findall(r"```python\n(.*?)```", body, flags=re.S)).replace("vit_pytorch", "fastvit")
+        return helpers.pair_of_models(fast_factory, ref_factory, **kwargs)
 
 
 def test_seed_config_matches_vit_pytorch_and_mlp_radio_is_ignored_like_there():
@@ -178,16 +166,3 @@ def test_compiles_fullgraph_in_eval():
     model = CCT(**SMALL).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
-
-
-def test_seed_readme_examples_run():
-    namespace: dict = {}
-    torch.manual_seed(0)
-    with pytest.warns(UserWarning, match="mlp_radio"):
-        exec(seed_readme_example("CCT"), namespace)
-    model = namespace["model"]
-    assert isinstance(model, CCT) and len(model.classifier.blocks) == 14
-    assert model.classifier.blocks[0].linear1.out_features == 3 * 384  # cct_14's own mlp_ratio
-    assert model.classifier.positional_emb.shape == (1, 56 * 56, 384)  # 224 px through one 7x7/2 conv + pool
-    # Running the 224 px model (3136 tokens x 14 blocks) is too slow for a CPU test; the factories are
-    # run in test_factories_match_vit_pytorch.

@@ -3,6 +3,7 @@ distance groups, sizes, bad input, gradients into the bias MLP, Recorder."""
 
 from __future__ import annotations
 
+import helpers
 import pytest
 import torch
 from helpers import assert_close, randomize_channel_norms
@@ -19,13 +20,10 @@ SMALL = dict(dim=(32, 32, 64, 64), depth=(1, 2, 1, 1), global_window_size=(2, 2,
              cross_embed_kernel_sizes=((4, 8), (2, 4), (2, 4), (2, 4)), num_classes=10)
 
 
-def pair_of_models(legacy=True, **kwargs):
-    torch.manual_seed(0)
-    ref = RefCrossFormer(**kwargs).eval()
-    randomize_channel_norms(ref)  # they start at g=1, b=0
-    fast = CrossFormer(**kwargs, legacy_dpb_offsets=legacy).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+def pair_of_models(**kwargs):
+    """With vit-pytorch's mismatched position-bias lookup, which the parity tests need."""
+    return helpers.pair_of_models(CrossFormer, RefCrossFormer, fast_kwargs={"legacy_dpb_offsets": True},
+                                  prepare=randomize_channel_norms, **kwargs)
 
 
 @pytest.mark.parametrize("overrides,size", [

@@ -1,11 +1,11 @@
 """DeepViT: vit-pytorch parity (eval and seeded training), re-attention dispatch, (h, w) sizes,
-smaller inputs, Recorder, bad input, and the seed README example."""
+smaller inputs, Recorder, bad input."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from helpers import assert_close
@@ -22,20 +22,7 @@ SEED_SMALL = dict(image_size=64, patch_size=16, num_classes=10, dim=64, depth=2,
                   mlp_dim=128, dropout=0.1, emb_dropout=0.1)
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    ref = RefDeepViT(**kwargs).eval()
-    fast = DeepViT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
-
-
-def seed_readme_example(title: str) -> str:
-    """The python blocks of one seed README section, with ``vit_pytorch`` replaced by ``fastvit``."""
-    text = (Path(__file__).parents[1] / "data" / "seed_readme.md").read_text()
-    section = re.split(r"^## ", text, flags=re.M)
-    body = next(s for s in section if s.splitlines()[0].strip() == title)
-    return "\n".join(re.findall(r"```python\n(.*?)```", body, flags=re.S)).replace("vit_pytorch", "fastvit")
+pair_of_models = partial(helpers.pair_of_models, DeepViT, RefDeepViT)
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -44,17 +31,6 @@ def test_matches_vit_pytorch_in_eval(pool):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"deepvit pool={pool}")
-
-
-def test_same_seed_gives_the_same_initialisation_and_keys_as_vit_pytorch():
-    torch.manual_seed(3)
-    ref = RefDeepViT(**SEED_SMALL)
-    torch.manual_seed(3)
-    fast = DeepViT(**SEED_SMALL)
-    assert list(ref.state_dict()) == list(fast.state_dict())
-    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
-        assert torch.equal(a, b), name
-    assert "transformer.layers.0.0.reattn_norm.1.weight" in fast.state_dict()
 
 
 def test_matches_vit_pytorch_in_training_with_the_same_seed():
@@ -145,11 +121,3 @@ def test_compiles_fullgraph_in_eval():
     model = DeepViT(**{**SEED_SMALL, "depth": 1}).eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
-
-
-def test_seed_readme_example_runs():
-    namespace: dict = {}
-    torch.manual_seed(0)
-    exec(seed_readme_example("Deep ViT"), namespace)
-    assert isinstance(namespace["v"], DeepViT)
-    assert namespace["preds"].shape == (1, 1000)

@@ -3,6 +3,9 @@ subsampled queries, distillation head, image sizes, bad input."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
 from helpers import assert_close, randomize_batchnorms
@@ -21,13 +24,8 @@ SMALL = dict(image_size=64, num_classes=10, stages=3, dim=(32, 48, 64), depth=2,
              dim_key=16, dim_value=32, dropout=0.1)
 
 
-def pair_of_models(ref_kwargs=None, **kwargs):
-    torch.manual_seed(0)
-    ref = RefLeViT(**(ref_kwargs or kwargs)).eval()
-    randomize_batchnorms(ref, gamma_mean=0.0, gamma_std=1.0)
-    fast = LeViT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+pair_of_models = partial(helpers.pair_of_models, LeViT, RefLeViT,
+                         prepare=partial(randomize_batchnorms, gamma_mean=0.0, gamma_std=1.0))
 
 
 @pytest.mark.parametrize(
@@ -76,17 +74,6 @@ def test_distillation_head_returns_both_outputs_like_vit_pytorch():
     assert_close(out, ref_out, atol=1e-5, rtol=1e-5, what="logits")
     assert_close(distill, ref_distill, atol=1e-5, rtol=1e-5, what="distillation logits")
     assert LeViT(**SMALL).distill_head is None
-
-
-def test_same_seed_gives_the_same_initialisation_and_indices_as_vit_pytorch():
-    torch.manual_seed(3)
-    ref = RefLeViT(**SMALL)
-    torch.manual_seed(3)
-    fast = LeViT(**SMALL)
-    ref_sd, fast_sd = ref.state_dict(), fast.state_dict()
-    assert list(ref_sd) == list(fast_sd)
-    for name, value in ref_sd.items():  # includes every pos_indices buffer, computed independently
-        assert value.dtype == fast_sd[name].dtype and torch.equal(value, fast_sd[name]), name
 
 
 def test_output_batchnorms_start_at_zero_gamma():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
 from helpers import assert_close, randomize_batchnorms
@@ -17,13 +20,7 @@ SMALL = dict(image_size=(64, 64), dims=[16, 24, 32], channels=[8, 8, 16, 16, 16,
              num_classes=10, expansion=2, depths=(1, 2, 1))
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    ref = RefMobileViT(**kwargs).eval()
-    randomize_batchnorms(ref)
-    fast = MobileViT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+pair_of_models = partial(helpers.pair_of_models, MobileViT, RefMobileViT, prepare=randomize_batchnorms)
 
 
 @pytest.mark.parametrize("overrides,size", [

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
 from helpers import assert_close, randomize_channel_norms
@@ -16,13 +19,7 @@ from vit_pytorch.nest import NesT as RefNesT  # noqa: E402
 SMALL = dict(image_size=32, patch_size=4, num_classes=10, dim=16, heads=2, num_hierarchies=3, block_repeats=(2, 1, 1))
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    ref = RefNesT(**kwargs).eval()
-    randomize_channel_norms(ref)  # they start at g=1, b=0
-    fast = NesT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+pair_of_models = partial(helpers.pair_of_models, NesT, RefNesT, prepare=randomize_channel_norms)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"num_hierarchies": 2, "block_repeats": 1}, {"channels": 1, "mlp_mult": 2},

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
 from helpers import assert_close
@@ -17,12 +20,7 @@ SMALL = dict(image_size=64, patch_size=8, num_classes=10, dim=32, depth=(1, 2, 1
              mlp_dim=64, dropout=0.1, emb_dropout=0.1)
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    ref = RefPiT(**kwargs).eval()
-    fast = PiT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+pair_of_models = partial(helpers.pair_of_models, PiT, RefPiT)
 
 
 @pytest.mark.parametrize(
@@ -47,17 +45,6 @@ def test_seed_readme_example_matches_vit_pytorch():
         preds = fast(img)
         assert preds.shape == (1, 1000)
         assert_close(preds, ref(img), atol=1e-5, rtol=1e-5, what="seed README PiT")
-
-
-def test_same_seed_gives_the_same_initialisation_as_vit_pytorch():
-    torch.manual_seed(3)
-    ref = RefPiT(**SMALL)
-    torch.manual_seed(3)
-    fast = PiT(**SMALL)
-    ref_sd, fast_sd = ref.state_dict(), fast.state_dict()
-    assert list(ref_sd) == list(fast_sd)
-    for name, value in ref_sd.items():
-        assert torch.equal(value, fast_sd[name]), name
 
 
 def test_pool_keeps_the_grid_layout_of_non_square_maps():

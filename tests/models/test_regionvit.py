@@ -3,6 +3,9 @@ bad input, Recorder."""
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
 from helpers import assert_close, randomize_channel_norms
@@ -18,13 +21,7 @@ from vit_pytorch.regionvit import RegionViT as RefRegionViT  # noqa: E402
 SMALL = dict(dim=(16, 16, 32, 32), depth=(1, 2, 1, 1), window_size=2, num_classes=10)
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    ref = RefRegionViT(**kwargs).eval()
-    randomize_channel_norms(ref)  # they start at g=1, b=0
-    fast = RegionViT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+pair_of_models = partial(helpers.pair_of_models, RegionViT, RefRegionViT, prepare=randomize_channel_norms)
 
 
 @pytest.mark.parametrize("overrides,size", [

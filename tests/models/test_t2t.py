@@ -1,11 +1,11 @@
 """T2T-ViT: vit-pytorch parity (default soft splits, pluggable transformer), the big single-head stage
-attention, non-square and smaller images, bad input, the distillable T2T / pluggable ViT, seed README."""
+attention, non-square and smaller images, bad input, the distillable T2T / pluggable ViT."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
+from functools import partial
 
+import helpers
 import pytest
 import torch
 from helpers import assert_close
@@ -14,7 +14,7 @@ from torch import nn
 import fastvit
 from fastvit.attention import explain_call
 from fastvit.layers import Transformer
-from fastvit.models.distill_variants import DistillableEfficientViT, DistillableT2TViT
+from fastvit.models.distill import DistillableEfficientViT, DistillableT2TViT
 from fastvit.models.efficient import ViT as EfficientViT
 from fastvit.ssl.distill import DistillWrapper
 from fastvit.t2t import T2TViT
@@ -30,19 +30,7 @@ TINY = dict(image_size=32, num_classes=10, dim=32, depth=1, heads=2, dim_head=16
             t2t_layers=((3, 2), (3, 2)))
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    ref = RefT2TViT(**kwargs).eval()
-    fast = T2TViT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
-
-
-def seed_readme_example(title: str) -> str:
-    """The python blocks of one seed README section, with ``vit_pytorch`` replaced by ``fastvit``."""
-    text = (Path(__file__).parents[1] / "data" / "seed_readme.md").read_text()
-    body = next(s for s in re.split(r"^## ", text, flags=re.M) if s.splitlines()[0].strip() == title)
-    return "\n".join(re.findall(r"```python\n(.*?)```", body, flags=re.S)).replace("vit_pytorch", "fastvit")
+pair_of_models = partial(helpers.pair_of_models, T2TViT, RefT2TViT)
 
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
@@ -51,16 +39,6 @@ def test_matches_vit_pytorch_with_the_default_soft_splits(pool):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"t2t pool={pool}")
-
-
-def test_same_seed_gives_the_same_initialisation_and_keys_as_vit_pytorch():
-    torch.manual_seed(3)
-    ref = RefT2TViT(**TINY)
-    torch.manual_seed(3)
-    fast = T2TViT(**TINY)
-    assert list(ref.state_dict()) == list(fast.state_dict())
-    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
-        assert torch.equal(a, b), name
 
 
 def test_stage_attention_is_single_head_with_a_big_head_dim_and_runs_on_every_cpu_backend():
@@ -208,11 +186,3 @@ def test_compiles_fullgraph_in_eval():
     model = T2TViT(**TINY).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
-
-
-def test_seed_readme_example_runs():
-    namespace: dict = {}
-    torch.manual_seed(0)
-    exec(seed_readme_example("Token-to-Token ViT"), namespace)
-    assert isinstance(namespace["v"], T2TViT)
-    assert namespace["preds"].shape == (1, 1000)

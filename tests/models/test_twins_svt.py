@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import helpers
 import pytest
 import torch
 from einops import rearrange
@@ -23,13 +26,7 @@ SMALL = dict(num_classes=10,
              s4_emb_dim=32, s4_patch_size=2, s4_local_patch_size=2, s4_global_k=1, s4_depth=1)
 
 
-def pair_of_models(**kwargs):
-    torch.manual_seed(0)
-    ref = RefTwinsSVT(**kwargs).eval()
-    randomize_channel_norms(ref)  # they start at g=1, b=0
-    fast = TwinsSVT(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
+pair_of_models = partial(helpers.pair_of_models, TwinsSVT, RefTwinsSVT, prepare=randomize_channel_norms)
 
 
 @pytest.mark.parametrize("overrides,size", [

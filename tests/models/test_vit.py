@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, pair_of_models
 from torch import nn
 
 import fastvit
@@ -16,14 +16,6 @@ from fastvit.layers import Transformer
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed (pip install fastvit[dev])")
 
 SMALL = dict(num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
-
-
-def pair_of_models(cls_fast, cls_ref, **kwargs):
-    torch.manual_seed(0)
-    ref = cls_ref(**kwargs).eval()
-    fast = cls_fast(**kwargs).eval()
-    fast.load_vit_pytorch_state_dict(ref.state_dict())
-    return fast, ref
 
 
 @pytest.mark.parametrize("image_size,patch_size", [((32, 48), (8, 16)), (48, (16, 8)), ((64, 32), 16)])
@@ -206,13 +198,3 @@ def test_simple_vit_matches_vit_pytorch():
     x = torch.randn(2, 3, 32, 48)
     with torch.no_grad():
         assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="simple vit")
-
-
-def test_same_seed_gives_the_same_initialisation_as_vit_pytorch():
-    kwargs = dict(image_size=32, patch_size=8, **SMALL)
-    torch.manual_seed(3)
-    ref = vit_pytorch.ViT(**kwargs)
-    torch.manual_seed(3)
-    fast = ViT(**kwargs)
-    for (name, a), b in zip(ref.state_dict().items(), fast.state_dict().values()):
-        assert torch.equal(a, b), name
