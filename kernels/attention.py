@@ -1588,7 +1588,7 @@ def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
     dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
-    return_cls_probs: bool = False, dropout_p: float = 0.0,
+    return_cls_probs: bool = False, dropout_p: float = 0.0, checked: bool = True,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Fused attention forward.
 
@@ -1600,13 +1600,15 @@ def attention_fwd(
         key_padding: ``[B, Nk]`` bool, True = attend.
         return_cls_probs: also return ``[B, H, Nk]`` probabilities of query 0 (input dtype).
         dropout_p: must be 0 (dropout is not supported).
+        checked: validate the inputs (False: the caller did, e.g. `attention` or the custom op).
 
     Returns:
         ``(out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] fp32, cls_probs or None)``.
     """
-    scale = _check_scale(scale)
-    _check_dropout(dropout_p)
-    _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
+    if checked:
+        scale = _check_scale(scale)
+        _check_dropout(dropout_p)
+        _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
     _require_runtime(q.device)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Nq, D = q.shape
@@ -1654,11 +1656,12 @@ def _launch_cls_probs(q, k, lse, cls_probs, bias: _BiasArgs, scale: float, head_
 def cls_probs_from_lse(
     q: Tensor, k: Tensor, lse: Tensor, *, scale: float,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
-    dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
+    dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None, checked: bool = True,
 ) -> Tensor:
     """``[B, H, Nk]`` probabilities of query 0 (input dtype), from the ``lse`` a forward saved."""
-    scale = _check_scale(scale)
-    _check_inputs(q, k, k, rel_table, rel_index, dense_bias, key_padding)
+    if checked:
+        scale = _check_scale(scale)
+        _check_inputs(q, k, k, rel_table, rel_index, dense_bias, key_padding)
     _require_runtime(q.device)
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     B, H, Nq, D = q.shape
@@ -1693,7 +1696,7 @@ def attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, scale: float,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
     dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
-    need_rel_grad: Optional[bool] = None, need_dense_grad: Optional[bool] = None,
+    need_rel_grad: Optional[bool] = None, need_dense_grad: Optional[bool] = None, checked: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Fused attention backward (FlashAttention-2: preprocess, dK/dV kernel, dQ kernel).
 
@@ -1702,18 +1705,21 @@ def attention_bwd(
             returned them. scale and biases: as in the forward.
         need_rel_grad / need_dense_grad: compute ``d rel_table`` / ``d dense_bias``; default: whether
             the tensor requires grad.
+        checked: validate the inputs (False: the caller did, e.g. the custom op behind `attention`).
 
     Returns:
         ``(dq, dk, dv, d_rel_table [T, H] or None, d_dense_bias (dense_bias's shape) or None)``, each
         in its input's dtype; the bias gradients are contiguous and bitwise reproducible.
     """
-    scale = _check_scale(scale)
-    _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    for name, t, shape in (("do", do, (B, H, Nq, Dv)), ("out", out, (B, H, Nq, Dv)), ("lse", lse, (B, H, Nq))):
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {list(shape)}, got {_fmt_shape(t)}")
+    if checked:
+        scale = _check_scale(scale)
+        _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
+        for name, t, shape in (("do", do, (B, H, Nq, Dv)), ("out", out, (B, H, Nq, Dv)),
+                               ("lse", lse, (B, H, Nq))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {_fmt_shape(t)}")
     _require_runtime(q.device)
     if need_rel_grad is None:
         need_rel_grad = rel_table is not None and rel_table.requires_grad
@@ -1812,26 +1818,35 @@ def _capability(device: torch.device) -> Optional[tuple[int, int]]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
+def capability_reasons(device: torch.device, dtype: torch.dtype, head_dim: int, *, dropout_p: float = 0.0,
+                       scale: Optional[float] = None) -> list[str]:
+    """Why the kernels cannot serve calls of this kind, from what they declare alone (no tensor is
+    read): for callers that validated the inputs already (``fastvit.attention``)."""
+    reasons = []
+    ok, why = _runtime_available(torch.device(device))
+    if not ok:
+        reasons.append(why)
+    if dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} is not supported (supports torch.float32, torch.float16, torch.bfloat16)")
+    if head_dim > MAX_HEAD_DIM:
+        reasons.append(f"head_dim={head_dim} > {MAX_HEAD_DIM} (the kernel keeps a head row in registers)")
+    if dropout_p > 0:
+        reasons.append("attention dropout is not supported by the triton kernels")
+    if scale is not None and scale == 0:
+        reasons.append("scale=0.0 is not supported (the kernels add the bias to the matmul as bias / scale)")
+    return reasons
+
+
 def not_supported_reasons(
     q: Tensor, k: Tensor, v: Tensor, *,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
     dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
     dropout_p: float = 0.0, scale: Optional[float] = None,
 ) -> list[str]:
-    """Why the kernels cannot serve this call, as sentences; an empty list means they can."""
-    reasons = []
-    ok, why = _runtime_available(q.device)
-    if not ok:
-        reasons.append(why)
-    if q.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {q.dtype} is not supported (supports torch.float32, torch.float16, torch.bfloat16)")
+    """Why the kernels cannot serve this call, as sentences; an empty list means they can. Checks the
+    capabilities (`capability_reasons`) and then the inputs themselves."""
     widest = max(q.shape[-1], v.shape[-1]) if q.dim() and v.dim() else 0
-    if widest > MAX_HEAD_DIM:
-        reasons.append(f"head_dim={widest} > {MAX_HEAD_DIM} (the kernel keeps a head row in registers)")
-    if dropout_p > 0:
-        reasons.append("attention dropout is not supported by the triton kernels")
-    if scale is not None and scale == 0:
-        reasons.append("scale=0.0 is not supported (the kernels add the bias to the matmul as bias / scale)")
+    reasons = capability_reasons(q.device, q.dtype, widest, dropout_p=dropout_p, scale=scale)
     if not reasons:
         try:
             _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
@@ -2074,7 +2089,7 @@ def launch_plan(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, *, biased
 def _attn_fwd_op(q: Tensor, k: Tensor, v: Tensor, scale: float, rel_table: Optional[Tensor],
                  rel_index: Optional[Tensor], dense_bias: Optional[Tensor],
                  key_padding: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    out, lse, _ = attention_fwd(q, k, v, scale=scale, rel_table=rel_table, rel_index=rel_index,
+    out, lse, _ = attention_fwd(q, k, v, scale=scale, rel_table=rel_table, rel_index=rel_index, checked=False,
                                 dense_bias=dense_bias, key_padding=key_padding)
     return out, lse
 
@@ -2089,7 +2104,7 @@ def _(q, k, v, scale, rel_table, rel_index, dense_bias, key_padding):
 def _attn_cls_probs_op(q: Tensor, k: Tensor, lse: Tensor, scale: float, rel_table: Optional[Tensor],
                        rel_index: Optional[Tensor], dense_bias: Optional[Tensor],
                        key_padding: Optional[Tensor]) -> Tensor:
-    return cls_probs_from_lse(q, k, lse, scale=scale, rel_table=rel_table, rel_index=rel_index,
+    return cls_probs_from_lse(q, k, lse, scale=scale, rel_table=rel_table, rel_index=rel_index, checked=False,
                               dense_bias=dense_bias, key_padding=key_padding)
 
 
@@ -2107,7 +2122,7 @@ def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     (an op's outputs cannot be None)."""
     dq, dk, dv, d_rel, d_dense = attention_bwd(
         do, q, k, v, out, lse, scale=scale, rel_table=rel_table, rel_index=rel_index, dense_bias=dense_bias,
-        key_padding=key_padding, need_rel_grad=need_rel_grad, need_dense_grad=need_dense_grad)
+        key_padding=key_padding, need_rel_grad=need_rel_grad, need_dense_grad=need_dense_grad, checked=False)
     # Two separate placeholders: an op's outputs may not alias each other.
     return (dq, dk, dv, q.new_empty(0) if d_rel is None else d_rel,
             q.new_empty(0) if d_dense is None else d_dense)
@@ -2164,7 +2179,8 @@ class AttentionFn(torch.autograd.Function):
     """Differentiable fused attention: returns ``(out, lse)``; ``lse`` is not differentiable.
 
     Saves q, k, v, the bias inputs, ``out`` and ``lse`` (fp32, ``[B, H, Nq]``); the backward
-    recomputes the probabilities. Both directions go through the ``fastvit::attn_*`` ops.
+    recomputes the probabilities. Both directions go through the ``fastvit::attn_*`` ops, which trust
+    their inputs: call `attention` (it validates them) rather than ``AttentionFn.apply``.
     """
 
     @staticmethod
@@ -2184,7 +2200,7 @@ class AttentionFn(torch.autograd.Function):
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
-    dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
+    dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None, validated: bool = False,
 ) -> Tensor:
     """Fused, differentiable attention (see the module docstring for the math and the limits).
 
@@ -2193,11 +2209,16 @@ def attention(
         scale: defaults to ``D ** -0.5``.
         rel_table: ``[T, H]``; rel_index: ``[Nq, Nk]`` integer in ``[0, T)``.
         dense_bias: ``[1|B, 1|H, Nq, Nk]``. key_padding: ``[B, Nk]`` bool, True = attend.
+        validated: the caller has validated the inputs (``fastvit.attention`` does, once per call);
+            otherwise they are checked here, once, before the launchers (which trust them).
 
     Returns:
         ``out [B, H, Nq, Dv]`` in q's dtype. Gradients flow to q, k, v, rel_table and dense_bias.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not validated:
+        scale = _check_scale(scale)
+        _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
     out, _ = AttentionFn.apply(q, k, v, scale, rel_table, rel_index, dense_bias, key_padding)
     return out
 
@@ -2205,7 +2226,7 @@ def attention(
 def attention_with_cls_probs(
     q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
-    dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
+    dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None, validated: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``attention(...)`` plus the probabilities of query 0 over all keys.
 
@@ -2214,6 +2235,9 @@ def attention_with_cls_probs(
         differentiable; ``cls_probs`` is not (adaptive token sampling only ranks tokens by it).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if not validated:
+        scale = _check_scale(scale)
+        _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
     out, lse = AttentionFn.apply(q, k, v, scale, rel_table, rel_index, dense_bias, key_padding)
     detach = (lambda t: None if t is None else t.detach())
     cls_probs = torch.ops.fastvit.attn_cls_probs(q.detach(), k.detach(), lse, scale, detach(rel_table),

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastvit.layers.linear as linear
 from fastvit.layers import FeedForward, Linear
 from fastvit.layers.linear import PREPACK_MIN_WEIGHT, prepack_enabled
 
@@ -58,6 +59,17 @@ def test_cache_sees_optimizer_steps_and_load_state_dict():
     layer.load_state_dict(other.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(layer(x), other(x), atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_without_onednn_bf16_gemms_falls_back_to_f_linear(monkeypatch):
+    monkeypatch.setattr(linear, "_HAS_ONEDNN_BF16", False)  # an AVX2-only CPU
+    layer = make()
+    x = torch.randn(4, IN)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        ref = F.linear(x, layer.weight, layer.bias)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert not any(dtype == torch.bfloat16 for dtype, _ in (layer._packed or {}))
 
 
 def test_bf16_autocast_path_returns_bf16_close_to_fp32():
@@ -122,7 +134,8 @@ def test_fp32_and_bf16_packs_are_cached_side_by_side():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             layer(x)
         packs = {dtype: entry[1] for (dtype, _), entry in layer._packed.items()}
-        assert set(packs) == {torch.float32, torch.bfloat16}
+        # bf16 is packed where oneDNN has bf16 GEMMs; an AVX2-only CPU keeps F.linear for it.
+        assert set(packs) == ({torch.float32, torch.bfloat16} if linear._HAS_ONEDNN_BF16 else {torch.float32})
         layer(x)  # back to fp32: the fp32 pack is reused, not rebuilt
         assert layer._packed[(torch.float32, None)][1] is packs[torch.float32]
         layer.weight.add_(1.0)  # an in-place update invalidates the pack of the dtype in use

@@ -9,7 +9,8 @@ into the GEMM epilogue. ``Linear`` does both when nothing needs a gradient (``to
 - the prepacked weight is cached per compute dtype and rebuilt when the weight changes (its
   in-place version counter, storage or dtype), so optimizer steps and ``load_state_dict`` are seen;
 - under CPU autocast (bf16) the weight is prepacked in bf16 and the output is bf16, as autocast's
-  ``F.linear`` would give;
+  ``F.linear`` would give (on CPUs whose oneDNN has bf16 GEMMs: AVX512-BW/VL/DQ or AVX-NE-CONVERT;
+  elsewhere bf16 keeps ``F.linear``);
 - weights under ``PREPACK_MIN_WEIGHT`` elements (e.g. 128 x 128) keep ``F.linear``: oneDNN's ~25 us
   fixed cost per call loses to it there (measured: 0.3-0.9x at 16x32x64 .. 1024x64x128, 1.06x at
   512x256x256, 1.2-1.5x from 384 x 1000 up, whatever the batch);
@@ -38,6 +39,10 @@ _HAS_ONEDNN_LINEAR = (
     and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 )
+# oneDNN's bf16 GEMMs need AVX512-BW/VL/DQ (or AVX-NE-CONVERT); elsewhere (an AVX2-only CPU) bf16
+# autocast keeps F.linear, which autocast runs in its own way.
+_HAS_ONEDNN_BF16 = (_HAS_ONEDNN_LINEAR and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+                    and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 PREPACK_MIN_WEIGHT = 256 * 256  # in_features * out_features from which the oneDNN path pays off
 _ACTIVATIONS = {None: ("none", ""), "gelu": ("gelu", "none")}  # oneDNN post-op name, algorithm ("none" = erf)
 
@@ -96,6 +101,8 @@ class Linear(nn.Linear):
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if dtype not in (torch.float32, torch.bfloat16) or self.weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        if dtype == torch.bfloat16 and not _HAS_ONEDNN_BF16:
             return None
         return dtype
 

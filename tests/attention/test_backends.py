@@ -142,3 +142,27 @@ def test_dropout_is_applied_and_scaled():
     row = out[0, 0, :, 0]
     assert 0.9 < row.mean().item() < 1.1
     assert row.std().item() > 0.1
+
+
+@pytest.mark.parametrize("bias", ["relpos", "dense_bcast"])
+def test_triton_serves_bias_gradients_bitwise_reproducibly_in_deterministic_mode(bias):
+    """With torch.use_deterministic_algorithms(True) the triton backend still serves trainable biases
+    (no atomics in its bias gradients), and two backward passes give the same bits."""
+    _skip_unavailable("triton")
+    kattn = pytest.importorskip("fastvit.kernels.attention")
+    assert get_backend("triton").deterministic is kattn.DETERMINISTIC_BIAS_GRADS is True
+    case = check.CheckCase("triton", DEVICE, torch.float32, (2, 3, 49, 49, 16, 16), bias)
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        grads = []
+        for _ in range(2):
+            q, k, v, bias_desc = check.make_case_inputs(case)
+            assert not get_backend("triton").not_supported_reasons(attn_inputs(q, k, v, bias=bias_desc))
+            out = attend(q, k, v, bias=bias_desc, backend="triton")
+            out.backward(torch.ones_like(out))
+            grads.append([t.grad.clone() for _, t in check.trainable(q, k, v, bias_desc)])
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)

@@ -21,7 +21,7 @@ class TritonBackend(Backend):
     max_head_dim = 128
     supports_dropout = False
     supports_cls_probs = True
-    deterministic = False  # bias gradients are accumulated with atomic adds
+    deterministic = True  # bias gradients: plain stores per batch element, then a fixed-order sum (no atomics)
     tolerances = {
         torch.float32: (1e-4, 1e-4),  # tl.dot may use TF32-free fp32 FMA; blockwise exp2 reorders sums
         torch.float16: (2e-3, 2e-3),
@@ -40,20 +40,22 @@ class TritonBackend(Backend):
     def extra_reasons(cls, inp: AttnInputs) -> list[str]:
         from fastvit.kernels import attention as kattn
 
-        reasons = []
+        # A pure capability check: make_inputs has validated shapes, dtypes and devices already.
+        reasons = kattn.capability_reasons(inp.q.device, inp.dtype, max(inp.head_dim, inp.value_dim),
+                                           dropout_p=inp.dropout_p, scale=inp.scale)
         if any(len(inp.of_type(kind)) > 1 for kind in (RelPosBias, DenseBias, KeyPaddingMask)):
             reasons.append("more than one bias of the same kind (combine them before calling)")
-            return reasons
-        return reasons + kattn.not_supported_reasons(inp.q, inp.k, inp.v, **_bias_kwargs(inp))
+        return reasons
 
     @classmethod
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         from fastvit.kernels import attention as kattn
 
+        kwargs = dict(scale=inp.scale, validated=True, **_bias_kwargs(inp))
         if inp.return_cls_probs:
-            out, cls_probs = kattn.attention_with_cls_probs(inp.q, inp.k, inp.v, scale=inp.scale, **_bias_kwargs(inp))
+            out, cls_probs = kattn.attention_with_cls_probs(inp.q, inp.k, inp.v, **kwargs)
             return AttnOutput(out, None, cls_probs)
-        return AttnOutput(kattn.attention(inp.q, inp.k, inp.v, scale=inp.scale, **_bias_kwargs(inp)))
+        return AttnOutput(kattn.attention(inp.q, inp.k, inp.v, **kwargs))
 
 
 def _bias_kwargs(inp: AttnInputs) -> dict:
