@@ -5,7 +5,10 @@ dispatch and depends on torch and triton only. Importing it never fails when tri
 ``available()`` then says why, and the launchers raise ``RuntimeError`` with the same reason.
 
 Modules:
-    attention: the fused attention family (forward, CLS probabilities, backward, reference).
+    attention: the fused attention family (kernels, launchers, config choice, custom ops, reference).
+    configs: the ``Config`` / ``CompileSpec`` records.
+    spill_table: generated data: the configs that spill on sm_80 / sm_90a (``PRUNED``).
+    variants: every variant the launchers can launch, as compile specs (``iter_compile_specs``).
     aot: ahead-of-time compile report (registers, spills, shared memory) for sm_80 and sm_90a.
     tuned/: per-device tuned config tables (``<device-slug>.json``), written by ``fastvit tune``.
 
@@ -30,7 +33,6 @@ from .attention import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     TUNABLE_KERNELS,
-    AttentionFn,
     Config,
     attention_bwd,
     attention_fwd,
@@ -38,13 +40,13 @@ from .attention import (
     attention_with_cls_probs,
     candidate_configs,
     forced_configs,
-    iter_compile_specs,
     load_tuned,
     not_supported_reasons,
     tune_key,
     tuned_path,
 )
 from .attention import attention as fused_attention
+from .variants import iter_compile_specs
 
 __all__ = [
     "DETERMINISTIC_BIAS_GRADS",
@@ -57,7 +59,6 @@ __all__ = [
     "tune_key",
     "tuned_path",
     "SUPPORTED_DTYPES",
-    "AttentionFn",
     "attention",
     "attention_bwd",
     "attention_fwd",

@@ -15,9 +15,9 @@ process that has ``TRITON_INTERPRET=1`` set (the test suite). Triton's cache (``
 makes a second run fast.
 
 The spill table: configs whose variants spill on either capability are listed in
-``attention.PRUNED`` (``--spill-table`` compiles every config of the preference lists for every
+``spill_table.PRUNED`` (``--spill-table`` compiles every config of the preference lists for every
 head-block pair and bias kind); ``keep()`` then skips them and the heuristics fall back to the next
-config. Each row is labelled with its variant (see ``attention.divisible_by_16`` for the run-time
+config. Each row is labelled with its variant (see ``variants.divisible_by_16`` for the run-time
 specialisation each row stands for): ``split`` marks the variants with the split key/query loop's
 masked last block compiled in, ``even`` the mask-free one of aligned shapes.
 """
@@ -125,7 +125,7 @@ def compile_spec(spec, capability: int) -> dict:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        from . import attention
+        from . import attention, variants
 
         fn = attention.KERNELS[spec.kernel]
         if not isinstance(fn, triton.runtime.jit.JITFunction):
@@ -134,7 +134,7 @@ def compile_spec(spec, capability: int) -> dict:
         start = time.perf_counter()
         target = GPUTarget("cuda", capability, 32)
         source = _ast_source(fn, spec.signature, spec.constexprs,
-                             attention.divisible_by_16(fn, spec.constexprs), target)
+                             variants.divisible_by_16(fn, spec.constexprs), target)
         compiled = triton.compile(source, target=target,
                                   options={"num_warps": spec.config.num_warps,
                                            "num_stages": spec.config.num_stages})
@@ -169,7 +169,7 @@ def compile_report(capabilities: Iterable[int] = (80, 90), progress: Optional[Ca
     Returns:
         Rows ``{kernel, config, capability, registers, spills, shared_mem_bytes, ok, error}``.
     """
-    from .attention import iter_compile_specs
+    from .variants import iter_compile_specs
 
     specs = list(iter_compile_specs(full=full) if specs is None else specs)
     caps = [int(c) for c in capabilities]
@@ -197,12 +197,13 @@ def _check_config(args) -> tuple[list, list]:
     import torch
 
     from . import attention as A
+    from . import variants as V
 
     dtype = getattr(torch, dtype_name)
     rows = []
-    for variant in A._variants(kind, full=False, even_plain=False):
-        for extra in (A._ds_variants(variant, full=False) if kernel == "_attn_bwd_dq" else [{}]):
-            spec = A.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
+    for variant in V._variants(kind, full=False, even_plain=False):
+        for extra in (V._ds_variants(variant, full=False) if kernel == "_attn_bwd_dq" else [{}]):
+            spec = V.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
             rows += [compile_spec(spec, cap) for cap in capabilities]
     errors = [r for r in rows if not r["ok"]]
     bad_caps = sorted({r["capability"] for r in rows if not (r["ok"] and not r["spills"])})
@@ -210,7 +211,7 @@ def _check_config(args) -> tuple[list, list]:
 
 
 def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tuple[set, list]:
-    """Regenerates `attention.PRUNED`: every config of every preference list (per kernel, dtype
+    """Regenerates `spill_table.PRUNED`: every config of every preference list (per kernel, dtype
     class, head blocks and bias kind) whose default variant spills (or fails) on some capability.
     Every config is compiled, not just those up to the heuristic's pick, so that
     `attention.candidate_configs` (the configs a tuner times) are all spill-free. bf16 stands for the
@@ -285,7 +286,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--spill-table", action="store_true",
-                        help="print attention.PRUNED regenerated from the preference lists, then exit")
+                        help="print spill_table.PRUNED regenerated from the preference lists, then exit")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.spill_table:

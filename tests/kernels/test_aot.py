@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from fastvit.kernels import aot
+from fastvit.kernels import aot, variants
 from fastvit.kernels import attention as kattn
 
 # (Nq, Nk, D, Dv, biased) of attention layers in the models fastvit serves.
@@ -49,7 +49,7 @@ def _report_dtype(dtype: torch.dtype) -> torch.dtype:
 
 @pytest.mark.parametrize("dtype", kattn.SUPPORTED_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_every_picked_config_is_compiled_ahead_of_time(dtype):
-    keys = _spec_keys(kattn.iter_compile_specs(dtypes=(_report_dtype(dtype),)))
+    keys = _spec_keys(variants.iter_compile_specs(dtypes=(_report_dtype(dtype),)))
     code = "*" + kattn._DTYPE_CODES[_report_dtype(dtype)]
     for model, (nq, nk, d, dv, biased) in MODEL_SHAPES.items():
         for capability in ((8, 0), (9, 0)):
@@ -96,8 +96,8 @@ def test_launched_variants_are_listed(device, monkeypatch):
     full = {(s.kernel, s.config, s.signature.get("Q", s.signature.get("Out")),
              # the unit strides in a spec's constexprs are triton's specialisation, not launch arguments
              tuple(sorted((k, v) for k, v in s.constexprs.items() if not k.startswith("stride_"))))
-            for s in kattn.iter_compile_specs(full=True)}
-    default = _spec_keys(kattn.iter_compile_specs())
+            for s in variants.iter_compile_specs(full=True)}
+    default = _spec_keys(variants.iter_compile_specs())
     for name, cfg, dtype, constexprs in launched:
         code = "*" + kattn._DTYPE_CODES[dtype]
         key = (name, cfg, code, tuple(sorted(constexprs.items())))
@@ -124,7 +124,7 @@ def test_compile_report_builds_a_subset_for_sm80_and_sm90a():
     ]
     subset = []
     for kernel, dtype, blocks, kind in wanted:
-        for spec in kattn.iter_compile_specs(dtypes=(dtype,), head_blocks=(blocks,)):
+        for spec in variants.iter_compile_specs(dtypes=(dtype,), head_blocks=(blocks,)):
             if spec.kernel == kernel and _kind(spec.constexprs) == kind:
                 subset.append(spec)
                 break
@@ -141,13 +141,13 @@ def test_compile_report_builds_a_subset_for_sm80_and_sm90a():
 
 def test_report_rows_carry_the_runtime_specialisation():
     """A ViT call (N=197, D=64) has its head dim, strides and pointers divisible by 16, not N."""
-    spec = next(s for s in kattn.iter_compile_specs(dtypes=(torch.bfloat16,), head_blocks=((64, 64),))
+    spec = next(s for s in variants.iter_compile_specs(dtypes=(torch.bfloat16,), head_blocks=((64, 64),))
                 if s.kernel == "_attn_fwd" and not s.constexprs["EVEN_N"])
-    hints = kattn.divisible_by_16(kattn.KERNELS["_attn_fwd"], spec.constexprs)
+    hints = variants.divisible_by_16(kattn.KERNELS["_attn_fwd"], spec.constexprs)
     assert {"Q", "stride_qm", "D", "Dv"} <= set(hints)
     assert not {"Nq", "Nk", "H", "stride_dm"} & set(hints)
     even = dict(spec.constexprs, EVEN_M=True, EVEN_N=True)
-    assert {"Nq", "Nk", "stride_dm"} <= set(kattn.divisible_by_16(kattn.KERNELS["_attn_fwd"], even))
+    assert {"Nq", "Nk", "stride_dm"} <= set(variants.divisible_by_16(kattn.KERNELS["_attn_fwd"], even))
     assert "split" in aot._variant(spec.constexprs)
 
 
@@ -161,7 +161,7 @@ def test_the_biased_16bit_backward_keeps_64_key_tiles():
 
 
 def test_compile_spec_records_errors_instead_of_raising(device):
-    spec = next(iter(kattn.iter_compile_specs(dtypes=(torch.float32,), head_blocks=((16, 16),))))
+    spec = next(iter(variants.iter_compile_specs(dtypes=(torch.float32,), head_blocks=((16, 16),))))
     broken = spec._replace(constexprs={k: v for k, v in spec.constexprs.items() if k != "BLOCK_M"})
     row = aot.compile_spec(broken, 90)
     assert row["ok"] is False and row["error"] and row["registers"] is None

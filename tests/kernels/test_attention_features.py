@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastvit.kernels import attention as kattn
+from fastvit.kernels import variants
 from test_attention_interpret import Case, check, differentiable, fp32_copies, make_inputs, run_and_compare
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -152,7 +153,7 @@ def test_tuned_table_is_used(device, tmp_path, monkeypatch, launches):
     run_and_compare(case, device)
     assert [c for name, c, _ in launches if name == "_attn_fwd"] == [cfg]
     # the AOT report compiles the configs of the tuned tables too
-    assert any(s.config == cfg for s in kattn.iter_compile_specs(dtypes=(F32,), head_blocks=((16, 16),))
+    assert any(s.config == cfg for s in variants.iter_compile_specs(dtypes=(F32,), head_blocks=((16, 16),))
                if s.kernel == "_attn_fwd")
 
 

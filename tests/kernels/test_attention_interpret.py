@@ -371,7 +371,7 @@ def test_available_says_why(monkeypatch):
 
 
 def test_the_forward_op_is_differentiable_on_its_own(device):
-    """torch.ops.fastvit.attn_fwd carries its own autograd (register_autograd), like AttentionFn."""
+    """torch.ops.fastvit.attn_fwd carries its own autograd (register_autograd): the one autograd path."""
     case = Case(F32, 1, 2, 20, 24, 16, 16, ("relpos", "dense"), dense_shape="11")
     inputs = make_inputs(case, device)
     names = differentiable(inputs)

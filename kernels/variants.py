@@ -1,0 +1,242 @@
+"""Every variant the launchers can launch, as compile specs for the ahead-of-time report.
+
+A variant is a (kernel, config, dtype, head blocks) with its constexpr switches (bias kind,
+EVEN_* masks, STORE_DS, TF32) and the run-time specialisation Triton would give a typical ViT call
+(``divisible_by_16``). ``iter_compile_specs()`` lists the ones the heuristics pick (the default AOT
+report); ``full=True`` every specialisation; ``include_pruned=True`` every config of the preference
+lists (to regenerate ``spill_table.py``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Iterator, Optional
+
+import torch
+
+from . import attention as _attention
+from .attention import (
+    _DKDV_PREFS,
+    _DQ_PREFS,
+    _DTYPE_CODES,
+    _FWD_PREFS,
+    _PREPROCESS_CONFIG,
+    BIAS_KINDS,
+    HEAD_BLOCKS,
+    KERNELS,
+    SPILL_CAPABILITIES,
+    SUPPORTED_DTYPES,
+    _cls_config,
+    _dtype_class,
+    _first_kept,
+    load_tuned,
+    tl,
+)
+from .configs import CompileSpec, Config
+
+__all__ = ["kernel_signature", "divisible_by_16", "tile_spec", "iter_compile_specs", "REPORT_DTYPES"]
+
+
+
+# Pointer arguments by name -> element type; "in" is the input dtype. Other non-constexpr arguments
+# are i32, except the two scales.
+_POINTER_TYPES = {
+    "Q": "in", "K": "in", "V": "in", "Out": "in", "DOut": "in", "DQ": "in", "DK": "in", "DV": "in",
+    "Probs": "in", "DenseBias": "in", "Lse": "fp32", "Delta": "fp32", "DS": "fp32",
+    "RelTable": "fp32", "RelIndex": "i32", "KeyPad": "u8",
+}
+_FLOAT_ARGS = ("qk_scale", "inv_scale", "scale")
+
+
+
+def _kernel_params(kernel) -> list[tuple[str, bool]]:
+    """(name, is_constexpr) for each parameter, from the Python signature of the jit function."""
+    import inspect
+
+    fn = getattr(kernel, "fn", kernel)
+    params = []
+    for name, p in inspect.signature(fn).parameters.items():
+        ann = p.annotation
+        params.append((name, ann is tl.constexpr or "constexpr" in str(ann)))
+    return params
+
+
+def kernel_signature(kernel, dtype: torch.dtype) -> dict:
+    """The ``triton.compile`` signature of ``kernel`` for inputs of ``dtype``."""
+    code = _DTYPE_CODES[dtype]
+    sig = {}
+    for name, is_constexpr in _kernel_params(kernel):
+        if is_constexpr:
+            sig[name] = "constexpr"
+        elif name in _POINTER_TYPES:
+            t = _POINTER_TYPES[name]
+            sig[name] = "*" + (code if t == "in" else t)
+        else:
+            sig[name] = "fp32" if name in _FLOAT_ARGS else "i32"
+    return sig
+
+
+# How triton specialises a call at run time, mirrored ahead of time so that the report compiles the
+# code the launchers really run: an integer argument divisible by 16 gets a divisibility hint (and 1
+# becomes a constant), which is what lets the compiler vectorise and pipeline loads. Each report row
+# is the specialisation of a typical ViT-family call with that row's switches:
+#   - pointers (torch allocations are aligned), the strides of q, k, v, out and their gradients
+#     (multiples of a head dim of 16, 32, 48, 64, 80, ...), D and Dv: divisible by 16;
+#   - Nq divisible only in EVEN_M variants, Nk only in EVEN_N ones (N = 197 or 49 is not);
+#   - the bias row strides (Nk: stride_im, stride_dm, stride_pb) follow Nk; the head stride of a dense
+#     bias (Nq * Nk) is divisible when either is; the batch stride is 0 (the expanded table, broadcast);
+#   - the dS buffer is padded to block multiples: its strides are always divisible;
+#   - the table's row stride (T) and H are not (T = 169, H = 12).
+# Calls with other strides (a head dim of 8 or 24, a strided bias) compile another specialisation at
+# run time; ``Nq = 1`` (class attention) makes Nq a constant in another one.
+_ALIGNED_STRIDE_PREFIXES = ("stride_q", "stride_k", "stride_v", "stride_o", "stride_do", "stride_dq", "stride_dk",
+                            "stride_dv", "stride_s")
+
+
+def divisible_by_16(kernel, constexprs: Optional[dict] = None) -> list[str]:
+    """The arguments the AOT compile of one variant (``constexprs``) declares divisible by 16."""
+    c = constexprs or {}
+    even_m, even_n = bool(c.get("EVEN_M")), bool(c.get("EVEN_N"))
+    conditional = {"Nq": even_m, "Nk": even_n, "stride_im": even_n, "stride_dm": even_n, "stride_pb": even_n,
+                   "stride_dh": even_m or even_n, "stride_db": True, "D": True, "Dv": True}
+    names = []
+    for name, is_constexpr in _kernel_params(kernel):
+        if is_constexpr:
+            continue
+        if name in _POINTER_TYPES or name.startswith(_ALIGNED_STRIDE_PREFIXES) or conditional.get(name, False):
+            names.append(name)
+    return names
+
+
+_BIASES = ("HAS_REL", "HAS_DENSE", "HAS_PAD")
+_EVENS = ("EVEN_M", "EVEN_N", "EVEN_D")
+# The bias switches compiled for each kind by default: the variant with the most code of that kind.
+_KIND_SWITCHES = {"none": (False, False, False), "dense": (False, True, True), "gather": (True, True, True)}
+
+
+def _variants(biased, full: bool, even_plain: bool = True) -> list[dict]:
+    """Bias and mask switches compiled for one config; ``biased``: a bias kind (or a bool: "dense"/"none").
+
+    Default: the kind's variant with the most code and the split loop's masked tail on both sides
+    (EVEN_M = EVEN_N = False: the ViT sizes 49, 50, 197 are never block multiples) with the head
+    dim a block size (EVEN_D: D = 16, 32, 64, 128); with ``even_plain`` also the unbiased mask-free
+    variant of aligned shapes. D = 48 or 80 (EVEN_D False) only adds masks to the q/k/v tile loads
+    and stores; ``full`` compiles it, with every bias subset of the kind times every EVEN_* combination.
+    """
+    kind = biased if isinstance(biased, str) else ("dense" if biased else "none")
+    if full:
+        subsets = [s for s in itertools.product((False, True), repeat=3)
+                   if (kind == "none" and not any(s)) or (kind == "gather" and s[0])
+                   or (kind == "dense" and not s[0] and any(s))]
+        evens = list(itertools.product((False, True), repeat=3))
+    else:
+        subsets = [_KIND_SWITCHES[kind]]
+        evens = [(False, False, True)] + ([(True, True, True)] if even_plain and kind == "none" else [])
+    return [dict(zip(_EVENS, e), **dict(zip(_BIASES, s))) for s in subsets for e in evens]
+
+
+def _ds_variants(flags: dict, full: bool) -> list[dict]:
+    """dQ stores dS when a bias takes a gradient (by default: the biased variant does)."""
+    if not (flags["HAS_REL"] or flags["HAS_DENSE"]):
+        return [dict(STORE_DS=False)]
+    return [dict(STORE_DS=False), dict(STORE_DS=True)] if full else [dict(STORE_DS=True)]
+
+
+def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict:
+    """``{config: capabilities}``: the configs the heuristic picks from each preference list on each
+    spill-table capability (or all of them, for every capability), in order."""
+    picked: dict = {}
+    for prefs in pref_lists:
+        for cap in SPILL_CAPABILITIES:
+            for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, (cap // 10, 0))]):
+                picked.setdefault(cfg, [])
+                if cap not in picked[cfg]:
+                    picked[cfg].append(cap)
+    return picked
+
+
+def _tuned_configs(kernel: str, dtype: torch.dtype, blocks: tuple[int, int], kind: str) -> list[Config]:
+    """The configs that tuned tables under ``attention.TUNED_DIR`` (read at call time) give this
+    (kernel, dtype class, blocks, kind)."""
+    import glob
+
+    cls = _dtype_class(dtype)
+    prefix = f"{kernel}|{cls}|d{blocks[0]}x{blocks[1]}|{kind}|"
+    found = []
+    for path in sorted(glob.glob(os.path.join(_attention.TUNED_DIR, "*.json"))):
+        try:
+            entries = load_tuned(path)["entries"]
+        except ValueError:
+            continue  # the launchers ignore it too (with a warning)
+        found += [cfg for key, cfg in sorted(entries.items()) if key.startswith(prefix) and cfg not in found]
+    return found
+
+
+def tile_spec(kernel: str, cfg: Config, dtype: torch.dtype, blocks: tuple[int, int], switches: dict,
+              tf32: bool = False) -> CompileSpec:
+    """The spec of one of the three tiled kernels (forward, dK/dV, dQ) with the given switches
+    (EVEN_*, HAS_*, STORE_DS)."""
+    fn = KERNELS[kernel]
+    return CompileSpec(kernel, cfg, kernel_signature(fn, dtype), dict(
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1], **switches,
+        FP32_IEEE=dtype == torch.float32 and not tf32, UPCAST_DOT=False))
+
+
+# The default report compiles bf16 for the 16-bit class: fp16 launches the same configs (one
+# dtype class in the preference lists and the spill table) and compiles to the same register
+# allocation but for rare exceptions, which `PRUNED` lists; ``full=True`` compiles fp16 too.
+REPORT_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtypes=None,
+                       head_blocks=HEAD_BLOCKS) -> Iterator[CompileSpec]:
+    """Every (kernel, config, signature, constexprs) the launchers may launch.
+
+    By default: every (kernel, config, dtype class, head blocks) the launchers can launch -- over
+    fp32 and bf16 (`REPORT_DTYPES`; ``dtypes`` overrides), head-block pairs, the three bias kinds
+    ("none", "dense", "gather"), the config the heuristics pick for each query bucket on each
+    capability (a spec's ``capabilities``) and any config a tuned table under ``kernels/tuned/`` names
+    -- each with the switch variants of `_variants` (the split loop's masked tail compiled in; about
+    210 specs, ~340 compiles for sm_80 + sm_90a). ``full=True`` lists every specialisation the
+    launchers can launch: fp16 too, every bias subset and EVEN_* combination, and the TF32 variants of
+    fp32 (several thousand compiles). ``include_pruned=True`` lists every config of the preference
+    lists instead of the picked ones (to regenerate the spill table).
+    """
+    if dtypes is None:
+        dtypes = SUPPORTED_DTYPES if full else REPORT_DTYPES
+
+    for dtype, blocks in itertools.product(dtypes, head_blocks):
+        cls = _dtype_class(dtype)
+        sig = {name: kernel_signature(KERNELS[name], dtype) for name in ("_attn_cls_probs", "_attn_bwd_preprocess")}
+        tf32s = (False, True) if full and dtype == torch.float32 else (False,)
+        for kind in BIAS_KINDS:
+            fwd_prefs = [_FWD_PREFS[(cls, bucket)] for bucket in ("short", "long")]
+            for kernel, pref_lists in (("_attn_fwd", fwd_prefs), ("_attn_bwd_dkdv", [_DKDV_PREFS[cls]]),
+                                       ("_attn_bwd_dq", [_DQ_PREFS[cls]])):
+                configs = _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned)
+                for cfg in _tuned_configs(kernel, dtype, blocks, kind):
+                    configs[cfg] = list(SPILL_CAPABILITIES)  # a tuned config: compile it everywhere
+                for cfg, caps in configs.items():
+                    caps = () if len(caps) == len(SPILL_CAPABILITIES) else tuple(caps)
+                    # the mask-free forward is the one aligned-shape variant worth its compile time
+                    for flags in _variants(kind, full, even_plain=kernel == "_attn_fwd"):
+                        extras = _ds_variants(flags, full) if kernel == "_attn_bwd_dq" else [{}]
+                        for extra, tf32 in itertools.product(extras, tf32s):
+                            yield tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra), tf32=tf32)._replace(
+                                capabilities=caps)
+            # The CLS-row and preprocess kernels see one head width: one set per distinct width.
+            if blocks[0] == blocks[1]:
+                for flags in _variants(kind, full, even_plain=False):
+                    flags = {k: v for k, v in flags.items() if k != "EVEN_M"}
+                    cls_cfg = _cls_config(blocks[0])
+                    yield CompileSpec("_attn_cls_probs", cls_cfg, sig["_attn_cls_probs"],
+                                      dict(BLOCK_N=cls_cfg.block_n, BLOCK_D=blocks[0], **flags))
+        if blocks[0] == blocks[1]:
+            evens = list(itertools.product((False, True), repeat=2)) if full else [(False, True), (True, True)]
+            for even_m, even_d in evens:
+                yield CompileSpec("_attn_bwd_preprocess", _PREPROCESS_CONFIG, sig["_attn_bwd_preprocess"],
+                                  dict(BLOCK_M=_PREPROCESS_CONFIG.block_m, BLOCK_DV=blocks[1],
+                                       EVEN_M=even_m, EVEN_D=even_d))
+
+
