@@ -8,16 +8,16 @@ from functools import partial
 import helpers
 import pytest
 import torch
+from fastvit.distill import DistillableEfficientViT, DistillableT2TViT
+from fastvit.t2t import T2TViT
 from helpers import assert_close
 from torch import nn
 
 import fastvit
 from fastvit.attention import explain_call
 from fastvit.layers import Transformer
-from fastvit.models.distill import DistillableEfficientViT, DistillableT2TViT
 from fastvit.models.efficient import ViT as EfficientViT
 from fastvit.ssl.distill import DistillWrapper
-from fastvit.t2t import T2TViT
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="needs vit-pytorch (pip install fastvit[dev])")
 from vit_pytorch.t2t import T2TViT as RefT2TViT  # noqa: E402

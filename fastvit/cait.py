@@ -1,5 +1,0 @@
-"""vit-pytorch module path ``vit_pytorch.cait``."""
-
-from fastvit.models.cait import CaiT, LayerScale, TalkingHeadsAttention, Transformer
-
-__all__ = ["CaiT", "LayerScale", "TalkingHeadsAttention", "Transformer"]

@@ -1,5 +1,0 @@
-"""vit-pytorch module path ``vit_pytorch.recorder``."""
-
-from fastvit.models.recorder import Recorder
-
-__all__ = ["Recorder"]
