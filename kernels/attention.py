@@ -89,8 +89,11 @@ Limits and caveats:
   and sm_90a, from the AOT report) keeps. So the biased 16-bit backward at head dim 64 keeps
   64-key tensor-core tiles (wgmma on sm_90a). ``candidate_configs``/``tune_key`` serve a tuner.
 - The ahead-of-time report (``fastvit.kernels.aot``) compiles every config the launchers pick, per
-  capability, with the run-time specialisation of a typical ViT call (``divisible_by_16``); every
-  variant a launcher can launch is listed by ``iter_compile_specs(full=True)``.
+  capability, with the run-time specialisation of a typical ViT call (``variants.divisible_by_16``);
+  every variant a launcher can launch is listed by ``variants.iter_compile_specs(full=True)``.
+- Validation: `attention` / `attention_with_cls_probs` / `attention_fwd` / `attention_bwd` check
+  their inputs once (``validated=True`` / ``checked=False`` when the caller already did, as
+  ``fastvit.attention`` does); the custom ops (``fastvit::attn_*``, the one autograd path) trust them.
 - Triton runs on CUDA, or on the CPU with ``TRITON_INTERPRET=1`` (tests; slow). Kernels use only
   Triton APIs present in triton 3.2 through 3.9.
 """

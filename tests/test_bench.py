@@ -290,3 +290,15 @@ def test_a_tight_max_seconds_shrinks_group_budgets_but_still_measures():
         assert row["group_budget_s"] <= planned[row["name"]] + 1e-9
         if row["contender"] in ("reference", "fastvit[auto] fp32", "vit-pytorch fp32"):
             assert row["status"] == "ok" and row["samples"] >= 1
+
+
+def test_registry_declares_real_timm_equivalents():
+    """The bench reads timm equivalents from the registry (register_model(..., timm=...)): each names a
+    timm model, and the families timm has are covered."""
+    timm = pytest.importorskip("timm")
+    from fastvit.models.registry import model_entries
+
+    declared = {e.name: e.timm for e in model_entries() if e.timm}
+    assert {"vit_base_patch16_224", "levit_128s", "pit_ti_224", "crossvit_tiny_240", "cait_xxs24_224"} <= set(declared)
+    for name, timm_name in declared.items():
+        assert timm.list_models(timm_name), f"{name}: timm has no model {timm_name!r}"

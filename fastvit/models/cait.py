@@ -172,5 +172,6 @@ for _name, _kw in {
     "cait_s24_224": dict(dim=384, depth=24, heads=8, mlp_dim=1536, layer_dropout=0.1),
 }.items():
     register_model(_name, CaiT, vit_pytorch="vit_pytorch.cait:CaiT", test_overrides=_SMALL,
+                   timm=None if _name == "cait_xs24_224" else _name,  # timm has cait_xs24 at 384 px only
                    description="CaiT (LayerScale, talking heads, class attention)",
                    image_size=224, patch_size=16, num_classes=1000, cls_depth=2, dim_head=48, **_kw)

@@ -199,7 +199,7 @@ for _name, (_sm_dim, _lg_dim, _heads) in {
     "crossvit_small_240": (192, 384, 6),
     "crossvit_base_240": (384, 768, 12),
 }.items():
-    register_model(_name, CrossViT, vit_pytorch="vit_pytorch.cross_vit:CrossViT", test_overrides=_SMALL,
+    register_model(_name, CrossViT, vit_pytorch="vit_pytorch.cross_vit:CrossViT", timm=_name, test_overrides=_SMALL,
                    input_size=(3, 240, 240), image_size=240, num_classes=1000, depth=3,
                    sm_dim=_sm_dim, sm_patch_size=12, sm_enc_depth=1, sm_enc_heads=_heads,
                    sm_enc_mlp_dim=4 * _sm_dim, sm_enc_dim_head=_sm_dim // _heads,

@@ -273,5 +273,5 @@ for _name, _kw in {
     "levit_256": dict(dim=(256, 384, 512), depth=(4, 4, 4), heads=(4, 6, 8), dim_key=32, dim_value=64),
     "levit_384": dict(dim=(384, 512, 768), depth=(4, 4, 4), heads=(6, 9, 12), dim_key=32, dim_value=64),
 }.items():
-    register_model(_name, LeViT, vit_pytorch="vit_pytorch.levit:LeViT", test_overrides=_SMALL, image_size=224,
-                   num_classes=1000, stages=3, mlp_mult=2, **_kw)
+    register_model(_name, LeViT, vit_pytorch="vit_pytorch.levit:LeViT", timm=_name, test_overrides=_SMALL,
+                   image_size=224, num_classes=1000, stages=3, mlp_mult=2, **_kw)

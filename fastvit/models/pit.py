@@ -145,5 +145,5 @@ for _name, _kw in {
     "pit_s_224": dict(patch_size=16, dim=144, depth=(2, 6, 4), heads=(3, 6, 12), dim_head=48, mlp_dim=1152),
     "pit_b_224": dict(patch_size=14, dim=256, depth=(3, 6, 4), heads=(4, 8, 16), dim_head=64, mlp_dim=2048),
 }.items():
-    register_model(_name, PiT, vit_pytorch="vit_pytorch.pit:PiT", test_overrides=_SMALL, image_size=224,
+    register_model(_name, PiT, vit_pytorch="vit_pytorch.pit:PiT", timm=_name, test_overrides=_SMALL, image_size=224,
                    num_classes=1000, **_kw)

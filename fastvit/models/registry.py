@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-__all__ = ["ModelEntry", "register_model", "create_model", "list_models", "get_model_entry"]
+__all__ = ["ModelEntry", "register_model", "create_model", "list_models", "get_model_entry", "model_entries"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class ModelEntry:
     # fastvit arguments that restore vit-pytorch's behaviour where a deliberate fix changes outputs
     # (the parity test builds the fastvit side with them).
     vit_pytorch_compat: dict = field(default_factory=dict)
+    # timm's model of the same sizes (benchmarks compare against it) and its extra create_model kwargs
+    timm: Optional[str] = None
+    timm_kwargs: dict = field(default_factory=dict)
 
     def input_size_for(self, overrides: dict) -> tuple:
         """``(c, h, w)`` of an input for the model built with ``overrides`` (tests use test_overrides)."""
@@ -64,7 +67,8 @@ _REGISTRY: dict[str, ModelEntry] = {}
 def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pytorch: Optional[str] = None,
                    test_overrides: Optional[dict] = None, input_size: tuple = (3, 224, 224),
                    test_input_size: Optional[tuple] = None, description: str = "",
-                   vit_pytorch_compat: Optional[dict] = None, **kwargs) -> ModelEntry:
+                   vit_pytorch_compat: Optional[dict] = None, timm: Optional[str] = None,
+                   timm_kwargs: Optional[dict] = None, **kwargs) -> ModelEntry:
     """Register a preset. ``kwargs`` are the constructor arguments of the preset.
 
     Args:
@@ -78,12 +82,15 @@ def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pyto
         description: one line for listings.
         vit_pytorch_compat: fastvit arguments that reproduce vit-pytorch's outputs where a documented
             bug fix changes them (e.g. ``{"legacy_dpb_offsets": True}``).
+        timm: the name of timm's model of the same sizes, if any (``timm.create_model(timm,
+            **timm_kwargs)``); its own block details (qkv bias, conv patch embedding) stay timm's.
+        timm_kwargs: extra ``timm.create_model`` arguments (e.g. mean pooling).
     """
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     entry = ModelEntry(name, constructor, dict(kwargs), vit_pytorch, dict(test_overrides or {}),
                        tuple(input_size), description, tuple(test_input_size) if test_input_size else None,
-                       dict(vit_pytorch_compat or {}))
+                       dict(vit_pytorch_compat or {}), timm, dict(timm_kwargs or {}))
     _REGISTRY[name] = entry
     return entry
 
@@ -100,6 +107,11 @@ def get_model_entry(name: str) -> ModelEntry:
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered preset, with any constructor argument overridden."""
     return get_model_entry(name).build(**overrides)
+
+
+def model_entries() -> list[ModelEntry]:
+    """Every registered preset's entry, in registration order (one model file after another)."""
+    return list(_REGISTRY.values())
 
 
 def list_models(pattern: str = "*") -> list[str]:

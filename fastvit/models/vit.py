@@ -76,11 +76,13 @@ for _name, _kw in {
     "vit_base_patch16_224": dict(dim=768, depth=12, heads=12, mlp_dim=3072),
     "vit_large_patch16_224": dict(dim=1024, depth=24, heads=16, mlp_dim=4096),
 }.items():
-    register_model(_name, ViT, vit_pytorch="vit_pytorch.vit:ViT", test_overrides=_SMALL,
+    register_model(_name, ViT, vit_pytorch="vit_pytorch.vit:ViT", timm=_name, test_overrides=_SMALL,
                    image_size=224, patch_size=16, num_classes=1000, **_kw)
-register_model("vit_small_patch16_224_mean", ViT, vit_pytorch="vit_pytorch.vit:ViT",
+register_model("vit_small_patch16_224_mean", ViT, vit_pytorch="vit_pytorch.vit:ViT", timm="vit_small_patch16_224",
+               timm_kwargs={"global_pool": "avg", "class_token": False, "fc_norm": False},
                test_overrides={**_SMALL, "pool": "mean"}, image_size=224, patch_size=16, num_classes=1000,
                dim=384, depth=12, heads=6, mlp_dim=1536, pool="mean")
-register_model("vit_base_patch32_384", ViT, vit_pytorch="vit_pytorch.vit:ViT", test_overrides=_SMALL,
+register_model("vit_base_patch32_384", ViT, vit_pytorch="vit_pytorch.vit:ViT", timm="vit_base_patch32_384",
+               test_overrides=_SMALL,
                input_size=(3, 384, 384), image_size=384, patch_size=32, num_classes=1000,
                dim=768, depth=12, heads=12, mlp_dim=3072)

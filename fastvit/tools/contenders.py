@@ -80,44 +80,12 @@ def attention_contenders(shape: AttentionShape, *, device: str, dtype: torch.dty
     return contenders, dims
 
 
-# fastvit preset -> (timm model name, extra timm kwargs). Same sizes; timm's own block details (qkv
-# bias, conv patch embedding, fused SDPA attention, LeViT's BN-folded layers) are kept as timm ships them.
-TIMM_EQUIVALENTS = {
-    "vit_tiny_patch16_224": ("vit_tiny_patch16_224", {}),
-    "vit_small_patch16_224": ("vit_small_patch16_224", {}),
-    "vit_base_patch16_224": ("vit_base_patch16_224", {}),
-    "vit_large_patch16_224": ("vit_large_patch16_224", {}),
-    "vit_base_patch32_384": ("vit_base_patch32_384", {}),
-    "vit_small_patch16_224_mean": ("vit_small_patch16_224", {"global_pool": "avg", "class_token": False,
-                                                             "fc_norm": False}),
-    "cait_xxs24_224": ("cait_xxs24_224", {}),
-    "cait_xxs36_224": ("cait_xxs36_224", {}),
-    "cait_s24_224": ("cait_s24_224", {}),
-    "levit_128s": ("levit_128s", {}),
-    "levit_128": ("levit_128", {}),
-    "levit_192": ("levit_192", {}),
-    "levit_256": ("levit_256", {}),
-    "levit_384": ("levit_384", {}),
-    "pit_ti_224": ("pit_ti_224", {}),
-    "pit_xs_224": ("pit_xs_224", {}),
-    "pit_s_224": ("pit_s_224", {}),
-    "pit_b_224": ("pit_b_224", {}),
-    "crossvit_tiny_240": ("crossvit_tiny_240", {}),
-    "crossvit_small_240": ("crossvit_small_240", {}),
-    "crossvit_base_240": ("crossvit_base_240", {}),
-}
-
-
-def _registry():
-    from fastvit.models.registry import _REGISTRY, get_model_entry, list_models
-
-    return _REGISTRY, get_model_entry, list_models
-
-
 def default_models() -> list:
     """The headline ViT-S/16, then one preset per vit-pytorch architecture (the first registered one),
     so models added to the registry show up without touching the benchmark."""
-    registry, _, _ = _registry()
+    from fastvit.models.registry import model_entries
+
+    registry = {entry.name: entry for entry in model_entries()}
     names, seen = [], set()
     if HEADLINE_MODEL in registry:
         names.append(HEADLINE_MODEL)
@@ -134,13 +102,14 @@ def default_models() -> list:
 
 def select_models(patterns: Optional[Sequence[str]]) -> list:
     """Presets matching any glob pattern (``all`` = every preset with a vit-pytorch equivalent)."""
-    registry, _, list_models = _registry()
+    from fastvit.models.registry import list_models, model_entries
+
     if not patterns:
         return default_models()
     names = []
     for pattern in patterns:
         if pattern == "all":
-            matched = [n for n, e in registry.items() if e.vit_pytorch]
+            matched = [e.name for e in model_entries() if e.vit_pytorch]
         elif pattern == "default":
             matched = default_models()
         else:
@@ -166,9 +135,9 @@ def _build_timm(name: str, entry, overrides: dict, quick: bool):
     """``(model or None, timm name, reason)``."""
     if package_version("timm") is None:
         return None, None, "timm is not installed"
-    if name not in TIMM_EQUIVALENTS:
-        return None, None, f"no timm equivalent registered for {name}"
-    timm_name, extra = TIMM_EQUIVALENTS[name]
+    if entry.timm is None:
+        return None, None, f"no timm equivalent registered for {name} (register_model(..., timm=...))"
+    timm_name, extra = entry.timm, entry.timm_kwargs
     import timm
 
     kwargs = dict(extra)
@@ -216,7 +185,8 @@ def model_contenders(name: str, *, device: str, dtypes: Sequence[torch.dtype], m
     Returns:
         ``(contenders, info)``; ``info`` has the input size, parameter count and notes.
     """
-    _, get_model_entry, _ = _registry()
+    from fastvit.models.registry import get_model_entry
+
     entry = get_model_entry(name)
     overrides = dict(entry.test_overrides) if quick else {}
     input_size = entry.input_size_for(overrides) if quick else entry.input_size
