@@ -22,6 +22,7 @@ from fastvit.attention import (
     dispatch,
     explain_call,
     make_inputs,
+    testing,
 )
 from fastvit.attention.backends import flex as flex_module
 from fastvit.attention.backends.flex import FlexBackend
@@ -34,16 +35,9 @@ if not FlexBackend.availability()[0]:
 # tolerances, which also cover the compiled CUDA kernel.
 ATOL = RTOL = 1e-5
 
-# (B, H, Nq, Nk, D, Dv): N = 1, 49, 50; Nq != Nk both ways; Dv != D (LeViT).
-SHAPES = [
-    (2, 3, 1, 1, 8, 8),
-    (2, 3, 49, 49, 32, 32),
-    (2, 2, 50, 50, 48, 48),
-    (2, 2, 64, 16, 32, 32),
-    (2, 2, 1, 50, 32, 32),
-    (2, 2, 49, 36, 16, 64),
-]
-BIAS_KINDS = ["none", "relpos", "dense", "dense_bcast", "padding", "relpos+padding"]
+# The shared quick cases (N = 1, 49, 50, 64; Nq != Nk both ways), plus a small Dv != D (LeViT) one.
+SHAPES = testing.QUICK_SHAPES + [(2, 2, 49, 36, 16, 64)]
+BIAS_KINDS = testing.BIAS_KINDS
 
 
 def _grad_out(shape, seed=1):
