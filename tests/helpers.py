@@ -25,6 +25,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, r
         )
 
 
+def assert_pair_matches(fast, ref, x, *, what: str, out_shape: tuple | None = None, atol: float = 1e-5,
+                        rtol: float = 1e-5):
+    """fastvit's and vit-pytorch's outputs for the same input (no grad) agree within atol / rtol, and
+    fastvit's has ``out_shape`` when given. Returns fastvit's output."""
+    with torch.no_grad():
+        out = fast(x)
+        if out_shape is not None:
+            assert tuple(out.shape) == tuple(out_shape), f"{what}: output shape {tuple(out.shape)} != {out_shape}"
+        assert_close(out, ref(x), atol=atol, rtol=rtol, what=what)
+    return out
+
+
 def randomize_batchnorms(model: nn.Module, seed: int = 1, gamma_mean: float = 1.0, gamma_std: float = 0.5) -> None:
     """Fresh BatchNorms are the identity in eval (and LeViT's output BNs start at gamma = 0): give every
     BatchNorm2d random affine parameters and running statistics, so parity tests exercise them."""

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "BiasLike", "normalize_bias"]
+__all__ = ["RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "BiasLike", "normalize_bias", "additive_mask"]
 
 
 # Validating a relative-position index against its table needs a device->host sync. Models build the
@@ -163,3 +163,26 @@ def normalize_bias(bias) -> tuple:
             "a table lookup as RelPosBias(table, index), a padding mask as KeyPaddingMask(mask)"
         )
     raise ValueError(f"unknown bias descriptor {type(bias).__name__}")
+
+
+def additive_mask(bias: tuple, dtype: torch.dtype, shape: tuple) -> tuple:
+    """The descriptors as ONE additive float mask, for backends that take no descriptors (SDPA, xformers).
+
+    Key padding becomes a large negative number rather than ``-inf``, so a row without valid keys
+    does not turn into NaN; the caller zeroes that row's output (``valid.any(-1)``).
+
+    Returns:
+        ``(mask expanded to shape [B, H, Nq, Nk] or None, valid [B, 1, 1, Nk] bool or None)``.
+    """
+    mask = valid = None
+    for b in bias:
+        if isinstance(b, (RelPosBias, DenseBias)):
+            t = b.materialize().to(dtype)
+            mask = t if mask is None else mask + t
+        elif isinstance(b, KeyPaddingMask):
+            valid = b.materialize() if valid is None else valid & b.materialize()
+    if valid is not None:
+        neg = torch.zeros(valid.shape, dtype=dtype, device=valid.device)
+        neg.masked_fill_(~valid, torch.finfo(dtype).min / 2)
+        mask = neg if mask is None else mask + neg
+    return (None if mask is None else mask.expand(*shape)), valid

@@ -9,11 +9,11 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close
+from fastvit.cait import CaiT
+from helpers import assert_close, assert_pair_matches
 
 import fastvit
 from fastvit import Recorder
-from fastvit.cait import CaiT
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="needs vit-pytorch (pip install fastvit[dev])")
 from vit_pytorch.cait import CaiT as RefCaiT  # noqa: E402
@@ -30,8 +30,7 @@ pair_of_models = partial(helpers.pair_of_models, CaiT, RefCaiT)
 def test_matches_vit_pytorch_in_eval():
     fast, ref = pair_of_models(**NO_DROP)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="cait")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what="cait")
 
 
 def test_layer_dropout_is_off_in_eval_and_the_flag_restores_vit_pytorch():

@@ -8,10 +8,10 @@ import warnings
 import helpers
 import pytest
 import torch
-from helpers import assert_close
+from fastvit.cct import CCT, cct_2
+from helpers import assert_close, assert_pair_matches
 
 import fastvit
-from fastvit.cct import CCT, cct_2
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="needs vit-pytorch (pip install fastvit[dev])")
 import vit_pytorch.cct as ref_cct  # noqa: E402
@@ -38,8 +38,7 @@ def test_seed_config_matches_vit_pytorch_and_mlp_radio_is_ignored_like_there():
     fast, ref = pair_of_models(**SEED_SMALL)
     assert fast.classifier.blocks[0].linear1.out_features == 4 * 64  # mlp_ratio stays 4, as in vit-pytorch
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="cct seed config")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what="cct seed config")
 
 
 @pytest.mark.parametrize("positional_embedding", ["sine", "learnable", "none"])
@@ -47,8 +46,7 @@ def test_matches_vit_pytorch_and_same_seed_init(positional_embedding):
     kwargs = {**SMALL, "positional_embedding": positional_embedding}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"cct {positional_embedding}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"cct {positional_embedding}")
     torch.manual_seed(5)
     ref = ref_cct.CCT(**kwargs)
     torch.manual_seed(5)
@@ -81,8 +79,7 @@ def test_factories_match_vit_pytorch(factory):
     conv = fast.tokenizer.conv_layers[0][0]
     assert conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=factory)
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=factory)
 
 
 def test_unknown_kwargs_are_type_errors():

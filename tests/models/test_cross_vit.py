@@ -7,10 +7,10 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close
+from fastvit.cross_vit import CrossViT
+from helpers import assert_close, assert_pair_matches
 
 from fastvit import Recorder
-from fastvit.cross_vit import CrossViT
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -34,8 +34,7 @@ def test_matches_vit_pytorch(overrides):
     kwargs = {**SMALL, "image_size": 32, **overrides}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, kwargs.get("channels", 3), 32, 32)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"crossvit {overrides}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"crossvit {overrides}")
 
 
 def test_seed_readme_example_matches_vit_pytorch():
@@ -44,11 +43,7 @@ def test_seed_readme_example_matches_vit_pytorch():
                   lg_dim=384, lg_patch_size=64, lg_enc_depth=3, lg_enc_heads=8, lg_enc_mlp_dim=2048,
                   cross_attn_depth=2, cross_attn_heads=8, dropout=0.1, emb_dropout=0.1)
     fast, ref = pair_of_models(**kwargs)
-    img = torch.randn(1, 3, 256, 256)
-    with torch.no_grad():
-        pred = fast(img)
-        assert pred.shape == (1, 1000)
-        assert_close(pred, ref(img), atol=1e-5, rtol=1e-5, what="seed README CrossViT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 256, 256), out_shape=(1, 1000), what="seed README CrossViT")
 
 
 def test_keeps_vit_pytorch_dropout_defaults():

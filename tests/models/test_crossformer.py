@@ -6,10 +6,10 @@ from __future__ import annotations
 import helpers
 import pytest
 import torch
-from helpers import assert_close, randomize_channel_norms
+from fastvit.crossformer import Attention, CrossFormer
+from helpers import assert_close, assert_pair_matches, randomize_channel_norms
 
 from fastvit import Recorder
-from fastvit.crossformer import Attention, CrossFormer
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -35,20 +35,17 @@ def test_matches_vit_pytorch_with_its_dpb_lookup(overrides, size):
     kwargs = {**SMALL, **overrides}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, kwargs.get("channels", 3), *size)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"crossformer {overrides} {size}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"crossformer {overrides} {size}")
 
 
 def test_seed_readme_example_matches_vit_pytorch():
     fast, ref = pair_of_models(num_classes=1000, dim=(64, 128, 256, 512), depth=(2, 2, 8, 2),
                                global_window_size=(8, 4, 2, 1), local_window_size=7)
     img = torch.randn(1, 3, 224, 224)
+    out = assert_pair_matches(fast, ref, img, out_shape=(1, 1000), what="seed README CrossFormer")
+    default = CrossFormer(num_classes=1000).eval()
+    default.load_state_dict(fast.state_dict())
     with torch.no_grad():
-        out = fast(img)
-        assert out.shape == (1, 1000)
-        assert_close(out, ref(img), atol=1e-5, rtol=1e-5, what="seed README CrossFormer")
-        default = CrossFormer(num_classes=1000).eval()
-        default.load_state_dict(fast.state_dict())
         assert not torch.allclose(default(img), out, atol=1e-4)  # the DPB fix changes outputs
 
 

@@ -7,10 +7,10 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close, randomize_batchnorms
+from fastvit.cvt import CvT
+from helpers import assert_close, assert_pair_matches, randomize_batchnorms
 
 from fastvit import Recorder
-from fastvit.cvt import CvT
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -38,8 +38,7 @@ def test_matches_vit_pytorch(overrides, size):
     kwargs = {**SMALL, **overrides}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, kwargs.get("channels", 3), *size)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"cvt {overrides} {size}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"cvt {overrides} {size}")
 
 
 def test_matches_vit_pytorch_in_train_mode_batchnorm():
@@ -52,11 +51,7 @@ def test_matches_vit_pytorch_in_train_mode_batchnorm():
 def test_seed_readme_example_matches_vit_pytorch():
     kwargs = dict(num_classes=1000, s3_heads=4)  # the README spells out the defaults but for s3_heads
     fast, ref = pair_of_models(**kwargs)
-    img = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        pred = fast(img)
-        assert pred.shape == (1, 1000)
-        assert_close(pred, ref(img), atol=1e-5, rtol=1e-5, what="seed README CvT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README CvT")
 
 
 def test_keys_and_values_are_strided():

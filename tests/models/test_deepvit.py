@@ -8,11 +8,11 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close
+from fastvit.deepvit import DeepViT
+from helpers import assert_close, assert_pair_matches
 
 import fastvit
 from fastvit import Recorder
-from fastvit.deepvit import DeepViT
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="needs vit-pytorch (pip install fastvit[dev])")
 from vit_pytorch.deepvit import DeepViT as RefDeepViT  # noqa: E402
@@ -29,8 +29,7 @@ pair_of_models = partial(helpers.pair_of_models, DeepViT, RefDeepViT)
 def test_matches_vit_pytorch_in_eval(pool):
     fast, ref = pair_of_models(**SEED_SMALL, pool=pool)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"deepvit pool={pool}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"deepvit pool={pool}")
 
 
 def test_matches_vit_pytorch_in_training_with_the_same_seed():

@@ -8,11 +8,11 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close, randomize_batchnorms
+from fastvit.levit import LeViT
+from helpers import assert_close, assert_pair_matches, randomize_batchnorms
 
 from fastvit import Recorder
 from fastvit.attention import RelPosBias, attend
-from fastvit.levit import LeViT
 from fastvit.models.levit import Attention, levit_pos_indices
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
@@ -58,11 +58,7 @@ def test_seed_readme_example_matches_vit_pytorch():
     kwargs = dict(image_size=224, num_classes=1000, stages=3, dim=(256, 384, 512), depth=4, heads=(4, 6, 8),
                   mlp_mult=2, dropout=0.1)
     fast, ref = pair_of_models(**kwargs)
-    img = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        out = fast(img)
-        assert out.shape == (1, 1000)
-        assert_close(out, ref(img), atol=1e-5, rtol=1e-5, what="seed README LeViT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README LeViT")
 
 
 def test_distillation_head_returns_both_outputs_like_vit_pytorch():

@@ -7,10 +7,10 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close, randomize_batchnorms
+from fastvit.mobile_vit import MobileViT
+from helpers import assert_close, assert_pair_matches, randomize_batchnorms
 
 from fastvit import Recorder
-from fastvit.mobile_vit import MobileViT
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -35,8 +35,7 @@ def test_matches_vit_pytorch(overrides, size):
         kwargs["channels"] = [16] * 10 + [64]
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"mobilevit {overrides} {size}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"mobilevit {overrides} {size}")
 
 
 def test_matches_vit_pytorch_in_train_mode_batchnorm():
@@ -50,11 +49,7 @@ def test_seed_readme_example_matches_vit_pytorch():
     kwargs = dict(image_size=(256, 256), dims=[96, 120, 144],
                   channels=[16, 32, 48, 48, 64, 64, 80, 80, 96, 96, 384], num_classes=1000)
     fast, ref = pair_of_models(**kwargs)
-    img = torch.randn(1, 3, 256, 256)
-    with torch.no_grad():
-        out = fast(img)
-        assert out.shape == (1, 1000)
-        assert_close(out, ref(img), atol=1e-5, rtol=1e-5, what="seed README MobileViT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 256, 256), out_shape=(1, 1000), what="seed README MobileViT")
 
 
 def test_stem_takes_the_width_it_receives():

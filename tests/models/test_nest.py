@@ -7,10 +7,10 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close, randomize_channel_norms
+from fastvit.nest import NesT, Transformer
+from helpers import assert_close, assert_pair_matches, randomize_channel_norms
 
 from fastvit import Recorder
-from fastvit.nest import NesT, Transformer
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -29,18 +29,13 @@ def test_matches_vit_pytorch(overrides):
     kwargs = {**SMALL, **overrides}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, kwargs.get("channels", 3), 32, 32)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"nest {overrides}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"nest {overrides}")
 
 
 def test_seed_readme_example_matches_vit_pytorch():
     fast, ref = pair_of_models(image_size=224, patch_size=4, dim=96, heads=3, num_hierarchies=3,
                                block_repeats=(8, 4, 1), num_classes=1000)
-    img = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        out = fast(img)
-        assert out.shape == (1, 1000)
-        assert_close(out, ref(img), atol=1e-5, rtol=1e-5, what="seed README NesT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README NesT")
 
 
 def test_smaller_inputs_crop_the_2d_position_grid():

@@ -7,9 +7,8 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close
-
 from fastvit.pit import PiT, Pool
+from helpers import assert_close, assert_pair_matches
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -32,19 +31,14 @@ def test_matches_vit_pytorch(overrides):
     kwargs = {**SMALL, **overrides}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, kwargs.get("channels", 3), kwargs["image_size"], kwargs["image_size"])
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"pit {overrides}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"pit {overrides}")
 
 
 def test_seed_readme_example_matches_vit_pytorch():
     kwargs = dict(image_size=224, patch_size=14, dim=256, num_classes=1000, depth=(3, 3, 3), heads=16,
                   mlp_dim=2048, dropout=0.1, emb_dropout=0.1)
     fast, ref = pair_of_models(**kwargs)
-    img = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        preds = fast(img)
-        assert preds.shape == (1, 1000)
-        assert_close(preds, ref(img), atol=1e-5, rtol=1e-5, what="seed README PiT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README PiT")
 
 
 def test_pool_keeps_the_grid_layout_of_non_square_maps():

@@ -8,10 +8,10 @@ from functools import partial
 import helpers
 import pytest
 import torch
-from helpers import assert_close, randomize_channel_norms
+from fastvit.regionvit import R2LTransformer, RegionViT
+from helpers import assert_close, assert_pair_matches, randomize_channel_norms
 
 from fastvit import Recorder
-from fastvit.regionvit import R2LTransformer, RegionViT
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -34,18 +34,13 @@ def test_matches_vit_pytorch(overrides, size):
     kwargs = {**SMALL, **overrides}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"regionvit {overrides} {size}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"regionvit {overrides} {size}")
 
 
 def test_seed_readme_example_matches_vit_pytorch():
     fast, ref = pair_of_models(dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), window_size=7, num_classes=1000,
                                tokenize_local_3_conv=False, use_peg=False)
-    img = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        out = fast(img)
-        assert out.shape == (1, 1000)
-        assert_close(out, ref(img), atol=1e-5, rtol=1e-5, what="seed README RegionViT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README RegionViT")
 
 
 def test_r2l_block_matches_vit_pytorch_on_both_token_sets_and_gradients():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastvit.distill import DistillableEfficientViT, DistillableT2TViT
 from fastvit.t2t import T2TViT
-from helpers import assert_close
+from helpers import assert_close, assert_pair_matches
 from torch import nn
 
 import fastvit
@@ -37,8 +37,7 @@ pair_of_models = partial(helpers.pair_of_models, T2TViT, RefT2TViT)
 def test_matches_vit_pytorch_with_the_default_soft_splits(pool):
     fast, ref = pair_of_models(**SEED_SMALL, pool=pool)
     x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"t2t pool={pool}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"t2t pool={pool}")
 
 
 def test_stage_attention_is_single_head_with_a_big_head_dim_and_runs_on_every_cpu_backend():
@@ -68,8 +67,7 @@ def test_pluggable_transformer_matches_vit_pytorch():
     fast = T2TViT(**kwargs, transformer=Transformer(32, 2, 2, 16, 64)).eval()
     fast.load_vit_pytorch_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="pluggable")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what="pluggable")
     assert T2TViT(**kwargs, transformer=nn.Identity())(x).shape == (2, 10)
 
 

@@ -8,11 +8,11 @@ import helpers
 import pytest
 import torch
 from einops import rearrange
-from helpers import assert_close, randomize_channel_norms
+from fastvit.twins_svt import GlobalAttention, LocalAttention, TwinsSVT
+from helpers import assert_close, assert_pair_matches, randomize_channel_norms
 
 from fastvit import Recorder
 from fastvit.attention import use_backend
-from fastvit.twins_svt import GlobalAttention, LocalAttention, TwinsSVT
 
 vit_pytorch = pytest.importorskip("vit_pytorch",
                                   reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -38,17 +38,12 @@ def test_matches_vit_pytorch(overrides, size):
     kwargs = {**SMALL, **overrides}
     fast, ref = pair_of_models(**kwargs)
     x = torch.randn(2, 3, *size)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what=f"twins {overrides} {size}")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"twins {overrides} {size}")
 
 
 def test_seed_readme_example_matches_vit_pytorch():
     fast, ref = pair_of_models(num_classes=1000)  # the README passes vit-pytorch's defaults explicitly
-    img = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        out = fast(img)
-        assert out.shape == (1, 1000)
-        assert_close(out, ref(img), atol=1e-5, rtol=1e-5, what="seed README TwinsSVT")
+    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README TwinsSVT")
 
 
 def test_local_attention_never_mixes_windows():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close, pair_of_models
+from fastvit.distill import DistillableViT, DistillWrapper
+from fastvit.efficient import ViT as EfficientViT
+from helpers import assert_close, assert_pair_matches, pair_of_models
 from torch import nn
 
 import fastvit
 from fastvit import Recorder, ViT
-from fastvit.distill import DistillableViT, DistillWrapper
-from fastvit.efficient import ViT as EfficientViT
 from fastvit.layers import Transformer
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed (pip install fastvit[dev])")
@@ -24,8 +24,7 @@ def test_non_square_images_and_patches_match_vit_pytorch(image_size, patch_size,
     fast, ref = pair_of_models(ViT, vit_pytorch.ViT, image_size=image_size, patch_size=patch_size, pool=pool, **SMALL)
     h, w = image_size if isinstance(image_size, tuple) else (image_size, image_size)
     x = torch.randn(2, 3, h, w)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="vit non-square")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what="vit non-square")
 
 
 def test_num_classes_zero_returns_normed_tokens_like_vit_pytorch():
@@ -178,8 +177,7 @@ def test_pluggable_transformer_matches_vit_pytorch_efficient():
                         transformer=Transformer(32, 2, 2, 16, 64)).eval()
     fast.load_vit_pytorch_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="efficient")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what="efficient")
 
 
 def test_pluggable_transformer_accepts_any_module_and_rejects_non_modules():
@@ -196,5 +194,4 @@ def test_simple_vit_matches_vit_pytorch():
                   mlp_dim=64)
     fast, ref = pair_of_models(fastvit.SimpleViT, RefSimple, **kwargs)
     x = torch.randn(2, 3, 32, 48)
-    with torch.no_grad():
-        assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="simple vit")
+    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what="simple vit")

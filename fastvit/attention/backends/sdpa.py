@@ -8,10 +8,9 @@ into NaN; that row's output is then set to zero, as the contract says.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
-from ..bias import DenseBias, KeyPaddingMask, RelPosBias
+from ..bias import additive_mask
 from ..inputs import AttnInputs, AttnOutput
 from .base import Backend
 
@@ -25,21 +24,7 @@ class SDPABackend(Backend):
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         # SDPA silently takes its slow path (~3x on CPU) when a last dim is strided.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (inp.q, inp.k, inp.v))
-        mask = None
-        valid = None
-        for b in inp.bias:
-            if isinstance(b, (RelPosBias, DenseBias)):
-                t = b.materialize().to(q.dtype)
-                mask = t if mask is None else mask + t
-            elif isinstance(b, KeyPaddingMask):
-                valid = b.materialize() if valid is None else valid & b.materialize()
-        if valid is not None:
-            neg = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
-            neg.masked_fill_(~valid, torch.finfo(q.dtype).min / 2)
-            mask = neg if mask is None else mask + neg
-        if mask is not None:
-            # SDPA wants the mask to broadcast against (b, h, nq, nk).
-            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        mask, valid = additive_mask(inp.bias, q.dtype, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=inp.dropout_p, scale=inp.scale)
         if valid is not None:
             out = out.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from ..bias import DenseBias, KeyPaddingMask, RelPosBias
+from ..bias import additive_mask
 from ..inputs import AttnInputs, AttnOutput
 from .base import Backend
 
@@ -48,20 +48,7 @@ class XFormersBackend(Backend):
         import xformers.ops as xops
 
         q, k, v = (t.transpose(1, 2) for t in (inp.q, inp.k, inp.v))  # (b, n, h, d)
-        bias = None
-        valid = None
-        for b in inp.bias:
-            if isinstance(b, (RelPosBias, DenseBias)):
-                t = b.materialize().to(q.dtype)
-                bias = t if bias is None else bias + t
-            elif isinstance(b, KeyPaddingMask):
-                valid = b.materialize() if valid is None else valid & b.materialize()
-        if valid is not None:
-            neg = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
-            neg.masked_fill_(~valid, torch.finfo(q.dtype).min / 2)
-            bias = neg if bias is None else bias + neg
-        if bias is not None:
-            bias = bias.expand(inp.q.shape[0], inp.q.shape[1], inp.nq, inp.nk)
+        bias, valid = additive_mask(inp.bias, q.dtype, (inp.q.shape[0], inp.q.shape[1], inp.nq, inp.nk))
         out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=inp.dropout_p, scale=inp.scale)
         out = out.transpose(1, 2)
         if valid is not None:
