@@ -276,16 +276,18 @@ def build_parts(args, tmp: str) -> dict:
     bench = [*fastvit, "bench", *dev, "--dtype", BENCH_DTYPE if args.device.startswith("cuda") else "fp32", *quick]
     models = [*bench, "--no-attention", "--backends", "auto,sdpa", "--no-vit-pytorch"]
     path = lambda name: os.path.join(tmp, name)
+    interpret = {} if args.device.startswith("cuda") else {"TRITON_INTERPRET": "1"}
     return {
         "info": ([*fastvit, "info"], None, {}),
         "tests": (pytest_cmd, None, {"PYTHONPATH": os.pathsep.join(filter(None, [
             os.path.join(ROOT, "benchmarks"), os.environ.get("PYTHONPATH")]))}),
         "check": ([*fastvit, "check", *dev, "--failures-only", *quick, "--json", path("check.json")],
                   path("check.json"), {}),
+        # On the CPU dry run triton runs in its interpreter (tiny shapes), so the target ratios are computed.
         "bench_attention": ([*bench, "--no-models", "--backward", "--shapes", QUICK_SHAPES if args.quick
                              else ATTENTION_SHAPES, "--backends", "triton,flex,sdpa,reference,auto",
                              "--group-seconds", "0.2" if args.quick else "0.6", "--json", path("attention.json")],
-                            path("attention.json"), {}),
+                            path("attention.json"), interpret),
         "bench_vit_b16": ([*models, "--models", VIT_B16 if not args.quick else QUICK_MODEL,
                            "--batch-size", "2" if args.quick else "128", "--group-seconds",
                            "0.2" if args.quick else "2", "--json", path("vit_b16.json")], path("vit_b16.json"), {}),
@@ -380,8 +382,11 @@ def main(argv=None) -> int:
             shutil.copy(tuned_table_path(env["device"]), args.out_dir)
             record["tuned_table"] = os.path.relpath(tuned_table_path(env["device"]), ROOT)
         doc["parts"][part] = record
-        doc["targets"] = targets(doc["parts"], BENCH_DTYPE if args.device.startswith("cuda") else "fp32",
-                                 VIT_B16 if not args.quick else QUICK_MODEL)
+        target_dtype = BENCH_DTYPE if args.device.startswith("cuda") else "fp32"
+        target_model = VIT_B16 if not args.quick else QUICK_MODEL
+        doc["targets"] = targets(doc["parts"], target_dtype, target_model)
+        doc["targets_measured_with"] = {"dtype": target_dtype, "model": target_model, "quick": args.quick,
+                                        "device": env["device"]}
         print(f"[gpu_check] {part}: {record['status']} in {record['wall_s']:.0f} s", flush=True)
         save()
 
