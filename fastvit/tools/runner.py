@@ -162,6 +162,16 @@ def _ratio(baseline: Optional[float], t: Optional[float]) -> Optional[float]:
     return baseline / t
 
 
+def _status(row: dict, contender, m) -> bool:
+    """Adds the timing and the status (skipped / error) to ``row``; True when the contender ran."""
+    row.update(m.row())
+    if contender.skip_reason is not None:
+        row.update(status="skipped", reason=contender.skip_reason)
+    elif not m.ok:
+        row.update(status="error", reason=m.error or "no samples")
+    return contender.skip_reason is None and m.ok
+
+
 def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict, device: str = "cpu") -> list:
     B, H, Nq, Nk, D, Dv = dims
     shape = next(s for s in ATTENTION_SHAPES if s.name == group.name)
@@ -176,12 +186,7 @@ def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict,
                "served_by": c.meta.get("served_by"), "dtype": group.dtype, "mode": group.mode,
                "bias": shape.bias, "cls_probs": shape.cls_probs,
                "shape": {"B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "Dv": Dv}, "source": shape.source}
-        row.update(m.row())
-        if c.skip_reason is not None:
-            row.update(status="skipped", reason=c.skip_reason)
-        elif not m.ok:
-            row.update(status="error", reason=m.error or "no samples")
-        else:
+        if _status(row, c, m):
             t = m.median
             gflops = attention_flops(dims, group.mode) / t * 1e-9
             row.update(status="ok", reason="", gflops=gflops, tflops=gflops * 1e-3,
@@ -207,12 +212,7 @@ def _model_rows(group: Group, contenders: list, info: dict, measured: dict, batc
                "backend": c.meta.get("backend"), "dtype": dt, "mode": group.mode, "batch_size": batch_size,
                "input_size": info["input_size"], "params": info["params"], "vit_pytorch": info["vit_pytorch"],
                "timm_model": info.get("timm_model"), "compiled": bool(c.meta.get("compiled"))}
-        row.update(m.row())
-        if c.skip_reason is not None:
-            row.update(status="skipped", reason=c.skip_reason)
-        elif not m.ok:
-            row.update(status="error", reason=m.error or "no samples")
-        else:
+        if _status(row, c, m):
             t = m.median
             same_fp32 = c.name.rsplit(" ", 1)[0] + " fp32"
             row.update(status="ok", reason="", img_per_s=batch_size / t,
