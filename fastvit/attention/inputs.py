@@ -87,6 +87,13 @@ class AttnInputs:
             tensors.append(b.table if isinstance(b, RelPosBias) else getattr(b, "tensor", None))
         return any(t is not None and t.requires_grad for t in tensors)
 
+    @property
+    def bias_needs_grad(self) -> bool:
+        """A trainable bias tensor (relative table or dense bias) will receive a gradient."""
+        return torch.is_grad_enabled() and any(
+            (b.table if isinstance(b, RelPosBias) else b.tensor).requires_grad
+            for b in self.bias if isinstance(b, (RelPosBias, DenseBias)))
+
     def describe(self) -> str:
         """A short readable id such as ``cpu-fp32-B2-H6-Nq197-Nk197-D64-relpos``."""
         dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))

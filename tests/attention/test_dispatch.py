@@ -172,3 +172,27 @@ def test_relpos_bias_table_gets_a_gradient_through_dispatch():
         table.grad = None
         attend(q, k, v, bias=RelPosBias(table, index), backend=backend).sum().backward()
         assert table.grad is not None and table.grad.abs().sum() > 0
+
+
+def test_deterministic_mode_refuses_declared_non_deterministic_bias_gradients():
+    """A backend declaring ``deterministic = False`` refuses trainable biases off the CPU under
+    torch.use_deterministic_algorithms(True); detached biases and deterministic backends are served."""
+    from fastvit.attention import DenseBias, get_backend, make_inputs
+
+    class _Atomic(Backend):
+        name = "atomic_for_test"
+        devices = ("cpu", "meta")
+        deterministic = False
+
+    q, k, v = (torch.randn(1, 2, 4, 8, device="meta") for _ in range(3))
+    trainable = make_inputs(q, k, v, bias=DenseBias(torch.zeros(1, 2, 4, 4, device="meta", requires_grad=True)))
+    frozen = make_inputs(q, k, v, bias=DenseBias(torch.zeros(1, 2, 4, 4, device="meta")))
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert any("atomic adds" in r for r in _Atomic.not_supported_reasons(trainable))
+        assert not any("atomic adds" in r for r in _Atomic.not_supported_reasons(frozen))
+        assert not any("atomic adds" in r for r in get_backend("triton").not_supported_reasons(trainable))
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    assert not any("atomic adds" in r for r in _Atomic.not_supported_reasons(trainable))

@@ -34,6 +34,8 @@ class Backend:
     supports_dropout: ClassVar[bool] = True
     supports_probs: ClassVar[bool] = False  # return_probs (full maps) and head mixing
     supports_cls_probs: ClassVar[bool] = False
+    # Bias gradients bitwise reproducible run to run off the CPU. Under torch.use_deterministic_algorithms
+    # a backend that says False refuses calls whose bias takes a gradient (CPU backwards are serial).
     deterministic: ClassVar[bool] = True
     # (atol, rtol) against the reference on fp32 copies, per input dtype.
     tolerances: ClassVar[dict] = {
@@ -77,6 +79,11 @@ class Backend:
                            f"{cls.name} never materialises them")
         if inp.return_cls_probs and not (cls.supports_cls_probs or cls.supports_probs):
             reasons.append(f"return_cls_probs needs the probabilities; {cls.name} never returns them")
+        if (not cls.deterministic and inp.device_type != "cpu" and torch.are_deterministic_algorithms_enabled()
+                and inp.bias_needs_grad):
+            reasons.append(f"deterministic algorithms are enabled and a bias tensor requires grad: {cls.name} "
+                           "accumulates bias gradients with atomic adds; detach the bias or use the triton or "
+                           "reference backend")
         if inp.needs_grad and not cls.supports_backward:
             reasons.append("backward is not supported and an input requires grad")
         reasons.extend(cls.extra_reasons(inp))

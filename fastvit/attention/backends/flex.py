@@ -106,15 +106,6 @@ class FlexBackend(Backend):
         return _probe()
 
     @classmethod
-    def extra_reasons(cls, inp: AttnInputs) -> list[str]:
-        reasons = []
-        if inp.device_type != "cpu" and torch.are_deterministic_algorithms_enabled() and _bias_needs_grad(inp):
-            reasons.append("deterministic algorithms are enabled and a bias tensor requires grad: FlexAttention "
-                           "accumulates bias gradients with atomic adds (q, k, v gradients are deterministic); "
-                           "detach the bias or use the reference backend")
-        return reasons
-
-    @classmethod
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         q, k, v = inp.q, inp.k, inp.v
         score_mod, buffers = _score_mod(inp)
@@ -126,13 +117,6 @@ class FlexBackend(Backend):
             out, lse = _flex_public(q, k, v, score_mod, buffers, block_mask, inp.scale, want_lse)
         cls_probs = _cls_probs(inp, lse) if want_lse else None
         return AttnOutput(out, None, cls_probs)
-
-
-def _bias_needs_grad(inp: AttnInputs) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    return any((b.table if isinstance(b, RelPosBias) else b.tensor).requires_grad
-               for b in inp.bias if isinstance(b, (RelPosBias, DenseBias)))
 
 
 _AXES = ("b", "h", "q", "k")
