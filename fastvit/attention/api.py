@@ -10,34 +10,22 @@ from .bias import HeadMix, normalize_bias
 from .dispatch import choose
 from .dispatch import explain as _explain
 from .inputs import AttnInputs, AttnOutput, validate_inputs
+from .window import Window
 
 __all__ = ["attend", "make_inputs", "explain_call"]
 
 
-def make_inputs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    scale: Optional[float] = None,
-    bias=None,
-    dropout_p: float = 0.0,
-    return_probs: bool = False,
-    return_cls_probs: bool = False,
-    head_mix: Optional[HeadMix] = None,
-) -> AttnInputs:
-    """Build and validate the inputs of an attention call (shared by ``attend`` and ``explain_call``)."""
+def make_inputs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, bias=None,
+                dropout_p: float = 0.0, **options) -> AttnInputs:
+    """Build and validate the inputs of an attention call (shared by ``attend`` and ``explain_call``).
+
+    ``options`` are ``attend()``'s remaining keywords (``return_probs``, ``return_cls_probs``,
+    ``head_mix``, ``window``), passed through to ``AttnInputs``.
+    """
     if not isinstance(q, Tensor):
         raise ValueError(f"q must be a tensor, got {type(q).__name__}")
-    inp = AttnInputs(
-        q=q, k=k, v=v,
-        scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
-        bias=normalize_bias(bias),
-        dropout_p=float(dropout_p),
-        return_probs=return_probs,
-        return_cls_probs=return_cls_probs,
-        head_mix=head_mix,
-    )
+    inp = AttnInputs(q=q, k=k, v=v, scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
+                     bias=normalize_bias(bias), dropout_p=float(dropout_p), **options)
     validate_inputs(inp)
     return inp
 
@@ -53,6 +41,7 @@ def attend(
     return_probs: bool = False,
     return_cls_probs: bool = False,
     head_mix: Optional[HeadMix] = None,
+    window: Optional[Window] = None,
     backend: Optional[str] = None,
 ) -> Union[Tensor, AttnOutput]:
     """Scaled dot-product attention on the ``[B, H, N, D]`` layout, dispatched to a backend.
@@ -67,13 +56,16 @@ def attend(
         return_probs: also return the ``[B, H, Nq, Nk]`` post-softmax probabilities (pre-dropout).
         return_cls_probs: also return the probabilities of query 0 over all keys, ``[B, H, Nk]``.
         head_mix: talking-heads / re-attention mixing (needs a backend that materialises probabilities).
+        window: attend only inside the (shifted / dilated) windows of a grid of raster tokens; q, k, v
+            are then ``[B, H, grid_h * grid_w, D]`` and a ``RelPosBias`` index is window-local
+            (see ``fastvit.attention.window``).
         backend: force a backend by name for this call (``"auto"`` for auto dispatch).
 
     Returns:
         ``[B, H, Nq, Dv]``, or an ``AttnOutput(out, probs, cls_probs)`` when extra outputs are requested.
     """
     inp = make_inputs(q, k, v, scale=scale, bias=bias, dropout_p=dropout_p, return_probs=return_probs,
-                      return_cls_probs=return_cls_probs, head_mix=head_mix)
+                      return_cls_probs=return_cls_probs, head_mix=head_mix, window=window)
     result = choose(inp, backend).forward(inp)
     if return_probs or return_cls_probs:
         return result

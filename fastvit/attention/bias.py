@@ -128,19 +128,25 @@ class HeadMix:
 
     The logits and probabilities flow as
     ``logits (+bias) -> pre -> softmax -> dropout -> post -> post_norm -> @ v``, where ``pre`` and
-    ``post`` are ``[H, H]`` matrices applied as ``einsum('bhij,hg->bgij')`` and ``post_norm`` is a
-    module normalising over the head axis (DeepViT's LayerNorm over heads), given ``(b, i, j, h)``.
+    ``post`` are ``[H, H]`` matrices applied as ``einsum('bhij,hg->bgij')``, ``post_bias`` is an
+    ``[H]`` vector added to every mixed probability of head ``g`` right after ``post`` (CaiT's talking
+    heads are ``Linear(H, H)`` layers with a bias; a pre-softmax bias cancels in the softmax and needs
+    no term), and ``post_norm`` is a module normalising over the head axis (DeepViT's LayerNorm over
+    heads), given ``(b, i, j, h)``.
     """
 
     pre: Optional[Tensor] = None
     post: Optional[Tensor] = None
     post_norm: Optional[Callable[[Tensor], Tensor]] = None
+    post_bias: Optional[Tensor] = None
 
     def __post_init__(self):
         for name in ("pre", "post"):
             w = getattr(self, name)
             if w is not None and (w.dim() != 2 or w.shape[0] != w.shape[1]):
                 raise ValueError(f"HeadMix.{name} must be a square [H, H] matrix, got {tuple(w.shape)}")
+        if self.post_bias is not None and self.post_bias.dim() != 1:
+            raise ValueError(f"HeadMix.post_bias must be an [H] vector, got {tuple(self.post_bias.shape)}")
 
 
 BiasLike = Union[RelPosBias, DenseBias, KeyPaddingMask]

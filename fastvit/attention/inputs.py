@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
+from .window import Window
 
 __all__ = ["AttnInputs", "AttnOutput", "validate_inputs", "DTYPES", "dtype_name"]
 
@@ -49,6 +50,7 @@ class AttnInputs:
     return_probs: bool = False
     return_cls_probs: bool = False
     head_mix: Optional[HeadMix] = None
+    window: Optional[Window] = None
 
     # Convenience views used by backends' capability checks.
     @property
@@ -96,7 +98,7 @@ class AttnInputs:
 
     def describe(self) -> str:
         """A short readable id such as ``cpu-fp32-B2-H6-Nq197-Nk197-D64-relpos``."""
-        dt = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, str(self.dtype))
+        dt = dtype_name(self.dtype)
         b, h = self.q.shape[0], self.q.shape[1]
         parts = [self.device_type, dt, f"B{b}", f"H{h}", f"Nq{self.nq}", f"Nk{self.nk}", f"D{self.head_dim}"]
         if self.value_dim != self.head_dim:
@@ -105,6 +107,8 @@ class AttnInputs:
         parts += [names[type(x)] for x in self.bias]
         if self.head_mix is not None:
             parts.append("headmix")
+        if self.window is not None:
+            parts.append(self.window.describe())
         return "-".join(parts)
 
 
@@ -139,6 +143,9 @@ def validate_inputs(inp: AttnInputs) -> None:
 
     B, H, Nq, _ = q.shape
     Nk = k.shape[-2]
+    if inp.window is not None:
+        _validate_window(inp)
+        return
     for b in inp.bias:
         if isinstance(b, RelPosBias):
             if b.table.shape[1] != H:
@@ -162,10 +169,47 @@ def validate_inputs(inp: AttnInputs) -> None:
                 raise ValueError(f"KeyPaddingMask has shape {_shape(b.mask)}, expected [B, Nk] = {(B, Nk)}")
             _check_device(b.mask, q, "KeyPaddingMask")
     if inp.head_mix is not None:
-        for name in ("pre", "post"):
+        for name in ("pre", "post", "post_bias"):
             w = getattr(inp.head_mix, name)
             if w is not None and w.shape[0] != H:
                 raise ValueError(f"HeadMix.{name} is {_shape(w)} but q has {H} heads")
+
+
+def _validate_window(inp: AttnInputs) -> None:
+    """A windowed call: raster tokens of the window's grid, biases over window-local positions."""
+    win, q, k = inp.window, inp.q, inp.k
+    if not isinstance(win, Window):
+        raise ValueError(f"window must be a fastvit.attention.Window, got {type(win).__name__}")
+    H, N, n = q.shape[1], win.seq_len, win.tokens
+    if q.shape[-2] != N or k.shape[-2] != N:
+        raise ValueError(f"a windowed call needs Nq = Nk = H*W = {N} for grid {win.grid}, got q {_shape(q)}, "
+                         f"k {_shape(k)}")
+    unsupported = [name for name, asked in (("return_probs", inp.return_probs),
+                                            ("return_cls_probs", inp.return_cls_probs),
+                                            ("head_mix", inp.head_mix is not None)) if asked]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} cannot be combined with a window")
+    for b in inp.bias:
+        if isinstance(b, KeyPaddingMask):
+            raise ValueError("KeyPaddingMask cannot be combined with a window: pad the grid to whole windows "
+                             "and let the padded tokens attend (as Swin and Twins do)")
+        if isinstance(b, RelPosBias):
+            if b.table.shape[1] != H:
+                raise ValueError(f"RelPosBias table has {b.table.shape[1]} heads, q has {H} (table {_shape(b.table)})")
+            if _shape(b.index) != (n, n):
+                raise ValueError(f"RelPosBias index has shape {_shape(b.index)}; with a window it indexes window-local "
+                                 f"positions: expected (n, n) = {(n, n)} for window size {win.size}")
+            _check_device(b.table, q, "RelPosBias table")
+            _check_device(b.index, q, "RelPosBias index")
+        elif isinstance(b, DenseBias):
+            t = b.materialize()
+            target = (win.num_windows, H, n, n)
+            if b.tensor.dim() < 2 or any(s not in (1, want) for s, want in zip(t.shape, target)):
+                raise ValueError(f"DenseBias of shape {_shape(b.tensor)} does not broadcast to "
+                                 f"[num_windows, heads, n, n] = {target} (a windowed bias is per window, not per image)")
+            if not t.is_floating_point():
+                raise ValueError(f"DenseBias must be floating point, got {t.dtype}")
+            _check_device(t, q, "DenseBias")
 
 
 def _check_device(t: Tensor, q: Tensor, what: str) -> None:

@@ -2,7 +2,7 @@
 
 It is also the fastest path on a CPU at short sequences (the score matrix of a ViT layer stays in
 cache), so auto dispatch uses it there. It serves every declared input: all biases, head mixing,
-full probabilities, CLS probabilities, dropout.
+full probabilities, CLS probabilities, dropout, windows (gathered into a batch by ``partitioned``).
 """
 
 from __future__ import annotations
@@ -13,11 +13,14 @@ from torch import Tensor, nn
 
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs, AttnOutput
+from .window import partitioned
 
 __all__ = ["reference_attention"]
 
 
 def reference_attention(inp: AttnInputs) -> AttnOutput:
+    if inp.window is not None:  # windows gathered into a batch, attended, scattered back
+        return partitioned(inp, reference_attention)
     q, k, v = inp.q, inp.k, inp.v
     # (b, h, nq, nk). Scaling q (n*d elements) instead of the logits (n*n) saves a pass over the
     # score matrix; the results differ from vit-pytorch's order by rounding only (~1e-7 in fp32).
@@ -61,7 +64,7 @@ def reference_attention(inp: AttnInputs) -> AttnOutput:
     affine = None
     if mix is not None:
         norm = mix.post_norm
-        if norm is not None and _is_head_layer_norm(norm, attn.shape[1]):
+        if norm is not None and mix.post_bias is None and _is_head_layer_norm(norm, attn.shape[1]):
             # LayerNorm over heads (DeepViT), without a LayerNorm over a last dim of ~12 on a
             # permuted map (plus two permuting copies: a third of DeepViT's CPU time):
             # - centring is linear, so it folds into the mixing matrix (its columns minus their mean);
@@ -79,6 +82,8 @@ def reference_attention(inp: AttnInputs) -> AttnOutput:
         else:
             if mix.post is not None:
                 attn = _mix_heads(attn, mix.post)
+            if mix.post_bias is not None:
+                attn = attn + mix.post_bias.to(attn.dtype).view(1, -1, 1, 1)
             if norm is not None:
                 attn = norm(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (b, i, j, h) as declared
 

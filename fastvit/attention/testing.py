@@ -6,6 +6,9 @@ A case is (backend, device, dtype, shape ``(B, H, Nq, Nk, D, Dv)``, bias kind); 
 value width differs). Inputs are drawn on the CPU from a seeded generator and moved to the device;
 the reference runs on detached fp32 copies (``fp32_copy``) with TF32 off (``no_tf32``). Tolerances
 are the backends' own (``Backend.tolerances[dtype]``).
+
+A bias kind is ``"none"`` or parts joined by ``+`` (``BIAS_PARTS``): every check runs ``BIAS_KINDS``;
+the kernel tests combine more parts (``"relpos+dense_bcast_all+padding"``).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import torch
 from .backends import get_backend
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
 from .inputs import DTYPES, dtype_name
+from .window import Window
 
 __all__ = [
-    "DTYPES", "SHAPES", "QUICK_SHAPES", "CUDA_SHAPES", "BIAS_KINDS", "CheckCase", "device_dtypes", "parse_dtypes",
+    "DTYPES", "SHAPES", "QUICK_SHAPES", "CUDA_SHAPES", "BIAS_KINDS", "WINDOW_SHAPES", "QUICK_WINDOW_SHAPES",
+    "CUDA_WINDOW_SHAPES", "WINDOW_BIAS_KINDS", "CheckCase", "device_dtypes", "parse_dtypes",
     "declares", "generate_cases", "make_case_inputs", "trainable", "fp32_copy", "compare", "no_tf32",
+    "BIAS_PARTS", "bias_parts",
 ]
 
 # (B, H, Nq, Nk, D, Dv): vision-awkward sizes. N = 1, 49 (7x7 window), 50 (7x7 + CLS), 197 (ViT/16 at
@@ -49,11 +55,42 @@ CUDA_SHAPES = [
     (4, 12, 197, 197, 64, 64),
 ]
 
+# Windowed calls, (B, H, D, Dv, Window): a non-square grid cut into non-square windows; Swin's 7x7
+# windows (49 tokens, padded to a 64 tile) with a shift; a shift on one axis only; dilated windows as
+# CrossFormer's long distance and MaxViT's grid attention use them; windows of 100 tokens (several key
+# blocks in a fused kernel).
+WINDOW_SHAPES = [
+    (2, 2, 16, 16, Window(grid=(6, 8), size=(3, 4))),
+    (2, 3, 32, 32, Window(grid=(14, 14), size=(7, 7), shift=(3, 3))),
+    (1, 2, 16, 16, Window(grid=(8, 8), size=(4, 4), shift=(0, 2))),
+    (2, 2, 16, 32, Window(grid=(8, 12), size=(2, 3), dilation=(4, 4))),
+    (1, 2, 32, 32, Window(grid=(12, 12), size=(4, 4), dilation=(3, 3))),
+    (1, 2, 32, 32, Window(grid=(20, 10), size=(10, 10))),
+]
+QUICK_WINDOW_SHAPES = [s for s in WINDOW_SHAPES if s[4].tokens <= 16]
+# CUDA only: Swin-T's first stage (56x56 tokens, 7x7 windows, shift 3, 3 heads of 32) at a batch of 2.
+CUDA_WINDOW_SHAPES = [(2, 3, 32, 32, Window(grid=(56, 56), size=(7, 7), shift=(3, 3)))]
+# Window biases broadcast over the windows: "dense" is per window [num_windows, H, n, n], "dense_bcast"
+# one [H, n, n] for all (CrossFormer's dynamic position bias). Key padding cannot combine with a window.
+WINDOW_BIAS_KINDS = ("none", "relpos", "dense", "dense_bcast")
+
 # "padding" masks ~30% of the keys and, with B > 1, every key of the last sample: those rows must give
 # zeros (not NaN) and zero gradients.
 BIAS_KINDS = ("none", "relpos", "dense", "dense_bcast", "padding", "relpos+padding")
-_BIAS_TYPES = {"none": (), "relpos": (RelPosBias,), "dense": (DenseBias,), "dense_bcast": (DenseBias,),
-               "padding": (KeyPaddingMask,), "relpos+padding": (RelPosBias, KeyPaddingMask)}
+# The dense parts differ in the leading dims of their [B, H, Nq, Nk] tensor: one map per sample and
+# head, one per head for the whole batch, one per sample for all heads, one for everything.
+_DENSE_LEADING = {"dense": "BH", "dense_bcast": "1H", "dense_bcast_heads": "B1", "dense_bcast_all": "11"}
+# part -> the descriptor it adds, in the order make_case_inputs draws them.
+BIAS_PARTS = {"relpos": RelPosBias, **dict.fromkeys(_DENSE_LEADING, DenseBias), "padding": KeyPaddingMask}
+
+
+def bias_parts(kind: str) -> tuple:
+    """The parts of a bias kind in ``BIAS_PARTS`` order: ``"padding+relpos"`` -> ``("relpos", "padding")``."""
+    parts = () if kind == "none" else tuple(kind.split("+"))
+    unknown = [p for p in parts if p not in BIAS_PARTS]
+    if unknown:
+        raise ValueError(f"unknown bias part {unknown[0]!r} in {kind!r}; parts: {', '.join(BIAS_PARTS)}")
+    return tuple(p for p in BIAS_PARTS if p in parts)
 
 
 @dataclass(frozen=True)
@@ -65,14 +102,23 @@ class CheckCase:
     dtype: torch.dtype
     shape: tuple  # (B, H, Nq, Nk, D, Dv)
     bias: str = "none"
+    window: Optional[Window] = None  # a windowed call (Nq = Nk = the grid's H*W)
 
     @property
     def id(self) -> str:
         B, H, Nq, Nk, D, Dv = self.shape
         n = f"N{Nq}" if Nq == Nk else f"Nq{Nq}-Nk{Nk}"
         dv = "" if Dv == D else f"-Dv{Dv}"
+        win = "" if self.window is None else f"-{self.window.describe()}"
         tail = "" if self.bias == "none" else f"-{self.bias}"
-        return f"{self.backend}-{self.device}-{dtype_name(self.dtype)}-B{B}-H{H}-{n}-D{D}{dv}{tail}"
+        return f"{self.backend}-{self.device}-{dtype_name(self.dtype)}-B{B}-H{H}-{n}-D{D}{dv}{win}{tail}"
+
+    @classmethod
+    def windowed(cls, backend: str, device: str, dtype: torch.dtype, window_shape: tuple, bias: str = "none"):
+        """A case from a ``WINDOW_SHAPES`` entry ``(B, H, D, Dv, Window)``."""
+        B, H, D, Dv, window = window_shape
+        N = window.seq_len
+        return cls(backend, device, dtype, (B, H, N, N, D, Dv), bias, window)
 
 
 def device_dtypes(device: str) -> list:
@@ -106,7 +152,8 @@ def declares(case: CheckCase) -> bool:
     return (case.device in backend.devices and case.dtype in backend.dtypes
             and (backend.max_head_dim is None or max(D, Dv) <= backend.max_head_dim)
             and min(D, Dv) >= backend.min_head_dim_on(case.device)
-            and all(issubclass(kind, backend.bias_types) for kind in _BIAS_TYPES[case.bias]))
+            and all(issubclass(BIAS_PARTS[part], backend.bias_types) for part in bias_parts(case.bias))
+            and (case.window is None or backend.supports_window))
 
 
 def generate_cases(backends: Iterable[str], device: str = "cpu", dtypes: Optional[Sequence] = None,
@@ -127,20 +174,23 @@ def generate_cases(backends: Iterable[str], device: str = "cpu", dtypes: Optiona
             asserts those pass.
     """
     dtypes = list(dtypes) if dtypes is not None else device_dtypes(device)
-    shapes = QUICK_SHAPES if quick else SHAPES + (CUDA_SHAPES if device.startswith("cuda") else [])
+    cuda = device.startswith("cuda")
+    shapes = QUICK_SHAPES if quick else SHAPES + (CUDA_SHAPES if cuda else [])
+    windows = QUICK_WINDOW_SHAPES if quick else WINDOW_SHAPES + (CUDA_WINDOW_SHAPES if cuda else [])
     cases = []
     for name in backends:
         if name == "reference":
             continue
         for dtype in dtypes:
-            for shape in shapes:
-                for bias in BIAS_KINDS:
-                    case = CheckCase(name, device, dtype, shape, bias)
-                    if patterns and not any(fnmatch.fnmatchcase(case.id, p) for p in patterns):
-                        continue
-                    if declared_only and not declares(case):
-                        continue
-                    cases.append(case)
+            candidates = [CheckCase(name, device, dtype, shape, bias) for shape in shapes for bias in BIAS_KINDS]
+            candidates += [CheckCase.windowed(name, device, dtype, window, bias)
+                           for window in windows for bias in WINDOW_BIAS_KINDS]
+            for case in candidates:
+                if patterns and not any(fnmatch.fnmatchcase(case.id, p) for p in patterns):
+                    continue
+                if declared_only and not declares(case):
+                    continue
+                cases.append(case)
     return cases
 
 
@@ -157,23 +207,41 @@ def make_case_inputs(case: CheckCase, *, requires_grad: bool = True, seed: int =
         return t.requires_grad_(requires_grad)
 
     q, k, v = rand(B, H, Nq, D), rand(B, H, Nk, D), rand(B, H, Nk, Dv)
+    if case.window is not None:
+        return q, k, v, _window_bias(case, rand, g)
+    parts = bias_parts(case.bias)
     bias = []
-    if "relpos" in case.bias:
+    if "relpos" in parts:
         T = 2 * max(Nq, Nk) + 1
         table = rand(T, H)
         index = torch.randint(0, T, (Nq, Nk), generator=g).to(case.device)
         bias.append(RelPosBias(table, index))
-    if case.bias == "dense":
-        bias.append(DenseBias(rand(B, H, Nq, Nk)))
-    elif case.bias == "dense_bcast":
-        bias.append(DenseBias(rand(1, H, Nq, Nk)))
-    if "padding" in case.bias:
+    for part in parts:
+        if part in _DENSE_LEADING:
+            per_sample, per_head = (c != "1" for c in _DENSE_LEADING[part])
+            bias.append(DenseBias(rand(B if per_sample else 1, H if per_head else 1, Nq, Nk)))
+    if "padding" in parts:
         mask = torch.rand(B, Nk, generator=g) > 0.3
         mask[:, 0] = True
         if B > 1:
             mask[-1] = False  # a sample with no valid key at all: zeros, never NaN
         bias.append(KeyPaddingMask(mask.to(case.device)))
     return q, k, v, tuple(bias)
+
+
+def _window_bias(case: CheckCase, rand, g: torch.Generator) -> tuple:
+    """A windowed case's biases: a window-local relative index, per-window or shared dense biases."""
+    window, H = case.window, case.shape[1]
+    n = window.tokens
+    bias = []
+    if "relpos" in case.bias:
+        T = (2 * window.size[0] - 1) * (2 * window.size[1] - 1)  # Swin's table: every relative offset
+        bias.append(RelPosBias(rand(T, H), torch.randint(0, T, (n, n), generator=g).to(case.device)))
+    if case.bias == "dense":
+        bias.append(DenseBias(rand(window.num_windows, H, n, n)))
+    elif case.bias == "dense_bcast":
+        bias.append(DenseBias(rand(H, n, n)))
+    return tuple(bias)
 
 
 def trainable(q, k, v, bias) -> list:

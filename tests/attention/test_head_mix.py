@@ -87,3 +87,30 @@ def test_folded_layer_norm_in_bf16_stays_close_to_fp32():
     out = attend(qb, kb, vb, head_mix=HeadMix(post=postb, post_norm=normb), backend="reference")
     assert out.dtype == torch.bfloat16
     assert_close(out.float(), ref, atol=6e-2, rtol=6e-2, what="bf16 folded LayerNorm")
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_post_bias_is_added_to_every_mixed_probability(with_norm):
+    # CaiT's talking heads: Linear(H, H) with a bias after the softmax (the post-softmax bias reaches
+    # the output as post_bias[h] * sum_j v[j]).
+    q, k, v, pre, post, norm = _inputs()
+    post_bias = torch.randn(4, requires_grad=True)
+    use_norm = norm if with_norm else None
+    out = attend(q, k, v, head_mix=HeadMix(pre=pre, post=post, post_bias=post_bias, post_norm=use_norm),
+                 backend="reference")
+    logits = torch.einsum("bhij,hg->bgij", torch.einsum("bhid,bhjd->bhij", q, k) * 8 ** -0.5, pre)
+    attn = torch.einsum("bhij,hg->bgij", logits.softmax(dim=-1), post) + post_bias.view(1, 4, 1, 1)
+    if use_norm is not None:
+        attn = norm(attn.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    expected = attn @ v
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    grad, expected_grad = (torch.autograd.grad(t.sum(), post_bias)[0] for t in (out, expected))
+    assert_close(grad, expected_grad, atol=1e-4, rtol=1e-5)
+
+
+def test_post_bias_must_be_a_vector_over_heads():
+    with pytest.raises(ValueError, match=r"post_bias must be an \[H\] vector"):
+        HeadMix(post_bias=torch.zeros(4, 4))
+    q, k, v, *_ = _inputs()
+    with pytest.raises(ValueError, match=r"HeadMix.post_bias is \(3,\) but q has 4 heads"):
+        attend(q, k, v, head_mix=HeadMix(post_bias=torch.zeros(3)), backend="reference")

@@ -59,6 +59,7 @@ from torch import Tensor
 
 from ..bias import DenseBias, KeyPaddingMask, RelPosBias
 from ..inputs import AttnInputs, AttnOutput
+from ..window import partitioned
 from .base import Backend
 
 
@@ -94,6 +95,7 @@ class FlexBackend(Backend):
     min_head_dim_by_device = {"cuda": 16}  # inductor's flex kernels use tl.dot on the head dims
     supports_dropout = False
     supports_cls_probs = True  # from the returned log-sum-exp
+    supports_window = True  # windows gathered into a batch; the shift mask and per-window biases as score_mod terms
     deterministic = False  # captured-tensor (bias) gradients are accumulated with atomic adds on CUDA
     tolerances = {
         torch.float32: (1e-4, 1e-4),  # the CUDA kernel reorders sums blockwise (exp2); the CPU is ~1e-6
@@ -107,6 +109,8 @@ class FlexBackend(Backend):
 
     @classmethod
     def forward(cls, inp: AttnInputs) -> AttnOutput:
+        if inp.window is not None:
+            return partitioned(inp, cls.forward)
         q, k, v = inp.q, inp.k, inp.v
         score_mod, buffers = _score_mod(inp)
         block_mask = _padding_block_mask(inp)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ..bias import additive_mask
 from ..inputs import AttnInputs, AttnOutput
+from ..window import partitioned
 from .base import Backend
 
 
@@ -19,9 +20,12 @@ class SDPABackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention"
     devices = ("cpu", "cuda", "mps", "xpu")
+    supports_window = True  # windows gathered into a batch, the shift mask expanded (window.partitioned)
 
     @classmethod
     def forward(cls, inp: AttnInputs) -> AttnOutput:
+        if inp.window is not None:
+            return partitioned(inp, cls.forward)
         # SDPA silently takes its slow path (~3x on CPU) when a last dim is strided.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (inp.q, inp.k, inp.v))
         mask, valid = additive_mask(inp.bias, q.dtype, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
