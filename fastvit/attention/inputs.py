@@ -206,7 +206,8 @@ def _validate_window(inp: AttnInputs) -> None:
             target = (win.num_windows, H, n, n)
             if b.tensor.dim() < 2 or any(s not in (1, want) for s, want in zip(t.shape, target)):
                 raise ValueError(f"DenseBias of shape {_shape(b.tensor)} does not broadcast to "
-                                 f"[num_windows, heads, n, n] = {target} (a windowed bias is per window, not per image)")
+                                 f"[num_windows, heads, n, n] = {target} (a windowed bias is per window, "
+                                 f"not per image)")
             if not t.is_floating_point():
                 raise ValueError(f"DenseBias must be floating point, got {t.dtype}")
             _check_device(t, q, "DenseBias")

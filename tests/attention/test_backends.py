@@ -23,7 +23,8 @@ CASES = check.generate_cases(BACKENDS, DEVICE, dtypes=[torch.float32, torch.bflo
 # The reference's fp32 path is the oracle itself; its half-precision paths are checked against it.
 CASES += [check.CheckCase("reference", DEVICE, dtype, shape, bias) for dtype in (torch.bfloat16, torch.float16)
           for shape in check.SHAPES for bias in check.BIAS_KINDS]
-CASES += [check.CheckCase.windowed("reference", DEVICE, dtype, window, bias) for dtype in (torch.bfloat16, torch.float16)
+CASES += [check.CheckCase.windowed("reference", DEVICE, dtype, window, bias)
+          for dtype in (torch.bfloat16, torch.float16)
           for window in check.WINDOW_SHAPES for bias in check.WINDOW_BIAS_KINDS]
 
 
