@@ -40,6 +40,12 @@ Deliberate differences from vit-pytorch (see ``Dino`` for the flag):
 - The EMA updates the teacher in place (``torch._foreach_*`` with vit-pytorch's arithmetic,
   ``old * decay + (1 - decay) * new``) instead of rebinding ``.data``.
 - torchvision is imported when a ``Dino`` is built (fastvit itself does not depend on it).
+
+Distributed training (DDP, FSDP2): ``update_moving_average`` all-reduces the batch centre before the EMA
+(vit-pytorch moves each rank's centre towards its own batch, so the ranks drift apart and none holds the
+global mean); the student's parameters that the loss never reaches (the net's classifier head behind a
+hooked ``hidden_layer``), found by a backward through the build pass, are ``unused_parameters()``, which
+DDP skips without ``find_unused_parameters=True``.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ from torch import Tensor, nn
 
 from fastvit.compat.vit_pytorch import convert_nested_state_dict, load_vit_pytorch_state_dict
 from fastvit.layers import Linear, pair
+
+from .distributed import UnusedParametersMixin, all_reduce_mean_
 
 __all__ = ["Dino", "NetWrapper", "MLP", "L2Norm", "RandomApply", "loss_fn"]
 
@@ -196,7 +204,7 @@ class NetWrapper(nn.Module):
         return self._get_projector(embed)(embed), embed
 
 
-class Dino(nn.Module):
+class Dino(UnusedParametersMixin, nn.Module):
     """DINO self-supervised learner with vit-pytorch's constructor.
 
     Args:
@@ -222,6 +230,9 @@ class Dino(nn.Module):
     not the parameters: ``legacy_projector_gelu=True`` restores vit-pytorch's head, and with it the same
     loss for the same weights and seeds. The other differences (``projection_layers=1``, channel counts,
     ValueErrors, in-place EMA) change no output vit-pytorch produces; see the module docstring.
+
+    Under ``torch.distributed`` every rank must call ``update_moving_average`` (it all-reduces the centre
+    over ``self.process_group``, default: the world).
     """
 
     def __init__(self, net: nn.Module, image_size, hidden_layer: Union[str, int] = -2,
@@ -280,11 +291,25 @@ class Dino(nn.Module):
 
         self.student_temp = student_temp
         self.teacher_temp = teacher_temp
+        self.process_group = None  # the centre's all-reduce group (None: the default group)
+        self._last_center_weight = 1.0  # teacher outputs averaged into last_teacher_centers
 
         device = next(net.parameters()).device
         self.to(device)
         # Builds the projector and the teacher (as vit-pytorch, with gradients on: same random numbers).
-        self.forward(torch.randn(2, channels, *image_size, device=device))
+        loss = self.forward(torch.randn(2, channels, *image_size, device=device))
+        self._unused_student_params = self._find_unused_student_params(loss)
+
+    def _find_unused_student_params(self, loss: Tensor) -> tuple:
+        """Names (in ``student_encoder``) of the trainable parameters the build pass's loss does not reach."""
+        params = [(n, p) for n, p in self.student_encoder.named_parameters() if p.requires_grad]
+        if not loss.requires_grad or not params:  # built under no_grad: nothing to tell
+            return ()
+        grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)  # no .grad written
+        return tuple(n for (n, _), grad in zip(params, grads) if grad is None)
+
+    def _unused_parameter_objects(self) -> list:
+        return [self.student_encoder.get_parameter(n) for n in self._unused_student_params]
 
     def _get_teacher_encoder(self) -> NetWrapper:
         if self.teacher_encoder is None:
@@ -301,7 +326,11 @@ class Dino(nn.Module):
 
     @torch.no_grad()
     def update_moving_average(self) -> None:
-        """``teacher = decay * teacher + (1 - decay) * student``; the centre likewise towards the last batch."""
+        """``teacher = decay * teacher + (1 - decay) * student``; the centre likewise towards the last batch.
+
+        With an initialised process group the last batch centre is first averaged over the ranks (weighted
+        by their batch sizes): every rank then holds the centre of the global batch, and the same EMA.
+        """
         if self.teacher_encoder is None:
             raise RuntimeError("the teacher encoder has not been created yet (run a forward pass first)")
         decay = self.moving_average_decay
@@ -313,6 +342,7 @@ class Dino(nn.Module):
         torch._foreach_mul_(teacher_params, decay)
         torch._foreach_add_(teacher_params, torch._foreach_mul(student_params, 1 - decay))
 
+        all_reduce_mean_(self.last_teacher_centers, self._last_center_weight, self.process_group)
         center_decay = self.center_moving_average_decay
         self.teacher_centers.copy_(self.teacher_centers * center_decay + (1 - center_decay) * self.last_teacher_centers)
 
@@ -339,8 +369,9 @@ class Dino(nn.Module):
             return loss_fn(teacher_logits, student_logits, teacher_temp=teacher_temp, student_temp=student_temp,
                            centers=self.teacher_centers)
 
-        teacher_logits_avg = torch.cat((teacher_proj_one, teacher_proj_two)).mean(dim=0)  # (K,)
-        self.last_teacher_centers.copy_(teacher_logits_avg)
+        teacher_logits = torch.cat((teacher_proj_one, teacher_proj_two))  # (2b, K)
+        self.last_teacher_centers.copy_(teacher_logits.mean(dim=0))
+        self._last_center_weight = float(teacher_logits.shape[0])
         return (loss(teacher_proj_one, student_proj_two) + loss(teacher_proj_two, student_proj_one)) / 2
 
     def _vit_pytorch_convert(self, state_dict: dict) -> dict:

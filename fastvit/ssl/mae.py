@@ -46,6 +46,8 @@ from torch import Tensor, nn
 from fastvit.compat.vit_pytorch import convert_nested_state_dict, load_vit_pytorch_state_dict
 from fastvit.layers import Linear, Transformer, check_image, gather_tokens, pair
 
+from .distributed import UnusedParametersMixin, parameters_outside
+
 __all__ = ["MAE", "MaskedImageModeling"]
 
 
@@ -61,7 +63,7 @@ def _check_size(name: str, value, minimum: int = 1) -> int:
     return int(value)
 
 
-class MaskedImageModeling(nn.Module):
+class MaskedImageModeling(UnusedParametersMixin, nn.Module):
     """What MAE and SimMIM share: the encoder's patchify / embedding / positions, and the mask size.
 
     The encoder must be ViT-like (``fastvit.ViT``, or vit-pytorch's ``ViT``): ``to_patch_embedding``
@@ -70,6 +72,9 @@ class MaskedImageModeling(nn.Module):
     ``(b, n, dim)``. Optional attributes are used when present: ``num_cls_tokens`` (else read from
     ``cls_token``), ``position_embedding(h, w)``, ``grid``, ``channels`` / ``image_size`` /
     ``patch_size`` (input checks) and ``legacy_pos_slicing``.
+
+    The encoder's other parameters (its CLS token, classifier head) get no gradient: they are
+    ``unused_parameters()``, which DistributedDataParallel skips (``fastvit.ssl.distributed``).
 
     Args:
         encoder: the ViT to pre-train.
@@ -98,6 +103,10 @@ class MaskedImageModeling(nn.Module):
             raise ValueError(f"the encoder's pos_embedding has {self.num_positions} rows for "
                              f"{self.num_cls_tokens} CLS token(s): no patch positions")
         self._num_masked(self.num_patches)  # a ratio that masks nothing at full size fails here, not in forward
+
+    def _unused_parameter_objects(self) -> list:
+        # forward calls the patch embedding, the positions and the transformer of the encoder, nothing else
+        return parameters_outside(self.encoder, ("to_patch_embedding.", "pos_embedding", "transformer."))
 
     @staticmethod
     def _check_encoder(encoder) -> nn.Sequential:

@@ -55,6 +55,8 @@ from torch import Tensor, nn
 from fastvit.compat.vit_pytorch import convert_nested_state_dict, load_vit_pytorch_state_dict
 from fastvit.layers import Linear, check_image, pair
 
+from .distributed import UnusedParametersMixin, parameters_outside
+
 __all__ = ["MPP", "MPPLoss", "convert_nested_state_dict"]
 
 
@@ -133,7 +135,7 @@ class MPPLoss(nn.Module):
         return (per_patch * weights).sum() / weights.sum()
 
 
-class MPP(nn.Module):
+class MPP(UnusedParametersMixin, nn.Module):
     """Masked patch prediction on a ViT-like model, with vit-pytorch's constructor.
 
     Args:
@@ -155,6 +157,9 @@ class MPP(nn.Module):
     and is sync-free. For every configuration both accept, the loss is vit-pytorch's for the same
     weights and seed, except on images narrower than the model, whose positions follow the model's
     ``position_embedding`` (its ``legacy_pos_slicing=True`` restores vit-pytorch's flat slice).
+
+    The model's classifier head gets no gradient: it is in ``unused_parameters()``, which
+    DistributedDataParallel skips (``fastvit.ssl.distributed``).
     """
 
     def __init__(self, transformer: nn.Module, patch_size, dim: int, output_channel_bits: int = 3,
@@ -185,6 +190,11 @@ class MPP(nn.Module):
         self.to_bits = Linear(dim, 2 ** (output_channel_bits * channels))
         self.dim = dim
         self.mask_token = nn.Parameter(torch.randn(1, 1, channels * self.patch_size[0] * self.patch_size[1]))
+
+    def _unused_parameter_objects(self) -> list:
+        # forward runs the patch embedding, CLS token, positions and blocks of the model, not its head
+        return parameters_outside(self.transformer, ("to_patch_embedding.", "cls_token", "pos_embedding",
+                                                     "transformer."))
 
     def corrupt(self, patches: Tensor) -> tuple[Tensor, Tensor]:
         """BERT-style corruption of raw pixel patches.
