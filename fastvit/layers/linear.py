@@ -17,7 +17,10 @@ into the GEMM epilogue. ``Linear`` does both when nothing needs a gradient (``to
 - the cache holds one prepacked copy per compute dtype, so a model used both in fp32 and under
   bf16 autocast does not re-pack on every switch;
 - training, CUDA, ``torch.compile`` (which does its own weight packing with freezing) and any other
-  case use ``F.linear``. Results match ``F.linear`` to fp32 rounding (~1e-6).
+  case use ``F.linear``. Results match ``F.linear`` to fp32 rounding (~1e-6);
+- tracing and export (``torch.jit.trace``, ``torch.onnx.export`` legacy or dynamo, ``torch.export``,
+  ``torch.fx``) use ``F.linear`` on the same weights: a traced graph must hold portable ops, not
+  oneDNN's prepacked weight (legacy ONNX export failed on it with "Unsupported value kind: Tensor").
 
 Set ``FASTVIT_CPU_PREPACK=0`` to turn the fast path off (benchmarks compare both). The cache costs one
 extra copy of each weight while a model is used for inference on the CPU.
@@ -31,6 +34,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # torch.fx.symbolic_trace alone (is_fx_tracing also answers for torch.export, with a warning)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
+except ImportError:  # older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
 
 __all__ = ["Linear", "prepack_enabled", "PREPACK_MIN_WEIGHT"]
 
@@ -90,14 +98,14 @@ class Linear(nn.Linear):
 
     def _fast_path_dtype(self, x: Tensor, rows: Optional[tuple] = None) -> Optional[torch.dtype]:
         """The compute dtype of the oneDNN path, or None where ``F.linear`` must run."""
+        if _tracing():  # first: under torch.fx, ``x`` is a Proxy that cannot answer the checks below
+            return None
         if x.device.type != "cpu" or self.weight.device.type != "cpu" or x.dim() < 2 or not prepack_enabled():
             return None
         out_features = self.out_features if rows is None else rows[1] - rows[0]
         if self.in_features * out_features < PREPACK_MIN_WEIGHT:
             return None
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return None
-        if torch.compiler.is_compiling():
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if dtype not in (torch.float32, torch.bfloat16) or self.weight.dtype not in (torch.float32, torch.bfloat16):
@@ -127,6 +135,12 @@ class Linear(nn.Linear):
         state = super().__getstate__()
         state.pop("_packed", None)
         return state
+
+
+def _tracing() -> bool:
+    """Whether this call is being traced into a graph (compile, export, jit trace, ONNX, fx)."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _is_fx_tracing())
 
 
 def _version(t: Tensor) -> int:

@@ -219,7 +219,7 @@ class CrossFormer(VisionModel):
     def forward_features(self, img: Tensor) -> Tensor:
         """The last stage's feature map ``(b, dim[-1], h/32, w/32)`` (default strides)."""
         check_image(img, channels=self.channels, max_size=None)
-        self.check_size(*img.shape[-2:])
+        self.check_size(int(img.shape[-2]), int(img.shape[-1]))  # ints even while jit-traced
         x = img
         for cel, transformer in self.layers:
             x = transformer(cel(x))
