@@ -16,6 +16,7 @@ PACKAGES = [
     "fastvit.ssl",
     "fastvit.compat",
     "fastvit.tools",
+    "fastvit.train",
     "fastvit.kernels",
 ]
 
@@ -39,6 +40,8 @@ setup(
     extras_require={
         "xformers": ["xformers"],
         "ssl": ["torchvision"],  # Dino's crops and default augmentation
+        # fastvit train: image decoding, safetensors checkpoints, the metrics plot
+        "train": ["torchvision", "safetensors", "matplotlib"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -48,6 +51,8 @@ setup(
             "timm>=1.0",
             "vit-pytorch==1.26.11",
             "torchvision",
+            "safetensors",
+            "matplotlib",
             "build",
             # the seed README's "Research Ideas" examples plug these transformers into efficient.ViT
             "nystrom-attention",

@@ -6,6 +6,7 @@
     fastvit bench --json out.json       attention shapes and whole models; ratios from one interleaved run
     fastvit kernels --json out.json     ahead-of-time compile report of the Triton kernels
     fastvit tune --device cuda          fastest kernel config and backend order per shape bucket
+    fastvit train --model NAME --data DIR   train / pre-train (--ssl); torchrun for many GPUs (fastvit.train)
 
 Exit status: 0 on success, 1 when a check case fails or a kernel does not compile, 2 on bad usage
 (an unknown backend, dtype or model; ``--device cuda`` without CUDA).
@@ -293,6 +294,21 @@ def cmd_tune(args, out: Console) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------------
+
+def cmd_train(args, out: Console) -> int:
+    """``fastvit train``: ``fastvit.train`` (also ``python -m fastvit.train``, and under torchrun)."""
+    from fastvit.train import TrainError, config_from_args, train
+
+    try:
+        train(config_from_args(args))
+    except TrainError as e:
+        raise UsageError(str(e)) from None
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -372,10 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuned-out", metavar="PATH", help="the tuned table to write (default on CUDA: "
                                                        "kernels/tuned/<device>.json; none on the CPU)")
     p.add_argument("--json", metavar="PATH", help="also write the full report (every candidate's time)")
+
+    from fastvit.train.config import add_arguments as add_train_arguments
+
+    add_train_arguments(sub.add_parser(
+        "train", help="train or pre-train (--ssl) a model; under torchrun on many GPUs and nodes (DDP, --fsdp)"))
     return parser
 
 
-COMMANDS = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "kernels": cmd_kernels, "tune": cmd_tune}
+COMMANDS = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "kernels": cmd_kernels, "tune": cmd_tune,
+            "train": cmd_train}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,0 +1,154 @@
+"""torch.distributed for the trainer: process group from torchrun's environment, DDP / FSDP2 wrapping.
+
+``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous; the trainer joins the
+default group with NCCL on CUDA and gloo on the CPU. Without torchrun it is one plain process.
+
+- DDP (default): ``find_unused_parameters`` stays off. The SSL wrappers declare the parameters they
+  never use (``fastvit.ssl.distributed``); a model that leaves others without a gradient fails on the
+  second step with DDP's own message.
+- FSDP2 (``--fsdp``): ``fully_shard`` on every transformer block (the entries of a module list named
+  ``layers`` or ``blocks``; a fastvit block is an ``[attention, feed-forward]`` list, sharded as one
+  group), then on the root. Parameters become ``DTensor`` shards; checkpoints gather full tensors.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import TrainError
+
+__all__ = ["DistEnv", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "broadcast_object", "barrier"]
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    backend: Optional[str] = None  # None: no process group
+    owns_group: bool = False  # this trainer initialised the group (and destroys it)
+    fsdp: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _device(name: Optional[str], local_rank: int) -> torch.device:
+    if name is None:
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise TrainError(f"--device must be cpu or cuda, got {name!r}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError("--device cuda was asked for but torch.cuda.is_available() is False")
+        return torch.device(name) if ":" in name else torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(device: Optional[str] = None, fsdp: bool = False) -> DistEnv:
+    """Join torchrun's process group (if launched by torchrun) and pick this rank's device."""
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = _device(device, local_rank)
+    if not under_torchrun:
+        if fsdp:
+            raise TrainError("--fsdp shards over torch.distributed ranks: launch with torchrun "
+                             "(torchrun --nproc_per_node N -m fastvit.train ... --fsdp)")
+        return DistEnv(device=dev)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistEnv(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev,
+                   backend=dist.get_backend(), owns_group=owns, fsdp=fsdp)
+
+
+def teardown(env: DistEnv, clean: bool = True) -> None:
+    """Leave the process group this trainer created. ``clean``: all ranks got here (after an error a barrier
+    could wait forever on a rank that failed elsewhere)."""
+    if env.owns_group and dist.is_initialized():
+        if clean:
+            dist.barrier()  # gloo aborts a process that leaves while a peer's collective is still in flight
+        dist.destroy_process_group()
+
+
+def _blocks(module: nn.Module) -> list:
+    """The sharding units: entries of every ``layers`` / ``blocks`` module list, innermost first."""
+    units, seen = [], set()
+    for name, child in reversed(list(module.named_modules())):
+        if name.rsplit(".", 1)[-1] not in ("layers", "blocks") or not isinstance(child, (nn.ModuleList, nn.Sequential)):
+            continue
+        for block in child:
+            if id(block) in seen or not any(True for _ in block.parameters()):
+                continue
+            seen.add(id(block))
+            # fastvit's blocks are ModuleLists [attention, feed-forward] with no forward: shard them as one group
+            units.append(list(block.children()) if type(block) is nn.ModuleList else block)
+    return units
+
+
+def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
+    """``module`` on ``env.device``, under DDP or FSDP2 when distributed (the same object for FSDP2)."""
+    module = module.to(env.device)
+    if not env.distributed:
+        return module
+    if env.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        # fastvit's blocks return views (rearranged heads) that are only ever used out of place
+        # (``x = attn(x) + x``), the case FSDP2's warning says is safe.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+        for unit in _blocks(module):
+            fully_shard(unit)
+        fully_shard(module)
+        return module
+    device_ids = [env.device.index] if env.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The trained module under DDP and ``torch.compile`` wrappers (FSDP2 modules are their own)."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod"):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(obj, env: DistEnv):
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()

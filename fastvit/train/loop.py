@@ -1,0 +1,309 @@
+"""The training loop: ``train(config)`` runs epochs of AdamW steps, validates, checkpoints and plots.
+
+Determinism and exact resume. Every rank seeds the same before the model is built (identical initial
+weights, which FSDP2 needs: it does not broadcast them). Each epoch then reseeds torch, ``random`` and
+numpy from ``(seed, epoch, rank)`` and the sampler shuffles from ``(seed, epoch)``, so epoch ``e`` draws
+the same images, crops and masks whether the run started at epoch 0 or resumed at ``e``. With the
+weights, the optimiser state and the step count restored from the checkpoint, a resumed run takes the
+same steps as an uninterrupted one (bitwise on the CPU).
+
+Replicas. At every checkpoint the trainer compares a checksum of each replicated tensor (DDP: every
+parameter and buffer; FSDP2: the buffers) across the ranks; tensors that differ (a buffer updated from
+one rank's data only) are named in a warning and in the checkpoint's ``state.json`` (``"diverged"``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from . import distributed as D
+from .checkpoint import export_model, find_checkpoint, gather_state, load_state, read_checkpoint, save_checkpoint
+from .config import TrainConfig, TrainError
+from .data import SyntheticImages, image_folder, train_loader, val_loader
+from .metrics import MetricsLog, read_metrics
+from .optim import build_optimizer, lr_at, set_lr
+from .plot import plot_metrics
+from .task import Task, build_task, model_num_classes
+
+__all__ = ["train", "seed_all", "evaluate"]
+
+# Settings that must match for a checkpoint to continue a run.
+_SAME_ON_RESUME = ("model", "model_args", "num_classes", "ssl", "ssl_args", "image_size")
+
+
+def seed_all(seed: int) -> None:
+    seed %= 2**63
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    return seed * 1_000_003 + (epoch + 1) * 7_919 + rank
+
+
+@torch.no_grad()
+def evaluate(module: torch.nn.Module, loader, env: D.DistEnv, bf16: bool) -> float:
+    """Top-1 in percent over every rank's shard (padding, labelled -1, is not counted)."""
+    was_training = module.training
+    module.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=env.device)  # correct, total
+    for images, labels in loader:
+        images, labels = images.to(env.device, non_blocking=True), labels.to(env.device, non_blocking=True)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = module(images)
+        valid = labels >= 0
+        counts[0] += ((logits.argmax(dim=-1) == labels) & valid).sum()
+        counts[1] += valid.sum()
+    module.train(was_training)
+    D.all_reduce_sum(counts, env)
+    return float(100.0 * counts[0] / counts[1].clamp(min=1))
+
+
+def _diverged_tensors(module: torch.nn.Module, env: D.DistEnv) -> list:
+    """Names of replicated tensors (DTensor shards excluded) that are not the same on every rank."""
+    if not env.distributed:
+        return []
+    from torch.distributed.tensor import DTensor
+
+    named = [(n, t) for n, t in module.state_dict(keep_vars=False).items()
+             if isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.is_floating_point()]
+    if not named:
+        return []
+    sums = torch.stack([torch.stack((t.double().sum(), t.double().square().sum())) for _, t in named])  # (n, 2)
+    gathered = [torch.empty_like(sums) for _ in range(env.world_size)]
+    torch.distributed.all_gather(gathered, sums)
+    return [name for i, (name, _) in enumerate(named) if any(not torch.equal(g[i], gathered[0][i]) for g in gathered)]
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, env: D.DistEnv, on_step: Optional[Callable[[dict], None]]):
+        self.config, self.env, self.on_step = config, env, on_step
+        self.console = Console(stderr=True, highlight=False)
+
+    def log(self, message: str) -> None:
+        if self.env.is_main:
+            self.console.print(message)
+
+    def _datasets(self, task: Task) -> tuple:
+        cfg = self.config
+        model_classes = model_num_classes(task.model)
+        if cfg.synthetic is not None:
+            classes = model_classes if task.supervised and model_classes else 10
+            train_set = SyntheticImages(cfg.synthetic, task.image_size, classes, task.normalize, seed=cfg.seed)
+        else:
+            train_set = image_folder(cfg.data, task.image_size, train=True, normalize=task.normalize)
+            if task.supervised and model_classes is not None and len(train_set.classes) != model_classes:
+                raise TrainError(f"--data {cfg.data} has {len(train_set.classes)} classes but --model {cfg.model} "
+                                 f"predicts {model_classes}: pass --num-classes {len(train_set.classes)}")
+        val_set = None
+        if cfg.val_data is not None:
+            val_set = image_folder(cfg.val_data, task.image_size, train=False, normalize=task.normalize,
+                                   flag="--val-data")
+            if model_classes is not None and len(val_set.classes) != model_classes:
+                raise TrainError(f"--val-data {cfg.val_data} has {len(val_set.classes)} classes but --model "
+                                 f"{cfg.model} predicts {model_classes}")
+            if cfg.data is not None and val_set.classes != train_set.classes:
+                raise TrainError(f"--val-data {cfg.val_data} and --data {cfg.data} have different class folders")
+        return train_set, val_set
+
+    def _resume(self, wrapped, optimizer) -> tuple:
+        """``(epoch, step)`` to start from: the checkpoint's, or ``(0, 0)``."""
+        cfg, env = self.config, self.env
+        directory = None
+        if cfg.resume is not None and env.is_main:
+            directory = find_checkpoint(cfg.out if cfg.resume == "auto" else cfg.resume)
+        directory = D.broadcast_object(directory, env)
+        if directory is None:
+            if cfg.resume not in (None, "auto"):
+                raise TrainError(f"--resume {cfg.resume}: no checkpoint there (state.json or checkpoints/latest)")
+            if cfg.resume == "auto":
+                self.log(f"no checkpoint in {cfg.out} yet: starting from scratch")
+            return 0, 0
+        model_state, optim_state, state = read_checkpoint(directory) if env.is_main else ({}, {}, None)
+        state = D.broadcast_object(state, env)
+        saved = state.get("config", {})
+        changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in _SAME_ON_RESUME
+                   if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise TrainError(f"--resume {directory}: the checkpoint is of another run ({'; '.join(changed)})")
+        load_state(wrapped, optimizer, model_state, optim_state, env.distributed)
+        self.log(f"resumed from {directory} (epoch {state['epoch']}, step {state['step']})")
+        return int(state["epoch"]), int(state["step"])
+
+    def _progress(self) -> Progress:
+        return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                        console=self.console, disable=not self.env.is_main)
+
+    def run(self) -> dict:
+        cfg, env = self.config, self.env
+        seed_all(cfg.seed)  # the same initial weights on every rank
+        task = build_task(cfg)
+        train_set, val_set = self._datasets(task)
+        pin = env.device.type == "cuda"
+        loader = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers, pin)
+        val = val_loader(val_set, cfg.batch_size, env.rank, env.world_size, cfg.workers, pin)
+        steps_per_epoch = len(loader)
+        total_steps = steps_per_epoch * cfg.epochs
+        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+
+        trainable = {name for name, _ in task.trainable_parameters()}
+        if env.device.type == "cuda":
+            torch.set_float32_matmul_precision("high")
+        wrapped = D.wrap(task.module, env)
+        module = D.unwrap(wrapped)  # FSDP2 swapped the parameters for DTensor shards: look them up again
+        optimizer = build_optimizer([(n, p) for n, p in module.named_parameters() if n in trainable], cfg.lr,
+                                    cfg.weight_decay)
+        step_module = torch.compile(wrapped) if cfg.compile else wrapped
+        start_epoch, step = self._resume(wrapped, optimizer)
+        os.makedirs(cfg.out, exist_ok=True)
+        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        metrics = MetricsLog(metrics_path, env.is_main, resume_step=step if start_epoch else None)
+        mode = "FSDP2" if env.fsdp else ("DDP" if env.distributed else "single process")
+        n_params = sum(p.numel() for p in module.parameters())
+        self.log(f"fastvit train: {cfg.model}{f' + {cfg.ssl}' if cfg.ssl else ''} ({n_params / 1e6:.2f} M "
+                 f"parameters), {mode}, {env.world_size} rank(s) on {env.device.type}, {len(train_set)} images, "
+                 f"{steps_per_epoch} steps/epoch of {cfg.batch_size} x {env.world_size}, out {cfg.out}")
+
+        images_per_step = cfg.batch_size * env.world_size
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        last_epoch_record, diverged, model_state = None, [], None
+        with self._progress() as progress:
+            for epoch in range(start_epoch, cfg.epochs):
+                loader.sampler.set_epoch(epoch)
+                seed_all(_epoch_seed(cfg.seed, epoch, env.rank))
+                wrapped.train()
+                bar = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
+                epoch_start = interval_start = time.perf_counter()
+                epoch_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+                interval = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, steps
+                lr = cfg.lr
+                for images, labels in loader:
+                    images = images.to(env.device, non_blocking=True)
+                    labels = labels.to(env.device, non_blocking=True)
+                    lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
+                    set_lr(optimizer, lr)
+                    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss = task.loss(step_module, images, labels)
+                    loss.backward()
+                    if cfg.grad_clip is not None:
+                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if task.after_step is not None:
+                        task.after_step(module)
+                    step += 1
+                    detached = loss.detach().double()
+                    epoch_loss += detached
+                    interval += torch.stack((detached, torch.ones_like(detached)))
+                    if step % cfg.log_every == 0:
+                        mean = self._interval_record(interval, interval_start, images_per_step, epoch, step, lr)
+                        metrics.write(mean)
+                        progress.update(bar, info=f"loss {mean['loss']:.4f}  lr {lr:.2e}  "
+                                                  f"{mean['img_per_s']:.0f} img/s")
+                        interval.zero_()
+                        interval_start = time.perf_counter()
+                    progress.advance(bar)
+                    if self.on_step is not None:
+                        self.on_step({"epoch": epoch, "step": step, "loss": float(detached), "module": module})
+
+                totals = D.all_reduce_sum(torch.stack((epoch_loss, torch.tensor(steps_per_epoch, dtype=torch.float64,
+                                                                                 device=env.device))), env)
+                record = {"kind": "epoch", "epoch": epoch + 1, "step": step,
+                          "loss": float(totals[0] / totals[1]), "lr": lr,
+                          "img_per_s": steps_per_epoch * images_per_step / (time.perf_counter() - epoch_start),
+                          "time_s": time.perf_counter() - epoch_start}
+                if val is not None:
+                    record["val_top1"] = evaluate(wrapped, val, env, cfg.bf16)
+                metrics.write(record)
+                last_epoch_record = record
+                progress.update(bar, info=f"loss {record['loss']:.4f}"
+                                + (f"  top-1 {record['val_top1']:.2f}%" if val is not None else ""))
+                diverged = _diverged_tensors(module, env)
+                if diverged:
+                    self.log(f"[yellow]warning: tensors differ between ranks: {', '.join(diverged)}[/yellow]")
+                model_state, optim_state = gather_state(wrapped, optimizer)
+                if env.is_main:
+                    save_checkpoint(cfg.out, epoch + 1, step, model_state, optim_state, keep=cfg.keep,
+                                    meta=self._meta(env, steps_per_epoch, record, diverged))
+                D.barrier(env)
+
+        if model_state is None:  # resumed after the last epoch: nothing trained, export anyway
+            model_state, _ = gather_state(wrapped, optimizer)
+        summary = {"out": cfg.out, "epochs": cfg.epochs, "step": step, "metrics": last_epoch_record,
+                   "diverged": diverged}
+        if env.is_main:
+            meta = {"model": cfg.model, "model_args": {**cfg.model_args, **({"num_classes": cfg.num_classes}
+                                                                              if cfg.num_classes else {})},
+                    "image_size": list(task.image_size), "ssl": cfg.ssl, "epochs": cfg.epochs, "step": step}
+            summary["model"] = export_model(cfg.out, model_state, task.backbone_prefix, meta)
+            summary["plot"] = plot_metrics(read_metrics(metrics_path), os.path.join(cfg.out, "metrics.png"),
+                                           title=f"{cfg.model}{f' ({cfg.ssl})' if cfg.ssl else ''}")
+            self.log(f"done: {step} steps; {summary['model']}, {metrics_path}, {summary['plot']}")
+        D.barrier(env)
+        return summary
+
+    def _interval_record(self, interval: torch.Tensor, start: float, images_per_step: int, epoch: int, step: int,
+                         lr: float) -> dict:
+        local_steps = float(interval[1])
+        totals = D.all_reduce_sum(interval.clone(), self.env)
+        loss = float(totals[0] / totals[1])
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the training loss is {loss} at step {step}: lower --lr, add --grad-clip, "
+                                     f"or drop --bf16")
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        return {"kind": "step", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
+                "img_per_s": local_steps * images_per_step / elapsed}
+
+    def _meta(self, env: D.DistEnv, steps_per_epoch: int, record: dict, diverged: list) -> dict:
+        from fastvit import __version__
+
+        return {"config": self.config.to_dict(), "world_size": env.world_size, "fsdp": env.fsdp,
+                "steps_per_epoch": steps_per_epoch, "metrics": record, "diverged": diverged,
+                "versions": {"fastvit": __version__, "torch": torch.__version__}}
+
+
+def train(config: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run ``config`` (under torchrun: on every rank). ``on_step(info)`` is called after every optimiser step
+    with ``epoch`` (0-based), ``step`` (1-based), ``loss`` (this rank's) and ``module`` (the trained module).
+
+    Returns a summary: ``out``, ``step``, the last epoch's ``metrics``, and on rank 0 the ``model`` and
+    ``plot`` paths. Raises ``TrainError`` on bad input.
+    """
+    config.validate()
+    env = D.setup(config.device, config.fsdp)
+    ok = False
+    try:
+        result = _Run(config, env, on_step).run()
+        ok = True
+        return result
+    finally:
+        D.teardown(env, clean=ok)
+
+
+def main(argv=None) -> int:
+    """``python -m fastvit.train`` / ``fastvit train``: exit 0, or 2 on bad input (one line on stderr)."""
+    from .config import parse_args
+
+    try:
+        train(parse_args(argv))
+    except TrainError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"fastvit train: {e}", file=sys.stderr)
+        return 2
+    return 0
