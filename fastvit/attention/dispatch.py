@@ -107,7 +107,9 @@ def _cpu_order(inp: AttnInputs) -> tuple:
     # is 1.7-3x slower than the reference.
     if inp.value_dim != inp.head_dim:
         return ("reference", "sdpa")
-    if inp.nk >= CPU_SDPA_MIN_KEYS.get(inp.dtype, _CPU_SDPA_MIN_KEYS_DEFAULT):
+    # A windowed call attends over the keys of one window (49 for 7x7), not over the whole grid.
+    keys = inp.window.tokens if inp.window is not None else inp.nk
+    if keys >= CPU_SDPA_MIN_KEYS.get(inp.dtype, _CPU_SDPA_MIN_KEYS_DEFAULT):
         return ("sdpa", "reference")
     return ("reference", "sdpa")
 

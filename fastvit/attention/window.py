@@ -28,21 +28,22 @@ Biases broadcast over the windows: ``RelPosBias`` with a window-local index ``[n
 dynamic position bias ``[heads, n, n]`` or a per-window mask ``[num_windows, 1, n, n]``).
 ``KeyPaddingMask`` is refused; models that pad (Swin, Twins at odd sizes) pad the grid before.
 
-Backends that serve a window without a kernel of their own use ``partitioned()``: gather the
-windows into a batch (one index permutation), attend, scatter back. The triton backend addresses
-the windows in place.
+Backends that serve a window without a kernel of their own use ``partitioned()``: copy the
+windows into a batch (one permuting copy of a view per tensor, plus a roll when shifted), attend,
+copy back (in the memory order of q, so a model's merge of the heads is a view). The triton
+backend addresses the windows in place.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-__all__ = ["Window", "partitioned"]
+__all__ = ["Window", "partitioned", "window_inputs", "window_batch", "window_unbatch"]
 
 
 def _pair(value, name: str) -> tuple[int, int]:
@@ -173,28 +174,92 @@ def _region_mask(grid, size, shift, device) -> Tensor:
     return (region[:, :, None] == region[:, None, :]).to(device)
 
 
+def _window_view(t: Tensor, win: Window) -> Tensor:
+    """``(B, h, H*W, d)`` as the view ``(B, h, blocks_h, wh, dh, blocks_w, ww, dw, d)``: grid row
+    ``(block * wh + i) * dh + o`` is position ``i`` of window row ``block * dh + o`` (columns alike)."""
+    B, heads, _, d = t.shape
+    (H, W), (wh, ww), (dh, dw) = win.grid, win.size, win.dilation
+    return t.view(B, heads, H // (wh * dh), wh, dh, W // (ww * dw), ww, dw, d)
+
+
+def _roll(t: Tensor, win: Window, sign: int) -> Tensor:
+    """Swin's cyclic shift on the ``(B, h, H, W, d)`` view of raster tokens (a copy), ``sign=-1`` forward."""
+    B, heads, _, d = t.shape
+    rolled = torch.roll(t.view(B, heads, *win.grid, d), shifts=(sign * win.shift[0], sign * win.shift[1]), dims=(2, 3))
+    return rolled.view(B, heads, win.seq_len, d)
+
+
+def _memory_order(t: Tensor) -> list:
+    """The dims of a ``[B, h, N, d]`` tensor from outermost to innermost in memory (ties keep their order)."""
+    return sorted(range(t.dim()), key=lambda i: -t.stride(i))
+
+
+def window_batch(t: Tensor, win: Window) -> Tensor:
+    """``[B, h, H*W, d]`` raster tokens -> ``[B * num_windows, h, n, d]`` windows in ``token_index`` order.
+
+    One copy (a permuting reshape of a view) whatever the layout of ``t``: a strided view of a fused
+    projection or of a ``(b, h*d, H, W)`` map is read in place. A shift costs one more copy (the roll).
+    """
+    B, heads, _, d = t.shape
+    if win.shifted:
+        t = _roll(t, win, -1)
+    # (B, h, bh, i, oh, bw, j, ow, d) -> (B, bh, oh, bw, ow, h, i, j, d): windows outer, positions inner
+    windows = _window_view(t, win).permute(0, 2, 4, 5, 7, 1, 3, 6, 8)
+    return windows.reshape(B * win.num_windows, heads, win.tokens, d)
+
+
+def window_unbatch(out: Tensor, win: Window, like: Optional[Tensor] = None) -> Tensor:
+    """The inverse of ``window_batch``: ``[B * num_windows, h, n, dv]`` -> ``[B, h, H*W, dv]``.
+
+    One copy, written in the memory order of ``like`` (the call's q): the output of a call on a
+    ``(b, h*d, H, W)`` map is laid out as ``(b, h, d, H*W)`` and the output of a call on a fused
+    ``(b, N, 3*h*d)`` projection as ``(b, N, h, d)``, so the model's merge of the heads is a view.
+    """
+    heads, dv = out.shape[1], out.shape[-1]
+    (H, W), (wh, ww), (dh, dw) = win.grid, win.size, win.dilation
+    B = out.shape[0] // win.num_windows
+    blocks = (B, H // (wh * dh), dh, W // (ww * dw), dw, heads, wh, ww, dv)
+    view = out.view(blocks)  # (B, bh, oh, bw, ow, h, i, j, dv)
+    # Each dim of [B, h, N, dv] as dims of the view; N in raster order (bh, i, oh, bw, j, ow).
+    parts = {0: [0], 1: [5], 2: [1, 6, 2, 3, 7, 4], 3: [8]}
+    order = _memory_order(like) if like is not None else [0, 1, 2, 3]
+    laid_out = view.permute(*[p for dim in order for p in parts[dim]])
+    sizes = {0: B, 1: heads, 2: win.seq_len, 3: dv}
+    flat = laid_out.reshape([sizes[dim] for dim in order])  # the copy
+    if win.shifted:  # undo Swin's roll, keeping the memory order
+        at = order.index(2)
+        grid = flat.view(*flat.shape[:at], H, W, *flat.shape[at + 1:])
+        flat = torch.roll(grid, shifts=win.shift, dims=(at, at + 1)).view(flat.shape)
+    return flat.permute(*[order.index(dim) for dim in range(4)])
+
+
 def partitioned(inp, attend_windows: Callable):
     """Serve a windowed call by gathering its windows into a batch: ``attend_windows(inner)`` gets
-    window-free ``AttnInputs`` of shape ``[B * num_windows, heads, n, D]`` and returns an
-    ``AttnOutput``; the output is scattered back to raster order.
+    window-free ``AttnInputs`` of shape ``[B * num_windows, heads, n, D]`` (``window_inputs``) and
+    returns an ``AttnOutput``; the output is put back in raster order (``window_unbatch``).
 
-    The shift mask becomes one more ``DenseBias`` (``0`` / ``-inf``, per window), and a per-window
-    dense bias is repeated over the batch: these are the copies and the expanded mask a fused kernel
-    avoids.
+    Without a shift both directions are one permuting copy of a view (what an einops cut costs a
+    model); a shift adds a roll each way. The shift mask becomes one more ``DenseBias`` (``0`` /
+    ``-inf``, per window), and a per-window dense bias is repeated over the batch: these are the
+    copies and the expanded mask a fused kernel avoids.
     """
+    from .inputs import AttnOutput
+
+    out = attend_windows(window_inputs(inp)).out  # (b * nw, h, n, dv)
+    return AttnOutput(window_unbatch(out, inp.window, like=inp.q))
+
+
+def window_inputs(inp):
+    """Window-free ``AttnInputs`` of a windowed call: q, k, v as ``[B * num_windows, heads, n, D]``,
+    the biases per window (``RelPosBias`` as it is; ``DenseBias`` and the shift mask repeated over
+    the batch)."""
     from dataclasses import replace
 
     from .bias import DenseBias, RelPosBias
-    from .inputs import AttnOutput
 
     win: Window = inp.window
-    B, heads = inp.q.shape[:2]
-    nw, n = win.num_windows, win.tokens
-    index = win.token_index(inp.q.device).reshape(-1)
-
-    def split(t: Tensor) -> Tensor:  # (b, h, N, d) -> (b * nw, h, n, d)
-        d = t.shape[-1]
-        return t.index_select(2, index).view(B, heads, nw, n, d).transpose(1, 2).reshape(B * nw, heads, n, d)
+    B = inp.q.shape[0]
+    nw = win.num_windows
 
     def per_window(t: Tensor) -> Tensor:  # [nw|1, h|1, n, n] -> [b * nw | 1, h|1, n, n]
         if t.shape[0] == 1:
@@ -212,9 +277,5 @@ def partitioned(inp, attend_windows: Callable):
         mask = torch.zeros(allowed.shape, dtype=inp.dtype, device=inp.q.device)
         mask.masked_fill_(~allowed, float("-inf"))
         bias.append(DenseBias(per_window(mask.unsqueeze(1))))
-    inner = replace(inp, q=split(inp.q), k=split(inp.k), v=split(inp.v), bias=tuple(bias), window=None)
-    out = attend_windows(inner).out  # (b * nw, h, n, dv)
-    dv = out.shape[-1]
-    out = out.view(B, nw, heads, n, dv).transpose(1, 2).reshape(B, heads, nw * n, dv)
-    # window order -> raster order: a gather with the inverse permutation (differentiable, no scatter)
-    return AttnOutput(out.index_select(2, win.inverse_index(inp.q.device)))
+    return replace(inp, q=window_batch(inp.q, win), k=window_batch(inp.k, win), v=window_batch(inp.v, win),
+                   bias=tuple(bias), window=None)
