@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 from .attention import DenseBias, KeyPaddingMask, RelPosBias, attend, set_backend, use_backend
 from .compat import module_paths as _module_paths
+from .compat.timm import patch_timm, unpatch_timm
 from .models import Recorder, SimpleViT, ViT, create_model, list_models, register_model
 from .ssl.dino import Dino
 from .ssl.mae import MAE
@@ -21,4 +22,5 @@ __all__ = [
     "__version__", "ViT", "SimpleViT", "Recorder", "MAE", "Dino",
     "create_model", "list_models", "register_model",
     "attend", "use_backend", "set_backend", "RelPosBias", "DenseBias", "KeyPaddingMask",
+    "patch_timm", "unpatch_timm",
 ]

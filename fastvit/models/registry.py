@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 from torch import nn
 
+from .base import VisionModel, default_pretrained_cfg
+
 __all__ = ["ModelEntry", "register_model", "create_model", "list_models", "get_model_entry", "model_entries"]
 
 
@@ -32,6 +34,8 @@ class ModelEntry:
     # timm's model of the same sizes (benchmarks compare against it) and its extra create_model kwargs
     timm: Optional[str] = None
     timm_kwargs: dict = field(default_factory=dict)
+    # what differs from default_pretrained_cfg's data config (e.g. the paper's crop_pct)
+    pretrained_cfg: dict = field(default_factory=dict)
 
     def input_size_for(self, overrides: dict) -> tuple:
         """``(c, h, w)`` of an input for the model built with ``overrides`` (tests use test_overrides)."""
@@ -49,7 +53,15 @@ class ModelEntry:
         return self.test_input_size or self.input_size_for(self.test_overrides)
 
     def build(self, **overrides) -> nn.Module:
-        return self.constructor(**{**self.kwargs, **overrides})
+        model = self.constructor(**{**self.kwargs, **overrides})
+        if isinstance(model, VisionModel):
+            model.pretrained_cfg = self.pretrained_cfg_for(overrides, num_classes=model.num_classes)
+        return model
+
+    def pretrained_cfg_for(self, overrides: dict, **extra) -> dict:
+        """timm's data config of the preset built with ``overrides`` (``timm.data.resolve_data_config``)."""
+        return default_pretrained_cfg(self.input_size_for(overrides), architecture=self.name, **self.pretrained_cfg,
+                                      **extra)
 
     def build_vit_pytorch(self, **overrides) -> nn.Module:
         """The same preset built with vit-pytorch (which must be installed)."""
@@ -68,7 +80,7 @@ def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pyto
                    test_overrides: Optional[dict] = None, input_size: tuple = (3, 224, 224),
                    test_input_size: Optional[tuple] = None, description: str = "",
                    vit_pytorch_compat: Optional[dict] = None, timm: Optional[str] = None,
-                   timm_kwargs: Optional[dict] = None, **kwargs) -> ModelEntry:
+                   timm_kwargs: Optional[dict] = None, pretrained_cfg: Optional[dict] = None, **kwargs) -> ModelEntry:
     """Register a preset. ``kwargs`` are the constructor arguments of the preset.
 
     Args:
@@ -85,12 +97,13 @@ def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pyto
         timm: the name of timm's model of the same sizes, if any (``timm.create_model(timm,
             **timm_kwargs)``); its own block details (qkv bias, conv patch embedding) stay timm's.
         timm_kwargs: extra ``timm.create_model`` arguments (e.g. mean pooling).
+        pretrained_cfg: data-config values that differ from ``default_pretrained_cfg`` (``crop_pct``).
     """
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     entry = ModelEntry(name, constructor, dict(kwargs), vit_pytorch, dict(test_overrides or {}),
                        tuple(input_size), description, tuple(test_input_size) if test_input_size else None,
-                       dict(vit_pytorch_compat or {}), timm, dict(timm_kwargs or {}))
+                       dict(vit_pytorch_compat or {}), timm, dict(timm_kwargs or {}), dict(pretrained_cfg or {}))
     _REGISTRY[name] = entry
     return entry
 
@@ -104,9 +117,32 @@ def get_model_entry(name: str) -> ModelEntry:
         raise ValueError(f"unknown model {name!r}{hint} (see fastvit.list_models())") from None
 
 
+TIMM_PREFIX = "timm/"
+
+
 def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered preset, with any constructor argument overridden."""
-    return get_model_entry(name).build(**overrides)
+    """Build a registered preset, with any constructor argument overridden.
+
+    ``"timm/<name>"`` builds timm's model instead (``timm.create_model(name, pretrained=..., **overrides)``,
+    timm's own weights download) and patches it in place with ``fastvit.patch_timm`` (``linear=True``
+    also swaps its Linear layers).
+    """
+    if name.startswith(TIMM_PREFIX):
+        from fastvit.compat.timm import create_timm_model
+
+        return create_timm_model(name[len(TIMM_PREFIX):], **overrides)
+    return _build(name, **overrides)
+
+
+def _build(name: str, *, features_only: bool = False, out_indices=None, **overrides) -> nn.Module:
+    """A preset; with ``features_only`` its feature maps (``fastvit.models.features.FeaturesOnly``:
+    ``forward`` returns a list of ``(b, c, h, w)`` maps, ``feature_info.channels()`` / ``.reduction()``)."""
+    model = get_model_entry(name).build(**overrides)
+    if not features_only:
+        return model
+    from .features import FeaturesOnly
+
+    return FeaturesOnly(model, out_indices)
 
 
 def model_entries() -> list[ModelEntry]:

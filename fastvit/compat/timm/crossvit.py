@@ -1,0 +1,16 @@
+"""CrossViT: cross attention of one branch's class token over the other branch's tokens (one query);
+its transformer blocks are ``timm.layers.Attention`` (``vit``)."""
+
+from __future__ import annotations
+
+from timm.models.crossvit import CrossAttention as TimmCrossAttention
+from torch import Tensor
+
+from ._patch import Patched, patches
+from .cait import class_attention
+
+
+@patches(TimmCrossAttention)
+class CrossAttention(Patched, TimmCrossAttention):
+    def forward(self, x: Tensor) -> Tensor:
+        return class_attention(self, x, self.wq, self.wk, self.wv)

@@ -1,0 +1,39 @@
+"""``patch_timm(model, linear=True)``: every ``nn.Linear`` becomes ``fastvit.layers.Linear`` (prepacked
+oneDNN weights in CPU inference, same parameters) and timm's ``Mlp`` fuses its exact GELU into
+``fc1``'s GEMM. Elsewhere (training, CUDA, torch.compile) both run what timm runs."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from timm.layers import Mlp as TimmMlp
+from timm.layers.activations import GELU as TimmGELU
+from torch import Tensor, nn
+
+from fastvit.layers import Linear as FastLinear
+
+from ._patch import Patched, patches
+
+
+@patches(nn.Linear, kind="linear")
+class Linear(Patched, FastLinear):
+    pass
+
+
+def _exact_gelu(act: nn.Module) -> bool:
+    return type(act) is TimmGELU or (type(act) is nn.GELU and act.approximate == "none")
+
+
+@patches(TimmMlp, kind="mlp")
+class Mlp(Patched, TimmMlp):
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> Optional[str]:
+        if not isinstance(module.fc1, nn.Linear):
+            return f"fc1 is a {type(module.fc1).__name__}, not a Linear (nothing to fuse)"
+        if not _exact_gelu(module.act):
+            return f"its activation is {type(module.act).__name__}, not the exact GELU (nothing to fuse)"
+        return None
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.fc1.forward_act(x, "gelu") if isinstance(self.fc1, FastLinear) else self.act(self.fc1(x))
+        return self.drop2(self.fc2(self.norm(self.drop1(x))))
