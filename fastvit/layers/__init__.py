@@ -29,6 +29,7 @@ from .linear import Linear
 from .mlp import FeedForward, mlp
 from .tokens import gather_tokens
 from .transformer import ResidualBlocks, Transformer
+from .window import WindowAttention, map_heads, merge_map_heads, window_relative_position_index
 
 __all__ = [
     "Attention", "AttentionBase", "ContextAttention", "ReAttention", "TalkingHeadsAttention",
@@ -37,4 +38,5 @@ __all__ = [
     "DistillTokenMixin",
     "PatchEmbed", "ViTStem", "cast_tuple", "check_image", "crop_positions", "pair", "patch_grid", "posemb_sincos_2d",
     "FeedForward", "mlp", "Linear", "gather_tokens", "ResidualBlocks", "Transformer",
+    "WindowAttention", "map_heads", "merge_map_heads", "window_relative_position_index",
 ]

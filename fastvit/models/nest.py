@@ -2,9 +2,9 @@
 Understanding" (Zhang et al., arXiv 2105.12723).
 
 Patches are embedded into a feature map ``(b, c, h, w)``; hierarchy level ``l`` (from
-``num_hierarchies - 1`` down to 0) cuts the map into ``2^l x 2^l`` blocks and runs a transformer
-inside every block (attention among the tokens of one block only: a batch of ``b * 4^l`` sequences of
-the same length at every level), then aggregates (3x3 conv, channel LayerNorm, 3x3 stride-2 max
+``num_hierarchies - 1`` down to 0) divides the map into ``2^l x 2^l`` blocks and runs a transformer
+inside every block (attention among the tokens of one block only: ``b * 4^l`` windows of the same
+length at every level), then aggregates (3x3 conv, channel LayerNorm, 3x3 stride-2 max
 pool), so the next level has 4x fewer blocks of the same size and twice the width and heads.
 Head: channel LayerNorm, global average pool, Linear.
 
@@ -23,6 +23,10 @@ Deliberate differences from vit-pytorch:
 - Sizes are checked up front (divisible by the patch, the feature map by ``2^(num_hierarchies-1)``,
   at most ``image_size``) with ``ValueError``s; vit-pytorch asserts or fails inside a rearrange.
 - ``dim_head`` is accepted and unused, as in vit-pytorch (heads are ``dim // heads`` wide).
+- The map is never cut into blocks (vit-pytorch rearranges it into a batch of blocks and back at every
+  level): the position embedding is added per block by broadcasting, the MLP is per pixel, and the
+  attention is one ``attend(..., window=Window(grid, size=block))`` call on the whole map
+  (``fastvit.layers.WindowAttention``); a backend with a window kernel reads the blocks in place.
 - The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: rounding
   differences only (~1e-6 in fp32).
 """
@@ -30,16 +34,16 @@ Deliberate differences from vit-pytorch:
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
+from fastvit.attention import Window
 from fastvit.layers import (
-    AttentionBase,
     ChanLayerNorm,
     FeedForward,
     Linear,
     ResidualBlocks,
+    WindowAttention,
     check_image,
     crop_positions,
     pair,
@@ -51,25 +55,22 @@ from .registry import register_model
 __all__ = ["NesT", "Attention", "Transformer", "Aggregate"]
 
 
-class Attention(AttentionBase):
-    """Self-attention over the ``h*w`` tokens of a (block) map. Keys ``norm``, ``to_qkv``, ``to_out.0``."""
+class Attention(WindowAttention):
+    """Self-attention inside each of the ``blocks x blocks`` blocks of a map: one ``attend(window=...)``
+    call on the whole map, windows of ``(h / blocks, w / blocks)`` tokens. Keys ``norm``, ``to_qkv``,
+    ``to_out.0``."""
 
-    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.0):
-        super().__init__(attn_dropout=dropout)
+    def __init__(self, dim: int, heads: int = 8, dropout: float = 0.0, blocks: int = 1):
         dim_head = dim // heads
-        inner_dim = dim_head * heads
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.norm = ChanLayerNorm(dim)
-        self.to_qkv = nn.Conv2d(dim, inner_dim * 3, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(inner_dim, dim, 1), nn.Dropout(dropout))
+        super().__init__(dim, heads=heads, dim_head=dim_head, window_size=1, conv=True, attn_dropout=dropout,
+                         proj_dropout=dropout)
+        self.blocks = blocks
 
-    def forward(self, x: Tensor) -> Tensor:
-        width = x.shape[-1]
-        q, k, v = (rearrange(t, "b (h d) x y -> b h (x y) d", h=self.heads)
-                   for t in self.to_qkv(self.norm(x)).chunk(3, dim=1))
-        out = self.attend(q, k, v, scale=self.scale)
-        return self.to_out(rearrange(out, "b h (x y) d -> b (h d) x y", y=width))
+    def window(self, grid: tuple) -> Window:
+        win = self._windows.get(grid)
+        if win is None:
+            win = self._windows[grid] = Window(grid=grid, size=(grid[0] // self.blocks, grid[1] // self.blocks))
+        return win
 
 
 def Aggregate(dim: int, dim_out: int) -> nn.Sequential:  # noqa: N802 - vit-pytorch's name
@@ -79,28 +80,37 @@ def Aggregate(dim: int, dim_out: int) -> nn.Sequential:  # noqa: N802 - vit-pyto
 
 
 class Transformer(ResidualBlocks):
-    """Position embedding (one scalar per block position), then ``depth`` x (attention + MLP), residual.
+    """Position embedding (one scalar per block position), then ``depth`` x (attention + MLP), residual,
+    on the whole map of ``blocks x blocks`` blocks (the attention stays inside each block; the rest is
+    per pixel).
 
     Args:
         grid: the ``(h, w)`` block grid ``pos_emb`` is laid out for (``seq_len = h * w``).
+        blocks: blocks per side of the map.
         legacy_pos_slicing: smaller blocks slice the flat ``pos_emb`` (vit-pytorch) instead of cropping it.
     """
 
     def __init__(self, dim: int, grid: tuple, depth: int, heads: int, mlp_mult: int, dropout: float = 0.0,
-                 legacy_pos_slicing: bool = False):
+                 legacy_pos_slicing: bool = False, blocks: int = 1):
         super().__init__()
         self.grid = tuple(grid)
+        self.blocks = blocks
         self.legacy_pos_slicing = legacy_pos_slicing
         self.pos_emb = nn.Parameter(torch.randn(self.grid[0] * self.grid[1]))
         self.set_blocks(
-            (Attention(dim, heads=heads, dropout=dropout), FeedForward(dim, dim * mlp_mult, dropout=dropout, conv=True))
+            (Attention(dim, heads=heads, dropout=dropout, blocks=blocks),
+             FeedForward(dim, dim * mlp_mult, dropout=dropout, conv=True))
             for _ in range(depth)
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
+        b, c, height, width = x.shape
+        s = self.blocks
+        h, w = height // s, width // s  # tokens per block side
         pos = crop_positions(self.pos_emb[:, None], self.grid, h, w, num_prefix=0, legacy=self.legacy_pos_slicing)
-        return super().forward(x + pos.view(1, 1, h, w))  # one position scalar per token, shared by channels
+        # one position scalar per token of a block, shared by channels and blocks
+        x = (x.view(b, c, s, h, s, w) + pos.view(1, 1, 1, h, 1, w)).view(b, c, height, width)
+        return super().forward(x)
 
 
 class NesT(VisionModel):
@@ -151,8 +161,10 @@ class NesT(VisionModel):
         for i, (mult, depth) in enumerate(zip(mults, block_repeats)):
             is_last = i == num_hierarchies - 1
             dim_in, dim_out = layer_dims[i], layer_dims[min(i + 1, num_hierarchies - 1)]
+            level = num_hierarchies - 1 - i
             self.layers.append(nn.ModuleList([
-                Transformer(dim_in, grid, depth, mult * heads, mlp_mult, dropout, legacy_pos_slicing),
+                Transformer(dim_in, grid, depth, mult * heads, mlp_mult, dropout, legacy_pos_slicing,
+                            blocks=2 ** level),
                 nn.Identity() if is_last else Aggregate(dim_in, dim_out),
             ]))
         self.mlp_head = nn.Sequential(ChanLayerNorm(last_dim), Reduce("b c h w -> b c", "mean"),
@@ -166,12 +178,8 @@ class NesT(VisionModel):
         if x.shape[-2] % blocks or x.shape[-1] % blocks:
             raise ValueError(f"image size {tuple(img.shape[-2:])}: its {x.shape[-2]}x{x.shape[-1]} patch grid "
                              f"does not divide into {blocks}x{blocks} blocks")
-        for level, (transformer, aggregate) in zip(reversed(range(self.num_hierarchies)), self.layers):
-            s = 2 ** level  # blocks per side at this level
-            x = rearrange(x, "b c (b1 h) (b2 w) -> (b b1 b2) c h w", b1=s, b2=s)
-            x = transformer(x)
-            x = rearrange(x, "(b b1 b2) c h w -> b c (b1 h) (b2 w)", b1=s, b2=s)
-            x = aggregate(x)
+        for transformer, aggregate in self.layers:  # 2^level blocks per side, attended as windows in place
+            x = aggregate(transformer(x))
         return x
 
     def forward_head(self, x: Tensor) -> Tensor:

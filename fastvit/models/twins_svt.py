@@ -24,8 +24,10 @@ Deliberate differences from vit-pytorch:
 - ``channels`` sets the input channels (vit-pytorch: 3 only).
 - Inputs are checked up front: the side must divide by the product of the patch sizes, and every
   stage with local attention must divide into its windows (vit-pytorch fails inside a rearrange).
-- The q/k/v 1x1 convs of the local attention run once on the whole map before it is cut into
-  windows (vit-pytorch cuts first); a 1x1 conv is per pixel, so the result is the same.
+- The local attention never cuts the map into windows (vit-pytorch cuts first and projects each
+  window): its 1x1 q/k/v convs run once on the whole map (per pixel, so the same result) and one
+  ``attend(..., window=Window(grid, size=(p, p)))`` call attends inside the windows
+  (``fastvit.layers.WindowAttention``); a backend with a window kernel reads them in place.
 - The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: the same
   function, rounding differences only (~1e-6 in fp32).
 - GSA's ``k x k`` stride-``k`` key/value conv runs as one GEMM on the flattened patches (the same sums;
@@ -39,7 +41,17 @@ from einops import rearrange
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
-from fastvit.layers import PEG, AttentionBase, ChanLayerNorm, FeedForward, Linear, Residual, check_image, split_qkv
+from fastvit.layers import (
+    PEG,
+    AttentionBase,
+    ChanLayerNorm,
+    FeedForward,
+    Linear,
+    Residual,
+    WindowAttention,
+    check_image,
+    split_qkv,
+)
 
 from .base import VisionModel
 from .registry import register_model
@@ -67,32 +79,16 @@ class PatchEmbedding(nn.Module):
         return self.proj(rearrange(fmap, "b c (h p1) (w p2) -> b (c p1 p2) h w", p1=p, p2=p))
 
 
-class LocalAttention(AttentionBase):
-    """LSA: attention inside ``patch_size x patch_size`` windows. Keys ``norm``, ``to_q``, ``to_kv``,
-    ``to_out.0``. The map's sides must divide by ``patch_size``."""
+class LocalAttention(WindowAttention):
+    """LSA: attention inside ``patch_size x patch_size`` windows, one ``attend(window=...)`` call on the
+    whole map. Keys ``norm``, ``to_q``, ``to_kv``, ``to_out.0``. The map's sides must divide by
+    ``patch_size``."""
 
     def __init__(self, dim: int, heads: int = 8, dim_head: int = 64, dropout: float = 0.0, patch_size: int = 7):
-        super().__init__(attn_dropout=0.0)  # vit-pytorch applies no dropout to the local probabilities
-        inner_dim = dim_head * heads
+        # vit-pytorch applies no dropout to the local probabilities, only after the output conv
+        super().__init__(dim, heads=heads, dim_head=dim_head, window_size=patch_size, conv=True, fused_qkv=False,
+                         attn_dropout=0.0, proj_dropout=dropout)
         self.patch_size = patch_size
-        self.heads = heads
-        self.scale = dim_head ** -0.5
-        self.norm = ChanLayerNorm(dim)
-        self.to_q = nn.Conv2d(dim, inner_dim, 1, bias=False)
-        self.to_kv = nn.Conv2d(dim, inner_dim * 2, 1, bias=False)
-        self.to_out = nn.Sequential(nn.Conv2d(inner_dim, dim, 1), nn.Dropout(dropout))
-
-    def forward(self, fmap: Tensor) -> Tensor:
-        fmap = self.norm(fmap)
-        b, _, height, width = fmap.shape
-        p, h = self.patch_size, self.heads
-        # 1x1 convs are per pixel: project the whole map, then cut q, k, v into windows.
-        windows = "b (h d) (x p1) (y p2) -> (b x y) h (p1 p2) d"
-        q = rearrange(self.to_q(fmap), windows, h=h, p1=p, p2=p)
-        k, v = (rearrange(t, windows, h=h, p1=p, p2=p) for t in self.to_kv(fmap).chunk(2, dim=1))
-        out = self.attend(q, k, v, scale=self.scale)  # (b * windows, h, p*p, d)
-        out = rearrange(out, "(b x y) h (p1 p2) d -> b (h d) (x p1) (y p2)", b=b, x=height // p, p1=p, p2=p)
-        return self.to_out(out)
 
 
 class GlobalAttention(AttentionBase):
