@@ -14,7 +14,7 @@ position table, and the output projection. Two layouts, with vit-pytorch's keys 
   a view too (``merge_map_heads``).
 
 Subclasses change what the model needs: the window (``window(grid)``: NesT's blocks per side) and the
-bias (``position_bias(window)``: CrossFormer's dynamic position bias as a ``DenseBias``).
+bias (``attention_bias(window)``: CrossFormer's dynamic position bias as a ``DenseBias``).
 
 While a ``Recorder`` records, the windows are batched here and attended with ``return_probs``, so
 the maps are ``(b * windows, heads, n, n)``, as when the models cut windows themselves.
@@ -68,8 +68,8 @@ class WindowAttention(AttentionBase):
     """Multi-head self-attention inside windows of a grid (Swin, Twins-SVT LSA, NesT, CrossFormer).
 
     Keys: ``norm`` (if any), ``to_qkv`` (or ``to_q`` and ``to_kv`` with ``fused_qkv=False``),
-    ``rel_pos_table`` (with ``rel_pos_bias``), ``to_out.0``. The index of the table is a buffer
-    (``rel_pos_index``, not saved: it follows from the window size).
+    ``rel_pos_table`` (with ``rel_pos_bias``), ``to_out.0`` (``to_out`` with ``proj_dropout=None``). The
+    index of the table is a buffer (``rel_pos_index``, not saved: it follows from the window size).
 
     Args:
         dim: channels of the tokens / map.
@@ -82,12 +82,14 @@ class WindowAttention(AttentionBase):
         conv: feature maps ``(b, dim, h, w)`` with ``ChanLayerNorm`` and 1x1 convs (else tokens).
         norm: whether the module owns its pre-norm.
         fused_qkv: one ``to_qkv`` (else ``to_q`` and ``to_kv``).
-        attn_dropout: dropout on the probabilities (training only). proj_dropout: after ``to_out``.
+        attn_dropout: dropout on the probabilities (training only).
+        proj_dropout: dropout after the output projection (``to_out.0``); None: no dropout layer, the
+            projection is ``to_out`` itself (CrossFormer's key).
     """
 
     def __init__(self, dim: int, *, heads: int = 8, dim_head: int = 64, window_size=7, shift=0,
                  dilated: bool = False, rel_pos_bias: bool = False, conv: bool = False, norm: bool = True,
-                 fused_qkv: bool = True, attn_dropout: float = 0.0, proj_dropout: float = 0.0):
+                 fused_qkv: bool = True, attn_dropout: float = 0.0, proj_dropout: Optional[float] = 0.0):
         super().__init__(attn_dropout=attn_dropout)
         inner_dim = heads * dim_head
         self.heads = heads
@@ -113,7 +115,10 @@ class WindowAttention(AttentionBase):
             wh, ww = self.window_size
             self.rel_pos_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), heads))
             self.register_buffer("rel_pos_index", window_relative_position_index(self.window_size), persistent=False)
-        self.to_out = nn.Sequential(proj(inner_dim, dim, True), nn.Dropout(proj_dropout))
+        if proj_dropout is None:
+            self.to_out = proj(inner_dim, dim, True)
+        else:
+            self.to_out = nn.Sequential(proj(inner_dim, dim, True), nn.Dropout(proj_dropout))
 
     def window(self, grid: tuple) -> Window:
         """The ``Window`` of an ``(H, W)`` grid (cached per grid)."""
@@ -127,7 +132,7 @@ class WindowAttention(AttentionBase):
             self._windows[grid] = win
         return win
 
-    def position_bias(self, window: Window):
+    def attention_bias(self, window: Window):
         """The bias descriptor(s) of a call (None: none); window-local positions."""
         if "rel_pos_table" in self._parameters:
             return RelPosBias(self.rel_pos_table, self.rel_pos_index)
@@ -156,7 +161,7 @@ class WindowAttention(AttentionBase):
             x = norm(x)
         q, k, v = self.project_qkv(x)  # (b, h, H*W, d) each
         window = self.window(grid)
-        out = self.attend(q, k, v, scale=self.scale, window=window, bias=self.position_bias(window))
+        out = self.attend(q, k, v, scale=self.scale, window=window, bias=self.attention_bias(window))
         return self.to_out(merge_map_heads(out, grid) if self.conv else merge_heads(out))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, **kwargs):

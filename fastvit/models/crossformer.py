@@ -8,7 +8,7 @@ kernel sizes with the same stride, concatenated on channels) and blocks that alt
 - long-distance attention (LDA): attention among the ``I x I`` positions sampled at a stride of
   ``h / I`` (one "dilated window" per offset), so every group spans the whole map;
 
-both are a batch of windows for ``attend()``, with a dynamic position bias: a small MLP maps each
+both are windows of one ``attend()`` call, with a dynamic position bias: a small MLP maps each
 relative offset ``(dy, dx)`` to a bias shared by all heads (``DenseBias``, differentiable into the
 MLP). Conv MLPs, pre-norm (channel LayerNorm), residual; head: global average pool + Linear.
 
@@ -26,8 +26,10 @@ Deliberate differences from vit-pytorch:
   lookup (same weights, vit-pytorch's outputs).
 - Input sizes are checked up front: every stage's map must divide into its SDA and LDA windows
   (vit-pytorch fails inside a rearrange); wrong tuple lengths raise ``ValueError``.
-- The q/k/v 1x1 conv and the pre-norm run once on the whole map before it is cut into windows
-  (vit-pytorch cuts first): per-pixel operations, the same results.
+- The map is never cut into groups (vit-pytorch cuts first, then norms and projects each group):
+  the pre-norm and the q/k/v 1x1 conv run once on the whole map (per pixel, the same results) and
+  each attention is one ``attend(..., window=...)`` call (``fastvit.layers.WindowAttention``; the long
+  distance groups are dilated windows), so a backend with a window kernel reads them in place.
 - The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: rounding
   differences only (~1e-6 in fp32).
 """
@@ -35,12 +37,11 @@ Deliberate differences from vit-pytorch:
 from __future__ import annotations
 
 import torch
-from einops import rearrange
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
-from fastvit.attention import DenseBias
-from fastvit.layers import AttentionBase, ChanLayerNorm, Linear, cast_tuple, check_image, mlp
+from fastvit.attention import DenseBias, Window
+from fastvit.layers import Linear, WindowAttention, cast_tuple, check_image, mlp
 
 from .base import VisionModel
 from .registry import register_model
@@ -90,25 +91,24 @@ def FeedForward(dim: int, mult: int = 4, dropout: float = 0.0) -> nn.Sequential:
     return mlp(dim, dim * mult, dropout=dropout, out_dropout=False, conv=True)
 
 
-class Attention(AttentionBase):
+class Attention(WindowAttention):
     """Short- (``attn_type='short'``) or long-distance (``'long'``) attention over ``window_size^2``
-    positions, with the dynamic position bias. Keys ``norm``, ``to_qkv``, ``to_out``, ``dpb``."""
+    positions, with the dynamic position bias. Keys ``norm``, ``to_qkv``, ``to_out``, ``dpb``.
+
+    Both are one ``attend(window=...)`` call on the whole map: short distance ``Window(size=(G, G))``,
+    long distance ``Window(size=(I, I), dilation=(h // I, w // I))`` (position ``(i, j)`` of group
+    ``(y, x)`` is map position ``(i * h / I + y, j * w / I + x)``).
+    """
 
     def __init__(self, dim: int, attn_type: str, window_size: int, dim_head: int = 32, dropout: float = 0.0,
                  legacy_dpb_offsets: bool = False):
-        super().__init__(attn_dropout=dropout)
         if attn_type not in ("short", "long"):
             raise ValueError(f"attn_type must be 'short' or 'long', got {attn_type!r}")
         heads = dim // dim_head
-        inner_dim = dim_head * heads
-        self.heads = heads
-        self.scale = dim_head ** -0.5
+        super().__init__(dim, heads=heads, dim_head=dim_head, window_size=window_size, dilated=attn_type == "long",
+                         conv=True, attn_dropout=dropout, proj_dropout=None)  # to_out: a bare conv
         self.attn_type = attn_type
-        self.window_size = window_size
         self.legacy_dpb_offsets = legacy_dpb_offsets
-        self.norm = ChanLayerNorm(dim)
-        self.to_qkv = nn.Conv2d(dim, inner_dim * 3, 1, bias=False)
-        self.to_out = nn.Conv2d(inner_dim, dim, 1)
         self.dpb = DynamicPositionBias(dim // 4)
 
         w = window_size
@@ -119,29 +119,15 @@ class Attention(AttentionBase):
 
     def position_bias(self) -> Tensor:
         """``(w*w, w*w)``: the bias of every (query, key) pair of a window, shared by all heads."""
-        w = self.window_size
+        w = self.window_size[0]
         # The offsets rel_pos_indices enumerates: -(w-1)..w-1 per axis (vit-pytorch: -w..w, mismatched).
         radius = w if self.legacy_dpb_offsets else w - 1
         pos = torch.arange(-radius, radius + 1, device=self.rel_pos_indices.device)
         offsets = torch.stack(torch.meshgrid(pos, pos, indexing="ij")).flatten(1).t()
         return self.dpb(offsets.to(self.to_qkv.weight.dtype))[self.rel_pos_indices]
 
-    def forward(self, x: Tensor) -> Tensor:
-        b, _, height, width = x.shape
-        w, heads = self.window_size, self.heads
-        # Pre-norm and the 1x1 projection are per pixel: run them on the map, then cut windows.
-        qkv = self.to_qkv(self.norm(x))
-        if self.attn_type == "short":  # adjacent w x w positions
-            cut = "b (h d) (y s1) (x s2) -> (b y x) h (s1 s2) d"
-            paste = "(b y x) h (s1 s2) d -> b (h d) (y s1) (x s2)"
-        else:  # w x w positions at a stride of (height / w, width / w)
-            cut = "b (h d) (s1 y) (s2 x) -> (b y x) h (s1 s2) d"
-            paste = "(b y x) h (s1 s2) d -> b (h d) (s1 y) (s2 x)"
-        q, k, v = (rearrange(t, cut, h=heads, s1=w, s2=w) for t in qkv.chunk(3, dim=1))
-        bias = DenseBias(self.position_bias()[None, None])  # broadcast over windows and heads
-        out = self.attend(q, k, v, scale=self.scale, bias=bias)
-        out = rearrange(out, paste, b=b, y=height // w, s1=w, s2=w)
-        return self.to_out(out)
+    def attention_bias(self, window: Window) -> DenseBias:
+        return DenseBias(self.position_bias())  # (n, n): broadcast over windows and heads
 
 
 class Transformer(nn.Module):
