@@ -29,12 +29,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _decode(path: str) -> torch.Tensor:
-    """``(3, h, w)`` uint8: torchvision's decoders, PIL for formats they do not read (BMP, TIFF, ...)."""
-    from torchvision.io import ImageReadMode, decode_image
-
+    """``(3, h, w)`` uint8: torchvision's decoders, PIL for formats they do not read (BMP, TIFF, ...) and
+    for torchvision versions without them (0.29 deprecates them in favour of TorchCodec)."""
     try:
+        from torchvision.io import ImageReadMode, decode_image
+
         return decode_image(path, mode=ImageReadMode.RGB)
-    except RuntimeError:
+    except (ImportError, RuntimeError):
         from torchvision.datasets.folder import pil_loader
         from torchvision.transforms.v2.functional import pil_to_tensor
 

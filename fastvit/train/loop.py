@@ -125,9 +125,12 @@ class _Run:
         """``(epoch, step)`` to start from: the checkpoint's, or ``(0, 0)``."""
         cfg, env = self.config, self.env
         directory = None
-        if cfg.resume is not None and env.is_main:
-            directory = find_checkpoint(cfg.out if cfg.resume == "auto" else cfg.resume)
+        if env.is_main:
+            directory = find_checkpoint(cfg.out if cfg.resume in (None, "auto") else cfg.resume)
         directory = D.broadcast_object(directory, env)
+        if directory is not None and cfg.resume is None:
+            raise TrainError(f"--out {cfg.out} holds a checkpoint ({os.path.basename(directory)}): pass --resume to "
+                             f"continue that run, or choose another --out")
         if directory is None:
             if cfg.resume not in (None, "auto"):
                 raise TrainError(f"--resume {cfg.resume}: no checkpoint there (state.json or checkpoints/latest)")
@@ -232,8 +235,12 @@ class _Run:
                     record["val_top1"] = evaluate(wrapped, val, env, cfg.bf16)
                 metrics.write(record)
                 last_epoch_record = record
-                progress.update(bar, info=f"loss {record['loss']:.4f}"
-                                + (f"  top-1 {record['val_top1']:.2f}%" if val is not None else ""))
+                summary_line = f"loss {record['loss']:.4f}" + (f"  top-1 {record['val_top1']:.2f}%" if val is not None
+                                                               else "")
+                progress.update(bar, info=summary_line)
+                if not self.console.is_terminal:  # a log file sees the bars only at the end: one line per epoch
+                    self.log(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, {summary_line}, "
+                             f"{record['img_per_s']:.0f} img/s, {record['time_s']:.0f} s")
                 diverged = _diverged_tensors(module, env)
                 if diverged:
                     self.log(f"[yellow]warning: tensors differ between ranks: {', '.join(diverged)}[/yellow]")

@@ -63,18 +63,56 @@ def test_synthetic_run_writes_metrics_plot_checkpoint_and_model(tmp_path):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
 
 
-def test_image_folder_with_validation_top1(tmp_path):
+def test_image_folder_with_validation_top1_in_bf16(tmp_path):
     data = write_image_folder(str(tmp_path / "train"), classes=3, per_class=6)
     val = write_image_folder(str(tmp_path / "val"), classes=3, per_class=3, seed=0)
     out = str(tmp_path / "run")
     summary = train(parse_args([*TINY, "--num-classes", "3", "--data", data, "--val-data", val, "--batch-size", "4",
-                                "--epochs", "2", "--lr", "3e-3", "--out", out]))
+                                "--epochs", "2", "--lr", "3e-3", "--bf16", "--out", out]))
     epochs = [r for r in read_jsonl(os.path.join(out, "metrics.jsonl")) if r["kind"] == "epoch"]
     assert len(epochs) == 2 and summary["step"] == 8  # 18 images // 4
     for r in epochs:  # a whole number of the 9 validation images
         correct = r["val_top1"] * 9 / 100
         assert 0 <= correct <= 9 and correct == pytest.approx(round(correct))
     assert latest_state(out)["metrics"]["val_top1"] == epochs[-1]["val_top1"]
+
+
+def test_compile_wraps_the_step_and_checkpoints_stay_unprefixed(tmp_path, monkeypatch):
+    """--compile compiles the trained module (inductor takes minutes on this CPU: the eager backend here);
+    the losses are the uncompiled run's and the checkpoint keys carry no ``_orig_mod.``."""
+    compiled, real_compile = [], torch.compile
+
+    def compile_eagerly(module, **kwargs):
+        compiled.append(module)
+        return real_compile(module, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_eagerly)
+    argv = [*TINY, "--model-arg", "num_classes=4", "--synthetic", "8", "--batch-size", "4"]
+    train(parse_args([*argv, "--compile", "--out", str(tmp_path / "compiled")]))
+    train(parse_args([*argv, "--out", str(tmp_path / "eager")]))
+    assert len(compiled) == 1 and isinstance(compiled[0], fastvit.ViT)
+
+    def losses(out):
+        return [r["loss"] for r in read_jsonl(os.path.join(out, "metrics.jsonl"))]
+
+    assert losses(str(tmp_path / "compiled")) == pytest.approx(losses(str(tmp_path / "eager")), abs=1e-6)
+    keys = [_tensors(os.path.join(tmp_path, run, "checkpoints", "epoch_0001", "model.safetensors")).keys()
+            for run in ("compiled", "eager")]
+    assert keys[0] == keys[1]
+
+
+def test_timm_model_with_grad_checkpointing(tmp_path):
+    pytest.importorskip("timm")
+    kwargs = dict(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=3)
+    try:
+        fastvit.create_model("timm/vit_tiny_patch16_224", **kwargs)
+    except ValueError as e:
+        pytest.skip(f"create_model('timm/<name>') is not available here: {e}")
+    model_args = [a for k, v in kwargs.items() for a in ("--model-arg", f"{k}={v}")]
+    argv = ["--model", "timm/vit_tiny_patch16_224", *model_args, "--synthetic", "8", "--batch-size", "4",
+            "--workers", "0", "--grad-checkpointing", "--out", str(tmp_path / "timm")]
+    summary = train(parse_args(argv))
+    assert summary["step"] == 2 and math.isfinite(summary["metrics"]["loss"])
 
 
 class _Interrupt(Exception):
@@ -116,6 +154,8 @@ def test_resume_after_an_interruption_continues_exactly(tmp_path):
 def test_resume_of_another_run_is_refused(tmp_path, capsys):
     out = str(tmp_path / "run")
     train(parse_args([*TINY, "--model-arg", "num_classes=4", "--synthetic", "8", "--batch-size", "8", "--out", out]))
+    rc = main([*TINY, "--model-arg", "num_classes=4", "--synthetic", "8", "--batch-size", "8", "--out", out])
+    assert rc == 2 and "holds a checkpoint (epoch_0001): pass --resume" in capsys.readouterr().err
     rc = main([*TINY, "--model-arg", "num_classes=5", "--synthetic", "8", "--batch-size", "8", "--out", out,
                "--resume", "--epochs", "2"])
     assert rc == 2 and "the checkpoint is of another run" in capsys.readouterr().err
