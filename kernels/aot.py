@@ -51,7 +51,8 @@ def _variant(constexprs: dict) -> str:
     (the table gathered in-kernel, a dense bias, key padding; the head dim a block size; Nq and Nk
     not block multiples, so the split loop's masked last block is compiled in), ``plain even``
     (every extent a block multiple: no masks at all) or ``dense+pad even:D split tf32``."""
-    feats = [name for name, flag in (("rel", "HAS_REL"), ("dense", "HAS_DENSE"), ("pad", "HAS_PAD"))
+    feats = [name for name, flag in (("rel", "HAS_REL"), ("dense", "HAS_DENSE"), ("pad", "HAS_PAD"),
+                                     ("bias", "HAS_BIAS"), ("shift", "SHIFT"), ("ds", "STORE_DS"))
              if constexprs.get(flag)]
     evens = [k for k in ("EVEN_M", "EVEN_N", "EVEN_D") if k in constexprs]
     if all(constexprs[k] for k in evens):
@@ -125,16 +126,16 @@ def compile_spec(spec, capability: int) -> dict:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        from . import attention, variants
+        from . import variants
 
-        fn = attention.KERNELS[spec.kernel]
+        fn = _kernels()[spec.kernel]
         if not isinstance(fn, triton.runtime.jit.JITFunction):
             raise RuntimeError("the kernels were created under TRITON_INTERPRET=1 and cannot be compiled; "
                                "run the report in a process without it (compile_report does)")
         start = time.perf_counter()
         target = GPUTarget("cuda", capability, 32)
-        source = _ast_source(fn, spec.signature, spec.constexprs,
-                             variants.divisible_by_16(fn, spec.constexprs), target)
+        divisible = spec.divisible if spec.divisible is not None else variants.divisible_by_16(fn, spec.constexprs)
+        source = _ast_source(fn, spec.signature, spec.constexprs, divisible, target)
         compiled = triton.compile(source, target=target,
                                   options={"num_warps": spec.config.num_warps,
                                            "num_stages": spec.config.num_stages})
@@ -144,6 +145,22 @@ def compile_spec(spec, capability: int) -> dict:
     except Exception as e:  # noqa: BLE001 - the report records every failure, whatever it is
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
     return row
+
+
+def _kernels() -> dict:
+    """Every kernel of the report by name: the attention family and the window family."""
+    from . import attention, window_attention
+
+    return {**attention.KERNELS, **window_attention.KERNELS}
+
+
+def default_specs(full: bool = False) -> list:
+    """What the report compiles by default: ``variants.iter_compile_specs`` (the attention family)
+    and ``window_attention.iter_compile_specs`` (the window family)."""
+    from . import window_attention
+    from .variants import iter_compile_specs
+
+    return list(iter_compile_specs(full=full)) + list(window_attention.iter_compile_specs(full=full))
 
 
 def _worker_init() -> None:
@@ -158,20 +175,18 @@ def _compile_chunk(args) -> list[dict]:
 
 def compile_report(capabilities: Iterable[int] = (80, 90), progress: Optional[Callable[[dict], None]] = None,
                    *, specs=None, full: bool = False, workers: int = 2) -> list[dict]:
-    """Compiles every spec from ``iter_compile_specs()`` for each capability; one row per compile.
+    """Compiles every spec from `default_specs` for each capability; one row per compile.
 
     Args:
         capabilities: CUDA compute capabilities; 80 -> sm_80, 90 -> sm_90a.
         progress: called with each row as it completes.
-        specs: the specs to compile (default: ``iter_compile_specs(full=full)``).
+        specs: the specs to compile (default: ``default_specs(full)``).
         workers: worker processes (spawned, with ``TRITON_INTERPRET`` cleared).
 
     Returns:
         Rows ``{kernel, config, capability, registers, spills, shared_mem_bytes, ok, error}``.
     """
-    from .variants import iter_compile_specs
-
-    specs = list(iter_compile_specs(full=full) if specs is None else specs)
+    specs = default_specs(full) if specs is None else list(specs)
     caps = [int(c) for c in capabilities]
     # Chunks of a few specs amortise process round trips; capabilities alternate so both workers
     # stay busy to the end.

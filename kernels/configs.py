@@ -3,7 +3,7 @@ table and the ahead-of-time report)."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 __all__ = ["Config", "CompileSpec"]
 
@@ -19,10 +19,13 @@ class Config(NamedTuple):
 
 class CompileSpec(NamedTuple):
     """One kernel variant: what ``triton.compile`` needs to build it ahead of time, and the
-    capabilities it is compiled for (empty: every capability of the report)."""
+    capabilities it is compiled for (empty: every capability of the report). ``divisible``: the
+    arguments the run-time specialisation declares divisible by 16 (None: ``variants.divisible_by_16``
+    derives them, for the attention family)."""
 
     kernel: str
     config: Config
     signature: dict
     constexprs: dict
     capabilities: tuple = ()
+    divisible: Optional[tuple] = None

@@ -1,0 +1,1231 @@
+"""Fused windowed attention (Swin, shifted Swin, CrossFormer long distance, MaxViT grid, NesT blocks):
+attention only inside windows of a raster token grid, addressed in place.
+
+Math, per batch ``b``, head ``h`` and window ``w`` (``i``, ``j`` window-local positions)::
+
+    s[i, j]  = scale * q[tok(w, i)] . k[tok(w, j)] + bias[w, h, i, j]
+    s[i, j]  = -inf                      where region(w, i) != region(w, j)   (shifted windows)
+    p        = softmax_j(s)
+    out[tok(w, i)] = sum_j p[i, j] v[tok(w, j)]
+
+``bias = rel_table[rel_index[i, j], h] + dense_bias[w, h, i, j]`` (either may be absent), broadcast
+over the batch (and over the windows / heads where ``dense_bias`` has size 1 there).
+
+Window geometry: a grid of ``H x W`` tokens in raster order, windows of ``wh x ww`` (``n = wh * ww``
+tokens, local index ``t = i * ww + j``), ``(H // wh) * (W // ww)`` windows numbered in raster order of
+window rows ``wr`` and columns ``wc``:
+
+- plain: position ``(i, j)`` of window ``(wr, wc)`` is grid token ``(wr * wh + i, wc * ww + j)``;
+- dilation ``(dh, dw)`` (CrossFormer long distance, MaxViT grid): rows are cut into blocks of
+  ``wh * dh``; window row ``wr = block * dh + o`` holds rows ``block * wh * dh + o + i * dh`` (the same
+  for columns). ``(1, 1)`` is the plain case;
+- shift ``(sh, sw)`` (Swin's shifted windows, never with dilation): the grid is rolled by ``-shift``
+  and cut as in the plain case, so position ``(i, j)`` is token ``((wr * wh + i + sh) % H,
+  (wc * ww + j + sw) % W)``. A token's region is which side of the wrap its rolled coordinates
+  ``r' = wr * wh + i`` (``r' >= H - sh``) and ``c'`` lie on; keys of another region are masked with
+  an exact ``-inf`` (probability exactly 0; Swin's -100 is an approximation of it).
+
+Layout: ``q [B, heads, H*W, D]``, ``k [B, heads, H*W, D]``, ``v [B, heads, H*W, Dv]``, ``out`` like
+``v`` in q's dtype, raster order. Strided views are read in place (a tensor is copied only when its
+last dim is not contiguous). ``lse [B, heads, H*W]`` fp32 (raster order) is saved for the backward.
+
+Design:
+
+- One program per (batch, head, window[, query block]). Every address comes from the window
+  coordinates in-kernel (``_window_tokens``: integer vector arithmetic on the tile's positions):
+  there is no partition/reverse copy, no roll and no index tensor built per call. The shift mask is
+  the comparison of two region ids computed from the same coordinates.
+- A window is padded to the tile (49 -> 64): positions past ``n`` are clamped onto position
+  ``n - 1`` for every load, so no q/k/v/bias load needs a mask and nothing outside the tensors is
+  read; padded keys get ``-inf`` and padded rows are never stored (their ``lse`` is read as
+  ``+inf`` in the backward, so they contribute exactly 0).
+- Biases: ``rel_table[rel_index]`` and ``dense_bias`` are summed once per call into one contiguous
+  ``[1|nW, 1|heads, n, n]`` tensor in the compute dtype (a torch gather of ``heads * n * n``
+  entries: 29 KiB for Swin's 3 heads of 49 x 49), read as one tile per program (L2-resident; never
+  ``[B, ...]``). The kernels add it as the matmul accumulator (``bias / scale``), as
+  ``kernels/attention.py`` does.
+- Windows up to 64 tokens (Swin, CrossFormer, MaxViT 7x7; 8x8) fit one tile: the forward runs
+  one program per (batch, head, window) and the backward is a single fused kernel per window
+  (``_win_bwd_tile``): it loads q, k, v, O, dO once, computes ``delta = rowsum(dO * O)`` itself,
+  recomputes ``p`` from ``lse`` and writes dQ, dK, dV (5 matmuls instead of FlashAttention-2's 7,
+  no preprocess launch, no atomics: the program owns the whole window). Larger windows (NesT's
+  14x14 = 196 -> 4 blocks of 64) use the FlashAttention-2 pair: the forward streams key blocks
+  with an online softmax (full blocks unmasked, the partial last one masked), ``_win_bwd_dq``
+  (per query block: delta, dQ, dS) and then ``_win_bwd_dkdv`` (per key block, over query blocks;
+  reads the delta the dQ kernel wrote).
+
+Deterministic bias gradients (the gradient of the summed bias is ``dS = P * (dP - delta)``): no
+float atomics anywhere. The one-tile backward reduces dS over a chunk of the batch inside the program
+(a register accumulator, batch elements in order) and writes one fp32 ``[BLOCK, BLOCK]`` tile per
+(chunk, window, head) with plain stores; torch then sums the chunks (and the broadcast dims) in a
+fixed order. The chunking depends only on the shapes: about ``DS_TARGET_PROGRAMS`` programs, the
+buffer at most ``DS_BUFFER_MAX_BYTES``. The multi-block dQ kernel stores dS per batch element (like
+``kernels/attention.py``), its buffer bounded by ``DS_BUFFER_MAX_BYTES`` by running the batch in
+chunks. The table gradient scatters ``dS`` summed over batch and windows with
+``attention._table_grad`` (torch's sorted, deterministic scatter-add on CUDA). Bitwise reproducible
+run to run.
+
+Limits and caveats:
+
+- Head dims 1..128 (padded to a power of two >= 16 in-kernel with masks: D = 8, 48, 80 work);
+  ``D != Dv`` allowed (head blocks as in ``kernels/attention.py``). fp32 / fp16 / bf16 with fp32
+  accumulation; fp32 multiplies in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set.
+- ``scale`` non-zero (the bias enters the matmul as ``bias / scale``). No dropout, no key padding.
+- The grid must divide into windows (``H % (wh * dh) == 0``, ``W % (ww * dw) == 0``), ``0 <= shift
+  < size``, shift and dilation not together; `window_attention` checks it (the caller may have).
+- ``rel_index`` values must lie in ``[0, T)``: the per-call gather raises on the CPU and asserts on
+  CUDA otherwise (no silent out-of-range read in a kernel).
+- A row whose logits are all ``-inf`` (only possible through a ``-inf`` dense bias) gets
+  ``out = 0`` and zero gradients, as in `window_attention_ref`.
+- Configs: a small fixed table by tile (``window_plan``), checked free of spills for sm_80 and
+  sm_90a by the ahead-of-time report (``iter_compile_specs`` lists the window variants;
+  ``fastvit.kernels.aot`` compiles them with the attention family).
+- Launches run under ``torch.cuda.device(q.device)``. Triton APIs from 3.2 through 3.9 only.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .attention import (
+    _LOG2E,
+    _TRITON_IMPORT_ERROR,
+    DS_BUFFER_MAX_BYTES,
+    HEAD_BLOCKS,
+    MAX_HEAD_DIM,
+    SUPPORTED_DTYPES,
+    _check_scale,
+    _dot_flags,
+    _fmt_shape,
+    _head_blocks,
+    _last_dim_contiguous,
+    _launch,
+    _load_tile,
+    _mma,
+    _require_runtime,
+    _runtime_available,
+    _store_tile,
+    _table_grad,
+    tl,
+    triton,
+    triton_next_power_of_2,
+)
+from .configs import CompileSpec, Config
+
+__all__ = [
+    "DS_TARGET_PROGRAMS",
+    "SINGLE_TILE_MAX",
+    "window_attention",
+    "window_attention_fwd",
+    "window_attention_bwd",
+    "window_not_supported_reasons",
+    "window_plan",
+    "window_token_index",
+    "window_attention_ref",
+    "iter_compile_specs",
+]
+
+# Windows of at most this many tokens (after padding to a power of two) run as one tile: the
+# forward in one program per window and the fused one-kernel backward.
+SINGLE_TILE_MAX = 64
+
+# The one-tile backward reduces dS over this many programs' worth of batch chunks at most: enough
+# programs to fill an H100 several times over, few enough that the dS buffer stays small.
+DS_TARGET_PROGRAMS = 2048
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w):
+    """Grid row and column of position (0, 0) of window ``w``, before the shift: window row
+    ``wr = block * dil_h + offset`` starts at row ``block * win_h * dil_h + offset``."""
+    win_row = w // num_win_w
+    win_col = w - win_row * num_win_w
+    row0 = (win_row // dil_h) * (win_h * dil_h) + win_row % dil_h
+    col0 = (win_col // dil_w) * (win_w * dil_w) + win_col % dil_w
+    return row0, col0
+
+
+@triton.jit
+def _window_tokens(t, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, SHIFT: tl.constexpr):
+    """Raster token index of window-local positions ``t`` (in range: callers clamp them) and, with
+    SHIFT, their wrap region (0..3). The roll by ``-shift`` is ``(r + shift) % H`` written as one
+    compare and select; the same compare says on which side of the wrap the row lies."""
+    i = t // win_w
+    j = t - i * win_w
+    r = row0 + i * dil_h
+    c = col0 + j * dil_w
+    if SHIFT:
+        wrap_r = r >= grid_h - shift_h
+        wrap_c = c >= grid_w - shift_w
+        r = tl.where(wrap_r, r - (grid_h - shift_h), r + shift_h)
+        c = tl.where(wrap_c, c - (grid_w - shift_w), c + shift_w)
+        region = wrap_r.to(tl.int32) * 2 + wrap_c.to(tl.int32)
+    else:
+        region = i  # unused without SHIFT
+    return r * grid_w + c, region
+
+
+@triton.jit
+def _mask_keys(s, region_m, region_n, t_n, n, MASK_N: tl.constexpr, SHIFT: tl.constexpr):
+    """``-inf`` where key ``t_n`` is padding (MASK_N) or from another wrap region than the query
+    (SHIFT); one tile compare for both: a padded key's region becomes -1."""
+    if SHIFT:
+        if MASK_N:
+            region_n = tl.where(t_n < n, region_n, -1)
+        s = tl.where(region_m[:, None] == region_n[None, :], s, float("-inf"))
+    elif MASK_N:
+        s = tl.where((t_n < n)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _win_fwd_step(
+    acc, l_i, m_i, q, K, V, BiasRows, region_m, start_n, offs_n, offs_d, offs_dv,
+    row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
+    stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One key block of the online softmax (log2 units). MASK_N only on the partial last block."""
+    t_n = start_n + offs_n
+    if MASK_N:
+        t_in = tl.minimum(t_n, n - 1)  # padded keys read the last key; masked below
+    else:
+        t_in = t_n
+    tok_n, region_n = _window_tokens(t_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     SHIFT)
+    k_t = _load_tile(K + tok_n[None, :] * stride_kn + offs_d[:, None], offs_d[:, None] < D, None,
+                     EVEN_D, True)  # (BLOCK_D, BLOCK_N)
+    if HAS_BIAS:
+        bias = tl.load(BiasRows + t_in[None, :]).to(tl.float32)
+        s = _mma(q, k_t, bias * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
+    else:
+        s = _mma(q, k_t, None, FP32_IEEE, UPCAST_DOT) * qk_scale
+    s = _mask_keys(s, region_m, region_n, t_n, n, MASK_N, SHIFT)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row whose keys so far are all masked (another region) has m_new = -inf: subtract 0 instead,
+    # so p and alpha are exactly 0 rather than NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(V + tok_n[:, None] * stride_vn + offs_dv[None, :], None, offs_dv[None, :] < Dv, True, EVEN_D)
+    acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], FP32_IEEE, UPCAST_DOT)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _win_fwd(
+    Q, K, V, Out, Lse, Bias,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_bw, stride_bh,
+    heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w, dil_h, dil_w, n,
+    D, Dv, qk_scale, inv_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One program: BLOCK_M positions of one (batch, head, window), streaming over the window's keys.
+
+    1-D grid, query block fastest, then window: the programs sharing a window's K and V are
+    neighbours. A window that fits one tile runs the masked step once (no loop)."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(n, BLOCK_M)
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    pid_w = pid // num_m_blocks
+    w = pid_w % num_windows
+    pid_bh = pid_w // num_windows
+    off_b = pid_bh // heads
+    off_h = pid_bh % heads
+    row0, col0 = _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    t_m = start_m + offs_m
+    if EVEN_M:
+        t_m_in = t_m
+    else:
+        t_m_in = tl.minimum(t_m, n - 1)  # padded rows read the last position; never stored
+    tok_m, region_m = _window_tokens(t_m_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     SHIFT)
+
+    Q += off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+    K += off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
+    V += off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
+    q = _load_tile(Q + tok_m[:, None] * stride_qn + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
+    BiasRows = Bias + w.to(tl.int64) * stride_bw + off_h.to(tl.int64) * stride_bh + (t_m_in * n)[:, None]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    n_full = (n // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _win_fwd_step(acc, l_i, m_i, q, K, V, BiasRows, region_m, start_n, offs_n, offs_d, offs_dv,
+                                      row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
+                                      stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
+                                      False, EVEN_D, HAS_BIAS, SHIFT, FP32_IEEE, UPCAST_DOT)
+    if not EVEN_N:
+        acc, l_i, m_i = _win_fwd_step(acc, l_i, m_i, q, K, V, BiasRows, region_m, n_full, offs_n, offs_d, offs_dv,
+                                      row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
+                                      stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
+                                      True, EVEN_D, HAS_BIAS, SHIFT, FP32_IEEE, UPCAST_DOT)
+
+    # Every row attends to itself, so l_i >= 1, unless a -inf dense bias masked all its keys.
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    Out += off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+    _store_tile(Out + tok_m[:, None] * stride_on + offs_dv[None, :], out.to(Out.dtype.element_ty),
+                (t_m < n)[:, None], offs_dv[None, :] < Dv, EVEN_M, EVEN_D)
+    lse_ptrs = Lse + pid_bh.to(tl.int64) * (grid_h * grid_w) + tok_m
+    if EVEN_M:
+        tl.store(lse_ptrs, lse)
+    else:
+        tl.store(lse_ptrs, lse, mask=t_m < n)
+
+
+@triton.jit
+def _win_bwd_tile(
+    Q, K, V, Out, DOut, Lse, DQ, DK, DV, DS, Bias,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_bw, stride_bh,
+    batch, batch_per_program, heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w,
+    dil_h, dil_w, n, D, Dv, qk_scale, inv_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, STORE_DS: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The whole backward of windows that fit one tile: one program per (batch chunk, head, window),
+    looping over the chunk's batch elements in order.
+
+    Per batch element: ``delta = rowsum(dO * O)``, ``p = exp(s - lse)``, ``dV = p^T dO``,
+    ``dP = dO V^T``, ``dS = p * (dP - delta)``, ``dQ = dS K * scale``, ``dK = dS^T Q * scale``. The
+    program owns its window, so every output is a plain store. With STORE_DS it also sums dS over its
+    batch elements in registers (in order) and stores one fp32 ``[BLOCK, BLOCK]`` tile per (chunk,
+    window, head) into DS: the bias gradient, reduced without atomics. Padded rows have lse = +inf
+    (p = 0), padded keys s = -inf (p = 0): they add exactly 0 to everything.
+    """
+    tl.static_assert(BLOCK_M == BLOCK_N)
+    pid = tl.program_id(0)
+    w = pid % num_windows
+    rest = pid // num_windows
+    off_h = rest % heads
+    chunk = rest // heads
+    # int64 bounds: the loop variable is int64 in compiled code (a plain int under the interpreter)
+    b_start = chunk.to(tl.int64) * batch_per_program
+    b_end = tl.minimum(b_start + batch_per_program, batch)
+    row0, col0 = _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w)
+
+    offs = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    if EVEN_N:
+        t_in = offs
+    else:
+        t_in = tl.minimum(offs, n - 1)
+    tok, region = _window_tokens(t_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, SHIFT)
+    row_ok = offs < n
+    d_ok = offs_d[None, :] < D
+    dv_ok = offs_dv[None, :] < Dv
+    h64 = off_h.to(tl.int64)
+    if HAS_BIAS:  # loaded once, kept in the compute dtype across the batch loop
+        bias = tl.load(Bias + w.to(tl.int64) * stride_bw + h64 * stride_bh + (t_in * n)[:, None] + t_in[None, :])
+    num_tokens = grid_h * grid_w
+
+    ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for b64 in range(b_start, b_end):
+        o = _load_tile(Out + b64 * stride_ob + h64 * stride_oh + tok[:, None] * stride_on + offs_dv[None, :],
+                       None, dv_ok, True, EVEN_D)
+        do = _load_tile(DOut + b64 * stride_dob + h64 * stride_doh + tok[:, None] * stride_don + offs_dv[None, :],
+                        None, dv_ok, True, EVEN_D)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+        q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + tok[:, None] * stride_qn + offs_d[None, :],
+                       None, d_ok, True, EVEN_D)
+        k = _load_tile(K + b64 * stride_kb + h64 * stride_kh + tok[:, None] * stride_kn + offs_d[None, :],
+                       None, d_ok, True, EVEN_D)
+        lse = tl.load(Lse + (b64 * heads + h64) * num_tokens + tok)
+        if EVEN_N:
+            lse2 = lse * 1.4426950408889634
+        else:
+            lse2 = tl.where(row_ok, lse * 1.4426950408889634, float("inf"))  # p = 0 on padded rows
+        if HAS_BIAS:
+            s = _mma(q, tl.trans(k), bias.to(tl.float32) * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
+        else:
+            s = _mma(q, tl.trans(k), None, FP32_IEEE, UPCAST_DOT) * qk_scale
+        s = _mask_keys(s, region, region, offs, n, not EVEN_N, SHIFT)
+        p = tl.exp2(s - lse2[:, None])
+        # Each gradient is stored as soon as it is complete: fewer tiles live at once.
+        dv = _mma(tl.trans(p.to(do.dtype)), do, None, FP32_IEEE, UPCAST_DOT)
+        _store_tile(DV + b64 * stride_dvb + h64 * stride_dvh + tok[:, None] * stride_dvn + offs_dv[None, :],
+                    dv.to(DV.dtype.element_ty), row_ok[:, None], dv_ok, EVEN_N, EVEN_D)
+        v = _load_tile(V + b64 * stride_vb + h64 * stride_vh + tok[:, None] * stride_vn + offs_dv[None, :],
+                       None, dv_ok, True, EVEN_D)
+        dp = _mma(do, tl.trans(v), None, FP32_IEEE, UPCAST_DOT)
+        ds = p * (dp - delta[:, None])
+        ds_in = ds.to(q.dtype)
+        dq = _mma(ds_in, k, None, FP32_IEEE, UPCAST_DOT) * scale
+        _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + tok[:, None] * stride_dqn + offs_d[None, :],
+                    dq.to(DQ.dtype.element_ty), row_ok[:, None], d_ok, EVEN_N, EVEN_D)
+        dk = _mma(tl.trans(ds_in), q, None, FP32_IEEE, UPCAST_DOT) * scale
+        _store_tile(DK + b64 * stride_dkb + h64 * stride_dkh + tok[:, None] * stride_dkn + offs_d[None, :],
+                    dk.to(DK.dtype.element_ty), row_ok[:, None], d_ok, EVEN_N, EVEN_D)
+        if STORE_DS:
+            ds_sum += ds
+
+    if STORE_DS:  # this (chunk, window, head)'s own tile of the padded buffer: no masks, no atomics
+        slab = (chunk.to(tl.int64) * num_windows + w) * heads + off_h
+        tl.store(DS + slab * (BLOCK_M * BLOCK_N) + offs[:, None] * BLOCK_N + offs[None, :], ds_sum)
+
+
+@triton.jit
+def _win_dq_step(
+    dq, q, do, lse2, delta, region_m, K, V, DS, ds_rows, BiasRows, start_n, offs_n, offs_d, offs_dv,
+    row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
+    stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
+    MASK_N: tl.constexpr, EVEN_D: tl.constexpr, HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr,
+    STORE_DS: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """One key block of the dQ loop (multi-block windows). MASK_N only on the partial last block."""
+    t_n = start_n + offs_n
+    if MASK_N:
+        t_in = tl.minimum(t_n, n - 1)
+    else:
+        t_in = t_n
+    tok_n, region_n = _window_tokens(t_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     SHIFT)
+    k = _load_tile(K + tok_n[:, None] * stride_kn + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
+    v = _load_tile(V + tok_n[:, None] * stride_vn + offs_dv[None, :], None, offs_dv[None, :] < Dv, True, EVEN_D)
+    if HAS_BIAS:
+        bias = tl.load(BiasRows + t_in[None, :]).to(tl.float32)
+        s = _mma(q, tl.trans(k), bias * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
+    else:
+        s = _mma(q, tl.trans(k), None, FP32_IEEE, UPCAST_DOT) * qk_scale
+    s = _mask_keys(s, region_m, region_n, t_n, n, MASK_N, SHIFT)
+    p = tl.exp2(s - lse2[:, None])
+    dp = _mma(do, tl.trans(v), None, FP32_IEEE, UPCAST_DOT)
+    ds = p * (dp - delta[:, None])
+    if STORE_DS:  # this batch element's slice of the padded buffer: plain stores, no masks
+        tl.store(DS + ds_rows[:, None] + t_n[None, :], ds)
+    dq = _mma(ds.to(k.dtype), k, dq, FP32_IEEE, UPCAST_DOT)
+    return dq
+
+
+@triton.jit
+def _win_bwd_dq(
+    Q, K, V, Out, DOut, Lse, Delta, DQ, DS, Bias,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    stride_bw, stride_bh, stride_sm,
+    heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w, dil_h, dil_w, n,
+    D, Dv, qk_scale, inv_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, STORE_DS: tl.constexpr,
+    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Windows larger than one tile: one program per (batch, head, window, query block). Computes
+    ``delta = rowsum(dO * O)`` for its rows (stored for `_win_bwd_dkdv`, launched after it), then
+    loops over the key blocks for dQ. With STORE_DS it writes its dS tiles into DS, an fp32
+    ``[B, nW, heads, n_pad, n_pad]`` buffer padded to block multiples (plain stores)."""
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(n, BLOCK_M)
+    start_m = (pid % num_m_blocks) * BLOCK_M
+    pid_w = pid // num_m_blocks
+    w = pid_w % num_windows
+    pid_bh = pid_w // num_windows
+    off_b = pid_bh // heads
+    off_h = pid_bh % heads
+    row0, col0 = _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    t_m = start_m + offs_m
+    if EVEN_M:
+        t_m_in = t_m
+    else:
+        t_m_in = tl.minimum(t_m, n - 1)
+    tok_m, region_m = _window_tokens(t_m_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     SHIFT)
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qn + offs_d[None, :],
+                   None, offs_d[None, :] < D, True, EVEN_D)
+    o = _load_tile(Out + b64 * stride_ob + h64 * stride_oh + tok_m[:, None] * stride_on + offs_dv[None, :],
+                   None, offs_dv[None, :] < Dv, True, EVEN_D)
+    do = _load_tile(DOut + b64 * stride_dob + h64 * stride_doh + tok_m[:, None] * stride_don + offs_dv[None, :],
+                    None, offs_dv[None, :] < Dv, True, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    Lse += pid_bh.to(tl.int64) * (grid_h * grid_w)
+    Delta += pid_bh.to(tl.int64) * (grid_h * grid_w)
+    lse = tl.load(Lse + tok_m)
+    if EVEN_M:
+        tl.store(Delta + tok_m, delta)
+        lse2 = lse * 1.4426950408889634
+    else:
+        tl.store(Delta + tok_m, delta, mask=t_m < n)
+        lse2 = tl.where(t_m < n, lse * 1.4426950408889634, float("inf"))  # p = 0 on padded rows
+
+    K += b64 * stride_kb + h64 * stride_kh
+    V += b64 * stride_vb + h64 * stride_vh
+    BiasRows = Bias + w.to(tl.int64) * stride_bw + h64 * stride_bh + (t_m_in * n)[:, None]
+    DS += ((b64 * num_windows + w) * heads + h64) * (tl.cdiv(n, BLOCK_M) * BLOCK_M) * stride_sm
+    ds_rows = t_m.to(tl.int64) * stride_sm  # the buffer is padded: padded rows are in it
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    n_full = (n // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _win_dq_step(dq, q, do, lse2, delta, region_m, K, V, DS, ds_rows, BiasRows, start_n, offs_n, offs_d,
+                          offs_dv, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
+                          stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
+                          False, EVEN_D, HAS_BIAS, SHIFT, STORE_DS, FP32_IEEE, UPCAST_DOT)
+    if not EVEN_N:
+        dq = _win_dq_step(dq, q, do, lse2, delta, region_m, K, V, DS, ds_rows, BiasRows, n_full, offs_n, offs_d,
+                          offs_dv, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
+                          stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
+                          True, EVEN_D, HAS_BIAS, SHIFT, STORE_DS, FP32_IEEE, UPCAST_DOT)
+    dq *= scale
+    _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + tok_m[:, None] * stride_dqn + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), (t_m < n)[:, None], offs_d[None, :] < D, EVEN_M, EVEN_D)
+
+
+@triton.jit
+def _win_bwd_dkdv(
+    Q, K, V, DOut, Lse, Delta, DK, DV, Bias,
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_bw, stride_bh,
+    heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w, dil_h, dil_w, n,
+    D, Dv, qk_scale, inv_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SHIFT: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """Windows larger than one tile: one program per (batch, head, window, key block), looping over
+    the query blocks on transposed (keys x queries) tiles. No tile is masked: padded query rows read
+    the last position and get p = 0 from lse = +inf; padded keys' rows of dK, dV are never stored."""
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(n, BLOCK_N)
+    start_n = (pid % num_n_blocks) * BLOCK_N
+    pid_w = pid // num_n_blocks
+    w = pid_w % num_windows
+    pid_bh = pid_w // num_windows
+    off_b = pid_bh // heads
+    off_h = pid_bh % heads
+    row0, col0 = _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    t_n = start_n + offs_n
+    if EVEN_N:
+        t_n_in = t_n
+    else:
+        t_n_in = tl.minimum(t_n, n - 1)
+    tok_n, region_n = _window_tokens(t_n_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     SHIFT)
+    b64 = off_b.to(tl.int64)
+    h64 = off_h.to(tl.int64)
+    k = _load_tile(K + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :],
+                   None, offs_d[None, :] < D, True, EVEN_D)
+    v = _load_tile(V + b64 * stride_vb + h64 * stride_vh + tok_n[:, None] * stride_vn + offs_dv[None, :],
+                   None, offs_dv[None, :] < Dv, True, EVEN_D)
+    Q += b64 * stride_qb + h64 * stride_qh
+    DOut += b64 * stride_dob + h64 * stride_doh
+    Lse += pid_bh.to(tl.int64) * (grid_h * grid_w)
+    Delta += pid_bh.to(tl.int64) * (grid_h * grid_w)
+    BiasW = Bias + w.to(tl.int64) * stride_bw + h64 * stride_bh
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for start_m in range(0, n, BLOCK_M):
+        t_m = start_m + offs_m
+        if EVEN_M:
+            t_m_in = t_m
+        else:
+            t_m_in = tl.minimum(t_m, n - 1)
+        tok_m, region_m = _window_tokens(t_m_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h,
+                                         dil_w, SHIFT)
+        q = _load_tile(Q + tok_m[:, None] * stride_qn + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
+        do = _load_tile(DOut + tok_m[:, None] * stride_don + offs_dv[None, :], None, offs_dv[None, :] < Dv,
+                        True, EVEN_D)
+        lse = tl.load(Lse + tok_m)
+        delta = tl.load(Delta + tok_m)
+        if EVEN_M:
+            lse2 = lse * 1.4426950408889634
+        else:
+            lse2 = tl.where(t_m < n, lse * 1.4426950408889634, float("inf"))
+        if HAS_BIAS:
+            # loaded in the natural (queries x keys) orientation, contiguous along keys, then transposed
+            bias = tl.load(BiasW + (t_m_in * n)[:, None] + t_n_in[None, :]).to(tl.float32)
+            s_t = _mma(k, tl.trans(q), tl.trans(bias) * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
+        else:
+            s_t = _mma(k, tl.trans(q), None, FP32_IEEE, UPCAST_DOT) * qk_scale
+        if SHIFT:
+            s_t = tl.where(region_n[:, None] == region_m[None, :], s_t, float("-inf"))
+        p_t = tl.exp2(s_t - lse2[None, :])
+        dv = _mma(p_t.to(do.dtype), do, dv, FP32_IEEE, UPCAST_DOT)
+        dp_t = _mma(v, tl.trans(do), None, FP32_IEEE, UPCAST_DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _mma(ds_t.to(q.dtype), q, dk, FP32_IEEE, UPCAST_DOT)
+
+    dk *= scale
+    _store_tile(DK + b64 * stride_dkb + h64 * stride_dkh + tok_n[:, None] * stride_dkn + offs_d[None, :],
+                dk.to(DK.dtype.element_ty), (t_n < n)[:, None], offs_d[None, :] < D, EVEN_N, EVEN_D)
+    _store_tile(DV + b64 * stride_dvb + h64 * stride_dvh + tok_n[:, None] * stride_dvn + offs_dv[None, :],
+                dv.to(DV.dtype.element_ty), (t_n < n)[:, None], offs_dv[None, :] < Dv, EVEN_N, EVEN_D)
+
+
+# The kernels of this family by name (the AOT report and the tests look them up here).
+KERNELS = {fn.__name__: fn for fn in (_win_fwd, _win_bwd_tile, _win_bwd_dq, _win_bwd_dkdv)} \
+    if _TRITON_IMPORT_ERROR is None else {}
+
+
+# --------------------------------------------------------------------------------------------------
+# configs
+# --------------------------------------------------------------------------------------------------
+
+def _tile(n: int) -> int:
+    """A window padded to a power of two >= 16 (``tl.dot`` needs 16)."""
+    return max(16, triton_next_power_of_2(n))
+
+
+def window_plan(n: int, d: int, dv: int, dtype: torch.dtype) -> dict:
+    """What the launchers run for windows of ``n`` tokens: ``{kernel: (Config, (BLOCK_D, BLOCK_DV))}``.
+
+    The rule: a window of at most `SINGLE_TILE_MAX` tokens is one tile (``_tile(n)`` square: 16, 32
+    or 64; 1, 2 or 4 warps), forward and fused backward; 8 warps for the 64-tiles whose tiles are
+    widest in registers (fp32, or a 128-wide head). Larger windows run 64 x 64 blocks with the
+    forward and dQ/dK/dV kernels (fp32: 32 x 32). Checked free of spills on sm_80 and sm_90a by the
+    ahead-of-time report (`iter_compile_specs`)."""
+    blocks = _head_blocks(d, dv)
+    tile = _tile(n)
+    wide = dtype == torch.float32 or max(blocks) == 128
+    if tile <= SINGLE_TILE_MAX:
+        warps = {16: 1, 32: 2, 64: 4}[tile]
+        fwd_warps = warps * 2 if wide and tile == 64 else warps
+        bwd_warps = warps * 2 if tile >= 32 and (wide or tile == 64) else warps
+        return {"_win_fwd": (Config(tile, tile, fwd_warps, 1), blocks),
+                "_win_bwd_tile": (Config(tile, tile, bwd_warps, 1), blocks)}
+    if dtype == torch.float32:
+        block, warps = 32, 4
+    else:
+        block, warps = 64, 8 if max(blocks) == 128 else 4
+    cfg = Config(block, block, warps, 2)
+    return {"_win_fwd": (cfg, blocks), "_win_bwd_dq": (cfg, blocks), "_win_bwd_dkdv": (cfg, blocks)}
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------------------
+
+class _Window(NamedTuple):
+    """The window geometry as the kernels take it (``args``), with its derived sizes."""
+
+    grid_h: int
+    grid_w: int
+    win_h: int
+    win_w: int
+    shift_h: int
+    shift_w: int
+    dil_h: int
+    dil_w: int
+
+    @classmethod
+    def of(cls, grid, size, shift, dilation) -> _Window:
+        return cls(*(int(x) for x in (*grid, *size, *shift, *dilation)))
+
+    @property
+    def n(self) -> int:
+        return self.win_h * self.win_w
+
+    @property
+    def num_win_w(self) -> int:
+        return self.grid_w // self.win_w
+
+    @property
+    def num_windows(self) -> int:
+        return (self.grid_h // self.win_h) * self.num_win_w
+
+    @property
+    def shifted(self) -> bool:
+        return self.shift_h > 0 or self.shift_w > 0
+
+    @property
+    def args(self) -> tuple:
+        """num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w, dil_h, dil_w, n."""
+        return (self.num_windows, self.num_win_w, self.grid_h, self.grid_w, self.win_h, self.win_w,
+                self.shift_h, self.shift_w, self.dil_h, self.dil_w, self.n)
+
+
+def _pair(value, name: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if (not isinstance(value, (tuple, list)) or len(value) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+def _geometry_reasons(grid, size, shift, dilation) -> list[str]:
+    """Why a window geometry is not one the kernels define (pure: no tensor is read)."""
+    try:
+        (H, W), (wh, ww), (sh, sw), (dh, dw) = (_pair(grid, "grid"), _pair(size, "size"), _pair(shift, "shift"),
+                                                _pair(dilation, "dilation"))
+    except ValueError as e:
+        return [str(e)]
+    reasons = []
+    if min(H, W, wh, ww) < 1:
+        reasons.append(f"grid={(H, W)} and size={(wh, ww)} must be positive")
+    if min(dh, dw) < 1:
+        reasons.append(f"dilation={(dh, dw)} must be >= 1")
+    if reasons:
+        return reasons
+    if H % (wh * dh) or W % (ww * dw):
+        reasons.append(f"grid={(H, W)} is not divisible into windows of size={(wh, ww)} with dilation={(dh, dw)} "
+                       f"(needs H % (wh * dh) == 0 and W % (ww * dw) == 0)")
+    if not (0 <= sh < wh and 0 <= sw < ww):
+        reasons.append(f"shift={(sh, sw)} must satisfy 0 <= shift < size={(wh, ww)}")
+    if (sh or sw) and (dh, dw) != (1, 1):
+        reasons.append(f"shift={(sh, sw)} with dilation={(dh, dw)}: shifted windows are not dilated")
+    return reasons
+
+
+def _check_inputs(q, k, v, window: Optional[_Window], rel_table, rel_index, dense_bias) -> None:
+    """Raises ValueError, naming the values, when the inputs break the kernels' contract (the
+    geometry has been checked by `_geometry_reasons`)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, heads, H*W, D], got shape {_fmt_shape(t)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype {q.dtype} is not supported (supports float32, float16, bfloat16)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
+    if q.shape[:3] != k.shape[:3] or q.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q {_fmt_shape(q)}, k {_fmt_shape(k)}, v {_fmt_shape(v)} must share B, heads and the "
+                         "token count")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"head dim of q ({q.shape[3]}) != head dim of k ({k.shape[3]})")
+    for name, d in (("q/k head dim", q.shape[3]), ("v head dim", v.shape[3])):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(f"{name}={d} is outside 1..{MAX_HEAD_DIM} (the kernel keeps a head row in registers)")
+    heads, tokens = q.shape[1], q.shape[2]
+    if tokens != window.grid_h * window.grid_w:
+        raise ValueError(f"q has {tokens} tokens, grid={(window.grid_h, window.grid_w)} has "
+                         f"{window.grid_h * window.grid_w}")
+    n, nw = window.n, window.num_windows
+    if (rel_table is None) != (rel_index is None):
+        raise ValueError("rel_table and rel_index go together: got "
+                         f"rel_table {_fmt_shape(rel_table)}, rel_index {_fmt_shape(rel_index)}")
+    if rel_table is not None:
+        if rel_table.dim() != 2 or rel_table.shape[1] != heads:
+            raise ValueError(f"rel_table must be [T, heads={heads}], got shape {_fmt_shape(rel_table)}")
+        if not rel_table.is_floating_point():
+            raise ValueError(f"rel_table must be a float tensor, got {rel_table.dtype}")
+        if tuple(rel_index.shape) != (n, n):
+            raise ValueError(f"rel_index must be [n, n] = [{n}, {n}] (window-local positions), got shape "
+                             f"{_fmt_shape(rel_index)}")
+        if rel_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+            raise ValueError(f"rel_index must be an integer tensor, got {rel_index.dtype}")
+        for name, t in (("rel_table", rel_table), ("rel_index", rel_index)):
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+    if dense_bias is not None:
+        if not isinstance(dense_bias, Tensor) or not dense_bias.is_floating_point():
+            raise ValueError(f"dense_bias must be a float tensor, got {getattr(dense_bias, 'dtype', dense_bias)}")
+        shape = tuple(dense_bias.shape)
+        target = (nw, heads, n, n)
+        padded = (1,) * (4 - len(shape)) + shape
+        if not 2 <= len(shape) <= 4 or any(s not in (1, t) for s, t in zip(padded, target)):
+            raise ValueError(f"dense_bias shape {list(shape)} is not broadcastable to [num_windows, heads, n, n] = "
+                             f"{list(target)} (2 to 4 dims)")
+        if dense_bias.device != q.device:
+            raise ValueError(f"dense_bias is on {dense_bias.device}, q is on {q.device}")
+
+
+def _validate(q, k, v, grid, size, shift, dilation, scale, rel_table, rel_index, dense_bias) -> tuple:
+    """The public entry's one validation: ``(window, scale)`` or ValueError."""
+    reasons = _geometry_reasons(grid, size, shift, dilation)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    window = _Window.of(_pair(grid, "grid"), _pair(size, "size"), _pair(shift, "shift"),
+                        _pair(dilation, "dilation"))
+    scale = _check_scale(scale)
+    _check_inputs(q, k, v, window, rel_table, rel_index, dense_bias)
+    return window, scale
+
+
+def _dense_4d(dense_bias: Tensor) -> Tensor:
+    return dense_bias.reshape((1,) * (4 - dense_bias.dim()) + tuple(dense_bias.shape))
+
+
+def _combined_bias(q: Tensor, window: _Window, rel_table, rel_index, dense_bias) -> tuple[Tensor, tuple, bool]:
+    """``rel_table[rel_index] + dense_bias`` as one contiguous ``[1|nW, 1|heads, n, n]`` tensor in q's
+    dtype (summed in fp32), its (window, head) strides (0 on broadcast dims) and whether there is one."""
+    n = window.n
+    bias = None
+    if rel_table is not None:
+        bias = rel_table.detach().float()[rel_index.long()].permute(2, 0, 1).unsqueeze(0)  # (1, heads, n, n)
+    if dense_bias is not None:
+        dense = _dense_4d(dense_bias.detach().float())
+        bias = dense if bias is None else bias + dense
+    if bias is None:
+        return torch.empty(0, dtype=q.dtype, device=q.device), (0, 0), False
+    bias = bias.expand(bias.shape[0], bias.shape[1], n, n).to(q.dtype).contiguous()
+    strides = tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in (0, 1))
+    return bias, strides, True
+
+
+def _strides(*tensors: Tensor) -> tuple:
+    return tuple(s for t in tensors for s in t.stride()[:3])
+
+
+def window_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, *, grid, size, shift=(0, 0), dilation=(1, 1), scale: float,
+    rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None, dense_bias: Optional[Tensor] = None,
+    checked: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Fused windowed attention forward (arguments as `window_attention`).
+
+    Args:
+        checked: validate the inputs (False: the caller did, e.g. the custom op behind `window_attention`).
+
+    Returns:
+        ``(out [B, heads, H*W, Dv] in q's dtype, lse [B, heads, H*W] fp32)``.
+    """
+    if checked:
+        window, scale = _validate(q, k, v, grid, size, shift, dilation, scale, rel_table, rel_index, dense_bias)
+    else:
+        window = _Window.of(grid, size, shift, dilation)
+    _require_runtime(q.device)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, heads, tokens, D = q.shape
+    Dv = v.shape[3]
+    out = torch.empty((B, heads, tokens, Dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, heads, tokens), dtype=torch.float32, device=q.device)
+    if B * heads == 0:
+        return out, lse
+    bias, bias_strides, has_bias = _combined_bias(q, window, rel_table, rel_index, dense_bias)
+    cfg, blocks = window_plan(window.n, D, Dv, q.dtype)["_win_fwd"]
+    n = window.n
+    _launch(_win_fwd, B * heads * window.num_windows * triton.cdiv(n, cfg.block_m),
+            (q, k, v, out, lse, bias, *_strides(q, k, v, out), *bias_strides, heads, *window.args, D, Dv,
+             scale * _LOG2E, 1.0 / scale),
+            dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1],
+                 EVEN_M=n % cfg.block_m == 0, EVEN_N=n % cfg.block_n == 0, EVEN_D=(D, Dv) == blocks,
+                 HAS_BIAS=has_bias, SHIFT=window.shifted, **_dot_flags(q.dtype)), cfg)
+    return out, lse
+
+
+def _batch_chunks(batch: int, heads: int, num_windows: int, slab_bytes: int) -> int:
+    """Batch elements per program of the one-tile backward when it reduces dS: enough chunks for
+    about `DS_TARGET_PROGRAMS` programs, at most `DS_BUFFER_MAX_BYTES` of buffer (``slab_bytes`` per
+    (chunk, window, head)). Depends on the shapes only, so the reduction order is fixed."""
+    per_chunk = heads * num_windows
+    chunks = max(1, min(batch, -(-DS_TARGET_PROGRAMS // per_chunk), DS_BUFFER_MAX_BYTES // (per_chunk * slab_bytes)))
+    return -(-batch // chunks)
+
+
+def window_attention_bwd(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, grid, size, shift=(0, 0),
+    dilation=(1, 1), scale: float, rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
+    dense_bias: Optional[Tensor] = None, need_rel_grad: Optional[bool] = None,
+    need_dense_grad: Optional[bool] = None, checked: bool = True,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Fused windowed attention backward.
+
+    Args:
+        do: ``[B, heads, H*W, Dv]``, the gradient of ``out``. q, k, v, out, lse: as the forward saw and
+            returned them; the geometry, scale and biases as in the forward.
+        need_rel_grad / need_dense_grad: compute ``d rel_table`` / ``d dense_bias``; default: whether
+            the tensor requires grad.
+        checked: validate the inputs (False: the caller did).
+
+    Returns:
+        ``(dq, dk, dv, d_rel_table [T, heads] or None, d_dense_bias (dense_bias's shape) or None)``,
+        each in its input's dtype; the bias gradients are contiguous and bitwise reproducible.
+    """
+    if checked:
+        window, scale = _validate(q, k, v, grid, size, shift, dilation, scale, rel_table, rel_index, dense_bias)
+        B, heads, tokens, _ = q.shape
+        for name, t, shape in (("do", do, (B, heads, tokens, v.shape[3])), ("out", out, (B, heads, tokens, v.shape[3])),
+                               ("lse", lse, (B, heads, tokens))):
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {list(shape)}, got {_fmt_shape(t)}")
+    else:
+        window = _Window.of(grid, size, shift, dilation)
+    _require_runtime(q.device)
+    if need_rel_grad is None:
+        need_rel_grad = rel_table is not None and rel_table.requires_grad
+    if need_dense_grad is None:
+        need_dense_grad = dense_bias is not None and dense_bias.requires_grad
+    need_rel_grad = bool(need_rel_grad) and rel_table is not None
+    need_dense_grad = bool(need_dense_grad) and dense_bias is not None
+
+    q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
+    do = _last_dim_contiguous(do.to(q.dtype))
+    lse = lse.contiguous()
+    B, heads, tokens, D = q.shape
+    Dv = v.shape[3]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B * heads == 0:
+        d_rel = rel_table.new_zeros(rel_table.shape) if need_rel_grad else None
+        d_dense = dense_bias.new_zeros(dense_bias.shape) if need_dense_grad else None
+        return dq, dk, dv, d_rel, d_dense
+
+    bias, bias_strides, has_bias = _combined_bias(q, window, rel_table, rel_index, dense_bias)
+    plan = window_plan(window.n, D, Dv, q.dtype)
+    n, nw = window.n, window.num_windows
+    store_ds = need_rel_grad or need_dense_grad
+    qk_scale, inv_scale = scale * _LOG2E, 1.0 / scale
+    common = dict(EVEN_D=(D, Dv) == plan["_win_fwd"][1], HAS_BIAS=has_bias, SHIFT=window.shifted,
+                  **_dot_flags(q.dtype))
+
+    ds_sum = None  # fp32 [nW, heads, n, n]: dS summed over the batch, in a fixed order
+    if "_win_bwd_tile" in plan:
+        cfg, blocks = plan["_win_bwd_tile"]
+        slab = cfg.block_m * cfg.block_n
+        per_program = _batch_chunks(B, heads, nw, slab * 4) if store_ds else 1
+        chunks = -(-B // per_program)
+        ds = (torch.empty((chunks, nw, heads, cfg.block_m, cfg.block_n), dtype=torch.float32, device=q.device)
+              if store_ds else torch.empty(0, dtype=torch.float32, device=q.device))
+        _launch(_win_bwd_tile, chunks * heads * nw,
+                (q, k, v, out, do, lse, dq, dk, dv, ds, bias, *_strides(q, k, v, out, do, dq, dk, dv),
+                 *bias_strides, B, per_program, heads, *window.args, D, Dv, qk_scale, inv_scale, scale),
+                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1],
+                     EVEN_N=n % cfg.block_n == 0, STORE_DS=store_ds, **common), cfg)
+        if store_ds:
+            ds_sum = ds[..., :n, :n].sum(dim=0)
+    else:
+        cfg, blocks = plan["_win_bwd_dq"]
+        n_pad = triton.cdiv(n, cfg.block_m) * cfg.block_m
+        delta = torch.empty((B, heads, tokens), dtype=torch.float32, device=q.device)
+        per_batch = nw * heads * n_pad * n_pad * 4
+        chunk = max(1, min(B, DS_BUFFER_MAX_BYTES // per_batch)) if store_ds else B
+        ds = (torch.empty((chunk, nw, heads, n_pad, n_pad), dtype=torch.float32, device=q.device)
+              if store_ds else torch.empty(0, dtype=torch.float32, device=q.device))
+        evens = dict(EVEN_M=n % cfg.block_m == 0, EVEN_N=n % cfg.block_n == 0)
+        for b0 in range(0, B, chunk):  # dQ (and dS) over batch chunks; partial sums added in order
+            sl = slice(b0, min(B, b0 + chunk))
+            nb = sl.stop - sl.start
+            _launch(_win_bwd_dq, nb * heads * nw * triton.cdiv(n, cfg.block_m),
+                    (q[sl], k[sl], v[sl], out[sl], do[sl], lse[sl], delta[sl], dq[sl], ds, bias,
+                     *_strides(q, k, v, out, do, dq), *bias_strides, n_pad, heads, *window.args, D, Dv,
+                     qk_scale, inv_scale, scale),
+                    dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1],
+                         **evens, STORE_DS=store_ds, **common), cfg)
+            if store_ds:
+                part = ds[:nb, :, :, :n, :n].sum(dim=0)
+                ds_sum = part if ds_sum is None else ds_sum + part
+        cfg, blocks = plan["_win_bwd_dkdv"]
+        _launch(_win_bwd_dkdv, B * heads * nw * triton.cdiv(n, cfg.block_n),
+                (q, k, v, do, lse, delta, dk, dv, bias, *_strides(q, k, v, do, dk, dv), *bias_strides,
+                 heads, *window.args, D, Dv, qk_scale, inv_scale, scale),
+                dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1],
+                     **evens, **common), cfg)
+
+    d_rel = d_dense = None
+    if need_rel_grad:
+        d_rel = _table_grad(ds_sum.sum(dim=0), rel_index, rel_table.shape[0]).to(rel_table.dtype)
+    if need_dense_grad:
+        shape4 = _dense_4d(dense_bias).shape
+        dims = [i for i in range(4) if shape4[i] == 1]
+        d_dense = ds_sum.sum(dim=dims, keepdim=True) if dims else ds_sum  # over the broadcast dims
+        d_dense = d_dense.reshape(dense_bias.shape).to(dense_bias.dtype).contiguous()
+    return dq, dk, dv, d_rel, d_dense
+
+
+def window_not_supported_reasons(
+    device, dtype: torch.dtype, head_dim: int, *, value_dim: Optional[int] = None, dropout_p: float = 0.0,
+    scale: Optional[float] = None, grid=None, size=None, shift=(0, 0), dilation=(1, 1),
+) -> list[str]:
+    """Why the window kernels cannot serve calls of this kind, as sentences a user can act on, from
+    what they declare alone (no tensor is read; mirrors ``attention.capability_reasons``). With
+    ``grid`` and ``size`` the window geometry is checked too."""
+    reasons = []
+    ok, why = _runtime_available(torch.device(device))
+    if not ok:
+        reasons.append(why)
+    if dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"dtype {dtype} is not supported (supports torch.float32, torch.float16, torch.bfloat16)")
+    widest = max(head_dim, value_dim or 0)
+    if widest > MAX_HEAD_DIM:
+        reasons.append(f"head_dim={widest} > {MAX_HEAD_DIM} (the kernel keeps a head row in registers)")
+    if dropout_p > 0:
+        reasons.append("attention dropout is not supported by the triton window kernels")
+    if scale is not None and scale == 0:
+        reasons.append("scale=0.0 is not supported (the kernels add the bias to the matmul as bias / scale)")
+    if grid is not None and size is not None:
+        reasons += _geometry_reasons(grid, size, shift, dilation)
+    return reasons
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library ops (torch.compile traces through them) and autograd
+# --------------------------------------------------------------------------------------------------
+# The geometry travels as one int list: [H, W, wh, ww, sh, sw, dh, dw].
+
+def _geometry_kwargs(geometry: Sequence[int]) -> dict:
+    g = [int(x) for x in geometry]
+    return dict(grid=(g[0], g[1]), size=(g[2], g[3]), shift=(g[4], g[5]), dilation=(g[6], g[7]))
+
+
+@torch.library.custom_op("fastvit::window_attn_fwd", mutates_args=())
+def _window_fwd_op(q: Tensor, k: Tensor, v: Tensor, geometry: list[int], scale: float, rel_table: Optional[Tensor],
+                   rel_index: Optional[Tensor], dense_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return window_attention_fwd(q, k, v, **_geometry_kwargs(geometry), scale=scale, rel_table=rel_table,
+                                rel_index=rel_index, dense_bias=dense_bias, checked=False)
+
+
+@_window_fwd_op.register_fake
+def _(q, k, v, geometry, scale, rel_table, rel_index, dense_bias):
+    B, heads, tokens, _ = q.shape
+    return q.new_empty((B, heads, tokens, v.shape[3])), q.new_empty((B, heads, tokens), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastvit::window_attn_bwd", mutates_args=())
+def _window_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, geometry: list[int],
+                   scale: float, rel_table: Optional[Tensor], rel_index: Optional[Tensor],
+                   dense_bias: Optional[Tensor], need_rel_grad: bool,
+                   need_dense_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """As ``window_attention_bwd``; a gradient that is not wanted comes back as an empty 1-D tensor."""
+    dq, dk, dv, d_rel, d_dense = window_attention_bwd(
+        do, q, k, v, out, lse, **_geometry_kwargs(geometry), scale=scale, rel_table=rel_table,
+        rel_index=rel_index, dense_bias=dense_bias, need_rel_grad=need_rel_grad,
+        need_dense_grad=need_dense_grad, checked=False)
+    return (dq, dk, dv, q.new_empty(0) if d_rel is None else d_rel,
+            q.new_empty(0) if d_dense is None else d_dense)
+
+
+@_window_bwd_op.register_fake
+def _(do, q, k, v, out, lse, geometry, scale, rel_table, rel_index, dense_bias, need_rel_grad, need_dense_grad):
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            rel_table.new_empty(rel_table.shape) if need_rel_grad and rel_table is not None else q.new_empty(0),
+            dense_bias.new_empty(dense_bias.shape) if need_dense_grad and dense_bias is not None
+            else q.new_empty(0))
+
+
+def _op_setup_context(ctx, inputs, output) -> None:
+    q, k, v, geometry, scale, rel_table, rel_index, dense_bias = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, rel_table, rel_index, dense_bias)
+    ctx.geometry, ctx.scale = list(geometry), scale
+    ctx.need_rel_grad = rel_table is not None and ctx.needs_input_grad[5]
+    ctx.need_dense_grad = dense_bias is not None and ctx.needs_input_grad[7]
+
+
+def _op_backward(ctx, d_out, _d_lse):
+    """(dq, dk, dv, None, None, d_rel_table, None, d_dense_bias), in the op's argument order."""
+    q, k, v, out, lse, rel_table, rel_index, dense_bias = ctx.saved_tensors
+    dq, dk, dv, d_rel, d_dense = torch.ops.fastvit.window_attn_bwd(
+        d_out, q, k, v, out, lse, ctx.geometry, ctx.scale, rel_table, rel_index, dense_bias,
+        ctx.need_rel_grad, ctx.need_dense_grad)
+    return (dq, dk, dv, None, None, d_rel if ctx.need_rel_grad else None, None,
+            d_dense if ctx.need_dense_grad else None)
+
+
+# The one autograd path: fastvit::window_attn_fwd differentiates through fastvit::window_attn_bwd.
+_window_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, grid, size, shift=(0, 0), dilation=(1, 1), scale: Optional[float] = None,
+    rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None, dense_bias: Optional[Tensor] = None,
+    validated: bool = False,
+) -> Tensor:
+    """Fused, differentiable attention inside (shifted or dilated) windows of a raster token grid
+    (see the module docstring for the math and the limits).
+
+    Args:
+        q: ``[B, heads, H*W, D]``, tokens in raster order of the ``H x W`` grid. k: like q.
+            v: ``[B, heads, H*W, Dv]``.
+        grid: ``(H, W)``. size: ``(wh, ww)``, the window (``n = wh * ww`` tokens).
+        shift: ``(sh, sw)``, ``0 <= shift < size``: Swin's cyclic shift (roll by ``-shift``), with the
+            cross-wrap keys masked exactly.
+        dilation: ``(dh, dw)``: windows of tokens ``dh`` rows / ``dw`` columns apart (CrossFormer long
+            distance, MaxViT grid). Not together with a shift.
+        scale: multiplies ``q . k``; defaults to ``D ** -0.5``. Non-zero.
+        rel_table: ``[T, heads]``; with ``rel_index [n, n]`` (window-local positions, values in
+            ``[0, T)``), ``bias[h, i, j] = rel_table[rel_index[i, j], h]``.
+        dense_bias: broadcastable to ``[num_windows, heads, n, n]`` (2 to 4 dims), e.g. a dynamic
+            position bias ``[heads, n, n]`` or a per-window mask ``[num_windows, 1, n, n]``.
+        validated: the caller has validated the inputs (``fastvit.attention`` does, once per call);
+            otherwise they are checked here, once, before the launchers (which trust them).
+
+    Returns:
+        ``out [B, heads, H*W, Dv]`` in q's dtype, raster order. Gradients flow to q, k, v,
+        rel_table and dense_bias.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if validated:
+        window = _Window.of(_pair(grid, "grid"), _pair(size, "size"), _pair(shift, "shift"),
+                            _pair(dilation, "dilation"))
+    else:
+        window, scale = _validate(q, k, v, grid, size, shift, dilation, scale, rel_table, rel_index, dense_bias)
+    out, _ = torch.ops.fastvit.window_attn_fwd(q, k, v, list(window), float(scale), rel_table, rel_index,
+                                               dense_bias)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ahead-of-time compile specs (fastvit.kernels.aot compiles them with the attention family)
+# --------------------------------------------------------------------------------------------------
+
+# Model-named window shapes the default report compiles: (name, grid, size, shift, dilation, head dim,
+# biased). Swin-T stage 1 with its shifted blocks, CrossFormer long distance / MaxViT grid (dilated),
+# NesT's 14x14 blocks (multi-block: 196 tokens).
+REPORT_SHAPES = (
+    ("swin_t_stage1", (56, 56), (7, 7), (0, 0), (1, 1), 32, True),
+    ("swin_t_stage1_shifted", (56, 56), (7, 7), (3, 3), (1, 1), 32, True),
+    ("maxvit_grid_stage1", (56, 56), (7, 7), (0, 0), (8, 8), 32, True),
+    ("nest_t_level1", (56, 56), (14, 14), (0, 0), (1, 1), 32, False),
+    ("nest_t_level1_biased", (56, 56), (14, 14), (0, 0), (1, 1), 32, True),
+)
+
+
+def _spec_divisible(fn, constexprs: dict) -> tuple:
+    """The arguments a typical call declares divisible by 16 at run time (triton's specialisation):
+    the pointers, the q/k/v/out and gradient strides (multiples of a head dim of 16, 32, 64 ...), D
+    and Dv, the padded dS buffer's row stride, a broadcast bias's window stride (0) and an unused
+    shift (0); not the grid (56), the window (7, 49), heads (3) or the bias head stride (49 * 49)."""
+    import inspect
+
+    names = []
+    for name, p in inspect.signature(getattr(fn, "fn", fn)).parameters.items():
+        if "constexpr" in str(p.annotation) or name in constexprs:
+            continue
+        if (name[0].isupper() or (name.startswith("stride_") and name != "stride_bh")
+                or name in ("D", "Dv") or (name in ("shift_h", "shift_w") and not constexprs.get("SHIFT"))):
+            names.append(name)
+    return tuple(names)
+
+
+def _signature(fn, dtype: torch.dtype) -> dict:
+    from .variants import kernel_signature  # variants imports attention only: no cycle
+
+    return kernel_signature(fn, dtype)
+
+
+def iter_compile_specs(*, full: bool = False, dtypes=(torch.float32, torch.bfloat16)) -> Iterator[CompileSpec]:
+    """The window variants for the ahead-of-time report: the `REPORT_SHAPES` (or with ``full``, every
+    head-block pair for each), per dtype, each kernel `window_plan` launches with the switches of that
+    shape (bias, shift, dS stored when biased, the padded window's masks). Unit dilations are
+    compiled as constants (triton specialises an int argument equal to 1), as they run."""
+    seen = set()
+    for dtype, (_model, grid, size, shift, dilation, d, biased) in itertools.product(dtypes, REPORT_SHAPES):
+        window = _Window.of(grid, size, shift, dilation)
+        n = window.n
+        pairs = HEAD_BLOCKS if full else ((d, d),)
+        for d_pair in pairs:
+            for kernel, (cfg, blocks) in window_plan(n, *d_pair, dtype).items():
+                fn = KERNELS[kernel]
+                constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1],
+                                  EVEN_D=True, HAS_BIAS=biased, SHIFT=window.shifted, FP32_IEEE=dtype == torch.float32,
+                                  UPCAST_DOT=False)
+                if kernel != "_win_bwd_tile":
+                    constexprs["EVEN_M"] = n % cfg.block_m == 0
+                constexprs["EVEN_N"] = n % cfg.block_n == 0
+                if kernel in ("_win_bwd_tile", "_win_bwd_dq"):
+                    constexprs["STORE_DS"] = biased
+                signature = _signature(fn, dtype)
+                if (window.dil_h, window.dil_w) == (1, 1):  # an int argument equal to 1 is a constant
+                    constexprs.update(dil_h=1, dil_w=1)
+                    signature.update(dil_h="constexpr", dil_w="constexpr")
+                key = (kernel, cfg, dtype, tuple(sorted(constexprs.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield CompileSpec(kernel, cfg, signature, constexprs, divisible=_spec_divisible(fn, constexprs))
+
+
+# --------------------------------------------------------------------------------------------------
+# reference
+# --------------------------------------------------------------------------------------------------
+
+def window_token_index(grid, size, shift=(0, 0), dilation=(1, 1), device=None) -> tuple[Tensor, Tensor]:
+    """The raster token of each window position and its wrap region, in plain torch:
+    ``(index [num_windows, n] int64, region [num_windows, n] int64)`` (region 0 everywhere without a
+    shift). ``x[:, :, index]`` partitions ``[B, heads, H*W, D]`` into ``[B, heads, nW, n, D]``."""
+    (H, W), (wh, ww), (sh, sw), (dh, dw) = (_pair(grid, "grid"), _pair(size, "size"), _pair(shift, "shift"),
+                                            _pair(dilation, "dilation"))
+
+    def axis(extent, win, sft, dil):
+        win_idx = torch.arange(extent // win, device=device)
+        pos = torch.arange(win, device=device)
+        rolled = ((win_idx // dil) * win * dil + win_idx % dil)[:, None] + pos[None, :] * dil  # (windows, win)
+        wrap = (rolled >= extent - sft) if sft > 0 else torch.zeros_like(rolled, dtype=torch.bool)
+        return (rolled + sft) % extent, wrap.long()
+
+    rows, wrap_r = axis(H, wh, sh, dh)
+    cols, wrap_c = axis(W, ww, sw, dw)
+    index = rows[:, None, :, None] * W + cols[None, :, None, :]  # (nWr, nWc, wh, ww)
+    region = wrap_r[:, None, :, None] * 2 + wrap_c[None, :, None, :]
+    nw = index.shape[0] * index.shape[1]
+    return index.reshape(nw, wh * ww), region.reshape(nw, wh * ww)
+
+
+def window_attention_ref(
+    q: Tensor, k: Tensor, v: Tensor, *, grid, size, shift=(0, 0), dilation=(1, 1), scale: Optional[float] = None,
+    rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None, dense_bias: Optional[Tensor] = None,
+) -> Tensor:
+    """The same math in plain PyTorch (fp32, cast back to q's dtype): partition by an index
+    permutation, dense attention per window with the biases and the exact ``-inf`` region mask,
+    reverse by the inverse permutation. Differentiable in every float input. A row whose logits
+    are all ``-inf`` gives 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, heads, tokens, _ = q.shape
+    index, region = window_token_index(grid, size, shift, dilation, device=q.device)
+    flat = index.reshape(-1)
+    nw, n = index.shape
+
+    def windows(x):  # (b, h, H*W, d) -> (b, nW, h, n, d)
+        return x.float()[:, :, flat].reshape(B, heads, nw, n, -1).transpose(1, 2)
+
+    s = windows(q) @ windows(k).transpose(-1, -2) * scale  # (b, nW, h, n, n)
+    if rel_table is not None:
+        s = s + rel_table.float()[rel_index.long()].permute(2, 0, 1)  # (n, n, h) -> (h, n, n)
+    if dense_bias is not None:
+        s = s + _dense_4d(dense_bias.float())  # broadcast over [nW, heads, n, n]
+    s = s.masked_fill((region[:, :, None] != region[:, None, :])[:, None], float("-inf"))  # (nW, 1, n, n)
+    empty = torch.isneginf(s).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    out = (p @ windows(v)).transpose(1, 2).reshape(B, heads, tokens, -1)  # window order
+    inverse = torch.argsort(flat)
+    return out[:, :, inverse].to(q.dtype)
