@@ -153,121 +153,138 @@ class _Run:
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=self.console, disable=not self.env.is_main)
 
-    def run(self) -> dict:
+    def _setup(self) -> None:
+        """Model, data, wrapping, optimiser, resume point, metrics file: everything before the first step."""
         cfg, env = self.config, self.env
         seed_all(cfg.seed)  # the same initial weights on every rank
-        task = build_task(cfg)
+        self.task = task = build_task(cfg)
         train_set, val_set = self._datasets(task)
         pin = env.device.type == "cuda"
-        loader = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers, pin)
-        val = val_loader(val_set, cfg.batch_size, env.rank, env.world_size, cfg.workers, pin)
-        steps_per_epoch = len(loader)
-        total_steps = steps_per_epoch * cfg.epochs
-        warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
+        self.loader = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers, pin)
+        self.val = val_loader(val_set, cfg.batch_size, env.rank, env.world_size, cfg.workers, pin)
+        self.steps_per_epoch = len(self.loader)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.images_per_step = cfg.batch_size * env.world_size
 
         trainable = {name for name, _ in task.trainable_parameters()}
         if env.device.type == "cuda":
             torch.set_float32_matmul_precision("high")
-        wrapped = D.wrap(task.module, env)
-        module = D.unwrap(wrapped)  # FSDP2 swapped the parameters for DTensor shards: look them up again
-        optimizer = build_optimizer([(n, p) for n, p in module.named_parameters() if n in trainable], cfg.lr,
-                                    cfg.weight_decay)
-        step_module = torch.compile(wrapped) if cfg.compile else wrapped
-        start_epoch, step = self._resume(wrapped, optimizer)
+        self.wrapped = D.wrap(task.module, env)
+        self.module = D.unwrap(self.wrapped)  # FSDP2 swapped the parameters for DTensor shards: look them up again
+        self.optimizer = build_optimizer([(n, p) for n, p in self.module.named_parameters() if n in trainable],
+                                         cfg.lr, cfg.weight_decay)
+        self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.step_module = torch.compile(self.wrapped) if cfg.compile else self.wrapped
+        self.start_epoch, self.step = self._resume(self.wrapped, self.optimizer)
         os.makedirs(cfg.out, exist_ok=True)
-        metrics_path = os.path.join(cfg.out, "metrics.jsonl")
-        metrics = MetricsLog(metrics_path, env.is_main, resume_step=step if start_epoch else None)
+        self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
+        self.metrics = MetricsLog(self.metrics_path, env.is_main, resume_step=self.step if self.start_epoch else None)
         mode = "FSDP2" if env.fsdp else ("DDP" if env.distributed else "single process")
-        n_params = sum(p.numel() for p in module.parameters())
+        n_params = sum(p.numel() for p in self.module.parameters())
         self.log(f"fastvit train: {cfg.model}{f' + {cfg.ssl}' if cfg.ssl else ''} ({n_params / 1e6:.2f} M "
                  f"parameters), {mode}, {env.world_size} rank(s) on {env.device.type}, {len(train_set)} images, "
-                 f"{steps_per_epoch} steps/epoch of {cfg.batch_size} x {env.world_size}, out {cfg.out}")
+                 f"{self.steps_per_epoch} steps/epoch of {cfg.batch_size} x {env.world_size}, out {cfg.out}")
 
-        images_per_step = cfg.batch_size * env.world_size
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        last_epoch_record, diverged, model_state = None, [], None
-        with self._progress() as progress:
-            for epoch in range(start_epoch, cfg.epochs):
-                loader.sampler.set_epoch(epoch)
-                seed_all(_epoch_seed(cfg.seed, epoch, env.rank))
-                wrapped.train()
-                bar = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, info="")
-                epoch_start = interval_start = time.perf_counter()
-                epoch_loss = torch.zeros((), dtype=torch.float64, device=env.device)
-                interval = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, steps
-                lr = cfg.lr
-                for images, labels in loader:
-                    images = images.to(env.device, non_blocking=True)
-                    labels = labels.to(env.device, non_blocking=True)
-                    lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=cfg.lr, min_lr=cfg.min_lr)
-                    set_lr(optimizer, lr)
-                    with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                        loss = task.loss(step_module, images, labels)
-                    loss.backward()
-                    if cfg.grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    if task.after_step is not None:
-                        task.after_step(module)
-                    step += 1
-                    detached = loss.detach().double()
-                    epoch_loss += detached
-                    interval += torch.stack((detached, torch.ones_like(detached)))
-                    if step % cfg.log_every == 0:
-                        mean = self._interval_record(interval, interval_start, images_per_step, epoch, step, lr)
-                        metrics.write(mean)
-                        progress.update(bar, info=f"loss {mean['loss']:.4f}  lr {lr:.2e}  "
-                                                  f"{mean['img_per_s']:.0f} img/s")
-                        interval.zero_()
-                        interval_start = time.perf_counter()
-                    progress.advance(bar)
-                    if self.on_step is not None:
-                        self.on_step({"epoch": epoch, "step": step, "loss": float(detached), "module": module})
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
+        """One optimiser step; returns ``(detached loss, lr)``."""
+        cfg, env = self.config, self.env
+        images = images.to(env.device, non_blocking=True)
+        labels = labels.to(env.device, non_blocking=True)
+        lr = lr_at(self.step, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=cfg.lr,
+                   min_lr=cfg.min_lr)
+        set_lr(self.optimizer, lr)
+        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = self.task.loss(self.step_module, images, labels)
+        loss.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.task.after_step is not None:
+            self.task.after_step(self.module)  # Dino: the teacher and centre EMA
+        self.step += 1
+        return loss.detach().double(), lr
 
-                totals = D.all_reduce_sum(torch.stack((epoch_loss, torch.tensor(steps_per_epoch, dtype=torch.float64,
-                                                                                 device=env.device))), env)
-                record = {"kind": "epoch", "epoch": epoch + 1, "step": step,
-                          "loss": float(totals[0] / totals[1]), "lr": lr,
-                          "img_per_s": steps_per_epoch * images_per_step / (time.perf_counter() - epoch_start),
-                          "time_s": time.perf_counter() - epoch_start}
-                if val is not None:
-                    record["val_top1"] = evaluate(wrapped, val, env, cfg.bf16)
-                metrics.write(record)
-                last_epoch_record = record
-                summary_line = f"loss {record['loss']:.4f}" + (f"  top-1 {record['val_top1']:.2f}%" if val is not None
-                                                               else "")
-                progress.update(bar, info=summary_line)
-                if not self.console.is_terminal:  # a log file sees the bars only at the end: one line per epoch
-                    self.log(f"epoch {epoch + 1}/{cfg.epochs}: step {step}, {summary_line}, "
-                             f"{record['img_per_s']:.0f} img/s, {record['time_s']:.0f} s")
-                diverged = _diverged_tensors(module, env)
-                if diverged:
-                    self.log(f"[yellow]warning: tensors differ between ranks: {', '.join(diverged)}[/yellow]")
-                model_state, optim_state = gather_state(wrapped, optimizer)
-                if env.is_main:
-                    save_checkpoint(cfg.out, epoch + 1, step, model_state, optim_state, keep=cfg.keep,
-                                    meta=self._meta(env, steps_per_epoch, record, diverged))
-                D.barrier(env)
+    def _train_epoch(self, epoch: int, progress: Progress) -> dict:
+        """The steps of ``epoch`` (0-based); returns its ``metrics.jsonl`` record (loss over all ranks)."""
+        cfg, env = self.config, self.env
+        self.loader.sampler.set_epoch(epoch)
+        seed_all(_epoch_seed(cfg.seed, epoch, env.rank))
+        self.wrapped.train()
+        bar = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=self.steps_per_epoch, info="")
+        epoch_start = interval_start = time.perf_counter()
+        epoch_loss = torch.zeros((), dtype=torch.float64, device=env.device)
+        interval = torch.zeros(2, dtype=torch.float64, device=env.device)  # loss sum, steps since the last line
+        lr = cfg.lr
+        for images, labels in self.loader:
+            loss, lr = self._train_step(images, labels)
+            epoch_loss += loss
+            interval += torch.stack((loss, torch.ones_like(loss)))
+            if self.step % cfg.log_every == 0:
+                record = self._interval_record(interval, interval_start, epoch, lr)
+                self.metrics.write(record)
+                progress.update(bar, info=f"loss {record['loss']:.4f}  lr {lr:.2e}  {record['img_per_s']:.0f} img/s")
+                interval.zero_()
+                interval_start = time.perf_counter()
+            progress.advance(bar)
+            if self.on_step is not None:
+                self.on_step({"epoch": epoch, "step": self.step, "loss": float(loss), "module": self.module})
 
-        if model_state is None:  # resumed after the last epoch: nothing trained, export anyway
-            model_state, _ = gather_state(wrapped, optimizer)
-        summary = {"out": cfg.out, "epochs": cfg.epochs, "step": step, "metrics": last_epoch_record,
-                   "diverged": diverged}
+        steps = torch.tensor(self.steps_per_epoch, dtype=torch.float64, device=env.device)
+        totals = D.all_reduce_sum(torch.stack((epoch_loss, steps)), env)
+        elapsed = time.perf_counter() - epoch_start
+        record = {"kind": "epoch", "epoch": epoch + 1, "step": self.step, "loss": float(totals[0] / totals[1]),
+                  "lr": lr, "img_per_s": self.steps_per_epoch * self.images_per_step / elapsed, "time_s": elapsed}
+        if self.val is not None:
+            record["val_top1"] = evaluate(self.wrapped, self.val, env, cfg.bf16)
+        line = f"loss {record['loss']:.4f}" + (f"  top-1 {record['val_top1']:.2f}%" if self.val is not None else "")
+        progress.update(bar, info=line)
+        if not self.console.is_terminal:  # a log file sees the bars only at the end: one line per epoch
+            self.log(f"epoch {epoch + 1}/{cfg.epochs}: step {self.step}, {line}, {record['img_per_s']:.0f} img/s, "
+                     f"{elapsed:.0f} s")
+        return record
+
+    def _checkpoint(self, record: dict) -> tuple:
+        """Compare the replicas, then write the checkpoint of the epoch ``record`` ends; returns
+        ``(model_state, diverged)``."""
+        env = self.env
+        diverged = _diverged_tensors(self.module, env)
+        if diverged:
+            self.log(f"[yellow]warning: tensors differ between ranks: {', '.join(diverged)}[/yellow]")
+        model_state, optim_state = gather_state(self.wrapped, self.optimizer)
         if env.is_main:
-            meta = {"model": cfg.model, "model_args": {**cfg.model_args, **({"num_classes": cfg.num_classes}
-                                                                              if cfg.num_classes else {})},
-                    "image_size": list(task.image_size), "ssl": cfg.ssl, "epochs": cfg.epochs, "step": step}
-            summary["model"] = export_model(cfg.out, model_state, task.backbone_prefix, meta)
-            summary["plot"] = plot_metrics(read_metrics(metrics_path), os.path.join(cfg.out, "metrics.png"),
+            save_checkpoint(self.config.out, record["epoch"], self.step, model_state, optim_state,
+                            keep=self.config.keep, meta=self._meta(record, diverged))
+        D.barrier(env)
+        return model_state, diverged
+
+    def run(self) -> dict:
+        cfg, env = self.config, self.env
+        self._setup()
+        record, diverged, model_state = None, [], None
+        with self._progress() as progress:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                record = self._train_epoch(epoch, progress)
+                self.metrics.write(record)
+                model_state, diverged = self._checkpoint(record)
+        if model_state is None:  # resumed after the last epoch: nothing trained, export anyway
+            model_state, _ = gather_state(self.wrapped, self.optimizer)
+        summary = {"out": cfg.out, "epochs": cfg.epochs, "step": self.step, "metrics": record, "diverged": diverged}
+        if env.is_main:
+            model_args = {**cfg.model_args, **({"num_classes": cfg.num_classes} if cfg.num_classes else {})}
+            meta = {"model": cfg.model, "model_args": model_args, "image_size": list(self.task.image_size),
+                    "ssl": cfg.ssl, "epochs": cfg.epochs, "step": self.step}
+            summary["model"] = export_model(cfg.out, model_state, self.task.backbone_prefix, meta)
+            summary["plot"] = plot_metrics(read_metrics(self.metrics_path), os.path.join(cfg.out, "metrics.png"),
                                            title=f"{cfg.model}{f' ({cfg.ssl})' if cfg.ssl else ''}")
-            self.log(f"done: {step} steps; {summary['model']}, {metrics_path}, {summary['plot']}")
+            self.log(f"done: {self.step} steps; {summary['model']}, {self.metrics_path}, {summary['plot']}")
         D.barrier(env)
         return summary
 
-    def _interval_record(self, interval: torch.Tensor, start: float, images_per_step: int, epoch: int, step: int,
-                         lr: float) -> dict:
-        local_steps = float(interval[1])
+    def _interval_record(self, interval: torch.Tensor, start: float, epoch: int, lr: float) -> dict:
+        """The ``metrics.jsonl`` line of the steps since ``start`` (``interval``: their loss sum and count)."""
+        step, local_steps = self.step, float(interval[1])
         totals = D.all_reduce_sum(interval.clone(), self.env)
         loss = float(totals[0] / totals[1])
         if not math.isfinite(loss):
@@ -275,13 +292,14 @@ class _Run:
                                      f"or drop --bf16")
         elapsed = max(time.perf_counter() - start, 1e-9)
         return {"kind": "step", "epoch": epoch + 1, "step": step, "loss": loss, "lr": lr,
-                "img_per_s": local_steps * images_per_step / elapsed}
+                "img_per_s": local_steps * self.images_per_step / elapsed}
 
-    def _meta(self, env: D.DistEnv, steps_per_epoch: int, record: dict, diverged: list) -> dict:
+    def _meta(self, record: dict, diverged: list) -> dict:
         from fastvit import __version__
 
+        env = self.env
         return {"config": self.config.to_dict(), "world_size": env.world_size, "fsdp": env.fsdp,
-                "steps_per_epoch": steps_per_epoch, "metrics": record, "diverged": diverged,
+                "steps_per_epoch": self.steps_per_epoch, "metrics": record, "diverged": diverged,
                 "versions": {"fastvit": __version__, "torch": torch.__version__}}
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-__all__ = ["build_optimizer", "lr_at", "set_lr", "count_parameters"]
+__all__ = ["build_optimizer", "lr_at", "set_lr"]
 
 _NO_DECAY_NAMES = ("token", "pos_embedding", "pos_emb", "position", "centers")
 
@@ -41,7 +40,3 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: 
 def set_lr(optimizer: torch.optim.Optimizer, value: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = value
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
