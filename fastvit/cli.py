@@ -161,7 +161,7 @@ def cmd_bench(args, out: Console) -> int:
                          quick=args.quick, group_seconds=args.group_seconds, vit_pytorch=not args.no_vit_pytorch,
                          timm=not args.no_timm, memory=not args.no_memory, max_seconds=args.max_seconds,
                          threads=args.threads, tune_allocator=args.tune_allocator,
-                         timm_compile=args.timm_compile)
+                         timm_compile=args.timm_compile, timm_patch=_split(args.timm_patch))
     try:
         n_groups = len(plan(config))
     except ValueError as e:
@@ -362,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "page-faulting it back (applies to every contender)")
     p.add_argument("--timm-compile", action="store_true",
                    help="also time the timm equivalent under torch.compile (compiled during warm-up)")
+    p.add_argument("--timm-patch", action="append", metavar="PATTERN",
+                   help="timm models patched in place (fastvit.patch_timm): unpatched vs patched vs patched with "
+                        "linear=True, same weights; comma-separated globs over timm names or families, 'all' (one "
+                        "model per family) or 'default' (ViT-S/16, Swin-T); combine with --no-attention "
+                        "--no-models to run only these")
     p.add_argument("--no-vit-pytorch", action="store_true", help="do not compare against vit-pytorch")
     p.add_argument("--no-timm", action="store_true", help="do not compare against timm")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")

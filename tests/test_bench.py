@@ -302,3 +302,35 @@ def test_registry_declares_real_timm_equivalents():
     assert {"vit_base_patch16_224", "levit_128s", "pit_ti_224", "crossvit_tiny_240", "cait_xxs24_224"} <= set(declared)
     for name, timm_name in declared.items():
         assert timm.list_models(timm_name), f"{name}: timm has no model {timm_name!r}"
+
+
+def test_timm_patch_groups_time_timm_unpatched_patched_and_linear(capsys, tmp_path):
+    pytest.importorskip("timm")
+    path = tmp_path / "timm.json"
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--no-attention", "--no-models", "--no-memory",
+                   "--timm-patch", "vit_small_patch16_224,swin", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    doc = json.loads(path.read_text())
+    assert schema.validate_document(doc) == []
+    rows = [r for r in doc["results"] if r["kind"] == "timm"]
+    assert {r["name"] for r in rows} == {"vit_small_patch16_224", "swin_tiny_patch4_window7_224"}
+    for name in {r["name"] for r in rows}:
+        by = {r["contender"]: r for r in rows if r["name"] == name}
+        assert set(by) == {"timm fp32", "patched fp32", "patched+linear fp32"}
+        assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in by.values()), by
+        assert by["timm fp32"]["x_timm"] == pytest.approx(1.0) and by["patched+linear fp32"]["x_timm"] > 0
+        assert by["patched fp32"]["impl"] == "timm-patched" and by["patched fp32"]["family"]
+    assert "patched in place" in out and "patched+linear" in out
+
+
+def test_select_timm_models():
+    from fastvit.tools.timm_models import DEFAULT_TIMM_PATCH, TIMM_BENCH_MODELS, select_timm_models
+
+    assert select_timm_models(None) == []
+    assert [m.name for m in select_timm_models(["default"])] == DEFAULT_TIMM_PATCH
+    assert len(select_timm_models(["all"])) == len(TIMM_BENCH_MODELS)
+    assert {m.family for m in select_timm_models(["swin*", "levit"])} == {"swin", "swin-v2", "levit"}
+    with pytest.raises(ValueError, match="no timm bench model matches"):
+        select_timm_models(["nope*"])
+    assert len({m.family for m in TIMM_BENCH_MODELS}) >= 15  # one model per family patch_timm serves

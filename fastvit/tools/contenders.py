@@ -279,3 +279,48 @@ def model_contenders(name: str, *, device: str, dtypes: Sequence[torch.dtype], m
     return contenders, info
 
 
+
+
+def timm_patch_contenders(entry, *, device: str, dtypes: Sequence[torch.dtype], mode: str = "fwd",
+                          batch_size: Optional[int] = None, quick: bool = False) -> tuple:
+    """The contenders of one ``--timm-patch`` group: timm's model unpatched, ``patch_timm``-ed, and
+    ``patch_timm(linear=True)``-ed, the same weights, each in every dtype (autocast for bf16 / fp16).
+
+    Args:
+        entry: a ``fastvit.tools.timm_models.TimmBenchModel``.
+
+    Returns:
+        ``(contenders, info)``; ``info`` has the input size, parameter count, what the patch did and
+        the batch size.
+    """
+    import copy
+
+    import timm
+
+    from fastvit.compat.timm import patch_summary, patch_timm
+
+    torch.manual_seed(0)
+    kwargs = dict(entry.quick) if quick else {}
+    model = timm.create_model(entry.name, pretrained=False, **kwargs).eval()
+    input_size = (3, entry.quick_size, entry.quick_size) if quick else tuple(model.pretrained_cfg["input_size"])
+    batch = batch_size or entry.batch_size(torch.device(device).type, quick)
+    versions = {"timm": model,
+                "patched": patch_timm(copy.deepcopy(model)),
+                "patched+linear": patch_timm(copy.deepcopy(model), linear=True)}
+    summary = patch_summary(versions["patched+linear"])
+    info = {"input_size": list(input_size), "params": sum(p.numel() for p in model.parameters()),
+            "timm_model": entry.name, "vit_pytorch": None, "batch_size": batch,
+            "notes": [f"refused: {cls} ({why})" for cls, (_, why) in summary.refused.items()]}
+    for m in versions.values():
+        m.to(device)
+    torch.manual_seed(0)
+    x = torch.randn(batch, *input_size, device=device)
+    impls = {"timm": "timm", "patched": "timm-patched", "patched+linear": "timm-patched-linear"}
+    contenders = []
+    for dtype in dtypes:
+        dt = dtype_name(dtype)
+        for version, m in versions.items():
+            meta = {"impl": impls[version], "backend": "auto" if version != "timm" else None, "dtype": dt,
+                    "timm_model": entry.name, "family": entry.family}
+            contenders.append(Contender(f"{version} {dt}", _model_fn(m, x, device, dtype, mode, None), meta))
+    return contenders, info

@@ -103,6 +103,30 @@ def render_bench(doc: dict, out: Console) -> None:
                           ratio(r.get("x_fp32")), escape(note))
         out.print(table)
 
+    patched = [r for r in rows if r["kind"] == "timm"]
+    if patched:
+        table = Table(title=f"timm models patched in place on {doc['device']} (fastvit.patch_timm; same weights; "
+                            f"x timm = speed-up vs the unpatched model, one interleaved run)",
+                      box=box.SIMPLE_HEAD, title_justify="left")
+        for col in ("timm model", "family", "contender", "dtype", "mode", "batch", "ms/batch", "img/s", "peak MiB",
+                    "x timm", "note"):
+            table.add_column(col, overflow="fold", justify="right" if col in ("batch", "ms/batch", "img/s",
+                                                                               "peak MiB", "x timm") else "left")
+        last = None
+        for r in patched:
+            key = (r["name"], r["mode"])
+            if last is not None and key != last:
+                table.add_section()
+            last = key
+            note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+            if r["status"] == "ok" and r.get("notes"):
+                note = "; ".join(r["notes"])
+            contender = (r["contender"] or "-").rsplit(" ", 1)[0]
+            table.add_row(r["name"], r.get("family") or "-", contender, r.get("dtype") or "-", r["mode"],
+                          str(r.get("batch_size", "-")), fmt(r.get("median_ms"), ".1f"), fmt(r.get("img_per_s"), ".1f"),
+                          mib(r.get("peak_mem_bytes")), ratio(r.get("x_timm")), escape(note))
+        out.print(table)
+
     host = doc.get("host", {})
     pressure = [host.get("cpu_pressure_avg10"), host.get("cpu_pressure_avg10_end")]
     if doc.get("device_type") == "cpu" and any(p is not None for p in pressure):

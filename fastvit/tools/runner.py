@@ -14,11 +14,18 @@ from typing import Callable, Optional
 import torch
 
 from fastvit.attention import BACKENDS, DTYPES
-from fastvit.tools.contenders import HEADLINE_MODEL, attention_contenders, model_contenders, select_models
+from fastvit.tools.contenders import (
+    HEADLINE_MODEL,
+    attention_contenders,
+    model_contenders,
+    select_models,
+    timm_patch_contenders,
+)
 from fastvit.tools.env import cpu_pressure, default_device, environment
 from fastvit.tools.schema import SCHEMA_VERSION
 from fastvit.tools.shapes import ATTENTION_SHAPES, attention_bytes, attention_flops, peak_tflops
 from fastvit.tools.timing import time_interleaved
+from fastvit.tools.timm_models import select_timm_models
 
 
 @dataclass
@@ -44,6 +51,9 @@ class BenchConfig:
             budgets, down to one sample per contender.
         tune_allocator: call ``fastvit.runtime.tune_cpu_allocator()`` first (glibc keeps freed memory
             for reuse instead of page-faulting it back; it applies to every contender of the process).
+        timm_patch: glob patterns over ``fastvit.tools.timm_models`` (timm names or families; ``all``,
+            ``default``): one group each, timm unpatched vs ``patch_timm`` vs ``patch_timm(linear=True)``
+            (default: none).
     """
 
     device: Optional[str] = None
@@ -63,6 +73,7 @@ class BenchConfig:
     threads: Optional[int] = None
     tune_allocator: bool = False
     timm_compile: bool = False
+    timm_patch: Optional[list] = None
 
     def resolved_device(self) -> str:
         return self.device or default_device()
@@ -80,7 +91,7 @@ class BenchConfig:
 class Group:
     """One interleaved run: its contenders are built only when the group runs (models are freed after)."""
 
-    kind: str  # "attention" | "model"
+    kind: str  # "attention" | "model" | "timm" (a timm model, unpatched vs patched)
     name: str
     mode: str
     dtype: Optional[str]  # attention groups have one dtype; model groups may mix
@@ -99,7 +110,7 @@ def _bf16_ok(device: str) -> bool:
 
 
 def plan(config: BenchConfig) -> list:
-    """The groups of a run, in order: attention shapes, then models."""
+    """The groups of a run, in order: attention shapes, models, then patched timm models."""
     device = config.resolved_device()
     cuda = torch.device(device).type == "cuda"
     base = config.group_seconds or (0.2 if config.quick else 1.5 if cuda else 5.0)
@@ -153,6 +164,14 @@ def plan(config: BenchConfig) -> list:
                                   mode=mode, batch_size=batch, backends=backends, vit_pytorch=config.vit_pytorch,
                                   timm=config.timm, quick=config.quick, extra_auto_dtypes=extra,
                                   timm_compile=config.timm_compile)))
+
+    for entry in select_timm_models(config.timm_patch):
+        for mode in modes:
+            groups.append(Group(
+                "timm", entry.name, mode, "+".join(dtype_names), base,
+                functools.partial(timm_patch_contenders, entry, device=device,
+                                  dtypes=[DTYPES[d] for d in dtype_names], mode=mode,
+                                  batch_size=config.batch_size, quick=config.quick)))
     return groups
 
 
@@ -208,10 +227,12 @@ def _model_rows(group: Group, contenders: list, info: dict, measured: dict, batc
     for c in contenders:
         m = measured[c.name]
         dt = c.meta["dtype"]
-        row = {"kind": "model", "name": group.name, "contender": c.name, "impl": c.meta["impl"],
+        row = {"kind": group.kind, "name": group.name, "contender": c.name, "impl": c.meta["impl"],
                "backend": c.meta.get("backend"), "dtype": dt, "mode": group.mode, "batch_size": batch_size,
                "input_size": info["input_size"], "params": info["params"], "vit_pytorch": info["vit_pytorch"],
                "timm_model": info.get("timm_model"), "compiled": bool(c.meta.get("compiled"))}
+        if "family" in c.meta:
+            row["family"] = c.meta["family"]
         if _status(row, c, m):
             t = m.median
             same_fp32 = c.name.rsplit(" ", 1)[0] + " fp32"
@@ -240,7 +261,8 @@ def run_group(group: Group, config: BenchConfig, on_round: Optional[Callable[[fl
     if group.kind == "attention":
         rows = _attention_rows(group, contenders, extra, measured, device)
     else:
-        rows = _model_rows(group, contenders, extra, measured, group.build.keywords["batch_size"])
+        rows = _model_rows(group, contenders, extra, measured,
+                           extra.get("batch_size") or group.build.keywords["batch_size"])
     for row in rows:
         row["group_wall_s"] = wall
         if extra and isinstance(extra, dict) and extra.get("notes"):

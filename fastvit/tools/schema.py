@@ -35,7 +35,7 @@ def validate_document(doc: dict) -> list:
             for key, kind in _OK_ROW.items():
                 if not isinstance(row.get(key), (kind, int) if kind is float else kind):
                     problems.append(f"results[{i}].{key} is missing or not {kind.__name__}")
-            if row["kind"] == "model" and not isinstance(row.get("img_per_s"), float):
+            if row["kind"] in ("model", "timm") and not isinstance(row.get("img_per_s"), float):
                 problems.append(f"results[{i}].img_per_s is missing")
             if row["kind"] == "attention" and not isinstance(row.get("gflops"), float):
                 problems.append(f"results[{i}].gflops is missing")

@@ -123,7 +123,7 @@ def patch_timm(model: nn.Module, *, linear: bool = False, verbose: bool = False)
     PATCHES, _ = _load()
     for module in model.modules():
         target = PATCHES.get(type(module))
-        if target is None or (target.kind in ("linear", "mlp") and not linear):
+        if target is None or (target.kind in ("linear", "mlp") and not linear) or not target.applies(module):
             continue
         why = target.unsupported(module)
         if why is not None:

@@ -34,8 +34,14 @@ class Patched:
     kind: str = "attention"
 
     @classmethod
+    def applies(cls, module: nn.Module) -> bool:
+        """Whether the patch has anything to do for this instance (False: skipped, not reported)."""
+        return True
+
+    @classmethod
     def unsupported(cls, module: nn.Module) -> Optional[str]:
-        """Why this module instance cannot be patched (None: it can). Checked once, at patch time."""
+        """Why this module instance cannot be patched (None: it can); the summary reports it as refused.
+        Checked once, at patch time."""
         return None
 
     def attn_dropout(self) -> float:

@@ -4,8 +4,6 @@ oneDNN weights in CPU inference, same parameters) and timm's ``Mlp`` fuses its e
 
 from __future__ import annotations
 
-from typing import Optional
-
 from timm.layers import Mlp as TimmMlp
 from timm.layers.activations import GELU as TimmGELU
 from torch import Tensor, nn
@@ -27,12 +25,9 @@ def _exact_gelu(act: nn.Module) -> bool:
 @patches(TimmMlp, kind="mlp")
 class Mlp(Patched, TimmMlp):
     @classmethod
-    def unsupported(cls, module: nn.Module) -> Optional[str]:
-        if not isinstance(module.fc1, nn.Linear):
-            return f"fc1 is a {type(module.fc1).__name__}, not a Linear (nothing to fuse)"
-        if not _exact_gelu(module.act):
-            return f"its activation is {type(module.act).__name__}, not the exact GELU (nothing to fuse)"
-        return None
+    def applies(cls, module: nn.Module) -> bool:
+        # Only an exact GELU after a Linear fuses (a conv MLP or another activation keeps timm's Mlp).
+        return isinstance(module.fc1, nn.Linear) and _exact_gelu(module.act)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.fc1.forward_act(x, "gelu") if isinstance(self.fc1, FastLinear) else self.act(self.fc1(x))
