@@ -13,6 +13,7 @@ from .attention import (
     split_heads,
     split_qkv,
 )
+from .checkpoint import BlockRunner
 from .conv import PEG, ChanLayerNorm, DepthWiseConv2d, DropPath, Residual, conv_output_size
 from .distill import DistillTokenMixin
 from .embed import (
@@ -28,7 +29,7 @@ from .embed import (
 from .linear import Linear
 from .mlp import FeedForward, mlp
 from .tokens import gather_tokens
-from .transformer import ResidualBlocks, Transformer
+from .transformer import ResidualBlocks, Transformer, residual_block
 from .window import WindowAttention, map_heads, merge_map_heads, window_relative_position_index
 
 __all__ = [
@@ -37,6 +38,6 @@ __all__ = [
     "ChanLayerNorm", "DepthWiseConv2d", "PEG", "Residual", "DropPath", "conv_output_size",
     "DistillTokenMixin",
     "PatchEmbed", "ViTStem", "cast_tuple", "check_image", "crop_positions", "pair", "patch_grid", "posemb_sincos_2d",
-    "FeedForward", "mlp", "Linear", "gather_tokens", "ResidualBlocks", "Transformer",
+    "FeedForward", "mlp", "Linear", "gather_tokens", "ResidualBlocks", "Transformer", "residual_block", "BlockRunner",
     "WindowAttention", "map_heads", "merge_map_heads", "window_relative_position_index",
 ]

@@ -143,6 +143,7 @@ class ViTStem:
         self.num_cls_tokens = num_cls_tokens
         self.cls_in_positions = cls_in_positions
         self.pos_prefix = num_cls_tokens if cls_in_positions else 0  # rows before the grid in pos_embedding
+        self.num_prefix_tokens = self.pos_prefix  # timm's name: tokens before the grid in a block's output
         num_positions = self.pos_prefix + self.grid[0] * self.grid[1]
         self.to_patch_embedding = PatchEmbed(self.patch_size, channels, dim) if patch_embedding is None else \
             patch_embedding

@@ -65,6 +65,12 @@ class Linear(nn.Linear):
 
     _packed: Optional[dict] = None  # (compute dtype, rows) -> (key, packed weight, bias in that dtype)
 
+    def reset_parameters(self) -> None:
+        # A vit-pytorch classifier with num_classes=0 (legacy_num_classes_zero) has no rows to draw; nn.Linear's
+        # init would warn about it and draws nothing either, so skipping keeps the random stream the same.
+        if self.weight.numel():
+            super().reset_parameters()
+
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_act(x, None)
 

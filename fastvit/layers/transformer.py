@@ -7,19 +7,28 @@ from typing import Callable, Iterable, Optional
 from torch import Tensor, nn
 
 from .attention import Attention
+from .checkpoint import BlockRunner
 from .mlp import FeedForward
 
-__all__ = ["ResidualBlocks", "Transformer"]
+__all__ = ["ResidualBlocks", "Transformer", "residual_block"]
 
 
-class ResidualBlocks(nn.Module):
+def residual_block(block: nn.ModuleList, x: Tensor) -> Tensor:
+    """``x = attn(x) + x; x = ff(x) + x`` for one ``(attn, ff)`` pair."""
+    attn, ff = block
+    x = attn(x) + x
+    return ff(x) + x
+
+
+class ResidualBlocks(BlockRunner, nn.Module):
     """``x = attn(x) + x; x = ff(x) + x`` per block, then ``norm`` if the module has one.
 
     Keys: ``layers.{i}.0`` (attention), ``layers.{i}.1`` (feed-forward), ``norm``. Models whose blocks
     are these two residuals on tokens or maps (ViT, CvT, NesT, CrossViT) build on it; a subclass that
     registers other modules first (NesT's ``pos_emb``), or the norm after the layers (CrossViT), passes
     nothing here and calls ``set_blocks`` where vit-pytorch creates them, so the state_dict order is
-    vit-pytorch's.
+    vit-pytorch's. Blocks run through ``BlockRunner.run_block`` (gradient checkpointing) and their
+    outputs, before ``norm``, go to ``tap`` (a ViT's intermediates).
 
     Args:
         blocks: ``(attention, feed_forward)`` module pairs, in order.
@@ -37,9 +46,8 @@ class ResidualBlocks(nn.Module):
         self.layers = nn.ModuleList([nn.ModuleList(block) for block in blocks])
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x
-            x = ff(x) + x
+        for block in self.layers:
+            x = self.tap(self.run_block(residual_block, block, x))
         norm = self._modules.get("norm")
         return x if norm is None else norm(x)
 

@@ -62,10 +62,18 @@ Deliberate differences from vit-pytorch:
 - ``max_tokens_per_depth`` that is not ``depth`` long, not non-increasing or not positive, wrong
   channel counts, non-divisible or too-large images raise ``ValueError`` (vit-pytorch: assertions or
   shape errors deep inside).
+- ``num_classes=0`` returns the pooled, normed CLS token ``(b, dim)`` (``mlp_head.1`` an ``nn.Identity``);
+  vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
+
+Gradient checkpointing recomputes the blocks that do not sample; a sampling block runs as is (its
+random numbers come from a stream that a recomputation would read further on). Its intermediates are
+the kept tokens: ``forward_intermediates`` gives maps (``NCHW``) only while no token was dropped, and
+the kept tokens with ``output_fmt='NLC'`` (padding slots included).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Union
 
 import torch
@@ -73,7 +81,16 @@ from torch import Tensor, nn
 
 from fastvit import layers
 from fastvit.attention import KeyPaddingMask
-from fastvit.layers import FeedForward, Linear, ViTStem, gather_tokens, merge_heads, split_heads, split_qkv
+from fastvit.layers import (
+    BlockRunner,
+    FeedForward,
+    Linear,
+    ViTStem,
+    gather_tokens,
+    merge_heads,
+    split_heads,
+    split_qkv,
+)
 
 from .base import VisionModel
 from .registry import register_model
@@ -280,7 +297,20 @@ def check_max_tokens(max_tokens_per_depth, depth: int) -> tuple:
     return tokens
 
 
-class Transformer(nn.Module):
+def ats_block(block: nn.ModuleList, x: Tensor, mask: Optional[Tensor], uniforms: UniformStream,
+              cls_only: bool) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """One block: ``(x, mask, ids)`` after it (``ids`` the kept positions when it sampled, else None)."""
+    attn, ff = block
+    attn_out, mask, ids = attn(x, mask=mask, uniforms=uniforms, cls_only=cls_only)
+    if cls_only:
+        x = x[:, :1]
+    elif ids is not None:  # the residual stream keeps the sampled tokens
+        x = gather_tokens(x, ids)
+    x = x + attn_out
+    return ff(x) + x, mask, ids
+
+
+class Transformer(BlockRunner, nn.Module):
     """``depth`` x (ATS attention + MLP, each residual, norm inside); no final norm (vit-pytorch).
 
     Keys: ``layers.{i}.0`` (Attention), ``layers.{i}.1`` (FeedForward).
@@ -319,17 +349,14 @@ class Transformer(nn.Module):
         uniforms = UniformStream(self.sampling_plan(b, n))
         mask = None  # (b, m) bool once a layer has sampled; padding is last
         token_ids = torch.arange(n, device=x.device).expand(b, n)
-        for i, (attn, ff) in enumerate(self.layers):
+        for i, block in enumerate(self.layers):
             last = cls_only and i == len(self.layers) - 1
-            attn_out, mask, ids = attn(x, mask=mask, uniforms=uniforms, cls_only=last)
+            # A sampling block reads the stateful random stream: never recomputed.
+            run = ats_block if block[0].samples(x.shape[1]) else partial(self.run_block, ats_block)
+            x, mask, ids = run(block, x, mask, uniforms, last)
             if ids is not None:
                 token_ids = token_ids.gather(1, ids)
-            if last:
-                x = x[:, :1]
-            elif ids is not None:  # the residual stream keeps the sampled tokens
-                x = gather_tokens(x, ids)
-            x = x + attn_out
-            x = ff(x) + x
+            self.tap(x)
         return x, token_ids, mask
 
 
@@ -344,19 +371,24 @@ class ViT(ViTStem, VisionModel):
         batch_wide_sampling: vit-pytorch's batch-wide sampling decision (see the module docstring).
         trim_padding: cut kept sets to the batch's widest (None: on the CPU; see the module docstring).
         legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
+
+    classifier_path = "mlp_head.1"
+    intermediates_from = "transformer"
 
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, max_tokens_per_depth, heads,
                  mlp_dim, channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, batch_wide_sampling=False,
-                 trim_padding=None, legacy_pos_slicing=False):
+                 trim_padding=None, legacy_pos_slicing=False, legacy_num_classes_zero=False):
         super().__init__()
         check_max_tokens(max_tokens_per_depth, depth)
-        self.num_classes = num_classes
         self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim,
                         emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = Transformer(dim, depth, max_tokens_per_depth, heads, dim_head, mlp_dim, dropout,
                                        batch_wide_sampling=batch_wide_sampling, trim_padding=trim_padding)
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")
 
     def forward_tokens(self, img: Tensor, cls_only: bool = False) -> tuple[Tensor, Tensor]:
         """``(tokens (b, m, dim), token_ids (b, m - 1))``: CLS first, then the kept patches in order.
@@ -368,10 +400,11 @@ class ViT(ViTStem, VisionModel):
         return x, token_ids[:, 1:] - 1  # drop CLS; padding (id 0 = CLS) becomes -1
 
     def forward_features(self, img: Tensor) -> Tensor:
+        """Every kept token ``(b, m, dim)``, CLS first then the kept patches (padding last), not normed."""
         return self.forward_tokens(img)[0]
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.mlp_head(x[:, 0])
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.mlp_head[0](x[:, 0])
 
     def forward(self, img: Tensor, return_sampled_token_ids: bool = False):
         """Logits ``(b, num_classes)``, and with ``return_sampled_token_ids`` the kept patch ids

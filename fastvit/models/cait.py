@@ -28,6 +28,8 @@ Deliberate differences from vit-pytorch:
   grid; vit-pytorch slices the flat table, which gives a narrower image the positions of the wrong
   grid cells. ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
 - Wrong channel counts, non-divisible or too-large images raise ``ValueError`` up front.
+- ``num_classes=0`` returns the pooled, normed CLS token ``(b, dim)`` (``mlp_head.1`` an ``nn.Identity``);
+  vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from fastvit.layers import FeedForward, Linear, TalkingHeadsAttention, ViTStem
+from fastvit.layers import BlockRunner, FeedForward, Linear, TalkingHeadsAttention, ViTStem
 
 from .base import VisionModel
 from .registry import register_model
@@ -82,7 +84,14 @@ class LayerScale(nn.Module):
         return self.fn(x, **kwargs) * self.scale
 
 
-class Transformer(nn.Module):
+def layerscale_block(block: nn.ModuleList, x: Tensor, context: Optional[Tensor]) -> Tensor:
+    """One block; with a ``context`` (class attention) the keys are ``[x; context]``."""
+    attn, ff = block
+    x = attn(x, context=context, kv_include_self=True) + x
+    return ff(x) + x
+
+
+class Transformer(BlockRunner, nn.Module):
     """``depth`` x LayerScale(attention) + LayerScale(MLP), with layer dropout; no final norm.
 
     Args:
@@ -109,9 +118,8 @@ class Transformer(nn.Module):
         layers = self.layers
         if self.layer_dropout > 0 and (self.training or self.layer_dropout_in_eval):
             layers = dropout_layers(self.layers, self.layer_dropout)
-        for attn, ff in layers:
-            x = attn(x, context=context, kv_include_self=True) + x  # class attention: keys [cls; patches]
-            x = ff(x) + x
+        for block in layers:
+            x = self.tap(self.run_block(layerscale_block, block, x, context))
         return x
 
 
@@ -132,15 +140,19 @@ class CaiT(ViTStem, VisionModel):
         layer_dropout_in_eval: also drop blocks in eval, as vit-pytorch does.
         layerscale_init_by_index: pick the LayerScale init from each block's index, as vit-pytorch does.
         legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
+
+    classifier_path = "mlp_head.1"
+    intermediates_from = "patch_transformer"  # the patch blocks (timm's CaiT takes the same)
 
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, cls_depth, heads, mlp_dim,
                  dim_head=64, dropout=0.0, emb_dropout=0.0, layer_dropout=0.0, channels=3,
-                 layer_dropout_in_eval=False, layerscale_init_by_index=False, legacy_pos_slicing=False):
+                 layer_dropout_in_eval=False, layerscale_init_by_index=False, legacy_pos_slicing=False,
+                 legacy_num_classes_zero=False):
         super().__init__()
         if not 0.0 <= layer_dropout < 1.0:
             raise ValueError(f"layer_dropout must be in [0, 1), got {layer_dropout}")
-        self.num_classes = num_classes
         self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim,
                         cls_in_positions=False, emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing)
 
@@ -150,6 +162,8 @@ class CaiT(ViTStem, VisionModel):
         self.patch_transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, **stage)
         self.cls_transformer = Transformer(dim, cls_depth, heads, dim_head, mlp_dim, **stage)
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "patch_transformer.layers")
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The CLS token after the class-attention blocks, ``(b, 1, dim)`` (not normed)."""
@@ -157,8 +171,8 @@ class CaiT(ViTStem, VisionModel):
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, 1, dim)
         return self.cls_transformer(cls_tokens, context=x)
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.mlp_head(x[:, 0])
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.mlp_head[0](x[:, 0])
 
 
 _SMALL = dict(image_size=32, patch_size=8, dim=32, depth=2, cls_depth=1, heads=4, dim_head=8, mlp_dim=64,
@@ -174,4 +188,5 @@ for _name, _kw in {
     register_model(_name, CaiT, vit_pytorch="vit_pytorch.cait:CaiT", test_overrides=_SMALL,
                    timm=None if _name == "cait_xs24_224" else _name,  # timm has cait_xs24 at 384 px only
                    description="CaiT (LayerScale, talking heads, class attention)",
+                   pretrained_cfg=dict(crop_pct=1.0),  # the paper's (and timm's) evaluation: no crop
                    image_size=224, patch_size=16, num_classes=1000, cls_depth=2, dim_head=48, **_kw)

@@ -32,6 +32,8 @@ Deliberate differences from vit-pytorch:
   ``ValueError``.
 - Wrong channel counts and images too small for the tokenizer raise ``ValueError`` up front, as does
   an ``embedding_dim`` not divisible by ``num_heads``.
+- ``num_classes=0`` returns the sequence-pooled features ``(b, embedding_dim)`` (``classifier.fc`` an
+  ``nn.Identity``); vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fastvit.layers import AttentionBase, DropPath, Linear, check_image, merge_heads, pair, split_qkv
+from fastvit.layers import AttentionBase, BlockRunner, DropPath, Linear, check_image, merge_heads, pair, split_qkv
 
 from .base import VisionModel
 from .registry import register_model
@@ -153,7 +155,7 @@ class Tokenizer(nn.Module):
             nn.init.kaiming_normal_(m.weight)
 
 
-class TransformerClassifier(nn.Module):
+class TransformerClassifier(BlockRunner, nn.Module):
     """The encoder, final norm, sequence pooling (or a class token) and ``fc`` of CCT.
 
     Args:
@@ -235,16 +237,18 @@ class TransformerClassifier(nn.Module):
             x = x + self.position_embedding(n, grid)
         x = self.dropout(x)
         for blk in self.blocks:
-            x = blk(x)
+            x = self.tap(self.run_block(blk, x))
         return self.norm(x)
 
-    def forward_head(self, x: Tensor) -> Tensor:
+    def pool_features(self, x: Tensor) -> Tensor:
+        """Sequence pooling (or the class token): ``(b, n, dim) -> (b, dim)``."""
         if self.seq_pool:
             weights = self.attention_pool(x).softmax(dim=1)  # (b, n, 1), over the tokens
-            x = (weights.transpose(1, 2) @ x).squeeze(1)  # (b, dim)
-        else:
-            x = x[:, 0]
-        return self.fc(x)
+            return (weights.transpose(1, 2) @ x).squeeze(1)  # (b, dim)
+        return x[:, 0]
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.fc(self.pool_features(x))
 
     def forward(self, x: Tensor, grid: Optional[tuple] = None) -> Tensor:
         return self.forward_head(self.forward_features(x, grid))
@@ -300,17 +304,22 @@ class CCT(VisionModel):
         dropout_rate, attention_dropout, stochastic_depth_rate: regularisation.
         num_layers, num_heads, mlp_ratio, num_classes, positional_embedding: keyword-only, passed to
             ``TransformerClassifier`` (``positional_embedding`` in ``'sine'``, ``'learnable'``, ``'none'``).
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
+
+    classifier_path = "classifier.fc"
+    final_norm_path = "classifier.norm"
+    intermediates_from = "classifier"
 
     def __init__(self, img_size=224, embedding_dim=768, n_input_channels=3, n_conv_layers=1, kernel_size=7,
                  stride=2, padding=3, pooling_kernel_size=3, pooling_stride=2, pooling_padding=1,
-                 dropout_rate=0.0, attention_dropout=0.1, stochastic_depth_rate=0.1, **kwargs):
+                 dropout_rate=0.0, attention_dropout=0.1, stochastic_depth_rate=0.1, legacy_num_classes_zero=False,
+                 **kwargs):
         super().__init__()
         classifier_kwargs = _check_kwargs(kwargs, type(self).__name__)
         self.image_size = pair(img_size)
         self.channels = n_input_channels
         self.dim = embedding_dim
-        self.num_classes = classifier_kwargs.get("num_classes", 1000)
         self.tokenizer = Tokenizer(n_input_channels=n_input_channels, n_output_channels=embedding_dim,
                                    kernel_size=kernel_size, stride=stride, padding=padding,
                                    pooling_kernel_size=pooling_kernel_size, pooling_stride=pooling_stride,
@@ -324,6 +333,13 @@ class CCT(VisionModel):
             sequence_length=self.grid[0] * self.grid[1], grid=self.grid, embedding_dim=embedding_dim,
             seq_pool=True, dropout_rate=dropout_rate, attention_dropout=attention_dropout,
             stochastic_depth_rate=stochastic_depth_rate, **classifier_kwargs)
+        self.set_head(embedding_dim, classifier_kwargs.get("num_classes", 1000), legacy_num_classes_zero)
+        depth = len(self.classifier.blocks)
+        self.set_feature_info([embedding_dim] * depth, [self.image_size[0] // self.grid[0]] * depth,
+                              "classifier.blocks")
+
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        return self.tokenizer.output_grid(h, w)
 
     def forward_features(self, img: Tensor) -> Tensor:
         """Normed tokens ``(b, h*w, dim)``."""
@@ -336,8 +352,8 @@ class CCT(VisionModel):
                              f"(token grid {grid})")
         return self.classifier.forward_features(self.tokenizer(img), grid)
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.classifier.forward_head(x)
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.classifier.pool_features(x)
 
 
 def _cct(name, args, num_layers, num_heads, mlp_ratio, embedding_dim, kernel_size=3, stride=None,

@@ -21,6 +21,12 @@ Deliberate differences from vit-pytorch:
   unaffected; ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
 - Wrong channel counts, too-large images and images not divisible by both patch sizes raise a
   ``ValueError`` up front (vit-pytorch fails inside einops or silently mis-slices).
+- ``num_classes=0`` returns the two normed CLS tokens concatenated, ``(b, sm_dim + lg_dim)`` (timm's
+  CrossViT ``pre_logits``; both heads' Linears are ``nn.Identity``); vit-pytorch's ``Linear(dim, 0)``
+  heads return ``(b, 0)``: ``legacy_num_classes_zero=True``.
+
+``forward_intermediates`` gives the small-patch branch's tokens after each multi-scale block (the
+finer of the two grids); the large branch's are in ``forward_features``.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastvit.layers import ContextAttention, FeedForward, Linear, ResidualBlocks, ViTStem, pair
+from fastvit.layers import BlockRunner, ContextAttention, FeedForward, Linear, ResidualBlocks, ViTStem, pair
 
 from .base import VisionModel
 from .registry import register_model
@@ -84,8 +90,9 @@ class CrossTransformer(nn.Module):
         return torch.cat((sm_cls, sm_patch_tokens), dim=1), torch.cat((lg_cls, lg_patch_tokens), dim=1)
 
 
-class MultiScaleEncoder(nn.Module):
-    """``depth`` x (small encoder, large encoder, cross attention)."""
+class MultiScaleEncoder(BlockRunner, nn.Module):
+    """``depth`` x (small encoder, large encoder, cross attention); the small branch's tokens after each
+    go to ``tap``."""
 
     def __init__(self, *, depth: int, sm_dim: int, lg_dim: int, sm_enc_params: dict, lg_enc_params: dict,
                  cross_attn_heads: int, cross_attn_depth: int, cross_attn_dim_head: int = 64,
@@ -104,6 +111,7 @@ class MultiScaleEncoder(nn.Module):
         for sm_enc, lg_enc, cross_attend in self.layers:
             sm_tokens, lg_tokens = sm_enc(sm_tokens), lg_enc(lg_tokens)
             sm_tokens, lg_tokens = cross_attend(sm_tokens, lg_tokens)
+            self.tap(sm_tokens)
         return sm_tokens, lg_tokens
 
 
@@ -137,17 +145,22 @@ class CrossViT(VisionModel):
         dropout: attention/MLP dropout (vit-pytorch default 0.1). emb_dropout: after the positions (0.1).
         channels: input channels.
         legacy_pos_slicing: slice the flat position tables for smaller inputs, as vit-pytorch does.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)`` heads.
     """
+
+    classifier_path = ("sm_mlp_head.1", "lg_mlp_head.1")
+    intermediates_from = "multi_scale_encoder"
+    num_prefix_tokens = 1
 
     def __init__(self, *, image_size, num_classes, sm_dim, lg_dim,
                  sm_patch_size=12, sm_enc_depth=1, sm_enc_heads=8, sm_enc_mlp_dim=2048, sm_enc_dim_head=64,
                  lg_patch_size=16, lg_enc_depth=4, lg_enc_heads=8, lg_enc_mlp_dim=2048, lg_enc_dim_head=64,
                  cross_attn_depth=2, cross_attn_heads=8, cross_attn_dim_head=64,
-                 depth=3, dropout=0.1, emb_dropout=0.1, channels=3, legacy_pos_slicing=False):
+                 depth=3, dropout=0.1, emb_dropout=0.1, channels=3, legacy_pos_slicing=False,
+                 legacy_num_classes_zero=False):
         super().__init__()
         self.image_size = pair(image_size)
         self.channels = channels
-        self.num_classes = num_classes
         self.sm_image_embedder = ImageEmbedder(dim=sm_dim, channels=channels, image_size=image_size,
                                                patch_size=sm_patch_size, dropout=emb_dropout,
                                                legacy_pos_slicing=legacy_pos_slicing)
@@ -165,6 +178,8 @@ class CrossViT(VisionModel):
         )
         self.sm_mlp_head = nn.Sequential(nn.LayerNorm(sm_dim), Linear(sm_dim, num_classes))
         self.lg_mlp_head = nn.Sequential(nn.LayerNorm(lg_dim), Linear(lg_dim, num_classes))
+        self.set_head(sm_dim + lg_dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info([sm_dim] * depth, [pair(sm_patch_size)[0]] * depth, "multi_scale_encoder.layers")
 
     @property
     def legacy_pos_slicing(self) -> bool:
@@ -180,9 +195,19 @@ class CrossViT(VisionModel):
         lg_tokens = self.lg_image_embedder(img)
         return self.multi_scale_encoder(sm_tokens, lg_tokens)
 
-    def forward_head(self, x: tuple[Tensor, Tensor]) -> Tensor:
+    def token_grid(self, h: int, w: int) -> tuple[int, int]:
+        return self.sm_image_embedder.token_grid(h, w)  # the intermediates' branch
+
+    def pool_features(self, x: tuple[Tensor, Tensor]) -> Tensor:
+        """The two normed CLS tokens, concatenated: ``(b, sm_dim + lg_dim)``."""
         sm_tokens, lg_tokens = x
-        return self.sm_mlp_head(sm_tokens[:, 0]) + self.lg_mlp_head(lg_tokens[:, 0])
+        return torch.cat((self.sm_mlp_head[0](sm_tokens[:, 0]), self.lg_mlp_head[0](lg_tokens[:, 0])), dim=-1)
+
+    def classify(self, x: Tensor) -> Tensor:
+        """The sum of the two branches' logits."""
+        sm_head, lg_head = self.get_classifier()
+        sm_cls, lg_cls = x.split([self.classifier_widths[p] for p in self.classifier_path], dim=-1)
+        return sm_head(sm_cls) + lg_head(lg_cls)
 
 
 # Paper configs (Table 1): K=3 multi-scale blocks, N=1 small / M=4 large encoder layers, L=1 cross
@@ -200,7 +225,8 @@ for _name, (_sm_dim, _lg_dim, _heads) in {
     "crossvit_base_240": (384, 768, 12),
 }.items():
     register_model(_name, CrossViT, vit_pytorch="vit_pytorch.cross_vit:CrossViT", timm=_name, test_overrides=_SMALL,
-                   input_size=(3, 240, 240), image_size=240, num_classes=1000, depth=3,
+                   input_size=(3, 240, 240), pretrained_cfg=dict(crop_pct=0.875), image_size=240, num_classes=1000,
+                   depth=3,
                    sm_dim=_sm_dim, sm_patch_size=12, sm_enc_depth=1, sm_enc_heads=_heads,
                    sm_enc_mlp_dim=4 * _sm_dim, sm_enc_dim_head=_sm_dim // _heads,
                    lg_dim=_lg_dim, lg_patch_size=16, lg_enc_depth=4, lg_enc_heads=_heads,

@@ -36,12 +36,14 @@ Deliberate differences from vit-pytorch:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
 from fastvit.attention import DenseBias, Window
-from fastvit.layers import Linear, WindowAttention, cast_tuple, check_image, mlp
+from fastvit.layers import BlockRunner, Linear, WindowAttention, cast_tuple, check_image, mlp
 
 from .base import VisionModel
 from .registry import register_model
@@ -130,7 +132,14 @@ class Attention(WindowAttention):
         return DenseBias(self.position_bias())  # (n, n): broadcast over windows and heads
 
 
-class Transformer(nn.Module):
+def crossformer_block(block: nn.ModuleList, x: Tensor) -> Tensor:
+    """SDA, MLP, LDA, MLP, each residual."""
+    for module in block:
+        x = module(x) + x
+    return x
+
+
+class Transformer(BlockRunner, nn.Module):
     """``depth`` x (SDA, MLP, LDA, MLP), each residual. Keys ``layers.{i}.{0..3}``."""
 
     def __init__(self, dim: int, *, local_window_size: int, global_window_size: int, depth: int = 4,
@@ -148,11 +157,8 @@ class Transformer(nn.Module):
         ])
 
     def forward(self, x: Tensor) -> Tensor:
-        for short_attn, short_ff, long_attn, long_ff in self.layers:
-            x = short_attn(x) + x
-            x = short_ff(x) + x
-            x = long_attn(x) + x
-            x = long_ff(x) + x
+        for block in self.layers:
+            x = self.run_block(crossformer_block, block, x)
         return x
 
 
@@ -164,12 +170,19 @@ class CrossFormer(VisionModel):
             per stage (a value or a tuple of 4).
         num_classes: classifier width. attn_dropout, ff_dropout: dropouts. channels: input channels.
         legacy_dpb_offsets: vit-pytorch's mismatched dynamic-position-bias lookup (module docstring).
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)`` (``(b, 0)`` out);
+            by default the classifier is an ``nn.Identity`` and the model returns the pooled features.
+
+    Intermediates (``forward_intermediates``, ``features_only``): the four stage maps (strides 4, 8,
+    16, 32 with the default cross-embedding strides).
     """
+
+    classifier_path = "to_logits.1"
 
     def __init__(self, *, dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), global_window_size=(8, 4, 2, 1),
                  local_window_size=7, cross_embed_kernel_sizes=((4, 8, 16, 32), (2, 4), (2, 4), (2, 4)),
                  cross_embed_strides=(4, 2, 2, 2), num_classes=1000, attn_dropout=0.0, ff_dropout=0.0, channels=3,
-                 legacy_dpb_offsets=False):
+                 legacy_dpb_offsets=False, legacy_num_classes_zero=False):
         super().__init__()
         dim = cast_tuple(dim, 4, "dim")
         depth = cast_tuple(depth, 4, "depth")
@@ -178,7 +191,6 @@ class CrossFormer(VisionModel):
         cross_embed_kernel_sizes = cast_tuple(cross_embed_kernel_sizes, 4, "cross_embed_kernel_sizes")
         cross_embed_strides = cast_tuple(cross_embed_strides, 4, "cross_embed_strides")
         self.channels = channels
-        self.num_classes = num_classes
         self.windows = list(zip(local_window_size, global_window_size))
         dims = [channels, *dim]
         self.layers = nn.ModuleList([
@@ -191,6 +203,8 @@ class CrossFormer(VisionModel):
             for i in range(4)
         ])
         self.to_logits = nn.Sequential(Reduce("b c h w -> b c", "mean"), Linear(dim[-1], num_classes))
+        self.set_head(dim[-1], num_classes, legacy_num_classes_zero)
+        self.set_feature_info(dim, [math.prod(cross_embed_strides[: i + 1]) for i in range(4)], "layers")
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError unless every stage's map divides into its short- and long-distance windows."""
@@ -208,11 +222,11 @@ class CrossFormer(VisionModel):
         self.check_size(int(img.shape[-2]), int(img.shape[-1]))  # ints even while jit-traced
         x = img
         for cel, transformer in self.layers:
-            x = transformer(cel(x))
+            x = self.tap(transformer(cel(x)))
         return x
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.to_logits(x)
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.to_logits[0](x)
 
 
 # Small enough for CPU tests: 64 px -> 16/8/4/2 maps, 2x2 short windows, 2/2/2/1 long groups.

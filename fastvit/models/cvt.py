@@ -18,6 +18,11 @@ Deliberate differences from vit-pytorch:
 - The channel LayerNorm computes the variance as the mean of the centred squares and multiplies by
   ``rsqrt`` (``torch.var`` over the channel axis is several times slower on the CPU): the same
   function, rounding differences only (~1e-6 in fp32).
+- ``num_classes=0`` returns the average-pooled features ``(b, s3_emb_dim)`` (``to_logits.2`` an
+  ``nn.Identity``); vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
+
+Intermediates (``forward_intermediates``, ``features_only``): the three stage maps, strides 4, 8, 16
+with the default embeddings.
 """
 
 from __future__ import annotations
@@ -98,7 +103,10 @@ class CvT(VisionModel):
         s{i}_proj_kernel: kernel of the depthwise q/k/v projections. s{i}_kv_proj_stride: their k/v stride.
         s{i}_heads: heads (64 wide each). s{i}_depth: blocks. s{i}_mlp_mult: MLP expansion.
         dropout: attention/MLP dropout. channels: input channels.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
+
+    classifier_path = "to_logits.2"
 
     def __init__(self, *, num_classes,
                  s1_emb_dim=64, s1_emb_kernel=7, s1_emb_stride=4, s1_proj_kernel=3, s1_kv_proj_stride=2,
@@ -107,12 +115,11 @@ class CvT(VisionModel):
                  s2_heads=3, s2_depth=2, s2_mlp_mult=4,
                  s3_emb_dim=384, s3_emb_kernel=3, s3_emb_stride=2, s3_proj_kernel=3, s3_kv_proj_stride=2,
                  s3_heads=6, s3_depth=10, s3_mlp_mult=4,
-                 dropout=0.0, channels=3):
+                 dropout=0.0, channels=3, legacy_num_classes_zero=False):
         super().__init__()
         args = dict(locals())
         self.channels = channels
-        self.num_classes = num_classes
-        dim = channels
+        dim, stride, widths, strides = channels, 1, [], []
         layers = []
         for prefix in ("s1", "s2", "s3"):
             cfg = {key[3:]: value for key, value in args.items() if key.startswith(f"{prefix}_")}
@@ -125,20 +132,28 @@ class CvT(VisionModel):
                             mlp_mult=cfg["mlp_mult"], dropout=dropout),
             ))
             dim = cfg["emb_dim"]
+            stride *= cfg["emb_stride"]
+            widths.append(dim)
+            strides.append(stride)
         self.layers = nn.Sequential(*layers)
         self.to_logits = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             Rearrange("... () () -> ..."),
             Linear(dim, num_classes),
         )
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info(widths, strides, "layers")
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The last stage's feature map ``(b, s3_emb_dim, h', w')``."""
         check_image(img, channels=self.channels, max_size=None)
-        return self.layers(img)
+        x = img
+        for stage in self.layers:
+            x = self.tap(stage(x))
+        return x
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.to_logits(x)
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.to_logits[:2](x)
 
 
 # Paper configs (Table 2): head width 64, MLP ratio 4, embeddings 7x7/4, 3x3/2, 3x3/2, kv stride 2.

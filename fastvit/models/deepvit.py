@@ -18,6 +18,8 @@ Deliberate differences from vit-pytorch:
   narrower image the positions of the wrong grid cells. Same-size inputs are unaffected;
   ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
 - Wrong channel counts, non-divisible or too-large images raise ``ValueError`` up front.
+- ``num_classes=0`` returns the pooled, normed features ``(b, dim)`` (``mlp_head.1`` an ``nn.Identity``);
+  vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
 """
 
 from __future__ import annotations
@@ -46,21 +48,27 @@ class DeepViT(ViTStem, VisionModel):
     """DeepViT with vit-pytorch's constructor: ``ViT``'s arguments, except that ``pool="mean"`` averages
     all tokens, CLS included (the CLS token is always there), as vit-pytorch does."""
 
+    classifier_path = "mlp_head.1"
+    intermediates_from = "transformer"
+
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
-                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False):
+                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False,
+                 legacy_num_classes_zero=False):
         super().__init__()
-        self.num_classes = num_classes
         self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
                         emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")
 
     def forward_features(self, img: Tensor) -> Tensor:
-        return self.transformer(self.dropout(self.embed(img)))  # (b, 1 + n, dim), not normed
+        """Tokens ``(b, 1 + n, dim)``, CLS first, not normed (the head norms the pooled token)."""
+        return self.transformer(self.dropout(self.embed(img)))
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.mlp_head[0](self.to_latent(self.pool_tokens(x)))
 
 
 _SMALL = dict(image_size=32, patch_size=8, dim=32, depth=2, heads=4, dim_head=8, mlp_dim=64, num_classes=10)

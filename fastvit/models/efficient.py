@@ -13,6 +13,10 @@ Deliberate differences from vit-pytorch:
 - ``DistillableEfficientViT`` works (vit-pytorch 1.26.x's ``DistillMixin`` fails on the 3-D
   ``cls_token``); its ``to_vit()`` deep-copies the ``transformer=`` module, so the two models are
   independent (vit-pytorch would share it).
+- ``num_classes=0`` returns the pooled, normed features ``(b, dim)`` (``mlp_head.1`` an ``nn.Identity``);
+  vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
+- ``forward_intermediates`` and gradient checkpointing need a fastvit ``Transformer`` (or any module
+  whose blocks run through ``fastvit.layers.BlockRunner``) as ``transformer``.
 """
 
 from __future__ import annotations
@@ -29,28 +33,35 @@ __all__ = ["ViT", "DistillableEfficientViT"]
 
 class ViT(ViTStem, VisionModel):
     """Args: image_size, patch_size, num_classes, dim, transformer, pool ("cls" | "mean"), channels,
-    legacy_pos_slicing."""
+    legacy_pos_slicing, legacy_num_classes_zero."""
+
+    classifier_path = "mlp_head.1"
+    final_norm_path = "transformer.norm"
+    intermediates_from = "transformer"
 
     def __init__(self, *, image_size, patch_size, num_classes, dim, transformer: nn.Module, pool="cls", channels=3,
-                 legacy_pos_slicing=False):
+                 legacy_pos_slicing=False, legacy_num_classes_zero=False):
         super().__init__()
         if not isinstance(transformer, nn.Module):
             raise ValueError(
                 f"transformer must be an nn.Module mapping (b, n, dim) -> (b, n, dim), got {transformer!r}"
             )
-        self.num_classes = num_classes
         # No embedding dropout in vit-pytorch's pluggable ViT: the stem's dropout has rate 0.
         self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
                         legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = transformer
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        depth = len(getattr(transformer, "layers", ()))  # a module without fastvit's blocks: no intermediates
+        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")
 
     def forward_features(self, img: Tensor) -> Tensor:
+        """The ``transformer``'s tokens ``(b, 1 + n, dim)``, CLS first."""
         return self.transformer(self.embed(img))
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.mlp_head[0](self.to_latent(self.pool_tokens(x)))
 
 
 class DistillableEfficientViT(DistillTokenMixin, ViT):

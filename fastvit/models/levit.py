@@ -41,6 +41,10 @@ Deliberate differences from vit-pytorch:
 - The input must be exactly ``image_size`` (the bias tables are sized for it): anything else, and a
   wrong channel count, is a ``ValueError`` up front. Tuples for ``dim``/``depth``/``heads`` longer
   than ``stages`` are a ``ValueError`` (vit-pytorch asserts).
+- ``num_classes=0`` returns the average-pooled features ``(b, dim_last)`` (``mlp_head`` an
+  ``nn.Identity``); vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
+
+Intermediates (``forward_intermediates``, ``features_only``): each stage's map, strides 16, 32, 64.
 """
 
 from __future__ import annotations
@@ -53,7 +57,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastvit.attention import RelPosBias
-from fastvit.layers import AttentionBase, Linear, cast_tuple, check_image, merge_heads, mlp, pair
+from fastvit.layers import (
+    AttentionBase,
+    BlockRunner,
+    Linear,
+    cast_tuple,
+    check_image,
+    merge_heads,
+    mlp,
+    pair,
+    residual_block,
+)
 
 from .base import VisionModel
 from .registry import register_model
@@ -162,7 +176,14 @@ class Attention(AttentionBase):
         return dropout(batchnorm(norm, conv1x1(conv, gelu(out))))
 
 
-class Transformer(nn.Module):
+def shrinking_block(block: nn.ModuleList, x: Tensor) -> Tensor:
+    """A block without the attention residual (it subsamples or changes the width)."""
+    attn, ff = block
+    x = attn(x)
+    return ff(x) + x
+
+
+class Transformer(BlockRunner, nn.Module):
     """``depth`` x (attention, MLP) on tokens; the attention residual is dropped when the block
     subsamples or changes the width."""
 
@@ -181,9 +202,9 @@ class Transformer(nn.Module):
             ]))
 
     def forward(self, x: Tensor) -> Tensor:
-        for attn, ff in self.layers:
-            x = attn(x) + x if self.attn_residual else attn(x)
-            x = ff(x) + x
+        block_fn = residual_block if self.attn_residual else shrinking_block
+        for block in self.layers:
+            x = self.run_block(block_fn, block, x)
         return x
 
 
@@ -205,17 +226,19 @@ class LeViT(VisionModel):
         dim_value: v width per head. dropout: attention/MLP dropout.
         num_distill_classes: adds a distillation head; ``forward`` then returns ``(out, distill)``.
         channels: input channels.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
 
+    classifier_path = ("mlp_head", "distill_head")
+
     def __init__(self, *, image_size, num_classes, dim, depth, heads, mlp_mult, stages=3, dim_key=32,
-                 dim_value=64, dropout=0.0, num_distill_classes=None, channels=3):
+                 dim_value=64, dropout=0.0, num_distill_classes=None, channels=3, legacy_num_classes_zero=False):
         super().__init__()
         # A shorter tuple is padded with its last value, as in vit-pytorch.
         dims, depths = cast_tuple(dim, stages, "dim", pad=True), cast_tuple(depth, stages, "depth", pad=True)
         layer_heads = cast_tuple(heads, stages, "heads", pad=True)
         self.image_size = pair(image_size)
         self.channels = channels
-        self.num_classes = num_classes
         self.num_distill_classes = num_distill_classes
 
         self.conv_embedding = nn.Sequential(
@@ -228,10 +251,11 @@ class LeViT(VisionModel):
         fmap_size = self.image_size
         for _ in range(4):
             fmap_size = _halved(fmap_size)
-        layers = []
+        layers, self.stage_fmaps = [], []
         for ind, (stage_dim, stage_depth, stage_heads) in enumerate(zip(dims, depths, layer_heads)):
             layers.append(Transformer(stage_dim, fmap_size, stage_depth, stage_heads, dim_key, dim_value,
                                       mlp_mult, dropout))
+            self.stage_fmaps.append(fmap_size)
             if ind < stages - 1:
                 layers.append(Transformer(stage_dim, fmap_size, 1, stage_heads * 2, dim_key, dim_value,
                                           dim_out=dims[ind + 1], downsample=True))
@@ -243,6 +267,8 @@ class LeViT(VisionModel):
         if num_distill_classes is not None:
             self.distill_head = Linear(dims[-1], num_distill_classes)
         self.mlp_head = Linear(dims[-1], num_classes)
+        self.set_head(dims[-1], num_classes, legacy_num_classes_zero)
+        self.set_feature_info(dims, [16 * 2 ** i for i in range(stages)], [f"backbone.{2 * i}" for i in range(stages)])
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The last stage's feature map ``(b, dim_last, h / 64, w / 64)`` (ceil; a view of its tokens)."""
@@ -250,11 +276,17 @@ class LeViT(VisionModel):
         x = self.conv_embedding(img)  # (b, dim, h / 16, w / 16)
         # One copy to contiguous tokens (b, n, dim), which every block's projections read.
         x = x.flatten(2).transpose(1, 2).contiguous()
-        x = self.backbone(x)  # (b, n_last, dim_last)
+        for i, layer in enumerate(self.backbone):  # stages, each but the last followed by a shrinking block
+            x = layer(x)  # (b, n, dim)
+            if self.taps is not None and i % 2 == 0:  # a stage's output as a map (b, dim, h, w), a view
+                self.tap(x.transpose(1, 2).unflatten(2, self.stage_fmaps[i // 2]))
         return x.transpose(1, 2).unflatten(2, self.fmap_size)
 
-    def forward_head(self, x: Tensor):
-        x = x.mean(dim=(-2, -1))  # (b, c): global average pool
+    def pool_features(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(-2, -1))  # (b, c): global average pool
+
+    def classify(self, x: Tensor):
+        """Logits, and ``(logits, distill_logits)`` with a distillation head."""
         out = self.mlp_head(x)
         if self.distill_head is None:
             return out

@@ -23,6 +23,12 @@ Deliberate differences from vit-pytorch:
   raise ``ValueError`` instead of failing inside a rearrange.
 - ``in_channels`` sets the input channels (vit-pytorch: 3 only; its ``channels`` are the conv widths).
 - Wrong lengths of ``dims`` (3), ``depths`` (3) or ``channels`` (11) raise ``ValueError``.
+- ``num_classes=0`` returns the pooled features ``(b, channels[-1])`` after the final 1x1 conv
+  (``to_logits.2`` an ``nn.Identity``); vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``:
+  ``legacy_num_classes_zero=True``.
+
+Intermediates (``forward_intermediates``, ``features_only``): the stem's map and each of the three
+stages', strides 4, 8, 16, 32.
 
 ``Recorder`` returns one map per attention layer, ``(b * ph * pw, 4, n, n)`` with ``n`` the patches
 of that stage (a list: the stages differ in ``n``).
@@ -125,10 +131,13 @@ class MobileViT(VisionModel):
         expansion: MV2 expansion ratio. kernel_size: of the MobileViT blocks' convs.
         patch_size: (ph, pw) of the unfolding. depths: transformer blocks per MobileViT block.
         dropout: attention / MLP dropout (vit-pytorch: always 0). in_channels: input channels.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
 
+    classifier_path = "to_logits.2"
+
     def __init__(self, image_size, dims, channels, num_classes, expansion=4, kernel_size=3, patch_size=(2, 2),
-                 depths=(2, 4, 3), dropout=0.0, in_channels=3):
+                 depths=(2, 4, 3), dropout=0.0, in_channels=3, legacy_num_classes_zero=False):
         super().__init__()
         dims, depths, channels = list(dims), list(depths), list(channels)
         for name, value, want in (("dims", dims, 3), ("depths", depths, 3), ("channels", channels, 11)):
@@ -140,7 +149,6 @@ class MobileViT(VisionModel):
         if self.image_size[0] % ph or self.image_size[1] % pw:
             raise ValueError(f"image size {self.image_size} must be divisible by the patch size {self.patch_size}")
         self.in_channels = in_channels
-        self.num_classes = num_classes
 
         self.conv1 = conv_nxn_bn(in_channels, channels[0], stride=2)
         self.stem = nn.ModuleList([
@@ -162,6 +170,9 @@ class MobileViT(VisionModel):
             Reduce("b c h w -> b c", "mean"),
             Linear(channels[-1], num_classes, bias=False),
         )
+        self.set_head(channels[-1], num_classes, legacy_num_classes_zero)
+        self.set_feature_info([channels[3], channels[5], channels[7], channels[9]], [4, 8, 16, 32],
+                              ["stem", "trunk.0", "trunk.1", "trunk.2"])
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The feature map before the head, ``(b, channels[-2], h / 32, w / 32)``."""
@@ -170,12 +181,13 @@ class MobileViT(VisionModel):
         x = self.conv1(img)
         for block in self.stem:
             x = block(x)
+        self.tap(x)
         for conv, attn in self.trunk:
-            x = attn(conv(x))
+            x = self.tap(attn(conv(x)))
         return x
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.to_logits(x)
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.to_logits[:2](x)
 
 
 # Small enough for CPU tests: 64 px, 2x2 patches on the 8/4/2-pixel maps, one block per stage.

@@ -123,10 +123,18 @@ class NesT(VisionModel):
         block_repeats: transformer blocks per level, from the bottom (an int for all levels).
         mlp_mult: MLP expansion. channels: input channels. dim_head: unused (vit-pytorch's signature).
         dropout: attention / MLP dropout. legacy_pos_slicing: vit-pytorch's position slicing for smaller inputs.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)`` (``(b, 0)`` out);
+            by default the classifier is an ``nn.Identity`` and the model returns the pooled, normed features.
+
+    Intermediates (``forward_intermediates``, ``features_only``): each level's map after its transformer
+    (before the aggregation), strides ``patch_size`` times 1, 2, 4, ...
     """
 
+    classifier_path = "mlp_head.2"
+
     def __init__(self, *, image_size, patch_size, num_classes, dim, heads, num_hierarchies, block_repeats,
-                 mlp_mult=4, channels=3, dim_head=64, dropout=0.0, legacy_pos_slicing=False):
+                 mlp_mult=4, channels=3, dim_head=64, dropout=0.0, legacy_pos_slicing=False,
+                 legacy_num_classes_zero=False):
         super().__init__()
         self.image_size, self.patch_size = pair(image_size), pair(patch_size)
         (ih, iw), (ph, pw) = self.image_size, self.patch_size
@@ -144,7 +152,6 @@ class NesT(VisionModel):
             raise ValueError(f"block_repeats must have one entry per hierarchy ({num_hierarchies}), "
                              f"got {block_repeats}")
         self.channels = channels
-        self.num_classes = num_classes
         self.num_hierarchies = num_hierarchies
         grid = (fh // blocks, fw // blocks)  # tokens per block side, the same at every level
 
@@ -169,6 +176,8 @@ class NesT(VisionModel):
             ]))
         self.mlp_head = nn.Sequential(ChanLayerNorm(last_dim), Reduce("b c h w -> b c", "mean"),
                                       Linear(last_dim, num_classes))
+        self.set_head(last_dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info(layer_dims, [ph * m for m in mults], [f"layers.{i}.0" for i in range(num_hierarchies)])
 
     def forward_features(self, img: Tensor) -> Tensor:
         """The top level's feature map ``(b, dim * 2^(L-1), h', w')`` before the head."""
@@ -179,11 +188,11 @@ class NesT(VisionModel):
             raise ValueError(f"image size {tuple(img.shape[-2:])}: its {x.shape[-2]}x{x.shape[-1]} patch grid "
                              f"does not divide into {blocks}x{blocks} blocks")
         for transformer, aggregate in self.layers:  # 2^level blocks per side, attended as windows in place
-            x = aggregate(transformer(x))
+            x = aggregate(self.tap(transformer(x)))
         return x
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.mlp_head(x)
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.mlp_head[:2](x)
 
 
 _SMALL = dict(image_size=32, patch_size=4, num_classes=10, dim=16, heads=2, num_hierarchies=3, block_repeats=(2, 1, 1))

@@ -21,6 +21,11 @@ Deliberate differences from vit-pytorch:
 - ``depth`` may be a list as well as a tuple; ``heads`` given as a tuple must have one entry per
   stage (vit-pytorch silently drops the stages ``zip`` cannot pair). Bad sizes, channel counts and
   these arguments raise ``ValueError`` up front.
+- ``num_classes=0`` returns the normed CLS token ``(b, dim_last)`` (``mlp_head.1`` an ``nn.Identity``);
+  vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
+
+Intermediates (``forward_intermediates``, ``features_only``): each stage's patch tokens as a map,
+strides ``patch_size // 2`` times 1, 2, 4.
 """
 
 from __future__ import annotations
@@ -71,10 +76,13 @@ class PiT(ViTStem, VisionModel):
         dim_head: width per head. dropout: attention/MLP dropout. emb_dropout: after the positions.
         channels: input channels.
         legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
 
+    classifier_path = "mlp_head.1"
+
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, dim_head=64,
-                 dropout=0.0, emb_dropout=0.0, channels=3, legacy_pos_slicing=False):
+                 dropout=0.0, emb_dropout=0.0, channels=3, legacy_pos_slicing=False, legacy_num_classes_zero=False):
         super().__init__()
         if not isinstance(depth, (tuple, list)) or not depth:
             raise ValueError(f"depth must be a tuple of integers, the number of blocks before each "
@@ -91,7 +99,6 @@ class PiT(ViTStem, VisionModel):
             raise ValueError(f"patch_size {patch_size} must be at least 2 (the unfold stride is patch_size // 2)")
         patch_grid(image_size, patch_size)  # raises if not divisible, as vit-pytorch asserts
         self.stride = (patch_size[0] // 2, patch_size[1] // 2)
-        self.num_classes = num_classes
         # Unfold flattens each patch as (c, ph, pw); vit-pytorch's layout, keys to_patch_embedding.2.
         unfold = nn.Sequential(
             nn.Unfold(kernel_size=patch_size, stride=self.stride),
@@ -103,15 +110,19 @@ class PiT(ViTStem, VisionModel):
                         emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing, patch_embedding=unfold,
                         grid=self.token_grid(*pair(image_size)))
 
-        layers = []
+        layers, widths = [], []
         for ind, (layer_depth, layer_heads) in enumerate(zip(depth, heads)):
             layers.append(Transformer(dim, layer_depth, layer_heads, dim_head, mlp_dim, dropout,
                                       final_norm=False))
+            widths.append(dim)
             if ind < len(depth) - 1:
                 layers.append(Pool(dim))
                 dim *= 2
         self.layers = nn.Sequential(*layers)
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info(widths, [self.stride[0] * 2 ** i for i in range(len(depth))],
+                              [f"layers.{2 * i}" for i in range(len(depth))])
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
         """The ``(h, w)`` grid of overlapping patches of an ``h x w`` image."""
@@ -127,10 +138,12 @@ class PiT(ViTStem, VisionModel):
                 x, grid = layer(x, grid)
             else:
                 x = layer(x)
+                if self.taps is not None:  # the stage's patch tokens as a map (b, dim, h, w), a view
+                    self.tap(x[:, 1:].transpose(1, 2).unflatten(2, grid))
         return x
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.mlp_head(x[:, 0])
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.mlp_head[0](x[:, 0])
 
 
 # Paper configs (timm's pit_*): patch 16 / stride 8, base head width 32 (ti) or 48 (xs, s); PiT-B uses

@@ -26,6 +26,12 @@ Deliberate differences from vit-pytorch:
 - Wrong tuple lengths raise ``ValueError``.
 - The channel LayerNorm uses two means (``fastvit.layers.ChanLayerNorm``) instead of ``torch.var``: rounding
   differences only (~1e-6 in fp32).
+- ``num_classes=0`` returns the pooled, normed region features ``(b, dim[-1])`` (``to_logits.2`` an
+  ``nn.Identity``); vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
+
+Intermediates (``forward_intermediates``, ``features_only``): each stage's *local* token map (the
+dense one a detection or segmentation head wants), strides 4, 8, 16, 32; ``forward_features`` returns
+the last stage's region tokens, which the head pools.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from einops.layers.torch import Rearrange, Reduce
 from torch import Tensor, nn
 
 from fastvit.attention import RelPosBias
-from fastvit.layers import PEG, Attention, ChanLayerNorm, Linear, cast_tuple, check_image, mlp
+from fastvit.layers import PEG, Attention, BlockRunner, ChanLayerNorm, Linear, cast_tuple, check_image, mlp
 
 from .base import VisionModel
 from .registry import register_model
@@ -60,7 +66,21 @@ def FeedForward(dim: int, mult: int = 4, dropout: float = 0.0) -> nn.Sequential:
     return mlp(dim, dim * mult, dropout=dropout, out_dropout=False)
 
 
-class R2LTransformer(nn.Module):
+def r2l_block(block: nn.ModuleList, local_tokens: Tensor, region_tokens: Tensor, bias: RelPosBias):
+    """One R2L block: region self-attention, then ``[region; window]`` attention, then the MLP.
+
+    ``local_tokens (b * regions, wh*ww, d)``, ``region_tokens (b, regions, d)``; returns both updated.
+    """
+    attn, ff = block
+    b = region_tokens.shape[0]
+    region_tokens = attn(region_tokens) + region_tokens
+    tokens = torch.cat((region_tokens.reshape(-1, 1, region_tokens.shape[-1]), local_tokens), dim=1)
+    tokens = attn(tokens, bias=bias) + tokens
+    tokens = ff(tokens) + tokens
+    return tokens[:, 1:], tokens[:, :1].reshape(b, -1, tokens.shape[-1])
+
+
+class R2LTransformer(BlockRunner, nn.Module):
     """``depth`` x (region self-attention; [region; window] attention with the local relative position
     bias; MLP), residual. Keys ``local_rel_pos_bias``, ``layers.{i}.{0,1}``."""
 
@@ -109,12 +129,8 @@ class R2LTransformer(nn.Module):
         # Windows: (b * regions, wh*ww, d), regions in row-major order like the region tokens.
         local_tokens = rearrange(local_tokens, "b d (h p1) (w p2) -> (b h w) (p1 p2) d", p1=wh, p2=ww)
         region_tokens = rearrange(region_tokens, "b d h w -> b (h w) d")
-        for attn, ff in self.layers:
-            region_tokens = attn(region_tokens) + region_tokens
-            tokens = torch.cat((region_tokens.reshape(-1, 1, region_tokens.shape[-1]), local_tokens), dim=1)
-            tokens = attn(tokens, bias=bias) + tokens
-            tokens = ff(tokens) + tokens
-            region_tokens, local_tokens = tokens[:, :1].reshape(b, rh * rw, -1), tokens[:, 1:]
+        for block in self.layers:
+            local_tokens, region_tokens = self.run_block(r2l_block, block, local_tokens, region_tokens, bias)
         local_tokens = rearrange(local_tokens, "(b h w) (p1 p2) d -> b d (h p1) (w p2)", b=b, h=rh, p1=wh)
         region_tokens = rearrange(region_tokens, "b (h w) d -> b d h w", h=rh)
         return local_tokens, region_tokens
@@ -129,16 +145,18 @@ class RegionViT(VisionModel):
         local_patch_size: pixels per local token side (the encoder's stride is 4 regardless, as in
             vit-pytorch). use_peg: PEG on the local tokens from stage 2 on.
         attn_dropout, ff_dropout: dropouts. channels: input channels.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
+
+    classifier_path = "to_logits.2"
 
     def __init__(self, *, dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), window_size=7, num_classes=1000,
                  tokenize_local_3_conv=False, local_patch_size=4, use_peg=False, attn_dropout=0.0, ff_dropout=0.0,
-                 channels=3):
+                 channels=3, legacy_num_classes_zero=False):
         super().__init__()
         dim = cast_tuple(dim, 4, "dim")
         depth = cast_tuple(depth, 4, "depth")
         self.channels = channels
-        self.num_classes = num_classes
         self.window_size = window_size
         self.local_patch_size = local_patch_size
         self.region_patch_size = region = local_patch_size * window_size
@@ -167,6 +185,8 @@ class RegionViT(VisionModel):
             current = stage_dim
         self.to_logits = nn.Sequential(Reduce("b c h w -> b c", "mean"), nn.LayerNorm(last_dim),
                                        Linear(last_dim, num_classes))
+        self.set_head(last_dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info(dim, [4, 8, 16, 32], "layers")  # the local encoder's stride is 4
 
     def check_size(self, height: int, width: int, local_size: tuple) -> None:
         """ValueError unless every stage's regions cover whole windows of at most ``window_size`` tokens."""
@@ -192,10 +212,11 @@ class RegionViT(VisionModel):
             local_tokens, region_tokens = down(local_tokens), down(region_tokens)
             local_tokens = peg(local_tokens)
             local_tokens, region_tokens = transformer(local_tokens, region_tokens)
+            self.tap(local_tokens)
         return region_tokens
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.to_logits(x)
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.to_logits[:2](x)
 
 
 # Small enough for CPU tests: 2-token windows of 4-pixel local tokens, 64 px -> 16x16 local / 8x8 regions.

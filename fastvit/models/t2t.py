@@ -25,10 +25,13 @@ Deliberate differences from vit-pytorch:
   the positions of the wrong grid cells. ``legacy_pos_slicing=True`` restores vit-pytorch's behaviour.
 - Wrong channel counts and too-large or too-small images raise ``ValueError`` up front; so does a
   missing ``depth`` / ``heads`` / ``mlp_dim`` without ``transformer=`` (an assert in vit-pytorch).
+- ``num_classes=0`` returns the pooled features ``(b, dim)`` (``mlp_head`` an ``nn.Identity``); vit-pytorch's
+  ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 from einops.layers.torch import Rearrange
@@ -105,12 +108,16 @@ class T2TViT(ViTStem, VisionModel):
         transformer: a module ``(b, n, dim) -> (b, n, dim)`` replacing the main transformer.
         t2t_layers: ``(kernel_size, stride)`` of each soft split.
         legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
+
+    final_norm_path = "transformer.norm"
+    intermediates_from = "transformer"
 
     def __init__(self, *, image_size, num_classes, dim, depth=None, heads=None, mlp_dim=None, pool="cls",
                  channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0,
                  transformer: Optional[nn.Module] = None, t2t_layers=((7, 4), (3, 2), (3, 2)),
-                 legacy_pos_slicing=False):
+                 legacy_pos_slicing=False, legacy_num_classes_zero=False):
         super().__init__()
         if transformer is None:
             missing = [n for n, v in (("depth", depth), ("heads", heads), ("mlp_dim", mlp_dim)) if v is None]
@@ -121,7 +128,6 @@ class T2TViT(ViTStem, VisionModel):
                              f"got {transformer!r}")
         if not t2t_layers:
             raise ValueError("t2t_layers must hold at least one (kernel_size, stride) pair")
-        self.num_classes = num_classes
         tokens_to_token = TokensToToken(t2t_layers, channels, dim, dropout)
         grid = tokens_to_token.output_grid(*pair(image_size))
         if min(grid) < 1:
@@ -134,6 +140,10 @@ class T2TViT(ViTStem, VisionModel):
         self.transformer = transformer
         self.to_latent = nn.Identity()
         self.mlp_head = Linear(dim, num_classes)
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        reduction = math.prod(stride for _, stride in tokens_to_token.t2t_layers)
+        depth = len(getattr(transformer, "layers", ()))  # a module without fastvit's blocks: no intermediates
+        self.set_feature_info([dim] * depth, [reduction] * depth, "transformer.layers")
 
     def token_grid(self, h: int, w: int) -> tuple[int, int]:
         """The token grid of the soft splits for an ``h x w`` image; too small an image is a ValueError."""
@@ -143,10 +153,11 @@ class T2TViT(ViTStem, VisionModel):
         return grid
 
     def forward_features(self, img: Tensor) -> Tensor:
-        return self.transformer(self.dropout(self.embed(img)))  # (b, 1 + n, dim)
+        """The main transformer's tokens ``(b, 1 + n, dim)``, CLS first (normed by a fastvit Transformer)."""
+        return self.transformer(self.dropout(self.embed(img)))
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.to_latent(self.pool_tokens(x))
 
 
 class DistillableT2TViT(DistillTokenMixin, T2TViT):

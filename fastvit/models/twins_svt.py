@@ -36,6 +36,8 @@ Deliberate differences from vit-pytorch:
 
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
@@ -44,6 +46,7 @@ from torch import Tensor, nn
 from fastvit.layers import (
     PEG,
     AttentionBase,
+    BlockRunner,
     ChanLayerNorm,
     FeedForward,
     Linear,
@@ -125,7 +128,13 @@ class GlobalAttention(AttentionBase):
         return split_qkv(kv, self.heads, parts=2)  # (b, h, n', d) each
 
 
-class Transformer(nn.Module):
+def twins_block(block: nn.ModuleList, x: Tensor) -> Tensor:
+    """LSA, MLP, GSA, MLP: each a residual (``Residual``) or an identity."""
+    local_attn, ff1, global_attn, ff2 = block
+    return ff2(global_attn(ff1(local_attn(x))))
+
+
+class Transformer(BlockRunner, nn.Module):
     """``depth`` x (LSA, MLP, GSA, MLP), each residual; without local attention (the last stage) the
     first two are identities. Keys ``layers.{i}.{0..3}.fn``."""
 
@@ -146,8 +155,8 @@ class Transformer(nn.Module):
         ])
 
     def forward(self, x: Tensor) -> Tensor:
-        for local_attn, ff1, global_attn, ff2 in self.layers:
-            x = ff2(global_attn(ff1(local_attn(x))))
+        for block in self.layers:
+            x = self.run_block(twins_block, block, x)
         return x
 
 
@@ -161,18 +170,24 @@ class TwinsSVT(VisionModel):
         s{i}_depth: blocks after the PEG (each stage has one more before it).
         peg_kernel_size: of the PEG's depthwise conv. dropout: attention / MLP dropout.
         channels: input channels.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)`` (``(b, 0)`` out);
+            by default the classifier is an ``nn.Identity`` and the model returns the pooled features.
+
+    Intermediates (``forward_intermediates``, ``features_only``): the four stage maps (strides 4, 8,
+    16, 32 with the default patch sizes).
     """
+
+    classifier_path = "layers.6"
 
     def __init__(self, *, num_classes,
                  s1_emb_dim=64, s1_patch_size=4, s1_local_patch_size=7, s1_global_k=7, s1_depth=1,
                  s2_emb_dim=128, s2_patch_size=2, s2_local_patch_size=7, s2_global_k=7, s2_depth=1,
                  s3_emb_dim=256, s3_patch_size=2, s3_local_patch_size=7, s3_global_k=7, s3_depth=5,
                  s4_emb_dim=512, s4_patch_size=2, s4_local_patch_size=7, s4_global_k=7, s4_depth=4,
-                 peg_kernel_size=3, dropout=0.0, channels=3):
+                 peg_kernel_size=3, dropout=0.0, channels=3, legacy_num_classes_zero=False):
         super().__init__()
         args = dict(locals())
         self.channels = channels
-        self.num_classes = num_classes
         self.stage_configs = []
         dim = channels
         layers = []
@@ -191,6 +206,10 @@ class TwinsSVT(VisionModel):
             dim = cfg["emb_dim"]
         self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), Rearrange("... () () -> ..."),
                                     Linear(dim, num_classes))
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        strides = [cfg["patch_size"] for cfg in self.stage_configs]
+        self.set_feature_info([cfg["emb_dim"] for cfg in self.stage_configs],
+                              [math.prod(strides[: i + 1]) for i in range(len(strides))], "layers")
 
     def check_size(self, height: int, width: int) -> None:
         """ValueError unless every stage's patches, windows and GSA kernel fit an ``height x width`` input."""
@@ -213,10 +232,13 @@ class TwinsSVT(VisionModel):
         """The last stage's feature map ``(b, s4_emb_dim, h/32, w/32)`` (default patch sizes)."""
         check_image(img, channels=self.channels, max_size=None)
         self.check_size(*img.shape[-2:])
-        return self.layers[:4](img)
+        x = img
+        for stage in self.layers[:4]:
+            x = self.tap(stage(x))
+        return x
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        return self.layers[4:](x)
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.layers[4:6](x)
 
 
 # Small enough for CPU tests: 64 px -> 16/8/4/2 maps, 2x2 windows, 2x2 (then 1x1) GSA kernels.

@@ -2,8 +2,7 @@
 
 vit-pytorch 1.26.x layout and numerics: dual-patchnorm embedding, 2-D ``cls_token (num_cls, dim)``
 and ``pos_embedding (N + num_cls, dim)``, pre-norm blocks with the norm inside, a final norm before
-pooling, ``mlp_head`` a plain Linear (``None`` when ``num_classes=0``, then the model returns the
-token sequence).
+pooling, ``mlp_head`` a plain Linear.
 
 Deliberate differences from vit-pytorch:
 
@@ -12,6 +11,9 @@ Deliberate differences from vit-pytorch:
   positions of the wrong grid cells. Same-size inputs are unaffected; ``legacy_pos_slicing=True``
   restores vit-pytorch's behaviour.
 - Wrong channel counts, non-divisible or too-large images raise ``ValueError`` up front.
+- ``num_classes=0`` returns the pooled features ``(b, dim)`` (``mlp_head`` an ``nn.Identity``); vit-pytorch
+  has no head then (``mlp_head = None``) and returns the normed tokens ``(b, n, dim)``, which
+  ``legacy_num_classes_zero=True`` restores.
 """
 
 from __future__ import annotations
@@ -32,33 +34,38 @@ class ViT(ViTStem, VisionModel):
     Args:
         image_size: int or (h, w); the largest input size.
         patch_size: int or (ph, pw).
-        num_classes: classifier width; 0 returns the normed tokens ``(b, n, dim)``.
+        num_classes: classifier width; 0 returns the pooled features ``(b, dim)``.
         dim: token width. depth: number of blocks. heads: attention heads. mlp_dim: MLP hidden width.
         pool: ``"cls"`` (CLS token) or ``"mean"`` (mean over tokens, no CLS token).
         channels: input channels. dim_head: width per head. dropout: attention/MLP dropout.
         emb_dropout: dropout after the position embedding.
         legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
+        legacy_num_classes_zero: with ``num_classes=0`` no head, the tokens out (vit-pytorch).
     """
 
+    final_norm_path = "transformer.norm"
+    intermediates_from = "transformer"
+
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
-                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False):
+                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False,
+                 legacy_num_classes_zero=False):
         super().__init__()
-        self.num_classes = num_classes
         self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
                         num_cls_tokens=1 if pool == "cls" else 0, flat=True, emb_dropout=emb_dropout,
                         legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
         self.to_latent = nn.Identity()
         self.mlp_head = Linear(dim, num_classes) if num_classes > 0 else None
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")
 
     def forward_features(self, img: Tensor) -> Tensor:
+        """Normed tokens ``(b, num_cls + n, dim)``, CLS first (``pool='cls'``)."""
         x = self.dropout(self.embed(img))
-        return self.transformer(x)  # (b, num_cls + n, dim), normed
+        return self.transformer(x)
 
-    def forward_head(self, x: Tensor) -> Tensor:
-        if self.mlp_head is None:
-            return x
-        return self.mlp_head(self.to_latent(self.pool_tokens(x)))
+    def pool_features(self, x: Tensor) -> Tensor:
+        return self.to_latent(self.pool_tokens(x))
 
 
 class DistillableViT(DistillTokenMixin, ViT):
