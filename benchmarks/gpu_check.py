@@ -21,9 +21,11 @@ part is recorded and the next one still runs), inside a total budget of 420 s (`
 4. ``bench_vit_b16``: ViT-B/16 at batch 128 in bf16 autocast: fastvit auto vs the ``sdpa`` backend
    vs timm eager.
 5. ``bench_models``: the default presets, same contenders.
-6. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
+6. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
+   bf16 autocast, unpatched (timm eager) vs ``fastvit.patch_timm`` (same weights).
+7. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
    ``kernels/tuned/<device>.json``), with what time is left.
-7. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
+8. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
    only if at least 90 s are left.
 
 A part gets its share of the budget plus what earlier parts left unused. At its limit it receives
@@ -55,8 +57,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TOTAL_BUDGET_S = 420.0
 
 # Seconds per part at the default budget (scaled to --budget); a part's unused time rolls forward.
-SHARES = {"info": 10, "tests": 130, "check": 40, "bench_attention": 95, "bench_vit_b16": 35, "bench_models": 55,
-          "tune": 55, "bench_timm_compile": 0}
+SHARES = {"info": 10, "tests": 130, "check": 40, "bench_attention": 95, "bench_vit_b16": 35, "bench_models": 45,
+          "bench_timm_patch": 35, "tune": 30, "bench_timm_compile": 0}
 OPTIONAL_MIN_S = {"bench_timm_compile": 90.0}  # parts with no share run only if this much is left
 
 # The kernel tests, natively on CUDA (on the CPU dry run: a few interpreter cases).
@@ -67,6 +69,9 @@ ATTENTION_SHAPES = ("vit_b16_224,vit_s16_224,levit_256_stage1,levit_256_stage2,l
 BENCH_DTYPE = "bf16"  # on CUDA; the CPU dry run uses fp32
 VIT_B16, QUICK_MODEL = "vit_base_patch16_224", "vit_small_patch16_224"
 QUICK_SHAPES = "vit_b16_224,vit_s16_224,levit_256_stage2,ats_vit_s_cls_probs"
+# timm models patched in place (fastvit.tools.timm_models) and their GPU goals vs timm eager.
+TIMM_PATCH_GOALS = {"swin_tiny_patch4_window7_224": 1.3, "levit_256": 1.3, "cait_xxs24_224": 1.3,
+                    "twins_svt_small": 1.3, "maxvit_tiny_tf_224": 1.3, "vit_base_patch16_224": 1.0}
 
 
 def slug(text: str) -> str:
@@ -231,6 +236,7 @@ def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224
     """The design's GPU targets from the parts' results (``dtype`` and ``model`` as the run used them)."""
     att = ((parts.get("bench_attention") or {}).get("result") or {}).get("results", [])
     vitb = ((parts.get("bench_vit_b16") or {}).get("result") or {}).get("results", [])
+    patched = ((parts.get("bench_timm_patch") or {}).get("result") or {}).get("results", [])
     a = lambda name, backend, mode="fwd": _median(att, kind="attention", name=name, mode=mode, backend=backend,
                                                   dtype=dtype)
     m = lambda contender: _median(vitb, kind="model", name=model, contender=contender)
@@ -249,6 +255,10 @@ def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224
                 a("ats_vit_s_cls_probs", "triton"), a("vit_s16_224", "triton"), lower_is_better=True),
         _target("ViT-B/16 end to end, bf16, batch 128: fastvit auto >= 1.0x timm eager", 1.0,
                 m(f"fastvit[auto] {dtype}"), m(f"timm {dtype}")),
+        *(_target(f"timm {name} patched in place, {dtype}: >= {goal}x timm eager", goal,
+                  _median(patched, kind="timm", name=name, contender=f"patched {dtype}"),
+                  _median(patched, kind="timm", name=name, contender=f"timm {dtype}"))
+          for name, goal in TIMM_PATCH_GOALS.items()),
     ]
 
 
@@ -294,6 +304,9 @@ def build_parts(args, tmp: str) -> dict:
         "bench_models": ([*models, "--models", "default", "--group-seconds", "0.2" if args.quick else "0.4",
                           *(["--batch-size", "32"] if not args.quick else []), "--json", path("models.json")],
                          path("models.json"), {}),
+        "bench_timm_patch": ([*bench, "--no-attention", "--no-models", "--timm-patch", ",".join(TIMM_PATCH_GOALS),
+                              "--group-seconds", "0.2" if args.quick else "1", "--json", path("timm_patch.json")],
+                             path("timm_patch.json"), {}),
         # The tuned table goes where the launchers read it (kernels/tuned/<device>.json, copied to --out-dir);
         # the dry run writes a throwaway one.
         "tune": ([*fastvit, "tune", *dev, *quick, "--json", path("tune.json"), "--tuned-out",

@@ -92,3 +92,15 @@ def test_tuned_table_path_matches_the_kernels_lookup():
     kattn = pytest.importorskip("fastvit.kernels.attention")
     name = "NVIDIA H100 80GB HBM3"
     assert os.path.basename(gpu_check.tuned_table_path(name)) == os.path.basename(kattn.tuned_path(name))
+
+
+def test_timm_patch_targets_compare_patched_with_timm_eager():
+    from fastvit.tools.timm_models import TIMM_BENCH_MODELS
+
+    assert set(gpu_check.TIMM_PATCH_GOALS) <= {m.name for m in TIMM_BENCH_MODELS}
+    rows = [{"kind": "timm", "name": "swin_tiny_patch4_window7_224", "contender": contender, "mode": "fwd",
+             "status": "ok", "median_ms": ms} for contender, ms in (("timm bf16", 13.0), ("patched bf16", 10.0))]
+    by_target = {t["target"]: t for t in gpu_check.targets({"bench_timm_patch": {"result": {"results": rows}}})}
+    swin = by_target["timm swin_tiny_patch4_window7_224 patched in place, bf16: >= 1.3x timm eager"]
+    assert swin["ratio"] == pytest.approx(1.3) and swin["met"] is True
+    assert by_target["timm levit_256 patched in place, bf16: >= 1.3x timm eager"]["reason"] == "not measured"

@@ -322,5 +322,9 @@ def timm_patch_contenders(entry, *, device: str, dtypes: Sequence[torch.dtype], 
         for version, m in versions.items():
             meta = {"impl": impls[version], "backend": "auto" if version != "timm" else None, "dtype": dt,
                     "timm_model": entry.name, "family": entry.family}
+            if version == "patched+linear" and torch.device(device).type != "cpu":
+                contenders.append(Contender(f"{version} {dt}", meta=meta, skip_reason=(
+                    "fastvit.layers.Linear's fast path is CPU inference only (elsewhere it is timm's Linear)")))
+                continue
             contenders.append(Contender(f"{version} {dt}", _model_fn(m, x, device, dtype, mode, None), meta))
     return contenders, info
