@@ -261,6 +261,18 @@ def test_check_padding_cases_include_a_fully_masked_sample():
     assert [name for name, _ in testing.trainable(q, k, v, bias)] == ["q", "k", "v", "rel_table"]
 
 
+def test_check_bias_kinds_combine_parts():
+    assert testing.bias_parts("none") == () and testing.bias_parts("padding+relpos") == ("relpos", "padding")
+    with pytest.raises(ValueError, match="unknown bias part 'pad' in 'relpos\\+pad'"):
+        testing.bias_parts("relpos+pad")
+    kind = "padding+dense_bcast_all+dense+dense_bcast_heads+dense_bcast+relpos"
+    case = testing.CheckCase("sdpa", "cpu", torch.float32, (2, 3, 5, 7, 8, 8), kind)
+    q, k, v, bias = testing.make_case_inputs(case)
+    assert [type(b) for b in bias] == [RelPosBias] + [DenseBias] * 4 + [KeyPaddingMask]
+    assert [tuple(b.tensor.shape) for b in bias[1:5]] == [(2, 3, 5, 7), (1, 3, 5, 7), (2, 1, 5, 7), (1, 1, 5, 7)]
+    assert testing.declares(case)
+
+
 def test_check_filters_and_devices():
     cases = testing.generate_cases(["sdpa", "reference"], "cpu", None, ["*-N197-*"])
     assert cases and all("-N197-" in c.id for c in cases)

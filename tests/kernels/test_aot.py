@@ -9,6 +9,7 @@ import pytest
 import torch
 from fastvit.kernels import aot, variants
 from fastvit.kernels import attention as kattn
+from kernel_cases import kernel_kwargs, triton_case
 
 # (Nq, Nk, D, Dv, biased) of attention layers in the models fastvit serves.
 MODEL_SHAPES = {
@@ -72,26 +73,15 @@ def test_launched_variants_are_listed(device, monkeypatch):
         real_launch(kernel, grid, args, constexprs, cfg)
 
     monkeypatch.setattr(kattn, "_launch", recording_launch)
-    g = torch.Generator().manual_seed(0)
 
-    def run(nq, nk, d, dv, dtype, rel=False, dense=False, pad=False):
-        q, k = (torch.randn(1, 2, n, d, generator=g).to(dtype).to(device).requires_grad_() for n in (nq, nk))
-        v = torch.randn(1, 2, nk, dv, generator=g).to(dtype).to(device).requires_grad_()
-        kw = {}
-        if rel:
-            kw.update(rel_table=torch.randn(5, 2, device=device, requires_grad=True),
-                      rel_index=torch.randint(0, 5, (nq, nk), device=device))
-        if dense:
-            kw["dense_bias"] = torch.randn(1, 1, nq, nk, device=device, requires_grad=True)
-        if pad:
-            kw["key_padding"] = torch.ones(1, nk, dtype=torch.bool, device=device)
-        out, _ = kattn.attention_with_cls_probs(q, k, v, **kw)
+    def run(dtype, shape, bias="none"):
+        out, _ = kattn.attention_with_cls_probs(**kernel_kwargs(triton_case(dtype, shape, bias), fp32_table=True))
         out.float().sum().backward()
 
-    run(49, 50, 32, 32, torch.float16)  # unbiased, head dim aligned, sequence not
-    run(64, 64, 64, 64, torch.bfloat16)  # unbiased, block multiples
-    run(49, 49, 16, 64, torch.float32, rel=True, dense=True, pad=True)  # all biases, widened head blocks
-    run(30, 20, 48, 48, torch.float16, rel=True, pad=True)  # a bias subset
+    run(torch.float16, (1, 2, 49, 50, 32, 32))  # unbiased, head dim aligned, sequence not
+    run(torch.bfloat16, (1, 2, 64, 64, 64, 64))  # unbiased, block multiples
+    run(torch.float32, (1, 2, 49, 49, 16, 64), "relpos+dense_bcast_all+padding")  # all biases, widened head blocks
+    run(torch.float16, (1, 2, 30, 20, 48, 48), "relpos+padding")  # a bias subset
 
     full = {(s.kernel, s.config, s.signature.get("Q", s.signature.get("Out")),
              # the unit strides in a spec's constexprs are triton's specialisation, not launch arguments

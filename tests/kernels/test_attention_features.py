@@ -13,9 +13,23 @@ import pytest
 import torch
 from fastvit.kernels import attention as kattn
 from fastvit.kernels import variants
-from test_attention_interpret import Case, check, differentiable, fp32_copies, make_inputs, run_and_compare
+from kernel_cases import (
+    BF16,
+    F16,
+    F32,
+    REDUCED_KV,
+    SUBSAMPLED_Q,
+    SWIN,
+    assert_matches,
+    case_inputs,
+    differentiable,
+    kernel_kwargs,
+    launcher_kwargs,
+    run_and_compare,
+    triton_case,
+)
 
-F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+from fastvit.attention.testing import fp32_copy
 
 
 @pytest.fixture
@@ -32,41 +46,47 @@ def launches(monkeypatch):
     return seen
 
 
-# N just below, at and above block multiples (16-bit tiles are 64 wide, fp32 ones 32): full blocks
-# unmasked, the partial last block masked; dK/dV rows clamped.
+# Sizes of their own, not SHAPES entries: N just below, at and above block multiples (16-bit tiles are
+# 64 wide, fp32 ones 32): full blocks unmasked (EVEN_M/N/D: no masks compiled in at all), the partial
+# last block masked; dK/dV rows clamped.
 SPLIT_CASES = [
-    Case(F16, 1, 2, 63, 63, 32, 32, ("relpos", "dense", "pad")),
-    Case(F16, 1, 2, 64, 64, 32, 32, ("relpos", "dense", "pad")),
-    Case(F16, 1, 2, 65, 65, 32, 32, ("relpos", "dense", "pad")),
-    Case(BF16, 1, 2, 127, 129, 64, 64),
-    Case(F32, 1, 2, 129, 127, 32, 32, ("dense", "pad"), dense_shape="BH"),
-    Case(F32, 1, 1, 65, 33, 16, 16, ("relpos",)),
+    triton_case(F16, (1, 2, 63, 63, 32, 32), "relpos+dense_bcast+padding"),
+    triton_case(F16, (1, 2, 64, 64, 32, 32), "relpos+dense_bcast+padding"),
+    triton_case(F16, (1, 2, 64, 64, 32, 32)),
+    triton_case(F32, (1, 2, 64, 64, 64, 64)),
+    triton_case(F16, (1, 2, 65, 65, 32, 32), "relpos+dense_bcast+padding"),
+    triton_case(BF16, (1, 2, 127, 129, 64, 64)),
+    triton_case(F32, (1, 2, 129, 127, 32, 32), "dense+padding"),
+    triton_case(F32, (1, 1, 65, 33, 16, 16), "relpos"),
 ]
 
 
+@pytest.mark.usefixtures("device")
 @pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: c.id)
-def test_split_loop_around_block_multiples(case, device, launches):
-    run_and_compare(case, device)
+def test_split_loop_around_block_multiples(case, launches):
+    run_and_compare(case)
     fwd = [c for name, _, c in launches if name == "_attn_fwd"]
     cfg = [cfg for name, cfg, _ in launches if name == "_attn_fwd"][0]
-    assert fwd[0]["EVEN_N"] == (case.Nk % cfg.block_n == 0)  # the masked tail is compiled in only when needed
+    Nk = case.shape[3]
+    assert fwd[0]["EVEN_N"] == (Nk % cfg.block_n == 0)  # the masked tail is compiled in only when needed
 
 
+@pytest.mark.usefixtures("device")
 @pytest.mark.parametrize("path", ["expanded", "gather"])
-@pytest.mark.parametrize("case", [Case(F32, 2, 3, 49, 50, 32, 32, ("relpos", "pad")),
-                                  Case(F16, 2, 2, 65, 63, 32, 32, ("relpos", "dense"), dense_shape="1H"),
-                                  Case(BF16, 1, 2, 49, 49, 32, 32, ("relpos", "dense", "pad"), dense_shape="11")],
-                         ids=lambda c: c.id)
-def test_relative_position_paths(case, path, device, monkeypatch, launches):
+@pytest.mark.parametrize("case", [triton_case(F32, SWIN, "relpos+padding"),
+                                  triton_case(F16, SUBSAMPLED_Q, "relpos+dense_bcast"),
+                                  triton_case(BF16, SWIN, "relpos+dense_bcast_all+padding")], ids=lambda c: c.id)
+def test_relative_position_paths(case, path, monkeypatch, launches):
     monkeypatch.setattr(kattn, "REL_BIAS_PRECOMPUTE_MAX_LOGITS", 1 << 30 if path == "expanded" else 0)
-    run_and_compare(case, device)
+    run_and_compare(case)
     tiled = [c for name, _, c in launches if name in kattn.TUNABLE_KERNELS]
     assert tiled and all(c["HAS_REL"] == (path == "gather") for c in tiled)
-    assert all(c["HAS_DENSE"] for c in tiled) == (path == "expanded" or "dense" in case.biases)
+    assert all(c["HAS_DENSE"] for c in tiled) == (path == "expanded" or "dense" in case.bias)
 
 
-def test_a_batched_dense_bias_keeps_the_table_gathered(device, launches):
-    run_and_compare(Case(F32, 2, 2, 20, 24, 16, 16, ("relpos", "dense"), dense_shape="BH"), device)
+@pytest.mark.usefixtures("device")
+def test_a_batched_dense_bias_keeps_the_table_gathered(launches):
+    run_and_compare(triton_case(F32, REDUCED_KV, "relpos+dense"))
     assert all(c["HAS_REL"] for name, _, c in launches if name in kattn.TUNABLE_KERNELS)
 
 
@@ -76,27 +96,29 @@ def _bias_grads(inputs, grad_out):
 
 
 @pytest.mark.parametrize("path", ["expanded", "gather"])
-@pytest.mark.parametrize("dense_shape", ["1H", "BH", "11"])
-def test_bias_gradients_are_bitwise_reproducible(path, dense_shape, device, monkeypatch):
+@pytest.mark.parametrize("dense", ["dense_bcast", "dense", "dense_bcast_all"])
+def test_bias_gradients_are_bitwise_reproducible(path, dense, device, monkeypatch):
     monkeypatch.setattr(kattn, "REL_BIAS_PRECOMPUTE_MAX_LOGITS", 1 << 30 if path == "expanded" else 0)
-    case = Case(F32, 3, 2, 40, 45, 16, 16, ("relpos", "dense", "pad"), dense_shape=dense_shape)
-    inputs = make_inputs(case, device)
-    grad_out = torch.randn(case.B, case.H, case.Nq, case.Dv, generator=torch.Generator().manual_seed(3)).to(device)
+    # A batch of 3 (no SHAPES entry has one): the bias gradients sum several samples' contributions.
+    shape = B, H, Nq, Nk, D, Dv = (3, 2, 40, 45, 16, 16)
+    q, k, v, bias = case_inputs(triton_case(F32, shape, f"relpos+{dense}+padding"))
+    inputs = launcher_kwargs(q, k, v, bias)
+    grad_out = torch.randn(B, H, Nq, Dv, generator=torch.Generator().manual_seed(3)).to(device)
     first = _bias_grads(inputs, grad_out)
     second = _bias_grads(inputs, grad_out)
     for name, a, b in zip(("rel_table", "dense_bias"), first, second):
         assert torch.equal(a, b), f"d{name} differs between two identical backward passes"
-    ref_inputs = fp32_copies(inputs)
+    ref_inputs = launcher_kwargs(*fp32_copy(q, k, v, bias))
     ref = kattn.attention_ref(**ref_inputs, scale=0.3)
     ref_grads = torch.autograd.grad(ref, [ref_inputs["rel_table"], ref_inputs["dense_bias"]], grad_out)
     for name, a, b in zip(("rel_table", "dense_bias"), first, ref_grads):
-        check(a, b, F32, f"d{name}")
+        assert_matches(a, b, F32, f"d{name}")
     # A dS buffer over DS_BUFFER_MAX_BYTES runs the batch in chunks: the same gradients, also reproducible.
     monkeypatch.setattr(kattn, "DS_BUFFER_MAX_BYTES", 1)
     chunked = _bias_grads(inputs, grad_out)
     assert all(torch.equal(a, b) for a, b in zip(chunked, _bias_grads(inputs, grad_out)))
     for name, a, b in zip(("rel_table", "dense_bias"), chunked, first):
-        check(a, b, F32, f"chunked d{name}")
+        assert_matches(a, b, F32, f"chunked d{name}")
 
 
 def test_deterministic_flag_is_exported():
@@ -137,20 +159,21 @@ def test_tune_key_and_candidates():
         kattn.tune_key("_attn_nope", 1, 1, 16, 16, F32, False)
 
 
+# The tuned-table and forced-config tests name their own small sizes: the keys and configs are the point.
 def _write_table(path, entries, **extra):
     path.write_text(json.dumps({"device": "test", "triton": "0", "entries": entries, **extra}))
 
 
 def test_tuned_table_is_used(device, tmp_path, monkeypatch, launches):
     monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path))
-    case = Case(F32, 1, 2, 40, 40, 16, 16)
+    case = triton_case(F32, (1, 2, 40, 40, 16, 16))
     cfg = kattn.Config(16, 16, 2, 1)
-    key = kattn.tune_key("_attn_fwd", case.Nq, case.Nk, case.D, case.Dv, F32, False)
+    key = kattn.tune_key("_attn_fwd", *case.shape[2:], F32, False)
     path = Path(kattn.tuned_path(torch.device(device)))  # "cpu.json" under the interpreter
     assert path.parent == tmp_path
     _write_table(path, {key: dict(cfg._asdict(), ms=0.01)})
     assert kattn.load_tuned(str(path))["entries"] == {key: cfg}
-    run_and_compare(case, device)
+    run_and_compare(case)
     assert [c for name, c, _ in launches if name == "_attn_fwd"] == [cfg]
     # the AOT report compiles the configs of the tuned tables too
     assert any(s.config == cfg for s in variants.iter_compile_specs(dtypes=(F32,), head_blocks=((16, 16),))
@@ -166,14 +189,14 @@ def test_tuned_threshold_refines_the_precompute_rule(device, tmp_path, monkeypat
     monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path))
     _write_table(Path(kattn.tuned_path(torch.device(device))), {}, rel_bias_precompute_max_logits=0)
     kattn._TUNED_CACHE.clear()
-    run_and_compare(Case(F32, 1, 2, 20, 20, 16, 16, ("relpos",)), device)
+    run_and_compare(triton_case(F32, REDUCED_KV, "relpos"))
     assert all(c["HAS_REL"] for name, _, c in launches if name in kattn.TUNABLE_KERNELS)
 
 
 def test_forced_configs_take_effect(device, launches):
     forced = {"_attn_fwd": kattn.Config(16, 32, 2, 1), "_attn_bwd_dq": kattn.Config(32, 16, 2, 1)}
     with kattn.forced_configs(forced):
-        run_and_compare(Case(F32, 1, 2, 40, 50, 16, 16, ("dense",)), device)
+        run_and_compare(triton_case(F32, (1, 2, 40, 50, 16, 16), "dense_bcast"))
     picked = {name: cfg for name, cfg, _ in launches}
     assert picked["_attn_fwd"] == forced["_attn_fwd"] and picked["_attn_bwd_dq"] == forced["_attn_bwd_dq"]
     assert picked["_attn_bwd_dkdv"] == kattn.launch_plan(40, 50, 16, 16, F32, biased=True)["_attn_bwd_dkdv"][0]
@@ -194,12 +217,13 @@ def test_malformed_tuned_table_raises_or_is_ignored_with_a_warning(content, devi
     with pytest.raises(ValueError, match="tuned table"):
         kattn.load_tuned(str(path))
     kattn._TUNED_CACHE.clear()
+    case = triton_case(F32, (1, 1, 20, 20, 16, 16))
     with pytest.warns(RuntimeWarning, match="ignoring it"):
-        run_and_compare(Case(F32, 1, 1, 20, 20, 16, 16, backward=False), device)
+        run_and_compare(case, backward=False)
     assert [c for name, c, _ in launches] == [kattn.launch_plan(20, 20, 16, 16, F32)["_attn_fwd"][0]]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once per file version, not per call
-        run_and_compare(Case(F32, 1, 1, 20, 20, 16, 16, backward=False), device)
+        run_and_compare(case, backward=False)
 
 
 def test_missing_tuned_table_is_empty(tmp_path):
@@ -210,9 +234,10 @@ def test_missing_tuned_table_is_empty(tmp_path):
 # the backward op's fake implementation has the real op's strides
 # --------------------------------------------------------------------------------------------------
 
-def test_backward_op_fake_strides_match(device):
-    case = Case(F32, 1, 2, 16, 20, 16, 16, ("relpos", "dense"), dense_shape="1H")
-    inputs = {n: t.detach() for n, t in make_inputs(case, device).items()}
+@pytest.mark.usefixtures("device")
+def test_backward_op_fake_strides_match():
+    case = triton_case(F32, REDUCED_KV, "relpos+dense_bcast")
+    inputs = kernel_kwargs(case, requires_grad=False)
     q = inputs["q"].transpose(-1, -2).contiguous().transpose(-1, -2)  # last stride != 1: copied
     table = inputs["rel_table"].t().contiguous().t()  # a non-contiguous table
     out, lse, _ = kattn.attention_fwd(q, inputs["k"], inputs["v"], scale=0.25, rel_table=table,
@@ -220,4 +245,4 @@ def test_backward_op_fake_strides_match(device):
     args = (torch.randn_like(out), q, inputs["k"], inputs["v"], out, lse, 0.25, table, inputs["rel_index"],
             inputs["dense_bias"], None, True, True)
     torch.library.opcheck(torch.ops.fastvit.attn_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
-    assert differentiable(make_inputs(case, device))  # the helper still sees the trainable inputs
+    assert differentiable(kernel_kwargs(case))  # the helper still sees the trainable inputs
