@@ -156,8 +156,10 @@ def cmd_bench(args, out: Console) -> int:
     shapes = _split(args.shapes)
     if args.no_attention:
         shapes = []
+    windows = _split(args.windows)
     config = BenchConfig(device=device, dtypes=_split(args.dtype), batch_size=args.batch_size,
-                         backends=_split(args.backends), models=models, shapes=shapes, backward=args.backward,
+                         backends=_split(args.backends), models=models, shapes=shapes, windows=windows,
+                         backward=args.backward,
                          quick=args.quick, group_seconds=args.group_seconds, vit_pytorch=not args.no_vit_pytorch,
                          timm=not args.no_timm, memory=not args.no_memory, max_seconds=args.max_seconds,
                          threads=args.threads, tune_allocator=args.tune_allocator,
@@ -349,6 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-models", action="store_true", help="attention shapes only")
     p.add_argument("--shapes", action="append", metavar="PATTERN", help="attention shapes: comma-separated globs")
     p.add_argument("--no-attention", action="store_true", help="models only")
+    p.add_argument("--windows", action="append", metavar="PATTERN",
+                   help="windowed attention shapes (Swin-T stages, MaxViT-T block/grid, CrossFormer-S short/long, "
+                        "Twins-SVT-S LSA, NesT-T blocks): comma-separated globs or 'all' (default: none); every "
+                        "backend through attend(window=...) vs 'einops', the models' own window cut")
     p.add_argument("--backward", action="store_true", help="also time forward + backward")
     p.add_argument("--quick", action="store_true", help="tiny sizes and budgets (smoke test)")
     p.add_argument("--group-seconds", type=float, help="time budget per group (default 5 s CPU, 1.5 s CUDA; "

@@ -80,6 +80,115 @@ def attention_contenders(shape: AttentionShape, *, device: str, dtype: torch.dty
     return contenders, dims
 
 
+def einops_window_attention(q, k, v, window, bias, scale: float):
+    """Windowed attention the way the models wrote it before ``Window`` (Swin in timm, Twins, NesT,
+    CrossFormer in vit-pytorch): roll, cut the windows into a batch with einops, one float mask
+    expanded to ``[B * windows, heads, n, n]`` (the bias plus the shift mask), SDPA, paste the windows
+    back, roll back. q, k, v ``[B, heads, H*W, D]``; the copies are what a model pays."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    from fastvit.attention import DenseBias, RelPosBias
+
+    B, heads, _, _ = q.shape
+    (H, W), (wh, ww), (sh, sw), (dh, dw) = window.grid, window.size, window.shift, window.dilation
+    # Row (y * wh + s1) * dh + o is position s1 of window row y * dh + o: adjacent positions without a
+    # dilation, positions dh apart with one (CrossFormer's long distance, MaxViT's grid).
+    cut = "b h (y s1 dh) (x s2 dw) d -> (b y dh x dw) h (s1 s2) d"
+    paste = "(b y dh x dw) h (s1 s2) d -> b h (y s1 dh) (x s2 dw) d"
+    sizes = dict(s1=wh, s2=ww, dh=dh, dw=dw)
+    maps = [t.view(B, heads, H, W, t.shape[-1]) for t in (q, k, v)]
+    if window.shifted:
+        maps = [torch.roll(t, shifts=(-sh, -sw), dims=(2, 3)) for t in maps]
+    q, k, v = (rearrange(t, cut, **sizes) for t in maps)
+    mask = None
+    for b in bias:
+        term = b.materialize() if isinstance(b, (RelPosBias, DenseBias)) else None
+        if term is not None:
+            mask = term if mask is None else mask + term
+    if window.shifted:  # Swin's region mask, per window, expanded over the batch and the heads
+        region = window.region_mask(q.device)  # (nw, n, n)
+        shift_mask = torch.zeros(region.shape, dtype=q.dtype, device=q.device).masked_fill_(~region, float("-inf"))
+        mask = shift_mask[:, None] if mask is None else mask + shift_mask[:, None]  # (nw, h|1, n, n)
+        nw, n = window.num_windows, window.tokens
+        mask = mask.unsqueeze(0).expand(B, nw, heads, n, n).reshape(B * nw, heads, n, n)
+    if mask is not None:
+        mask = mask.to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    out = rearrange(out, paste, b=B, y=H // (wh * dh), x=W // (ww * dw), **sizes)
+    if window.shifted:
+        out = torch.roll(out, shifts=(sh, sw), dims=(2, 3))
+    return out.flatten(2, 3)  # (b, h, H*W, d)
+
+
+def window_contenders(shape: AttentionShape, *, device: str, dtype: torch.dtype, mode: str = "fwd",
+                      backends: Optional[Sequence[str]] = None, quick: bool = False,
+                      batch_size: Optional[int] = None) -> tuple:
+    """The contenders of one windowed group: every backend through ``attend(..., window=...)`` (the
+    ones that do not declare ``supports_window`` show why), ``einops`` (the models' own window cut,
+    ``einops_window_attention``) and auto.
+
+    Returns:
+        ``(contenders, dims)``.
+    """
+    dims = shape.dims(device, quick, batch_size)
+    window = shape.window_for(quick)
+    names = list(backends) if backends is not None else [*BACKENDS, "auto"]
+    names = [n for n in names if n != "auto"] + ["einops"] + (["auto"] if "auto" in names else [])
+    not_here = shape.skip_reason(device, quick)
+    if not_here:
+        return [Contender(name, meta={"backend": name}, skip_reason=not_here) for name in names], dims
+    backward = mode == "fwd+bwd"
+    q, k, v, make_bias = attention_inputs(dims, shape.bias, device, dtype, requires_grad=backward, window=window)
+    bias = make_bias()
+    inp = make_inputs(q, k, v, bias=bias, window=window)
+    leaves = [q, k, v] + ([bias.table] if shape.bias == "relpos" else [bias.tensor] if shape.bias == "dense" else [])
+    grad_out = torch.randn(dims[0], dims[1], dims[2], dims[5], device=device, dtype=dtype) if backward else None
+    scale = inp.scale
+    bias_tuple = () if bias is None else (bias,)
+
+    def timed(call):
+        if backward:
+            def fn():
+                for t in leaves:
+                    t.grad = None
+                out = call()
+                out.backward(grad_out)
+                return out
+        else:
+            def fn():
+                with torch.inference_mode():
+                    return call()
+        return fn
+
+    contenders = []
+    for name in names:
+        meta = {"backend": name}
+        if name == "einops":
+            meta["served_by"] = "sdpa"
+            contenders.append(Contender(name, timed(lambda: einops_window_attention(q, k, v, window, bias_tuple,
+                                                                                     scale)), meta))
+            continue
+        if name == "auto":
+            try:
+                meta["served_by"] = choose(inp, "auto").name
+            except ValueError as e:
+                contenders.append(Contender(name, meta=meta, skip_reason=str(e)))
+                continue
+        elif name not in BACKENDS:
+            contenders.append(Contender(name, meta=meta, skip_reason=f"unknown backend {name!r}"))
+            continue
+        else:
+            reasons = BACKENDS[name].not_supported_reasons(inp) or _interpreted(name, device, quick)
+            if reasons:
+                contenders.append(Contender(name, meta=meta, skip_reason="; ".join(reasons)))
+                continue
+            meta["served_by"] = name
+        contenders.append(Contender(name, timed(lambda name=name: attend(q, k, v, bias=make_bias(), window=window,
+                                                                          backend=name)), meta))
+    return contenders, dims
+
+
 def default_models() -> list:
     """The headline ViT-S/16, then one preset per vit-pytorch architecture (the first registered one),
     so models added to the registry show up without touching the benchmark."""

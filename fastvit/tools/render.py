@@ -69,6 +69,12 @@ def render_bench(doc: dict, out: Console) -> None:
                 backend = f"auto -> {r['served_by']}"
             note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
             bias = r.get("bias", "") + (" +cls_probs" if r.get("cls_probs") else "")
+            if r.get("window"):  # windowed: the geometry, and the ratio to the models' own window cut
+                bias += f" {r['window']}"
+                if r["status"] == "ok":
+                    note = "; ".join(part for part in (
+                        r.get("x_einops") is not None and f"{r['x_einops']:.2f}x einops",
+                        r.get("pct_hbm") is not None and f"{r['pct_hbm']:.0f}% of HBM") if part)
             table.add_row(r["name"], dims, bias, r["dtype"], r["mode"], backend,
                           fmt(r.get("median_ms"), ".3f"), fmt(r.get("gflops"), ".1f"), fmt(r.get("pct_peak"), ".1f"),
                           fmt(r.get("gbps"), ".2f"),

@@ -20,10 +20,18 @@ from fastvit.tools.contenders import (
     model_contenders,
     select_models,
     timm_patch_contenders,
+    window_contenders,
 )
 from fastvit.tools.env import cpu_pressure, default_device, environment
 from fastvit.tools.schema import SCHEMA_VERSION
-from fastvit.tools.shapes import ATTENTION_SHAPES, attention_bytes, attention_flops, peak_tflops
+from fastvit.tools.shapes import (
+    ATTENTION_SHAPES,
+    WINDOW_SHAPES,
+    attention_bytes,
+    attention_flops,
+    peak_gbps,
+    peak_tflops,
+)
 from fastvit.tools.timing import time_interleaved
 from fastvit.tools.timm_models import select_timm_models
 
@@ -42,6 +50,10 @@ class BenchConfig:
             headline model; auto only for the other models).
         models: glob patterns of presets (default: ``default_models()``); an empty list skips models.
         shapes: glob patterns of attention shapes (default: all); an empty list skips attention.
+        windows: glob patterns (or ``all``) of windowed attention shapes (``WINDOW_SHAPES``; default:
+            none): every backend through ``attend(..., window=...)`` vs ``einops`` (the models' own
+            window cut, copies and expanded mask included). Shapes not sized for the device are
+            listed as skipped with the reason.
         backward: also time forward + backward.
         quick: tiny sizes and budgets (tests, smoke runs).
         group_seconds: time budget of one group's timed rounds (default 5 s CPU / 1.5 s CUDA, 0.2 s
@@ -62,6 +74,7 @@ class BenchConfig:
     backends: Optional[list] = None
     models: Optional[list] = None
     shapes: Optional[list] = None
+    windows: Optional[list] = None
     backward: bool = False
     quick: bool = False
     group_seconds: Optional[float] = None
@@ -141,6 +154,15 @@ def plan(config: BenchConfig) -> list:
                                       backends=config.backends, quick=config.quick,
                                       batch_size=config.batch_size)))
 
+    for shape in select_window_shapes(config.windows):
+        for dt in dtype_names:
+            for mode in modes:
+                groups.append(Group(
+                    "attention", shape.name, mode, dt, base,
+                    functools.partial(window_contenders, shape, device=device, dtype=DTYPES[dt], mode=mode,
+                                      backends=config.backends, quick=config.quick,
+                                      batch_size=config.batch_size)))
+
     models = select_models(config.models) if config.models is None or config.models else []
     for i, name in enumerate(models):
         headline = i == 0 and name == HEADLINE_MODEL and config.models is None
@@ -191,13 +213,27 @@ def _status(row: dict, contender, m) -> bool:
     return contender.skip_reason is None and m.ok
 
 
+def select_window_shapes(patterns) -> list:
+    """Windowed shapes matching any glob (``all``: every one); none for None or an empty list."""
+    if not patterns:
+        return []
+    shapes = [s for s in WINDOW_SHAPES if any(p == "all" or fnmatch.fnmatchcase(s.name, p) for p in patterns)]
+    if not shapes:
+        raise ValueError(f"no windowed shape matches {patterns}; known: {', '.join(s.name for s in WINDOW_SHAPES)}")
+    return shapes
+
+
 def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict, device: str = "cpu") -> list:
     B, H, Nq, Nk, D, Dv = dims
-    shape = next(s for s in ATTENTION_SHAPES if s.name == group.name)
+    shape = next(s for s in (*ATTENTION_SHAPES, *WINDOW_SHAPES) if s.name == group.name)
+    window = shape.window_for(group.build.keywords.get("quick", False)) if group.build else None
     dtype = DTYPES[group.dtype]
     peak = peak_tflops(device, dtype)
+    hbm = peak_gbps(device)
     ref = measured.get("reference")
     ref_t = ref.median if ref is not None and ref.ok else None
+    einops = measured.get("einops")
+    einops_t = einops.median if window is not None and einops is not None and einops.ok else None
     rows = []
     for c in contenders:
         m = measured[c.name]
@@ -205,13 +241,19 @@ def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict,
                "served_by": c.meta.get("served_by"), "dtype": group.dtype, "mode": group.mode,
                "bias": shape.bias, "cls_probs": shape.cls_probs,
                "shape": {"B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "Dv": Dv}, "source": shape.source}
+        if window is not None:
+            row["window"] = window.describe()
         if _status(row, c, m):
             t = m.median
-            gflops = attention_flops(dims, group.mode) / t * 1e-9
+            keys = window.tokens if window is not None else None
+            gflops = attention_flops(dims, group.mode, keys_per_query=keys) / t * 1e-9
+            gbps = attention_bytes(dims, dtype, group.mode) / t * 1e-9
             row.update(status="ok", reason="", gflops=gflops, tflops=gflops * 1e-3,
                        pct_peak=100.0 * gflops * 1e-3 / peak if peak else None, peak_tflops=peak,
-                       gbps=attention_bytes(dims, dtype, group.mode) / t * 1e-9,
-                       x_reference=_ratio(ref_t, t))
+                       gbps=gbps, x_reference=_ratio(ref_t, t))
+            if window is not None:  # memory-bound: GB/s of q, k, v, o against the HBM's
+                row.update(x_einops=_ratio(einops_t, t), peak_gbps=hbm,
+                           pct_hbm=100.0 * gbps / hbm if hbm else None)
         rows.append(row)
     return rows
 

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from fastvit.attention import KeyPaddingMask, RelPosBias
+from fastvit.attention import DenseBias, KeyPaddingMask, RelPosBias, Window
 
 
 @dataclass(frozen=True)
@@ -19,12 +19,18 @@ class AttentionShape:
     Args:
         name: ``<model>_<where>``.
         heads, nq, nk, head_dim, value_dim: the call's sizes (``value_dim`` defaults to ``head_dim``).
-        bias: ``"none"``, ``"relpos"`` (a ``[T, H]`` table gathered by a 2-D relative index) or
-            ``"padding"`` (a key-padding mask, as after adaptive token sampling).
-        batch: batch size per device type (a CPU gets a smaller one).
+        bias: ``"none"``, ``"relpos"`` (a ``[T, H]`` table gathered by a 2-D relative index; with a
+            window, Swin's window-local table and index), ``"dense"`` (a trainable ``DenseBias``;
+            with a window ``[H, n, n]``, CrossFormer's dynamic position bias) or ``"padding"`` (a
+            key-padding mask, as after adaptive token sampling).
+        batch: batch size per device type; a device type it does not list does not run the shape
+            at full size (its groups are skipped with the reason; ``--quick`` runs everywhere).
         quick: ``(B, H, Nq, Nk, D, Dv)`` for ``--quick`` runs and tests.
         source: where the shape comes from.
         cls_probs: the call also returns the CLS row's probabilities (adaptive token sampling).
+        window: windowed attention (``attend(..., window=...)``) on the raster tokens of its grid;
+            ``Nq = Nk = H*W`` and each query attends to ``window.tokens`` keys.
+        quick_window: the window of the ``quick`` size.
     """
 
     name: str
@@ -38,6 +44,8 @@ class AttentionShape:
     quick: tuple = (1, 2, 16, 16, 16, 16)
     source: str = ""
     cls_probs: bool = False
+    window: Optional[Window] = None
+    quick_window: Optional[Window] = None
 
     def dims(self, device: str, quick: bool = False, batch_size: Optional[int] = None) -> tuple:
         """``(B, H, Nq, Nk, D, Dv)`` for a device."""
@@ -45,9 +53,27 @@ class AttentionShape:
             B, H, Nq, Nk, D, Dv = self.quick
         else:
             per_device = dict(self.batch)
-            B = per_device.get(torch.device(device).type, per_device["cpu"])
+            B = per_device.get(torch.device(device).type, next(iter(per_device.values())))
             H, Nq, Nk, D, Dv = self.heads, self.nq, self.nk, self.head_dim, self.value_dim or self.head_dim
         return (batch_size or B, H, Nq, Nk, D, Dv)
+
+    def window_for(self, quick: bool = False) -> Optional[Window]:
+        """The window of the full or the ``quick`` size (None: global attention)."""
+        return self.quick_window if quick else self.window
+
+    def keys_per_query(self, dims: tuple, quick: bool = False) -> int:
+        """Keys each query attends to: ``Nk``, or the window's tokens."""
+        window = self.window_for(quick)
+        return dims[3] if window is None else window.tokens
+
+    def skip_reason(self, device: str, quick: bool = False) -> Optional[str]:
+        """Why the shape does not run on ``device`` at this size (None: it runs)."""
+        kind = torch.device(device).type
+        if quick or kind in dict(self.batch):
+            return None
+        sizes = ", ".join(f"batch {b} on {d}" for d, b in self.batch)
+        return (f"{self.name} is sized for {sizes}, not for {kind} (--quick runs it at a tiny size); "
+                f"{self.source.split(':')[0]}")
 
 
 ATTENTION_SHAPES = [
@@ -87,6 +113,51 @@ ATTENTION_SHAPES = [
 ]
 
 
+def _windowed(name: str, heads: int, head_dim: int, bias: str, window: Window, quick_window: Window, source: str,
+              batch: tuple = (("cpu", 2), ("cuda", 64))) -> AttentionShape:
+    n, nq = window.seq_len, quick_window.seq_len
+    return AttentionShape(name, heads, n, n, head_dim, bias=bias, batch=batch, quick=(1, 2, nq, nq, 16, 16),
+                          source=source, window=window, quick_window=quick_window)
+
+
+_SWIN_BATCH = (("cuda", 64),)  # the full-size Swin-T stages are a GPU benchmark (the target shape)
+_QUICK_SHIFTED = Window(grid=(8, 8), size=(4, 4), shift=(2, 2))
+_QUICK_PLAIN = Window(grid=(8, 8), size=(4, 4))
+_QUICK_DILATED = Window(grid=(8, 8), size=(4, 4), dilation=(2, 2))
+
+# Windowed attention (``fastvit bench --windows``), each at the first stage of its model at 224 px unless
+# named otherwise. Contenders: every backend through attend(..., window=...), plus "einops" (the windows cut
+# the way the models did before Window: roll, rearrange, expanded mask, SDPA, rearrange back, roll back).
+WINDOW_SHAPES = [
+    _windowed("swin_t_stage1", 3, 32, "relpos", Window(grid=(56, 56), size=(7, 7), shift=(3, 3)), _QUICK_SHIFTED,
+              "Swin-T stage 1 (shifted block): 56x56 tokens, 7x7 windows shifted by 3, 3 heads of 32, relative "
+              "table [169, 3]", batch=_SWIN_BATCH),
+    _windowed("swin_t_stage2", 6, 32, "relpos", Window(grid=(28, 28), size=(7, 7), shift=(3, 3)), _QUICK_SHIFTED,
+              "Swin-T stage 2 (shifted block): 28x28 tokens, 7x7 windows shifted by 3, 6 heads of 32",
+              batch=_SWIN_BATCH),
+    _windowed("swin_t_stage3", 12, 32, "relpos", Window(grid=(14, 14), size=(7, 7), shift=(3, 3)), _QUICK_SHIFTED,
+              "Swin-T stage 3 (shifted block): 14x14 tokens, 7x7 windows shifted by 3, 12 heads of 32",
+              batch=_SWIN_BATCH),
+    _windowed("swin_t_stage4", 24, 32, "relpos", Window(grid=(7, 7), size=(7, 7)), Window(grid=(4, 4), size=(4, 4)),
+              "Swin-T stage 4: 7x7 tokens, one 7x7 window (no shift: the window covers the map), 24 heads of 32",
+              batch=_SWIN_BATCH),
+    _windowed("maxvit_t_block", 2, 32, "relpos", Window(grid=(56, 56), size=(7, 7)), _QUICK_PLAIN,
+              "MaxViT-T stage 1 block attention: 56x56 tokens, 7x7 windows, 2 heads of 32, relative table"),
+    _windowed("maxvit_t_grid", 2, 32, "relpos", Window(grid=(56, 56), size=(7, 7), dilation=(8, 8)), _QUICK_DILATED,
+              "MaxViT-T stage 1 grid attention: 56x56 tokens, a 7x7 grid (tokens 8 apart), 2 heads of 32"),
+    _windowed("crossformer_s_short", 3, 32, "dense", Window(grid=(56, 56), size=(7, 7)), _QUICK_PLAIN,
+              "CrossFormer-S stage 1 short distance: 56x56 tokens, 7x7 groups, 3 heads of 32, dynamic position "
+              "bias [3, 49, 49]"),
+    _windowed("crossformer_s_long", 3, 32, "dense", Window(grid=(56, 56), size=(7, 7), dilation=(8, 8)),
+              _QUICK_DILATED, "CrossFormer-S stage 1 long distance: 56x56 tokens, interval 8 (7x7 groups of "
+              "tokens 8 apart), 3 heads of 32, dynamic position bias [3, 49, 49]"),
+    _windowed("twins_svt_s_lsa", 2, 32, "none", Window(grid=(56, 56), size=(7, 7)), _QUICK_PLAIN,
+              "Twins-SVT-S stage 1 locally-grouped attention: 56x56 tokens, 7x7 windows, 2 heads of 32"),
+    _windowed("nest_t_block", 3, 32, "none", Window(grid=(56, 56), size=(14, 14)), _QUICK_PLAIN,
+              "NesT-T (the seed README's) bottom level: 56x56 tokens in 4x4 blocks of 14x14, 3 heads of 32"),
+]
+
+
 def _relpos_index(nq: int, nk: int, device: str) -> tuple:
     """A LeViT-style index ``|dy| * w + |dx|`` for square maps, and the table length it needs."""
     side_q, side_k = math.isqrt(nq), math.isqrt(nk)
@@ -101,9 +172,10 @@ def _relpos_index(nq: int, nk: int, device: str) -> tuple:
 
 
 def attention_inputs(dims: tuple, bias: str, device: str, dtype: torch.dtype, *, requires_grad: bool = False,
-                     seed: int = 0) -> tuple:
+                     seed: int = 0, window: Optional[Window] = None) -> tuple:
     """``(q, k, v, make_bias)`` for a shape; ``make_bias()`` builds the call's bias descriptors fresh,
-    as a model does on every forward (the descriptors are cheap; their tensors are fixed)."""
+    as a model does on every forward (the descriptors are cheap; their tensors are fixed). With a
+    ``window``, the biases are window-local (``[n, n]`` positions)."""
     B, H, Nq, Nk, D, Dv = dims
     g = torch.Generator().manual_seed(seed)
 
@@ -111,6 +183,16 @@ def attention_inputs(dims: tuple, bias: str, device: str, dtype: torch.dtype, *,
         return torch.randn(*size, generator=g).to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
     q, k, v = rand(B, H, Nq, D), rand(B, H, Nk, D), rand(B, H, Nk, Dv)
+    if window is not None and bias == "relpos":
+        from fastvit.layers import window_relative_position_index
+
+        (wh, ww), index = window.size, window_relative_position_index(window.size).to(device)
+        table = rand((2 * wh - 1) * (2 * ww - 1), H)
+        return q, k, v, (lambda: RelPosBias(table, index))
+    if bias == "dense":
+        n = window.tokens if window is not None else None
+        dense = rand(H, n, n) if n is not None else rand(1, H, Nq, Nk)
+        return q, k, v, (lambda: DenseBias(dense))
     if bias == "relpos":
         index, T = _relpos_index(Nq, Nk, device)
         table = rand(T, H)
@@ -125,11 +207,11 @@ def attention_inputs(dims: tuple, bias: str, device: str, dtype: torch.dtype, *,
     return q, k, v, (lambda: None)
 
 
-def attention_flops(dims: tuple, mode: str = "fwd") -> float:
+def attention_flops(dims: tuple, mode: str = "fwd", keys_per_query: Optional[int] = None) -> float:
     """Matmul FLOPs: ``2*B*H*Nq*Nk*(D + Dv)`` forward; backward counts 2.5x that (FlashAttention's
-    convention: five matmuls against two)."""
+    convention: five matmuls against two). ``keys_per_query`` replaces ``Nk`` (a window's tokens)."""
     B, H, Nq, Nk, D, Dv = dims
-    fwd = 2.0 * B * H * Nq * Nk * (D + Dv)
+    fwd = 2.0 * B * H * Nq * (keys_per_query or Nk) * (D + Dv)
     return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
@@ -156,6 +238,29 @@ PEAK_TFLOPS = (
     ("A10G", {"16bit": 70.0, "fp32": 31.2}),
     ("RTX 4090", {"16bit": 165.2, "fp32": 82.6}),
 )
+
+
+# Nominal HBM bandwidth (GB/s, datasheet) for the "% of HBM" column of memory-bound calls (windowed
+# attention: q, k, v and o each cross HBM once), by a substring of torch.cuda.get_device_name().
+PEAK_HBM_GBPS = (
+    ("H200", 4800.0),
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H100", 3350.0),  # SXM
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100", 1555.0),
+    ("L40S", 864.0),
+    ("A10G", 600.0),
+    ("RTX 4090", 1008.0),
+)
+
+
+def peak_gbps(device: str) -> Optional[float]:
+    """The device's nominal HBM bandwidth in GB/s (None on the CPU and unknown GPUs)."""
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((gbps for key, gbps in PEAK_HBM_GBPS if key in name), None)
 
 
 def peak_tflops(device: str, dtype: torch.dtype) -> Optional[float]:
