@@ -18,14 +18,19 @@ part is recorded and the next one still runs), inside a total budget of 420 s (`
 2. ``check``: ``fastvit check --device cuda`` (every backend vs the reference).
 3. ``bench_attention``: bf16 forward and forward + backward at shapes named after models, triton vs
    flex vs sdpa vs the reference, with TFLOP/s and % of the device's peak.
-4. ``bench_vit_b16``: ViT-B/16 at batch 128 in bf16 autocast: fastvit auto vs the ``sdpa`` backend
+4. ``bench_windows``: bf16 forward and forward + backward of the windowed shapes (``fastvit bench
+   --windows``; Swin-T stage 1, the targets' shape, first): triton vs sdpa vs the reference through
+   ``attend(window=...)`` vs ``einops`` (the models' own cut: roll, rearrange, expanded mask, SDPA,
+   paste, roll back), with GB/s of q/k/v/o and % of the HBM bandwidth. No flex here: compiling it
+   per shape and mode would take the part's time (``fastvit bench --windows all`` runs it).
+5. ``bench_vit_b16``: ViT-B/16 at batch 128 in bf16 autocast: fastvit auto vs the ``sdpa`` backend
    vs timm eager.
-5. ``bench_models``: the default presets, same contenders.
-6. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
+6. ``bench_models``: the default presets, same contenders.
+7. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
    bf16 autocast, unpatched (timm eager) vs ``fastvit.patch_timm`` (same weights).
-7. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
+8. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
    ``kernels/tuned/<device>.json``), with what time is left.
-8. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
+9. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
    only if at least 90 s are left.
 
 A part gets its share of the budget plus what earlier parts left unused. At its limit it receives
@@ -57,8 +62,8 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TOTAL_BUDGET_S = 420.0
 
 # Seconds per part at the default budget (scaled to --budget); a part's unused time rolls forward.
-SHARES = {"info": 10, "tests": 130, "check": 40, "bench_attention": 95, "bench_vit_b16": 35, "bench_models": 45,
-          "bench_timm_patch": 35, "tune": 30, "bench_timm_compile": 0}
+SHARES = {"info": 10, "tests": 130, "check": 35, "bench_attention": 80, "bench_windows": 30, "bench_vit_b16": 35,
+          "bench_models": 35, "bench_timm_patch": 35, "tune": 30, "bench_timm_compile": 0}
 OPTIONAL_MIN_S = {"bench_timm_compile": 90.0}  # parts with no share run only if this much is left
 
 # The kernel tests, natively on CUDA (on the CPU dry run: a few interpreter cases).
@@ -69,6 +74,9 @@ ATTENTION_SHAPES = ("vit_b16_224,vit_s16_224,levit_256_stage1,levit_256_stage2,l
 BENCH_DTYPE = "bf16"  # on CUDA; the CPU dry run uses fp32
 VIT_B16, QUICK_MODEL = "vit_base_patch16_224", "vit_small_patch16_224"
 QUICK_SHAPES = "vit_b16_224,vit_s16_224,levit_256_stage2,ats_vit_s_cls_probs"
+# Windowed shapes run in WINDOW_SHAPES' order: the targets' shape first, so a part cut short still has it.
+QUICK_WINDOW_SHAPES = "swin_t_stage1,crossformer_s_long"
+WINDOW_TARGET_SHAPE = "swin_t_stage1"  # 7x7 windows, relative-position bias, shift 3
 # timm models patched in place (fastvit.tools.timm_models) and their GPU goals vs timm eager.
 TIMM_PATCH_GOALS = {"swin_tiny_patch4_window7_224": 1.3, "levit_256": 1.3, "cait_xxs24_224": 1.3,
                     "twins_svt_small": 1.3, "maxvit_tiny_tf_224": 1.3, "vit_base_patch16_224": 1.0}
@@ -232,9 +240,29 @@ def _target(what: str, goal: float, numerator: Optional[float], denominator: Opt
     return {"target": what, "goal": goal, "ratio": round(ratio, 3), "met": ratio >= goal}
 
 
+def _row(rows: list, **match) -> Optional[dict]:
+    return next((r for r in rows if r.get("status") == "ok" and all(r.get(k) == v for k, v in match.items())), None)
+
+
+def _bandwidth_target(what: str, goal: float, row: Optional[dict]) -> dict:
+    """``ratio`` = the GB/s of q, k, v, o over the device's nominal HBM bandwidth."""
+    if row is None:
+        return {"target": what, "goal": goal, "ratio": None, "met": None, "reason": "not measured"}
+    if not row.get("peak_gbps"):
+        return {"target": what, "goal": goal, "ratio": None, "met": None,
+                "reason": f"no nominal HBM bandwidth known for {row.get('device', 'this device')} "
+                          f"({row.get('gbps', 0.0):.1f} GB/s measured)"}
+    ratio = row["gbps"] / row["peak_gbps"]
+    return {"target": what, "goal": goal, "ratio": round(ratio, 3), "gbps": round(row["gbps"], 1),
+            "peak_gbps": row["peak_gbps"], "met": ratio >= goal}
+
+
 def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224") -> list:
     """The design's GPU targets from the parts' results (``dtype`` and ``model`` as the run used them)."""
     att = ((parts.get("bench_attention") or {}).get("result") or {}).get("results", [])
+    win = ((parts.get("bench_windows") or {}).get("result") or {}).get("results", [])
+    w = lambda contender, mode="fwd": _median(win, kind="attention", name=WINDOW_TARGET_SHAPE, mode=mode,
+                                              contender=contender, dtype=dtype)
     vitb = ((parts.get("bench_vit_b16") or {}).get("result") or {}).get("results", [])
     patched = ((parts.get("bench_timm_patch") or {}).get("result") or {}).get("results", [])
     a = lambda name, backend, mode="fwd": _median(att, kind="attention", name=name, mode=mode, backend=backend,
@@ -255,6 +283,13 @@ def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224
                 a("ats_vit_s_cls_probs", "triton"), a("vit_s16_224", "triton"), lower_is_better=True),
         _target("ViT-B/16 end to end, bf16, batch 128: fastvit auto >= 1.0x timm eager", 1.0,
                 m(f"fastvit[auto] {dtype}"), m(f"timm {dtype}")),
+        _target("7x7 windows with bias and shift (Swin-T stage 1) fwd: triton >= 2x SDPA with the expanded mask "
+                "(einops cut, copies included)", 2.0, w("triton"), w("einops")),
+        _target("7x7 windows with bias and shift fwd+bwd: triton >= 2x SDPA with the expanded mask (copies "
+                "included)", 2.0, w("triton", "fwd+bwd"), w("einops", "fwd+bwd")),
+        _bandwidth_target("7x7 windows with bias and shift fwd: triton >= 60% of HBM bandwidth on the q/k/v/o bytes",
+                          0.6, _row(win, kind="attention", name=WINDOW_TARGET_SHAPE, mode="fwd", contender="triton",
+                                    dtype=dtype)),
         *(_target(f"timm {name} patched in place, {dtype}: >= {goal}x timm eager", goal,
                   _median(patched, kind="timm", name=name, contender=f"patched {dtype}"),
                   _median(patched, kind="timm", name=name, contender=f"timm {dtype}"))
@@ -298,6 +333,10 @@ def build_parts(args, tmp: str) -> dict:
                              else ATTENTION_SHAPES, "--backends", "triton,flex,sdpa,reference,auto",
                              "--group-seconds", "0.2" if args.quick else "0.6", "--json", path("attention.json")],
                             path("attention.json"), interpret),
+        "bench_windows": ([*bench, "--no-models", "--no-attention", "--backward", "--windows",
+                           QUICK_WINDOW_SHAPES if args.quick else "all", "--backends", "triton,sdpa,reference,auto",
+                           "--group-seconds", "0.2" if args.quick else "0.5", "--json", path("windows.json")],
+                          path("windows.json"), interpret),
         "bench_vit_b16": ([*models, "--models", VIT_B16 if not args.quick else QUICK_MODEL,
                            "--batch-size", "2" if args.quick else "128", "--group-seconds",
                            "0.2" if args.quick else "2", "--json", path("vit_b16.json")], path("vit_b16.json"), {}),

@@ -104,3 +104,33 @@ def test_timm_patch_targets_compare_patched_with_timm_eager():
     swin = by_target["timm swin_tiny_patch4_window7_224 patched in place, bf16: >= 1.3x timm eager"]
     assert swin["ratio"] == pytest.approx(1.3) and swin["met"] is True
     assert by_target["timm levit_256 patched in place, bf16: >= 1.3x timm eager"]["reason"] == "not measured"
+
+
+def _win(contender, ms, mode="fwd", gbps=None, peak_gbps=None):
+    return {"kind": "attention", "name": gpu_check.WINDOW_TARGET_SHAPE, "contender": contender, "backend": contender,
+            "mode": mode, "dtype": "bf16", "status": "ok", "median_ms": ms, "gbps": gbps, "peak_gbps": peak_gbps}
+
+
+def test_window_targets_compare_triton_with_the_einops_cut_and_the_hbm_bandwidth():
+    parts = {"bench_windows": {"result": {"results": [
+        _win("triton", 1.0, gbps=2400.0, peak_gbps=3350.0), _win("einops", 2.5), _win("sdpa", 2.0),
+        _win("triton", 3.0, "fwd+bwd"), _win("einops", 4.5, "fwd+bwd")]}}}
+    by_target = {t["target"].split(":")[0]: t for t in gpu_check.targets(parts)}
+    fwd = by_target["7x7 windows with bias and shift (Swin-T stage 1) fwd"]
+    assert fwd["ratio"] == pytest.approx(2.5) and fwd["met"] is True
+    bwd = by_target["7x7 windows with bias and shift fwd+bwd"]
+    assert bwd["ratio"] == pytest.approx(1.5) and bwd["met"] is False
+    hbm = next(t for t in gpu_check.targets(parts) if "HBM" in t["target"])
+    assert hbm["ratio"] == pytest.approx(2400 / 3350, abs=1e-3) and hbm["met"] is True
+    no_peak = {"bench_windows": {"result": {"results": [_win("triton", 1.0, gbps=12.0)]}}}
+    hbm = next(t for t in gpu_check.targets(no_peak) if "HBM" in t["target"])
+    assert hbm["met"] is None and "no nominal HBM bandwidth" in hbm["reason"]
+    assert next(t for t in gpu_check.targets({}) if "HBM" in t["target"])["reason"] == "not measured"
+
+
+def test_the_windowed_bench_part_runs_the_targets_shape_first():
+    from fastvit.tools.shapes import WINDOW_SHAPES
+
+    assert WINDOW_SHAPES[0].name == gpu_check.WINDOW_TARGET_SHAPE
+    assert gpu_check.QUICK_WINDOW_SHAPES.split(",")[0] == gpu_check.WINDOW_TARGET_SHAPE
+    assert "bench_windows" in gpu_check.SHARES and sum(gpu_check.SHARES.values()) == gpu_check.TOTAL_BUDGET_S
