@@ -7,7 +7,8 @@ waits for a gradient of every parameter that requires one and fails on the next 
 have finished reduction in the prior iteration"). ``find_unused_parameters=True`` works around it at
 the cost of a graph traversal every step. Instead each wrapper says which of its parameters its
 forward never uses (``unused_parameters()``) and exposes them as ``_ddp_params_and_buffers_to_ignore``,
-the attribute DDP reads at construction to leave parameters out of its reducer. The model itself is
+the attribute DDP reads at construction to leave parameters out of its reducer (of the module it is
+given: wrap the SSL wrapper itself, ``DDP(MAE(...))``, not a module around it). The model itself is
 left alone: ``requires_grad`` stays as it was, so fine-tuning the encoder afterwards trains its head.
 Optimisers skip these parameters (their ``.grad`` stays ``None``). FSDP2 needs nothing: a parameter
 without a gradient is simply not reduced.

@@ -164,9 +164,11 @@ def load_state(module: nn.Module, optimizer: torch.optim.Optimizer, model_state:
     rank 0's dicts are read (the others pass empty ones) and broadcast."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    opts = _options(broadcast_from_rank0=distributed)
-    set_model_state_dict(module, model_state, options=opts)
-    set_optimizer_state_dict(module, optimizer, optimizer_state, options=opts)
+    set_model_state_dict(module, model_state, options=_options(broadcast_from_rank0=distributed))
+    # Not strict: a parameter that never received a gradient has no AdamW state to restore (the model's
+    # keys are checked strictly above, and the run's settings by the caller).
+    set_optimizer_state_dict(module, optimizer, optimizer_state,
+                             options=_options(broadcast_from_rank0=distributed, strict=False))
 
 
 def export_model(out: str, model_state: dict, prefix: str, meta: dict) -> str:

@@ -35,7 +35,7 @@ def _decode(path: str) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image
 
         return decode_image(path, mode=ImageReadMode.RGB)
-    except (ImportError, RuntimeError):
+    except (ImportError, RuntimeError, TypeError):  # TypeError: a torchvision whose decode_image takes no path
         from torchvision.datasets.folder import pil_loader
         from torchvision.transforms.v2.functional import pil_to_tensor
 

@@ -4,8 +4,8 @@
 default group with NCCL on CUDA and gloo on the CPU. Without torchrun it is one plain process.
 
 - DDP (default): ``find_unused_parameters`` stays off. The SSL wrappers declare the parameters they
-  never use (``fastvit.ssl.distributed``); a model that leaves others without a gradient fails on the
-  second step with DDP's own message.
+  never use (``fastvit.ssl.distributed``) and zero-element parameters are left out; a model that leaves
+  others without a gradient fails on the second step with DDP's own message.
 - FSDP2 (``--fsdp``): ``fully_shard`` on every transformer block (the entries of a module list named
   ``layers`` or ``blocks``; a fastvit block is an ``[attention, feed-forward]`` list, sharded as one
   group), then on the root. Parameters become ``DTensor`` shards; checkpoints gather full tensors.
@@ -119,6 +119,14 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
             fully_shard(unit)
         fully_shard(module)
         return module
+    # Zero-element parameters (a mean-pool ViT's empty cls_token) hold nothing to reduce, and a model may skip
+    # them in forward: left to DDP they would stall its reducer without find_unused_parameters.
+    empty = [n for n, p in module.named_parameters(remove_duplicate=False) if p.numel() == 0]
+    # DDP's reducer spells the root module's own parameters ".name" (f"{module_name}.{param_name}" with "")
+    empty += ["." + n for n in empty if "." not in n]
+    if empty:
+        declared = getattr(module, "_ddp_params_and_buffers_to_ignore", [])
+        module._ddp_params_and_buffers_to_ignore = sorted({*declared, *empty})
     device_ids = [env.device.index] if env.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
 

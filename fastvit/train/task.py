@@ -45,9 +45,10 @@ class Task:
 
     def trainable_parameters(self) -> list:
         """``(name, parameter)`` pairs the optimiser updates: everything that requires a gradient except the
-        parameters the SSL wrapper declares it never uses (they never get one)."""
+        parameters the SSL wrapper declares it never uses and empty ones (a mean-pool ViT's ``cls_token``)."""
         unused = set(getattr(self.module, "unused_parameters", list)())
-        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad and n not in unused]
+        return [(n, p) for n, p in self.module.named_parameters()
+                if p.requires_grad and p.numel() > 0 and n not in unused]
 
 
 def model_image_size(model: nn.Module, override: Optional[int]) -> tuple:

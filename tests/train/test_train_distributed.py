@@ -86,7 +86,7 @@ def test_fsdp_trains_the_same_weights_as_ddp(worker):
     ddp = load_file(os.path.join(out, "ddp-supervised", "checkpoints", "epoch_0001", "model.safetensors"))
     fsdp = load_file(os.path.join(out, "fsdp-supervised", "checkpoints", "epoch_0001", "model.safetensors"))
     assert ddp.keys() == fsdp.keys()
-    worst = max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp)
+    worst = max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp if ddp[k].numel())
     assert worst < 1e-5, f"FSDP2 and DDP weights differ by {worst} after the same 3 steps"
     dino = load_file(os.path.join(out, "fsdp-dino", "checkpoints", "epoch_0001", "model.safetensors"))
     assert {"teacher_centers", "last_teacher_centers"} <= dino.keys()
