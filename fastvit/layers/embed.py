@@ -171,6 +171,8 @@ class ViTStem:
         x = self.to_patch_embedding(img)  # (b, n, dim)
         if not self.cls_in_positions:  # CaiT: the CLS token joins later, without a position
             return x + pos
+        if self.num_cls_tokens == 0:  # pool='mean': no zero-length concat (legacy ONNX export mis-sizes it)
+            return x + pos
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, num_cls, dim)
         return torch.cat((cls_tokens, x), dim=1) + pos
 
