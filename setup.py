@@ -40,6 +40,7 @@ setup(
     extras_require={
         "xformers": ["xformers"],
         "ssl": ["torchvision"],  # Dino's crops and default augmentation
+        "plot": ["matplotlib", "Pillow"],  # fastvit plot, fastvit attention-map
         # fastvit train: image decoding, safetensors checkpoints, the metrics plot
         "train": ["torchvision", "safetensors", "matplotlib"],
         "dev": [
@@ -57,6 +58,12 @@ setup(
             # the seed README's "Research Ideas" examples plug these transformers into efficient.ViT
             "nystrom-attention",
             "x-transformers",
+            # fastvit plot / attention-map, and the export tests (ONNX legacy + dynamo, run in onnxruntime)
+            "matplotlib",
+            "Pillow",
+            "onnx",
+            "onnxruntime",
+            "onnxscript",
         ],
     },
     entry_points={"console_scripts": ["fastvit = fastvit.cli:main"]},
