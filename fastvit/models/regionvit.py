@@ -7,8 +7,14 @@ Two token sets: local tokens (a conv patch embedding, stride 4) and region token
 self-attention over ``[its region token; its window of local tokens]`` with a learned relative
 position bias between local tokens (``RelPosBias``: a table of ``(2w - 1)^2`` offsets per head, plus
 a zero entry for the pairs that involve the region token), then an MLP; both attentions share one
-module's weights. Four stages, downsampling both token maps by a stride-2 conv between them; the head
-pools the region tokens.
+module's weights. Four stages, downsampling both token maps by a stride-2 conv between them; the
+head pools the region tokens.
+
+The local attention stays a batch of ``[region; window]`` sequences rather than an
+``attend(..., window=Window(...))`` call: every window attends with one extra token, its region's,
+which is not a token of the local grid, and a ``Window`` is defined over the raster tokens of one
+grid only (``Nq = Nk = H*W``). Expressing it would need a per-window prefix token in the window
+contract; until then the model cuts its windows (one copy each way, as vit-pytorch does).
 
 vit-pytorch 1.26.x layout and numerics: ``local_encoder`` (one 8x8 stride-4 conv, or three convs
 with channel LayerNorms when ``tokenize_local_3_conv``), ``region_encoder.1`` (a 1x1 conv on
