@@ -27,8 +27,11 @@ def test_non_square_images_and_patches_match_vit_pytorch(image_size, patch_size,
     assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what="vit non-square")
 
 
-def test_num_classes_zero_returns_normed_tokens_like_vit_pytorch():
-    fast, ref = pair_of_models(ViT, vit_pytorch.ViT, image_size=32, patch_size=8, **{**SMALL, "num_classes": 0})
+def test_legacy_num_classes_zero_returns_normed_tokens_like_vit_pytorch():
+    """By default num_classes=0 gives the pooled features (tests/test_timm_surface.py); the flag keeps
+    vit-pytorch's headless ViT, which returns the tokens."""
+    fast, ref = pair_of_models(ViT, vit_pytorch.ViT, image_size=32, patch_size=8,
+                               fast_kwargs={"legacy_num_classes_zero": True}, **{**SMALL, "num_classes": 0})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         out = fast(x)
