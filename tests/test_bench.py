@@ -9,10 +9,10 @@ import json
 
 import pytest
 import torch
+from helpers import backend_class, registered
 
 from fastvit import cli
-from fastvit.attention import BACKENDS, Backend, DenseBias, KeyPaddingMask, RelPosBias, register_backend, testing
-from fastvit.attention.reference import reference_attention
+from fastvit.attention import BACKENDS, DenseBias, KeyPaddingMask, RelPosBias, testing
 from fastvit.models.registry import get_model_entry
 from fastvit.tools import contenders as bench_contenders
 from fastvit.tools import env as bench_env
@@ -137,27 +137,15 @@ def test_peak_memory_on_cpu_sees_torch_allocations():
 
 
 def test_attention_contenders_list_refusals_with_reasons():
-    class NoRelPos(Backend):
-        name = "norelpos_for_test"
-        devices = ("cpu",)
-        bias_types = (DenseBias, KeyPaddingMask)
-
-        @classmethod
-        def forward(cls, inp):
-            return reference_attention(inp)
-
-    register_backend(NoRelPos)
-    try:
+    with registered(backend_class("norelpos_for_test", bias_types=(DenseBias, KeyPaddingMask))) as no_rel_pos:
         shape = next(s for s in shapes.ATTENTION_SHAPES if s.bias == "relpos")
         contenders, dims = bench_contenders.attention_contenders(shape, device="cpu", dtype=torch.float32, quick=True)
         by_name = {c.name: c for c in contenders}
-        assert "RelPosBias is not supported" in by_name[NoRelPos.name].skip_reason
+        assert "RelPosBias is not supported" in by_name[no_rel_pos.name].skip_reason
         assert by_name["reference"].skip_reason is None
         assert by_name["auto"].meta["served_by"] in BACKENDS
         by_name["reference"].fn()
         assert dims == shape.quick
-    finally:
-        BACKENDS.pop(NoRelPos.name, None)
 
 
 @pytest.mark.parametrize("shape", shapes.ATTENTION_SHAPES, ids=lambda s: s.name)

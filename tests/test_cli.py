@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from helpers import backend_class, registered
 
 from fastvit import cli
-from fastvit.attention import BACKENDS, Backend, register_backend
+from fastvit.attention import BACKENDS
 from fastvit.attention.inputs import AttnOutput
 from fastvit.attention.reference import reference_attention
 
@@ -18,60 +20,27 @@ from fastvit.attention.reference import reference_attention
 @pytest.fixture
 def temporary_backend():
     """Register backends for one test and always unregister them."""
-    added = []
-
-    def add(backend):
-        assert backend.name not in BACKENDS
-        register_backend(backend)
-        added.append(backend.name)
-        return backend
-
-    yield add
-    for name in added:
-        BACKENDS.pop(name, None)
+    with contextlib.ExitStack() as stack:
+        yield lambda backend: stack.enter_context(registered(backend))
 
 
-class _Broken(Backend):
+def _off_by_a_bit(inp):
     """Off by 1e-2 on one output element: small enough to look plausible, large enough to fail."""
-
-    name = "broken_for_test"
-    devices = ("cpu",)
-
-    @classmethod
-    def forward(cls, inp):
-        out = reference_attention(inp).out
-        bump = torch.zeros_like(out)
-        bump.view(-1)[-1] = 1e-2
-        return AttnOutput(out + bump)
+    out = reference_attention(inp).out
+    bump = torch.zeros_like(out)
+    bump.view(-1)[-1] = 1e-2
+    return AttnOutput(out + bump)
 
 
-class _Raises(Backend):
-    name = "raises_for_test"
-    devices = ("cpu",)
-
-    @classmethod
-    def forward(cls, inp):
-        raise RuntimeError("kernel exploded")
+def _explode(inp):
+    raise RuntimeError("kernel exploded")
 
 
-class _NarrowHeads(Backend):
-    """Correct, but refuses head dims above 16: those cases must be skips, not failures."""
-
-    name = "narrow_for_test"
-    devices = ("cpu",)
-    max_head_dim = 16
-
-    @classmethod
-    def forward(cls, inp):
-        return reference_attention(inp)
-
-
-class _Missing(Backend):
-    name = "missing_for_test"
-
-    @classmethod
-    def availability(cls):
-        return False, "libmissing is not installed"
+_Broken = backend_class("broken_for_test", _off_by_a_bit)
+_Raises = backend_class("raises_for_test", _explode)
+_NarrowHeads = backend_class("narrow_for_test", max_head_dim=16)  # correct; head dims above 16 are skips
+_Missing = backend_class("missing_for_test",
+                         availability=classmethod(lambda cls: (False, "libmissing is not installed")))
 
 
 def test_python_m_fastvit_help():

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import backend_class, registered
 
 import fastvit
 from fastvit.attention import (
     BACKENDS,
-    Backend,
     HeadMix,
     RelPosBias,
     attend,
@@ -18,7 +18,6 @@ from fastvit.attention import (
     explain_call,
     get_selected_backend,
     make_inputs,
-    register_backend,
     set_backend,
     use_backend,
 )
@@ -31,25 +30,11 @@ def qkv(n=16, d=8, nk=None):
             torch.randn(1, 2, nk or n, d, generator=g))
 
 
-class _Spy(Backend):
-    """A backend that records calls and delegates to SDPA; registered only inside tests."""
-
-    name = "spy"
-    devices = ("cpu",)
-    calls = 0
-
-    @classmethod
-    def forward(cls, inp):
-        cls.calls += 1
-        return BACKENDS["sdpa"].forward(inp)
-
-
 @pytest.fixture
 def spy():
-    register_backend(_Spy)
-    _Spy.calls = 0
-    yield _Spy
-    del BACKENDS["spy"]
+    """A backend that counts its calls and delegates to SDPA, registered for one test."""
+    with registered(backend_class("spy", BACKENDS["sdpa"].forward)) as backend:
+        yield backend
 
 
 def test_precedence_argument_context_global_env(monkeypatch, spy):
@@ -179,10 +164,7 @@ def test_deterministic_mode_refuses_declared_non_deterministic_bias_gradients():
     torch.use_deterministic_algorithms(True); detached biases and deterministic backends are served."""
     from fastvit.attention import DenseBias, get_backend, make_inputs
 
-    class _Atomic(Backend):
-        name = "atomic_for_test"
-        devices = ("cpu", "meta")
-        deterministic = False
+    _Atomic = backend_class("atomic_for_test", devices=("cpu", "meta"), deterministic=False)
 
     q, k, v = (torch.randn(1, 2, 4, 8, device="meta") for _ in range(3))
     trainable = make_inputs(q, k, v, bias=DenseBias(torch.zeros(1, 2, 4, 4, device="meta", requires_grad=True)))

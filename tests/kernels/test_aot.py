@@ -11,35 +11,46 @@ from fastvit.kernels import aot, variants
 from fastvit.kernels import attention as kattn
 from kernel_cases import kernel_kwargs, triton_case
 
-# (Nq, Nk, D, Dv, biased) of attention layers in the models fastvit serves.
+
+def _layer(n: int, d: int, *, nk: int | None = None, dv: int | None = None, biased: bool = False) -> tuple:
+    """``(Nq, Nk, D, Dv, biased)``: ``n`` queries over ``nk`` keys (default ``n``), head dims ``d`` and ``dv``
+    (default ``d``)."""
+    return n, n if nk is None else nk, d, d if dv is None else dv, biased
+
+
+# The attention layers of the models fastvit serves: self-attention unless nk, dv or biased say otherwise.
 MODEL_SHAPES = {
-    "vit_b16_224": (197, 197, 64, 64, False),
-    "vit_l16_384": (577, 577, 64, 64, False),
-    "vit_h14_224": (257, 257, 80, 80, False),
-    "deit_tiny_patch16": (197, 197, 64, 64, False),
-    "cait_s24_class_attention": (1, 197, 48, 48, False),
-    "swin_t_stage1_window": (49, 49, 32, 32, True),
-    "crossformer_dense_bias": (49, 49, 32, 32, True),
-    "levit_256_stage1": (196, 196, 32, 64, True),
-    "levit_256_subsample": (49, 196, 32, 64, True),
-    "levit_128_paper_subsample": (49, 196, 16, 64, True),  # runs in (64, 64) head blocks
-    "levit_256_stage3": (16, 16, 32, 64, True),
-    "pvt_stage1_reduced_kv": (3136, 49, 64, 64, False),
-    "cvt_stage1_reduced_kv": (3136, 784, 64, 64, False),
-    "ats_vit_padded_tokens": (197, 197, 64, 64, True),
-    "t2t_vit_tokens": (3136, 3136, 64, 64, False),
-    "mobilevit_d8": (64, 64, 8, 8, False),
+    "vit_b16_224": _layer(197, 64),
+    "vit_l16_384": _layer(577, 64),
+    "vit_h14_224": _layer(257, 80),
+    "deit_tiny_patch16": _layer(197, 64),
+    "cait_s24_class_attention": _layer(1, 48, nk=197),
+    "swin_t_stage1_window": _layer(49, 32, biased=True),
+    "crossformer_dense_bias": _layer(49, 32, biased=True),
+    "levit_256_stage1": _layer(196, 32, dv=64, biased=True),
+    "levit_256_subsample": _layer(49, 32, nk=196, dv=64, biased=True),
+    "levit_128_paper_subsample": _layer(49, 16, nk=196, dv=64, biased=True),  # runs in (64, 64) head blocks
+    "levit_256_stage3": _layer(16, 32, dv=64, biased=True),
+    "pvt_stage1_reduced_kv": _layer(3136, 64, nk=49),
+    "cvt_stage1_reduced_kv": _layer(3136, 64, nk=784),
+    "ats_vit_padded_tokens": _layer(197, 64, biased=True),
+    "t2t_vit_tokens": _layer(3136, 64),
+    "mobilevit_d8": _layer(64, 8),
 }
 
 
+def _head_blocks(constexprs: dict) -> tuple:
+    """(BLOCK_D, BLOCK_DV) of a kernel's constexprs; a kernel with only one of them uses it for both."""
+    d, dv = constexprs.get("BLOCK_D"), constexprs.get("BLOCK_DV")
+    return (dv if d is None else d, d if dv is None else dv)
+
+
 def _spec_keys(specs) -> set:
-    """(kernel, config, BLOCK_D or BLOCK_DV, the other head block, dtype) of each spec."""
+    """(kernel, config, head blocks, dtype) of each spec."""
     keys = set()
     for s in specs:
-        c = s.constexprs
-        blocks = (c.get("BLOCK_D", c.get("BLOCK_DV")), c.get("BLOCK_DV", c.get("BLOCK_D")))
         dtype = s.signature["Q"] if "Q" in s.signature else s.signature["Out"]
-        keys.add((s.kernel, s.config, blocks, dtype))
+        keys.add((s.kernel, s.config, _head_blocks(s.constexprs), dtype))
     return keys
 
 
@@ -92,10 +103,9 @@ def test_launched_variants_are_listed(device, monkeypatch):
         code = "*" + kattn._DTYPE_CODES[dtype]
         key = (name, cfg, code, tuple(sorted(constexprs.items())))
         assert key in full, f"launched but not listed: {key}"
-        blocks = (constexprs.get("BLOCK_D", constexprs.get("BLOCK_DV")),
-                  constexprs.get("BLOCK_DV", constexprs.get("BLOCK_D")))
         report_code = "*" + kattn._DTYPE_CODES[_report_dtype(dtype)]
-        assert (name, cfg, blocks, report_code) in default, f"launched config not in the default report: {key}"
+        assert (name, cfg, _head_blocks(constexprs), report_code) in default, (
+            f"launched config not in the default report: {key}")
 
 
 def _kind(constexprs: dict) -> str:

@@ -8,7 +8,7 @@ import helpers
 import pytest
 import torch
 from fastvit.cvt import CvT
-from helpers import assert_close, assert_pair_matches, randomize_batchnorms
+from helpers import assert_matches_vit_pytorch, randomize_batchnorms
 
 from fastvit import Recorder
 
@@ -36,22 +36,17 @@ pair_of_models = partial(helpers.pair_of_models, CvT, RefCvT, prepare=randomize_
 )
 def test_matches_vit_pytorch(overrides, size):
     kwargs = {**SMALL, **overrides}
-    fast, ref = pair_of_models(**kwargs)
-    x = torch.randn(2, kwargs.get("channels", 3), *size)
-    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"cvt {overrides} {size}")
+    assert_matches_vit_pytorch(pair_of_models, (2, kwargs.get("channels", 3), *size), what=f"cvt {overrides} {size}",
+                               **kwargs)
 
 
 def test_matches_vit_pytorch_in_train_mode_batchnorm():
-    fast, ref = pair_of_models(**SMALL)
-    fast.train(), ref.train()
-    x = torch.randn(2, 3, 32, 32)
-    assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="cvt train-mode BN")
+    assert_matches_vit_pytorch(pair_of_models, (2, 3, 32, 32), train=True, what="cvt train-mode BN", **SMALL)
 
 
 def test_seed_readme_example_matches_vit_pytorch():
     kwargs = dict(num_classes=1000, s3_heads=4)  # the README spells out the defaults but for s3_heads
-    fast, ref = pair_of_models(**kwargs)
-    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README CvT")
+    assert_matches_vit_pytorch(pair_of_models, (1, 3, 224, 224), out_shape=(1, 1000), what="seed README CvT", **kwargs)
 
 
 def test_keys_and_values_are_strided():

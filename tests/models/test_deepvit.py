@@ -9,7 +9,7 @@ import helpers
 import pytest
 import torch
 from fastvit.deepvit import DeepViT
-from helpers import assert_close, assert_pair_matches
+from helpers import assert_close, assert_matches_vit_pytorch
 
 import fastvit
 from fastvit import Recorder
@@ -27,9 +27,7 @@ pair_of_models = partial(helpers.pair_of_models, DeepViT, RefDeepViT)
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_matches_vit_pytorch_in_eval(pool):
-    fast, ref = pair_of_models(**SEED_SMALL, pool=pool)
-    x = torch.randn(2, 3, 64, 64)
-    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"deepvit pool={pool}")
+    assert_matches_vit_pytorch(pair_of_models, (2, 3, 64, 64), what=f"deepvit pool={pool}", **SEED_SMALL, pool=pool)
 
 
 def test_matches_vit_pytorch_in_training_with_the_same_seed():

@@ -8,7 +8,7 @@ import helpers
 import pytest
 import torch
 from fastvit.mobile_vit import MobileViT
-from helpers import assert_close, assert_pair_matches, randomize_batchnorms
+from helpers import assert_matches_vit_pytorch, randomize_batchnorms
 
 from fastvit import Recorder
 
@@ -33,23 +33,18 @@ def test_matches_vit_pytorch(overrides, size):
     kwargs = {**SMALL, **overrides}
     if kwargs["expansion"] == 1:  # the depthwise conv then runs on the input width: widths must chain
         kwargs["channels"] = [16] * 10 + [64]
-    fast, ref = pair_of_models(**kwargs)
-    x = torch.randn(2, 3, *size)
-    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"mobilevit {overrides} {size}")
+    assert_matches_vit_pytorch(pair_of_models, (2, 3, *size), what=f"mobilevit {overrides} {size}", **kwargs)
 
 
 def test_matches_vit_pytorch_in_train_mode_batchnorm():
-    fast, ref = pair_of_models(**SMALL)
-    fast.train(), ref.train()
-    x = torch.randn(2, 3, 64, 64)
-    assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5, what="mobilevit train-mode BN")
+    assert_matches_vit_pytorch(pair_of_models, (2, 3, 64, 64), train=True, what="mobilevit train-mode BN", **SMALL)
 
 
 def test_seed_readme_example_matches_vit_pytorch():
     kwargs = dict(image_size=(256, 256), dims=[96, 120, 144],
                   channels=[16, 32, 48, 48, 64, 64, 80, 80, 96, 96, 384], num_classes=1000)
-    fast, ref = pair_of_models(**kwargs)
-    assert_pair_matches(fast, ref, torch.randn(1, 3, 256, 256), out_shape=(1, 1000), what="seed README MobileViT")
+    assert_matches_vit_pytorch(pair_of_models, (1, 3, 256, 256), out_shape=(1, 1000), what="seed README MobileViT",
+                               **kwargs)
 
 
 def test_stem_takes_the_width_it_receives():

@@ -9,7 +9,7 @@ import helpers
 import pytest
 import torch
 from fastvit.regionvit import R2LTransformer, RegionViT
-from helpers import assert_close, assert_pair_matches, randomize_channel_norms
+from helpers import assert_close, assert_matches_vit_pytorch, randomize_channel_norms
 
 from fastvit import Recorder
 
@@ -31,16 +31,14 @@ pair_of_models = partial(helpers.pair_of_models, RegionViT, RefRegionViT, prepar
     ({"window_size": 4, "dim": 16}, (128, 128)),
 ], ids=["small", "non-square", "3conv-peg", "window-4"])
 def test_matches_vit_pytorch(overrides, size):
-    kwargs = {**SMALL, **overrides}
-    fast, ref = pair_of_models(**kwargs)
-    x = torch.randn(2, 3, *size)
-    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"regionvit {overrides} {size}")
+    assert_matches_vit_pytorch(pair_of_models, (2, 3, *size), what=f"regionvit {overrides} {size}",
+                               **{**SMALL, **overrides})
 
 
 def test_seed_readme_example_matches_vit_pytorch():
-    fast, ref = pair_of_models(dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), window_size=7, num_classes=1000,
+    assert_matches_vit_pytorch(pair_of_models, (1, 3, 224, 224), out_shape=(1, 1000), what="seed README RegionViT",
+                               dim=(64, 128, 256, 512), depth=(2, 2, 8, 2), window_size=7, num_classes=1000,
                                tokenize_local_3_conv=False, use_peg=False)
-    assert_pair_matches(fast, ref, torch.randn(1, 3, 224, 224), out_shape=(1, 1000), what="seed README RegionViT")
 
 
 def test_r2l_block_matches_vit_pytorch_on_both_token_sets_and_gradients():

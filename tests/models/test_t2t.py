@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastvit.distill import DistillableEfficientViT, DistillableT2TViT
 from fastvit.t2t import T2TViT
-from helpers import assert_close, assert_pair_matches
+from helpers import assert_close, assert_matches_vit_pytorch, assert_pair_matches
 from torch import nn
 
 import fastvit
@@ -35,9 +35,7 @@ pair_of_models = partial(helpers.pair_of_models, T2TViT, RefT2TViT)
 
 @pytest.mark.parametrize("pool", ["cls", "mean"])
 def test_matches_vit_pytorch_with_the_default_soft_splits(pool):
-    fast, ref = pair_of_models(**SEED_SMALL, pool=pool)
-    x = torch.randn(2, 3, 64, 64)
-    assert_pair_matches(fast, ref, x, atol=1e-5, rtol=1e-5, what=f"t2t pool={pool}")
+    assert_matches_vit_pytorch(pair_of_models, (2, 3, 64, 64), what=f"t2t pool={pool}", **SEED_SMALL, pool=pool)
 
 
 def test_stage_attention_is_single_head_with_a_big_head_dim_and_runs_on_every_cpu_backend():

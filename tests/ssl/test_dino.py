@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+from helpers import SMALL_VIT as SMALL
 from helpers import assert_close
 
 from fastvit import ViT
@@ -17,7 +18,6 @@ vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not inst
 T = pytest.importorskip("torchvision.transforms")
 from vit_pytorch.dino import Dino as RefDino  # noqa: E402
 
-SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
 DINO = dict(image_size=32, hidden_layer="to_latent", projection_hidden_size=16, projection_layers=4, num_classes_K=64)
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import warnings
 
+import helpers
 import pytest
 import torch
-from helpers import assert_close, losses_with_backward
+from helpers import SMALL_VIT as SMALL
+from helpers import assert_close, seeded_outputs
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastvit import ViT
 from fastvit.ssl.mae import MAE
@@ -18,10 +19,7 @@ vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not inst
 from vit_pytorch.mae import MAE as RefMAE  # noqa: E402
 from vit_pytorch.vit import ViT as RefViT  # noqa: E402
 
-SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
 DECODER = dict(decoder_dim=16, decoder_depth=2, decoder_heads=2, decoder_dim_head=8)
-SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten.is_nonzero",
-            "aten.equal", "aten.unique", "aten._unique2"}
 
 
 def pair_of_wrappers(vit_kwargs: dict, mae_kwargs: dict):
@@ -35,21 +33,6 @@ def pair_of_wrappers(vit_kwargs: dict, mae_kwargs: dict):
         # fails on its own 2-D table. Give its encoder that layout so the reference runs as intended.
         ref.encoder.pos_embedding = nn.Parameter(ref.encoder.pos_embedding.detach()[None])  # (1, N + 1, dim)
     return fast, ref
-
-
-def assert_grads_match(fast: nn.Module, ref: nn.Module, what: str) -> int:
-    """Every parameter's gradient matches (None where the reference has None); returns how many were compared."""
-    ref_params = dict(ref.named_parameters())
-    compared = 0
-    for name, param in fast.named_parameters():
-        ref_grad = ref_params[name].grad
-        if ref_grad is None:
-            assert param.grad is None or not param.grad.any(), f"{what}: {name} has a gradient, vit-pytorch none"
-            continue
-        assert param.grad is not None, f"{what}: {name} has no gradient"
-        assert_close(param.grad, ref_grad.reshape(param.shape), atol=2e-5, rtol=1e-4, what=f"{what} grad {name}")
-        compared += 1
-    return compared
 
 
 CASES = {
@@ -68,15 +51,8 @@ CASES = {
 def test_loss_and_gradients_match_vit_pytorch(vit_kwargs, mae_kwargs):
     vit_kwargs = {**SMALL, **vit_kwargs}
     fast, ref = pair_of_wrappers(vit_kwargs, mae_kwargs)
-    size = vit_kwargs["image_size"] if isinstance(vit_kwargs["image_size"], tuple) else (32, 32)
-    img = torch.randn(3, vit_kwargs.get("channels", 3), *size)
-    fast_loss, ref_loss = losses_with_backward(fast, ref, img)
-    assert torch.isfinite(ref_loss) and ref_loss > 0
-    assert_close(fast_loss, ref_loss, atol=1e-5, rtol=1e-5, what="mae loss")
-    # encoder, decoder and the wrapper's own parameters (mask token, position table, heads)
-    assert assert_grads_match(fast, ref, "mae") >= 20
-    assert fast.mask_token.grad.abs().sum() > 0 and fast.encoder.pos_embedding.grad.abs().sum() > 0
-    assert fast.encoder.mlp_head.weight.grad is None  # the classifier is not used
+    # at least 20 gradients: encoder, decoder and the wrapper's own parameters (mask token, position table, heads)
+    helpers.assert_masked_pretraining_matches(fast, ref, vit_kwargs, what="mae", loss_atol=1e-5, min_grads=20)
 
 
 def test_vit_pytorch_vit_as_encoder():
@@ -86,22 +62,14 @@ def test_vit_pytorch_vit_as_encoder():
     ref = RefMAE(encoder=encoder, **DECODER)
     fast = MAE(encoder=encoder, **DECODER)
     fast.load_state_dict(ref.state_dict())
-    img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.manual_seed(1)
-        expected = ref(img)
-        torch.manual_seed(1)
-        assert_close(fast(img), expected, atol=1e-6, rtol=1e-6, what="mae on vit-pytorch's ViT")
+    expected, actual = seeded_outputs(1, torch.randn(2, 3, 32, 32), ref, fast)
+    assert_close(actual, expected, atol=1e-6, rtol=1e-6, what="mae on vit-pytorch's ViT")
 
 
 def test_a_different_seed_gives_a_different_mask():
     fast, _ = pair_of_wrappers({**SMALL, "pool": "mean"}, DECODER)
     img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        losses = []
-        for seed in (1, 1, 2):
-            torch.manual_seed(seed)
-            losses.append(fast(img))
+    losses = [seeded_outputs(seed, img, fast)[0] for seed in (1, 1, 2)]
     assert losses[0] == losses[1] and losses[0] != losses[2]
 
 
@@ -180,13 +148,7 @@ def test_smaller_images_use_the_encoders_positions(pool, legacy):
     big = MAE(encoder=ViT(**SMALL, pool=pool, legacy_pos_slicing=legacy), **DECODER)
     small = _wrapper_for_crop(big, pool, legacy)
     img = torch.randn(2, 3, 32, 16)  # a 4 x 2 patch grid inside the 4 x 4 one
-    with torch.no_grad():
-        torch.manual_seed(7)
-        loss = big(img)
-        torch.manual_seed(7)
-        expected = small(img)
-        torch.manual_seed(7)
-        other = _wrapper_for_crop(big, pool, not legacy)(img)
+    loss, expected, other = seeded_outputs(7, img, big, small, _wrapper_for_crop(big, pool, not legacy))
     assert_close(loss, expected, atol=1e-6, rtol=1e-6, what=f"mae {pool} {'legacy' if legacy else 'crop'}")
     assert (loss - other).abs() > 1e-4  # the two position choices really differ here
 
@@ -208,31 +170,10 @@ def test_bfloat16_model_runs():
     assert_close(bf16.float(), fp32, atol=0.0, rtol=3e-2, what="bf16 vs fp32 loss")
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("size", [(32, 32), (32, 16)], ids=["full", "smaller"])
 def test_vectorised_and_free_of_host_syncs(size):
-    """The same ops whatever the batch (no per-sample loop), and none that reads a tensor on the host."""
     torch.manual_seed(0)
-    mae = MAE(encoder=ViT(**SMALL), **DECODER)
-    recorded = []
-    for batch in (2, 5):
-        mae.zero_grad(set_to_none=True)  # the same backward ops (no accumulation into existing grads)
-        with _OpRecorder() as rec:
-            mae(torch.randn(batch, 3, *size)).backward()
-        recorded.append(rec.ops)
-    first_diff = next((i for i, (a, b) in enumerate(zip(*recorded)) if a != b), None)
-    assert len(recorded[0]) == len(recorded[1]) and first_diff is None, (
-        f"{len(recorded[0])} vs {len(recorded[1])} ops, first difference at {first_diff}")
-    assert not SYNC_OPS & set(recorded[0]), sorted(SYNC_OPS & set(recorded[0]))
+    helpers.assert_vectorised_without_host_syncs(MAE(encoder=ViT(**SMALL), **DECODER), size)
 
 
 def test_seed_readme_example(tmp_path):

@@ -9,19 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from fastvit.deepvit import DeepViT
+from fastvit.mpp import MPP, MPPLoss
+from helpers import SMALL_VIT as SMALL
 from helpers import assert_close
 from torch import nn
 
 from fastvit import ViT
-from fastvit.deepvit import DeepViT
-from fastvit.mpp import MPP, MPPLoss
 
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed (pip install fastvit[dev])")
 from vit_pytorch.deepvit import DeepViT as RefDeepViT  # noqa: E402
 from vit_pytorch.mpp import MPP as RefMPP  # noqa: E402
 from vit_pytorch.mpp import MPPLoss as RefMPPLoss  # noqa: E402
 
-SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 

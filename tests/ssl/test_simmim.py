@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import helpers
 import pytest
 import torch
-from helpers import assert_close, losses_with_backward
+from helpers import SMALL_VIT as SMALL
+from helpers import assert_close, seeded_outputs
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastvit import ViT
 from fastvit.ssl.simmim import SimMIM
@@ -16,10 +17,6 @@ from fastvit.ssl.simmim import SimMIM
 vit_pytorch = pytest.importorskip("vit_pytorch", reason="vit-pytorch is not installed (pip install fastvit[dev])")
 from vit_pytorch.simmim import SimMIM as RefSimMIM  # noqa: E402
 from vit_pytorch.vit import ViT as RefViT  # noqa: E402
-
-SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
-SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.masked_select", "aten.is_nonzero",
-            "aten.equal", "aten.unique", "aten._unique2"}
 
 
 def legacy_3d_positions(pos: torch.Tensor, pool: str) -> nn.Parameter:
@@ -44,21 +41,15 @@ def pair_of_wrappers(vit_kwargs: dict, sim_kwargs: dict):
     return fast, ref
 
 
-def assert_grads_match(fast: nn.Module, ref: nn.Module, pool: str, what: str) -> int:
-    """Every parameter's gradient matches (None where the reference has None); returns how many were compared."""
-    ref_params = dict(ref.named_parameters())
-    compared = 0
-    for name, param in fast.named_parameters():
-        ref_grad = ref_params[name].grad
-        if ref_grad is None:
-            assert param.grad is None or not param.grad.any(), f"{what}: {name} has a gradient, vit-pytorch none"
-            continue
-        if name == "encoder.pos_embedding":
-            ref_grad = ref_grad[0, 1:] if pool == "mean" else ref_grad[0]  # drop the placeholder row
-        assert param.grad is not None, f"{what}: {name} has no gradient"
-        assert_close(param.grad, ref_grad, atol=2e-5, rtol=1e-4, what=f"{what} grad {name}")
-        compared += 1
-    return compared
+def positions_in_fastvit_layout(pool: str):
+    """``assert_grads_match``'s ``ref_grad_for``: the 3-D table's gradient without its placeholder row."""
+
+    def ref_grad_for(name, ref_grad, param):
+        if name != "encoder.pos_embedding":
+            return ref_grad
+        return ref_grad[0, 1:] if pool == "mean" else ref_grad[0]
+
+    return ref_grad_for
 
 
 CASES = {
@@ -76,15 +67,9 @@ CASES = {
 def test_loss_and_gradients_match_vit_pytorch(vit_kwargs, sim_kwargs):
     vit_kwargs = {**SMALL, **vit_kwargs}
     fast, ref = pair_of_wrappers(vit_kwargs, sim_kwargs)
-    size = vit_kwargs["image_size"] if isinstance(vit_kwargs["image_size"], tuple) else (32, 32)
-    img = torch.randn(3, vit_kwargs.get("channels", 3), *size)
-    fast_loss, ref_loss = losses_with_backward(fast, ref, img)
-    assert torch.isfinite(ref_loss) and ref_loss > 0
-    assert_close(fast_loss, ref_loss, atol=1e-6, rtol=1e-5, what="simmim loss")
     pool = vit_kwargs.get("pool", "cls")
-    assert assert_grads_match(fast, ref, pool, "simmim") >= 15
-    assert fast.mask_token.grad.abs().sum() > 0 and fast.encoder.pos_embedding.grad.abs().sum() > 0
-    assert fast.encoder.mlp_head.weight.grad is None  # the classifier is not used
+    helpers.assert_masked_pretraining_matches(fast, ref, vit_kwargs, what="simmim", loss_atol=1e-6, min_grads=15,
+                                      ref_grad_for=positions_in_fastvit_layout(pool))
     if pool == "cls":
         assert not fast.encoder.pos_embedding.grad[0].any()  # the CLS slot: the encoder runs without CLS
 
@@ -95,12 +80,7 @@ def test_paper_loss_scale():
     sim = SimMIM(encoder=ViT(**SMALL), masking_ratio=0.5)
     paper = SimMIM(encoder=sim.encoder, masking_ratio=0.5, divide_by_num_masked=False)
     paper.load_state_dict(sim.state_dict())
-    img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.manual_seed(4)
-        loss = sim(img)
-        torch.manual_seed(4)
-        paper_loss = paper(img)
+    loss, paper_loss = seeded_outputs(4, torch.randn(2, 3, 32, 32), sim, paper)
     assert_close(paper_loss, loss * 8, atol=0.0, rtol=1e-6, what="paper scale = 8 masked patches x vit-pytorch")
     assert 0.3 < paper_loss < 3  # an L1 per pixel of unit-variance targets, not ~1/8 of it
 
@@ -108,11 +88,7 @@ def test_paper_loss_scale():
 def test_a_different_seed_gives_a_different_mask():
     fast, _ = pair_of_wrappers(SMALL, {})
     img = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        losses = []
-        for seed in (1, 1, 2):
-            torch.manual_seed(seed)
-            losses.append(fast(img))
+    losses = [seeded_outputs(seed, img, fast)[0] for seed in (1, 1, 2)]
     assert losses[0] == losses[1] and losses[0] != losses[2]
 
 
@@ -167,39 +143,13 @@ def test_smaller_images_use_the_encoders_positions(legacy):
     sd = big.state_dict()
     sd["encoder.pos_embedding"] = sd["encoder.pos_embedding"][[0] + [1 + c for c in cells]]
     small.load_state_dict(sd)
-    img = torch.randn(2, 3, 32, 16)
-    with torch.no_grad():
-        torch.manual_seed(7)
-        loss = big(img)
-        torch.manual_seed(7)
-        expected = small(img)
+    loss, expected = seeded_outputs(7, torch.randn(2, 3, 32, 16), big, small)
     assert_close(loss, expected, atol=1e-7, rtol=1e-6, what=f"simmim {'legacy' if legacy else 'crop'}")
 
 
-class _OpRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def test_vectorised_and_free_of_host_syncs():
-    """The same ops whatever the batch (no per-sample loop), and none that reads a tensor on the host."""
     torch.manual_seed(0)
-    sim = SimMIM(encoder=ViT(**SMALL))
-    recorded = []
-    for batch in (2, 5):
-        sim.zero_grad(set_to_none=True)  # the same backward ops (no accumulation into existing grads)
-        with _OpRecorder() as rec:
-            sim(torch.randn(batch, 3, 32, 16)).backward()
-        recorded.append(rec.ops)
-    first_diff = next((i for i, (a, b) in enumerate(zip(*recorded)) if a != b), None)
-    assert len(recorded[0]) == len(recorded[1]) and first_diff is None, (
-        f"{len(recorded[0])} vs {len(recorded[1])} ops, first difference at {first_diff}")
-    assert not SYNC_OPS & set(recorded[0]), sorted(SYNC_OPS & set(recorded[0]))
+    helpers.assert_vectorised_without_host_syncs(SimMIM(encoder=ViT(**SMALL)), (32, 16))
 
 
 def test_seed_readme_example(tmp_path):
