@@ -6,6 +6,8 @@
     fastvit bench --json out.json       attention shapes and whole models; ratios from one interleaved run
     fastvit kernels --json out.json     ahead-of-time compile report of the Triton kernels
     fastvit tune --device cuda          fastest kernel config and backend order per shape bucket
+    fastvit plot RESULTS.json           PNG figures of a bench results document (models, attention)
+    fastvit attention-map --model NAME --image PATH --out map.png   attention rollout over an image
     fastvit train --model NAME --data DIR   train / pre-train (--ssl); torchrun for many GPUs (fastvit.train)
 
 Exit status: 0 on success, 1 when a check case fails or a kernel does not compile, 2 on bad usage
@@ -311,6 +313,37 @@ def cmd_train(args, out: Console) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# plot, attention-map
+# --------------------------------------------------------------------------------------------------
+
+def cmd_plot(args, out: Console) -> int:
+    from fastvit.tools.plot import PlotError, load_results, plot_results
+
+    try:
+        doc = load_results(args.results)
+        stem = os.path.splitext(os.path.basename(args.results))[0]
+        paths = plot_results(doc, args.out or os.path.dirname(os.path.abspath(args.results)), stem)
+    except PlotError as e:
+        raise UsageError(str(e)) from None
+    for path in paths:
+        out.print(f"wrote {path}")
+    return 0
+
+
+def cmd_attention_map(args, out: Console) -> int:
+    from fastvit.tools.attention_map import AttentionMapError, attention_map
+
+    try:
+        result = attention_map(args.model, args.image, args.out, checkpoint=args.checkpoint, mode=args.mode,
+                               alpha=args.alpha)
+    except AttentionMapError as e:
+        raise UsageError(str(e)) from None
+    out.print(f"wrote {result.path} ({result.model}: {escape(result.description)}; "
+              f"{result.grid[0]}x{result.grid[1]} tokens)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # entry point
 # --------------------------------------------------------------------------------------------------
 
@@ -404,11 +437,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(sub.add_parser(
         "train", help="train or pre-train (--ssl) a model; under torchrun on many GPUs and nodes (DDP, --fsdp)"))
+
+    p = sub.add_parser("plot", help="PNG figures of a `fastvit bench --json` document: model img/s vs vit-pytorch "
+                                    "and timm, attention TFLOP/s and peak memory vs N, per backend")
+    p.add_argument("results", metavar="RESULTS.json", help="a results document of `fastvit bench --json`")
+    p.add_argument("--out", metavar="DIR", help="folder for the PNGs (default: the results file's folder)")
+
+    p = sub.add_parser("attention-map", help="a model's attention rollout (or last layer) over an image, as a "
+                                             "heatmap PNG (any architecture, through Recorder)")
+    p.add_argument("--model", required=True, help="preset name (see fastvit.list_models())")
+    p.add_argument("--image", required=True, metavar="PATH", help="an image PIL can read")
+    p.add_argument("--checkpoint", metavar="FILE", help="safetensors or torch state_dict, loaded strictly "
+                                                         "(default: random weights)")
+    p.add_argument("--mode", choices=("rollout", "last"), default="rollout",
+                   help="attention rollout through the layers (default) or the last layer alone")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity (default 0.5)")
+    p.add_argument("--out", required=True, metavar="PNG", help="the picture to write")
     return parser
 
 
 COMMANDS = {"info": cmd_info, "check": cmd_check, "bench": cmd_bench, "kernels": cmd_kernels, "tune": cmd_tune,
-            "train": cmd_train}
+            "train": cmd_train,
+            "plot": cmd_plot, "attention-map": cmd_attention_map}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
