@@ -216,11 +216,11 @@ class VisionModel(BlockRunner, nn.Module):
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
         self.check_input(x)
-        take, _ = feature_take_indices(len(self.feature_info), indices)
         runner = _get(self, self.intermediates_from)
         if not isinstance(runner, BlockRunner):
             raise ValueError(f"{type(self).__name__}.{self.intermediates_from} ({type(runner).__name__}) does not "
                              f"record its blocks' outputs: forward_intermediates needs fastvit's blocks there")
+        take, _ = feature_take_indices(len(self.feature_info), indices)
         runner.taps = []
         try:
             final = self.forward_features(x)
