@@ -6,6 +6,8 @@ dispatch and depends on torch and triton only. Importing it never fails when tri
 
 Modules:
     attention: the fused attention family (kernels, launchers, config choice, custom ops, reference).
+    window_attention: fused attention inside (shifted or dilated) windows of a raster token grid,
+        addressed in place (kernels, launchers, custom ops, capability check, reference).
     configs: the ``Config`` / ``CompileSpec`` records.
     spill_table: generated data: the configs that spill on sm_80 / sm_90a (``PRUNED``).
     variants: every variant the launchers can launch, as compile specs (``iter_compile_specs``).
@@ -18,7 +20,8 @@ Tuning API (``fastvit tune`` calls it): ``candidate_configs``, ``tune_key``, ``f
 
 ``fastvit.kernels.attention`` is the module (``from fastvit.kernels import attention as kattn``,
 then ``kattn.attention(q, k, v, ...)``): a function of the same name re-exported here would shadow
-the submodule, so the differentiable entry point is re-exported as ``fused_attention``.
+the submodule, so the differentiable entry point is re-exported as ``fused_attention``; likewise
+``fastvit.kernels.window_attention`` is the module and ``fused_window_attention`` its entry point.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 
 import torch
 
-from . import attention
+from . import attention, window_attention
 from .attention import (
     DETERMINISTIC_BIAS_GRADS,
     MAX_HEAD_DIM,
@@ -47,6 +50,13 @@ from .attention import (
 )
 from .attention import attention as fused_attention
 from .variants import iter_compile_specs
+from .window_attention import window_attention as fused_window_attention
+from .window_attention import (
+    window_attention_bwd,
+    window_attention_fwd,
+    window_attention_ref,
+    window_not_supported_reasons,
+)
 
 __all__ = [
     "DETERMINISTIC_BIAS_GRADS",
@@ -66,8 +76,14 @@ __all__ = [
     "attention_with_cls_probs",
     "available",
     "fused_attention",
+    "fused_window_attention",
     "iter_compile_specs",
     "not_supported_reasons",
+    "window_attention",
+    "window_attention_bwd",
+    "window_attention_fwd",
+    "window_attention_ref",
+    "window_not_supported_reasons",
 ]
 
 

@@ -34,52 +34,64 @@ Design:
 - One program per (batch, head, window[, query block]). Every address comes from the window
   coordinates in-kernel (``_window_tokens``: integer vector arithmetic on the tile's positions):
   there is no partition/reverse copy, no roll and no index tensor built per call. The shift mask is
-  the comparison of two region ids computed from the same coordinates.
+  the comparison of two region ids computed from the same coordinates (one tile compare also masks
+  the padded keys). Token offsets inside a (batch, head) slice are int32 (fewer registers than
+  int64 tiles; a view whose token stride would overflow them is copied), batch/head offsets int64.
 - A window is padded to the tile (49 -> 64): positions past ``n`` are clamped onto position
-  ``n - 1`` for every load, so no q/k/v/bias load needs a mask and nothing outside the tensors is
+  ``n - 1`` for every q/k/v load, so no load needs a row mask and nothing outside the tensors is
   read; padded keys get ``-inf`` and padded rows are never stored (their ``lse`` is read as
   ``+inf`` in the backward, so they contribute exactly 0).
 - Biases: ``rel_table[rel_index]`` and ``dense_bias`` are summed once per call into one contiguous
-  ``[1|nW, 1|heads, n, n]`` tensor in the compute dtype (a torch gather of ``heads * n * n``
-  entries: 29 KiB for Swin's 3 heads of 49 x 49), read as one tile per program (L2-resident; never
-  ``[B, ...]``). The kernels add it as the matmul accumulator (``bias / scale``), as
-  ``kernels/attention.py`` does.
-- Windows up to 64 tokens (Swin, CrossFormer, MaxViT 7x7; 8x8) fit one tile: the forward runs
-  one program per (batch, head, window) and the backward is a single fused kernel per window
+  tensor in the compute dtype, ``[1|nW, 1|heads, n_pad, n_pad]`` with the window padded with zeros
+  to the kernels' block (a torch gather of ``heads * n * n`` entries: Swin's 3 heads of 64 x 64 are
+  24 KiB; never ``[B, ...]``). The kernels read whole, aligned tiles of it (vectorised, no clamp, no
+  mask: a bias tile of 49-wide rows would be 4096 scalar loads with a 64-bit address each) and add
+  it as the matmul accumulator (``bias / scale``), as ``kernels/attention.py`` does.
+- Windows that fit one tile (Swin, CrossFormer, MaxViT 7x7 -> 64; 8x8; smaller windows in 16- or
+  32-tiles) run one forward program per (batch, head, window) and a single fused backward kernel
   (``_win_bwd_tile``): it loads q, k, v, O, dO once, computes ``delta = rowsum(dO * O)`` itself,
-  recomputes ``p`` from ``lse`` and writes dQ, dK, dV (5 matmuls instead of FlashAttention-2's 7,
-  no preprocess launch, no atomics: the program owns the whole window). Larger windows (NesT's
-  14x14 = 196 -> 4 blocks of 64) use the FlashAttention-2 pair: the forward streams key blocks
-  with an online softmax (full blocks unmasked, the partial last one masked), ``_win_bwd_dq``
-  (per query block: delta, dQ, dS) and then ``_win_bwd_dkdv`` (per key block, over query blocks;
-  reads the delta the dQ kernel wrote).
+  recomputes ``p`` from ``lse`` and stores dV, dQ, dK each as soon as it is done (5 matmuls instead
+  of FlashAttention-2's 7, no preprocess launch, no atomics: the program owns the whole window).
+  Larger windows (NesT's 14x14 = 196 tokens), and tiles whose fused backward would spill (wide
+  heads, fp32), use the FlashAttention-2 pair: the forward streams key blocks with an online
+  softmax, ``_win_bwd_dq`` (per query block: delta, dQ, dS) and then ``_win_bwd_dkdv`` (per key
+  block, over query blocks; reads the delta the dQ kernel wrote).
+- Key loops: the forward runs FlashAttention-2's split loop (full blocks unmasked, the partial last
+  one peeled and masked) except when every block is masked anyway (a shift) or the matmuls are IEEE
+  fp32 (unrolled FMAs: the peeled copy doubles the code and spills); the dQ kernel always runs one
+  loop with the key masks on every block (its peeled copy spilled at head dim 128; the windows' key
+  loops are short). dQ and dK/dV run one stage: cp.async pipelining of these short loops made ptxas
+  spill a register in some variants.
+- Configs (`window_plan`): a short table by dtype class and head block (`_PLAN_TABLE`), 4 warps,
+  square blocks; each entry the largest block that compiles without spills for sm_80 and sm_90a
+  (heaviest variant), re-checked by the ahead-of-time report (`iter_compile_specs`, compiled by
+  ``fastvit.kernels.aot`` with the attention family).
 
 Deterministic bias gradients (the gradient of the summed bias is ``dS = P * (dP - delta)``): no
-float atomics anywhere. The one-tile backward reduces dS over a chunk of the batch inside the program
-(a register accumulator, batch elements in order) and writes one fp32 ``[BLOCK, BLOCK]`` tile per
-(chunk, window, head) with plain stores; torch then sums the chunks (and the broadcast dims) in a
-fixed order. The chunking depends only on the shapes: about ``DS_TARGET_PROGRAMS`` programs, the
-buffer at most ``DS_BUFFER_MAX_BYTES``. The multi-block dQ kernel stores dS per batch element (like
-``kernels/attention.py``), its buffer bounded by ``DS_BUFFER_MAX_BYTES`` by running the batch in
-chunks. The table gradient scatters ``dS`` summed over batch and windows with
-``attention._table_grad`` (torch's sorted, deterministic scatter-add on CUDA). Bitwise reproducible
-run to run.
+float atomics anywhere. The one-tile backward reduces dS over a chunk of the batch inside the
+program (a register accumulator, batch elements in order) and writes one fp32 ``[BLOCK, BLOCK]``
+tile per (chunk, window, head) with plain stores; torch then sums the chunks (and the broadcast
+dims) in a fixed order. The chunking depends only on the shapes: about ``DS_TARGET_PROGRAMS``
+programs, the buffer at most ``DS_BUFFER_MAX_BYTES`` (Swin-T stage 1, batch 64: 11 chunks of 6,
+2112 programs, a 35 MB buffer, where one tile per batch element would be 201 MB). The multi-block
+dQ kernel stores dS per batch element (like ``kernels/attention.py``), its buffer bounded by
+``DS_BUFFER_MAX_BYTES`` by running the batch in chunks. The table gradient scatters ``dS`` summed
+over batch and windows with ``attention._table_grad`` (torch's sorted, deterministic scatter-add on
+CUDA). Bitwise reproducible run to run.
 
 Limits and caveats:
 
-- Head dims 1..128 (padded to a power of two >= 16 in-kernel with masks: D = 8, 48, 80 work);
-  ``D != Dv`` allowed (head blocks as in ``kernels/attention.py``). fp32 / fp16 / bf16 with fp32
-  accumulation; fp32 multiplies in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set.
+- Head dims 1..128, padded to a power of two >= 16 in-kernel with masks (D = 8, 48, 80 work);
+  ``D != Dv`` runs in the wider head block for both. fp32 / fp16 / bf16 with fp32 accumulation;
+  fp32 multiplies in TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is set (IEEE otherwise).
 - ``scale`` non-zero (the bias enters the matmul as ``bias / scale``). No dropout, no key padding.
 - The grid must divide into windows (``H % (wh * dh) == 0``, ``W % (ww * dw) == 0``), ``0 <= shift
   < size``, shift and dilation not together; `window_attention` checks it (the caller may have).
+  ``H * W * D < 2**31`` per (batch, head).
 - ``rel_index`` values must lie in ``[0, T)``: the per-call gather raises on the CPU and asserts on
-  CUDA otherwise (no silent out-of-range read in a kernel).
+  CUDA otherwise (no out-of-range read in a kernel).
 - A row whose logits are all ``-inf`` (only possible through a ``-inf`` dense bias) gets
   ``out = 0`` and zero gradients, as in `window_attention_ref`.
-- Configs: a small fixed table by tile (``window_plan``), checked free of spills for sm_80 and
-  sm_90a by the ahead-of-time report (``iter_compile_specs`` lists the window variants;
-  ``fastvit.kernels.aot`` compiles them with the attention family).
 - Launches run under ``torch.cuda.device(q.device)``. Triton APIs from 3.2 through 3.9 only.
 """
 from __future__ import annotations
@@ -94,13 +106,11 @@ from .attention import (
     _LOG2E,
     _TRITON_IMPORT_ERROR,
     DS_BUFFER_MAX_BYTES,
-    HEAD_BLOCKS,
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     _check_scale,
     _dot_flags,
     _fmt_shape,
-    _head_blocks,
     _last_dim_contiguous,
     _launch,
     _load_tile,
@@ -117,7 +127,7 @@ from .configs import CompileSpec, Config
 
 __all__ = [
     "DS_TARGET_PROGRAMS",
-    "SINGLE_TILE_MAX",
+    "WINDOW_HEAD_BLOCKS",
     "window_attention",
     "window_attention_fwd",
     "window_attention_bwd",
@@ -127,10 +137,6 @@ __all__ = [
     "window_attention_ref",
     "iter_compile_specs",
 ]
-
-# Windows of at most this many tokens (after padding to a power of two) run as one tile: the
-# forward in one program per window and the fused one-kernel backward.
-SINGLE_TILE_MAX = 64
 
 # The one-tile backward reduces dS over this many programs' worth of batch chunks at most: enough
 # programs to fill an H100 several times over, few enough that the dS buffer stays small.
@@ -204,7 +210,7 @@ def _win_fwd_step(
     k_t = _load_tile(K + tok_n[None, :] * stride_kn + offs_d[:, None], offs_d[:, None] < D, None,
                      EVEN_D, True)  # (BLOCK_D, BLOCK_N)
     if HAS_BIAS:
-        bias = tl.load(BiasRows + t_in[None, :]).to(tl.float32)
+        bias = tl.load(BiasRows + t_n[None, :]).to(tl.float32)  # padded to the tile: no clamp, no mask
         s = _mma(q, k_t, bias * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
     else:
         s = _mma(q, k_t, None, FP32_IEEE, UPCAST_DOT) * qk_scale
@@ -228,7 +234,7 @@ def _win_fwd(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
-    stride_bw, stride_bh,
+    stride_bw, stride_bh, stride_bm,
     heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w, dil_h, dil_w, n,
     D, Dv, qk_scale, inv_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -265,18 +271,23 @@ def _win_fwd(
     K += off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
     V += off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
     q = _load_tile(Q + tok_m[:, None] * stride_qn + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
-    BiasRows = Bias + w.to(tl.int64) * stride_bw + off_h.to(tl.int64) * stride_bh + (t_m_in * n)[:, None]
+    BiasRows = Bias + w.to(tl.int64) * stride_bw + off_h.to(tl.int64) * stride_bh + (t_m * stride_bm)[:, None]
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    n_full = (n // BLOCK_N) * BLOCK_N
+    # FlashAttention-2's split loop (full key blocks unmasked, the partial last one peeled and masked)
+    # unless every block is masked anyway (SHIFT: the region compare; padded keys then cost one vector
+    # select) or the matmuls are IEEE fp32 (unrolled FMAs: a peeled step doubles the code and spills,
+    # as in kernels/attention.py): then one loop masks every block.
+    one_loop: tl.constexpr = SHIFT or FP32_IEEE
+    n_full = n if one_loop else (n // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, l_i, m_i = _win_fwd_step(acc, l_i, m_i, q, K, V, BiasRows, region_m, start_n, offs_n, offs_d, offs_dv,
                                       row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
                                       stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
-                                      False, EVEN_D, HAS_BIAS, SHIFT, FP32_IEEE, UPCAST_DOT)
-    if not EVEN_N:
+                                      one_loop and not EVEN_N, EVEN_D, HAS_BIAS, SHIFT, FP32_IEEE, UPCAST_DOT)
+    if not EVEN_N and not one_loop:
         acc, l_i, m_i = _win_fwd_step(acc, l_i, m_i, q, K, V, BiasRows, region_m, n_full, offs_n, offs_d, offs_dv,
                                       row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
                                       stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
@@ -308,7 +319,7 @@ def _win_bwd_tile(
     stride_dqb, stride_dqh, stride_dqn,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_bw, stride_bh,
+    stride_bw, stride_bh, stride_bm,
     batch, batch_per_program, heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w,
     dil_h, dil_w, n, D, Dv, qk_scale, inv_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -325,6 +336,11 @@ def _win_bwd_tile(
     batch elements in registers (in order) and stores one fp32 ``[BLOCK, BLOCK]`` tile per (chunk,
     window, head) into DS: the bias gradient, reduced without atomics. Padded rows have lse = +inf
     (p = 0), padded keys s = -inf (p = 0): they add exactly 0 to everything.
+
+    Registers (the 64-tile's heaviest variant is near the limit): tiles in the natural (queries x
+    keys) orientation, so lse and delta are row vectors of the MMA layout (2 values per thread; the
+    transposed orientation's column vectors take 16); the bias tile re-read per batch element
+    (L1/L2) rather than held; each gradient stored as soon as it is complete.
     """
     tl.static_assert(BLOCK_M == BLOCK_N)
     pid = tl.program_id(0)
@@ -349,8 +365,7 @@ def _win_bwd_tile(
     d_ok = offs_d[None, :] < D
     dv_ok = offs_dv[None, :] < Dv
     h64 = off_h.to(tl.int64)
-    if HAS_BIAS:  # loaded once, kept in the compute dtype across the batch loop
-        bias = tl.load(Bias + w.to(tl.int64) * stride_bw + h64 * stride_bh + (t_in * n)[:, None] + t_in[None, :])
+    BiasW = Bias + w.to(tl.int64) * stride_bw + h64 * stride_bh
     num_tokens = grid_h * grid_w
 
     ds_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -369,8 +384,9 @@ def _win_bwd_tile(
             lse2 = lse * 1.4426950408889634
         else:
             lse2 = tl.where(row_ok, lse * 1.4426950408889634, float("inf"))  # p = 0 on padded rows
-        if HAS_BIAS:
-            s = _mma(q, tl.trans(k), bias.to(tl.float32) * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
+        if HAS_BIAS:  # re-read per batch element (L1/L2): fewer registers live across the loop
+            bias = tl.load(BiasW + (offs * stride_bm)[:, None] + offs[None, :]).to(tl.float32)
+            s = _mma(q, tl.trans(k), bias * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
         else:
             s = _mma(q, tl.trans(k), None, FP32_IEEE, UPCAST_DOT) * qk_scale
         s = _mask_keys(s, region, region, offs, n, not EVEN_N, SHIFT)
@@ -417,7 +433,7 @@ def _win_dq_step(
     k = _load_tile(K + tok_n[:, None] * stride_kn + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
     v = _load_tile(V + tok_n[:, None] * stride_vn + offs_dv[None, :], None, offs_dv[None, :] < Dv, True, EVEN_D)
     if HAS_BIAS:
-        bias = tl.load(BiasRows + t_in[None, :]).to(tl.float32)
+        bias = tl.load(BiasRows + t_n[None, :]).to(tl.float32)
         s = _mma(q, tl.trans(k), bias * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
     else:
         s = _mma(q, tl.trans(k), None, FP32_IEEE, UPCAST_DOT) * qk_scale
@@ -440,7 +456,7 @@ def _win_bwd_dq(
     stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don,
     stride_dqb, stride_dqh, stride_dqn,
-    stride_bw, stride_bh, stride_sm,
+    stride_bw, stride_bh, stride_bm, stride_sm,
     heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w, dil_h, dil_w, n,
     D, Dv, qk_scale, inv_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -494,22 +510,19 @@ def _win_bwd_dq(
 
     K += b64 * stride_kb + h64 * stride_kh
     V += b64 * stride_vb + h64 * stride_vh
-    BiasRows = Bias + w.to(tl.int64) * stride_bw + h64 * stride_bh + (t_m_in * n)[:, None]
+    BiasRows = Bias + w.to(tl.int64) * stride_bw + h64 * stride_bh + (t_m * stride_bm)[:, None]
     DS += ((b64 * num_windows + w) * heads + h64) * (tl.cdiv(n, BLOCK_M) * BLOCK_M) * stride_sm
     ds_rows = t_m.to(tl.int64) * stride_sm  # the buffer is padded: padded rows are in it
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    n_full = (n // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    # One loop with the key masks on every block (unless the window is a block multiple): the peeled
+    # masked tail of FlashAttention-2's split loop made ptxas spill here (head dim 128), and the
+    # windows' key loops are short (NesT: 7 blocks of 32), so the masks cost little.
+    for start_n in range(0, n, BLOCK_N):
         dq = _win_dq_step(dq, q, do, lse2, delta, region_m, K, V, DS, ds_rows, BiasRows, start_n, offs_n, offs_d,
                           offs_dv, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
                           stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
-                          False, EVEN_D, HAS_BIAS, SHIFT, STORE_DS, FP32_IEEE, UPCAST_DOT)
-    if not EVEN_N:
-        dq = _win_dq_step(dq, q, do, lse2, delta, region_m, K, V, DS, ds_rows, BiasRows, n_full, offs_n, offs_d,
-                          offs_dv, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
-                          stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
-                          True, EVEN_D, HAS_BIAS, SHIFT, STORE_DS, FP32_IEEE, UPCAST_DOT)
+                          not EVEN_N, EVEN_D, HAS_BIAS, SHIFT, STORE_DS, FP32_IEEE, UPCAST_DOT)
     dq *= scale
     _store_tile(DQ + b64 * stride_dqb + h64 * stride_dqh + tok_m[:, None] * stride_dqn + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), (t_m < n)[:, None], offs_d[None, :] < D, EVEN_M, EVEN_D)
@@ -524,7 +537,7 @@ def _win_bwd_dkdv(
     stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    stride_bw, stride_bh,
+    stride_bw, stride_bh, stride_bm,
     heads, num_windows, num_win_w, grid_h, grid_w, win_h, win_w, shift_h, shift_w, dil_h, dil_w, n,
     D, Dv, qk_scale, inv_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -588,7 +601,7 @@ def _win_bwd_dkdv(
             lse2 = tl.where(t_m < n, lse * 1.4426950408889634, float("inf"))
         if HAS_BIAS:
             # loaded in the natural (queries x keys) orientation, contiguous along keys, then transposed
-            bias = tl.load(BiasW + (t_m_in * n)[:, None] + t_n_in[None, :]).to(tl.float32)
+            bias = tl.load(BiasW + (t_m * stride_bm)[:, None] + t_n[None, :]).to(tl.float32)
             s_t = _mma(k, tl.trans(q), tl.trans(bias) * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
         else:
             s_t = _mma(k, tl.trans(q), None, FP32_IEEE, UPCAST_DOT) * qk_scale
@@ -621,29 +634,58 @@ def _tile(n: int) -> int:
     return max(16, triton_next_power_of_2(n))
 
 
+# Head blocks: D and Dv padded to a power of two >= 16 (as in kernels/attention.py); a pair with
+# D != Dv runs in the wider block for both (no model windows a D != Dv head, and one head block per
+# config keeps the table below and the AOT report short).
+WINDOW_HEAD_BLOCKS = (16, 32, 64, 128)
+
+# Per (dtype class, head block): the forward's block, the largest window tile the fused backward
+# runs (0: none; larger windows take the dQ and dK/dV kernels) and the dQ and dK/dV blocks, each
+# (block, warps), square. 4 warps (one per 16 rows of a 64-row tile: Triton gives chained dots all
+# warps along M, so more warps only replicate the MMAs) except where fp32's wide heads needed
+# another count. Each entry is the largest block whose variants (bias, shift, dS; and without the
+# shift: the split key loop) compile for sm_80 and sm_90a without spills, measured with the AOT
+# compiler; the report (`iter_compile_specs`) re-checks every pick. fp32 (IEEE) holds twice the
+# registers per tile.
+_PLAN_TABLE = {
+    #                 fwd        tile  dq        dkdv
+    ("16bit", 16):   ((64, 4),  64,   (64, 4),  (64, 4)),
+    ("16bit", 32):   ((64, 4),  64,   (32, 4),  (32, 4)),
+    ("16bit", 64):   ((64, 4),  32,   (32, 4),  (32, 4)),
+    ("16bit", 128):  ((32, 4),  16,   (32, 4),  (32, 4)),
+    ("fp32", 16):    ((32, 4),  32,   (32, 4),  (32, 4)),
+    ("fp32", 32):    ((32, 4),  16,   (32, 4),  (32, 4)),
+    ("fp32", 64):    ((16, 2),  0,    (16, 2),  (16, 2)),
+    ("fp32", 128):   ((32, 8),  0,    (16, 4),  (32, 8)),
+}
+
+
+def _window_head_blocks(d: int, dv: int) -> tuple[int, int]:
+    widest = max(16, triton_next_power_of_2(max(d, dv)))
+    return widest, widest
+
+
 def window_plan(n: int, d: int, dv: int, dtype: torch.dtype) -> dict:
     """What the launchers run for windows of ``n`` tokens: ``{kernel: (Config, (BLOCK_D, BLOCK_DV))}``.
 
-    The rule: a window of at most `SINGLE_TILE_MAX` tokens is one tile (``_tile(n)`` square: 16, 32
-    or 64; 1, 2 or 4 warps), forward and fused backward; 8 warps for the 64-tiles whose tiles are
-    widest in registers (fp32, or a 128-wide head). Larger windows run 64 x 64 blocks with the
-    forward and dQ/dK/dV kernels (fp32: 32 x 32). Checked free of spills on sm_80 and sm_90a by the
-    ahead-of-time report (`iter_compile_specs`)."""
-    blocks = _head_blocks(d, dv)
+    The rule (`_PLAN_TABLE`): a window padded to its tile (16, 32, 64) runs the fused backward when
+    the tile is at most the table's, forward blocks of ``min(tile, fwd block)``; otherwise (NesT's
+    196 tokens, or wide heads) the forward streams key blocks and the backward runs the dQ and
+    dK/dV kernels. Only the 16-bit forward pipelines its key loop (2 stages), when it has one."""
+    blocks = _window_head_blocks(d, dv)
+    cls = "fp32" if dtype == torch.float32 else "16bit"
+    (fwd_block, fwd_warps), tile_max, (dq_block, dq_warps), (dkdv_block, dkdv_warps) = _PLAN_TABLE[(cls, blocks[0])]
     tile = _tile(n)
-    wide = dtype == torch.float32 or max(blocks) == 128
-    if tile <= SINGLE_TILE_MAX:
-        warps = {16: 1, 32: 2, 64: 4}[tile]
-        fwd_warps = warps * 2 if wide and tile == 64 else warps
-        bwd_warps = warps * 2 if tile >= 32 and (wide or tile == 64) else warps
-        return {"_win_fwd": (Config(tile, tile, fwd_warps, 1), blocks),
-                "_win_bwd_tile": (Config(tile, tile, bwd_warps, 1), blocks)}
-    if dtype == torch.float32:
-        block, warps = 32, 4
+    fwd = min(tile, fwd_block)
+    plan = {"_win_fwd": (Config(fwd, fwd, fwd_warps, 2 if tile > fwd and cls == "16bit" else 1), blocks)}
+    if tile <= tile_max:
+        plan["_win_bwd_tile"] = (Config(tile, tile, 4, 1), blocks)
     else:
-        block, warps = 64, 8 if max(blocks) == 128 else 4
-    cfg = Config(block, block, warps, 2)
-    return {"_win_fwd": (cfg, blocks), "_win_bwd_dq": (cfg, blocks), "_win_bwd_dkdv": (cfg, blocks)}
+        # One stage: the loops are short, and pipelined (cp.async) variants made ptxas spill a
+        # register in some of them (a sign-extended offset kept across the loop).
+        plan["_win_bwd_dq"] = (Config(dq_block, dq_block, dq_warps, 1), blocks)
+        plan["_win_bwd_dkdv"] = (Config(dkdv_block, dkdv_block, dkdv_warps, 1), blocks)
+    return plan
 
 
 # --------------------------------------------------------------------------------------------------
@@ -745,6 +787,9 @@ def _check_inputs(q, k, v, window: Optional[_Window], rel_table, rel_index, dens
         if not 1 <= d <= MAX_HEAD_DIM:
             raise ValueError(f"{name}={d} is outside 1..{MAX_HEAD_DIM} (the kernel keeps a head row in registers)")
     heads, tokens = q.shape[1], q.shape[2]
+    if tokens * max(q.shape[3], v.shape[3]) > _MAX_SLICE_OFFSET:
+        raise ValueError(f"{tokens} tokens x head dim {max(q.shape[3], v.shape[3])} exceed 2**31 elements per "
+                         "(batch, head): the kernels address a head's tokens with int32 offsets")
     if tokens != window.grid_h * window.grid_w:
         raise ValueError(f"q has {tokens} tokens, grid={(window.grid_h, window.grid_w)} has "
                          f"{window.grid_h * window.grid_w}")
@@ -794,9 +839,12 @@ def _dense_4d(dense_bias: Tensor) -> Tensor:
     return dense_bias.reshape((1,) * (4 - dense_bias.dim()) + tuple(dense_bias.shape))
 
 
-def _combined_bias(q: Tensor, window: _Window, rel_table, rel_index, dense_bias) -> tuple[Tensor, tuple, bool]:
-    """``rel_table[rel_index] + dense_bias`` as one contiguous ``[1|nW, 1|heads, n, n]`` tensor in q's
-    dtype (summed in fp32), its (window, head) strides (0 on broadcast dims) and whether there is one."""
+def _combined_bias(q: Tensor, window: _Window, rel_table, rel_index, dense_bias, block: int) -> tuple:
+    """``rel_table[rel_index] + dense_bias`` (summed in fp32) as one contiguous tensor in q's dtype,
+    ``[1|nW, 1|heads, n_pad, n_pad]`` with the window padded with zeros to ``n_pad``, a multiple of
+    the kernel's ``block``: the kernels read whole tiles with no clamp and no mask, and the row
+    stride (a multiple of 16) lets them vectorise the loads. Returns ``(bias, (stride_bw, stride_bh,
+    stride_bm), has_bias)``; broadcast dims have stride 0."""
     n = window.n
     bias = None
     if rel_table is not None:
@@ -805,10 +853,26 @@ def _combined_bias(q: Tensor, window: _Window, rel_table, rel_index, dense_bias)
         dense = _dense_4d(dense_bias.detach().float())
         bias = dense if bias is None else bias + dense
     if bias is None:
-        return torch.empty(0, dtype=q.dtype, device=q.device), (0, 0), False
-    bias = bias.expand(bias.shape[0], bias.shape[1], n, n).to(q.dtype).contiguous()
-    strides = tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in (0, 1))
-    return bias, strides, True
+        return torch.empty(0, dtype=q.dtype, device=q.device), (0, 0, 0), False
+    n_pad = triton.cdiv(n, block) * block
+    padded = torch.zeros((bias.shape[0], bias.shape[1], n_pad, n_pad), dtype=q.dtype, device=q.device)
+    padded[:, :, :n, :n] = bias
+    strides = tuple(0 if padded.shape[i] == 1 else padded.stride(i) for i in (0, 1)) + (n_pad,)
+    return padded, strides, True
+
+
+# Token offsets inside one (batch, head) slice are int32 in the kernels (fewer registers than int64
+# pointer arithmetic on every tile); the batch and head offsets are int64.
+_MAX_SLICE_OFFSET = 2**31 - 1
+
+
+def _kernel_view(t: Tensor) -> Tensor:
+    """``t`` as the kernels read it: the last dim contiguous, and a (batch, head) slice addressable
+    with int32 offsets (a view whose token stride makes that overflow is copied)."""
+    t = _last_dim_contiguous(t)
+    if t.shape[2] and (t.shape[2] - 1) * t.stride(2) + t.shape[3] > _MAX_SLICE_OFFSET:
+        t = t.contiguous()
+    return t
 
 
 def _strides(*tensors: Tensor) -> tuple:
@@ -833,15 +897,15 @@ def window_attention_fwd(
     else:
         window = _Window.of(grid, size, shift, dilation)
     _require_runtime(q.device)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (_kernel_view(t) for t in (q, k, v))
     B, heads, tokens, D = q.shape
     Dv = v.shape[3]
     out = torch.empty((B, heads, tokens, Dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, heads, tokens), dtype=torch.float32, device=q.device)
     if B * heads == 0:
         return out, lse
-    bias, bias_strides, has_bias = _combined_bias(q, window, rel_table, rel_index, dense_bias)
     cfg, blocks = window_plan(window.n, D, Dv, q.dtype)["_win_fwd"]
+    bias, bias_strides, has_bias = _combined_bias(q, window, rel_table, rel_index, dense_bias, cfg.block_m)
     n = window.n
     _launch(_win_fwd, B * heads * window.num_windows * triton.cdiv(n, cfg.block_m),
             (q, k, v, out, lse, bias, *_strides(q, k, v, out), *bias_strides, heads, *window.args, D, Dv,
@@ -897,8 +961,8 @@ def window_attention_bwd(
     need_rel_grad = bool(need_rel_grad) and rel_table is not None
     need_dense_grad = bool(need_dense_grad) and dense_bias is not None
 
-    q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
-    do = _last_dim_contiguous(do.to(q.dtype))
+    q, k, v, out = (_kernel_view(t) for t in (q, k, v, out))
+    do = _kernel_view(do.to(q.dtype))
     lse = lse.contiguous()
     B, heads, tokens, D = q.shape
     Dv = v.shape[3]
@@ -908,8 +972,9 @@ def window_attention_bwd(
         d_dense = dense_bias.new_zeros(dense_bias.shape) if need_dense_grad else None
         return dq, dk, dv, d_rel, d_dense
 
-    bias, bias_strides, has_bias = _combined_bias(q, window, rel_table, rel_index, dense_bias)
     plan = window_plan(window.n, D, Dv, q.dtype)
+    block = max(cfg.block_m for kernel, (cfg, _) in plan.items() if kernel != "_win_fwd")
+    bias, bias_strides, has_bias = _combined_bias(q, window, rel_table, rel_index, dense_bias, block)
     n, nw = window.n, window.num_windows
     store_ds = need_rel_grad or need_dense_grad
     qk_scale, inv_scale = scale * _LOG2E, 1.0 / scale
@@ -1034,7 +1099,7 @@ def _window_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
 @_window_bwd_op.register_fake
 def _(do, q, k, v, out, lse, geometry, scale, rel_table, rel_index, dense_bias, need_rel_grad, need_dense_grad):
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = (_kernel_view(t) for t in (q, k, v))
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             rel_table.new_empty(rel_table.shape) if need_rel_grad and rel_table is not None else q.new_empty(0),
             dense_bias.new_empty(dense_bias.shape) if need_dense_grad and dense_bias is not None
@@ -1114,25 +1179,34 @@ def window_attention(
 REPORT_SHAPES = (
     ("swin_t_stage1", (56, 56), (7, 7), (0, 0), (1, 1), 32, True),
     ("swin_t_stage1_shifted", (56, 56), (7, 7), (3, 3), (1, 1), 32, True),
+    ("swinv2_t_w8_stage1_shifted", (64, 64), (8, 8), (4, 4), (1, 1), 32, True),  # n = 64: no padding
     ("maxvit_grid_stage1", (56, 56), (7, 7), (0, 0), (8, 8), 32, True),
     ("nest_t_level1", (56, 56), (14, 14), (0, 0), (1, 1), 32, False),
     ("nest_t_level1_biased", (56, 56), (14, 14), (0, 0), (1, 1), 32, True),
+)
+# With ``full``, also windows of the 16- and 32-tiles and a shifted multi-block window.
+FULL_REPORT_SHAPES = (
+    ("window_4x4", (16, 16), (4, 4), (0, 0), (1, 1), 32, True),
+    ("window_4x4_shifted", (16, 16), (4, 4), (2, 2), (1, 1), 32, True),
+    ("window_5x5", (20, 20), (5, 5), (0, 0), (1, 1), 32, True),
+    ("window_5x5_shifted", (20, 20), (5, 5), (2, 2), (1, 1), 32, True),
+    ("window_10x10_shifted", (20, 20), (10, 10), (5, 5), (1, 1), 32, True),
 )
 
 
 def _spec_divisible(fn, constexprs: dict) -> tuple:
     """The arguments a typical call declares divisible by 16 at run time (triton's specialisation):
-    the pointers, the q/k/v/out and gradient strides (multiples of a head dim of 16, 32, 64 ...), D
-    and Dv, the padded dS buffer's row stride, a broadcast bias's window stride (0) and an unused
-    shift (0); not the grid (56), the window (7, 49), heads (3) or the bias head stride (49 * 49)."""
+    the pointers; every stride (q/k/v/out and gradients: multiples of a head dim of 16, 32, 64 ...;
+    the bias and dS buffers: padded to the tile; a broadcast bias's window stride: 0); D and Dv;
+    an unused shift (0). Not the grid (56), the window (7, 49), heads (3) or the batch."""
     import inspect
 
     names = []
     for name, p in inspect.signature(getattr(fn, "fn", fn)).parameters.items():
         if "constexpr" in str(p.annotation) or name in constexprs:
             continue
-        if (name[0].isupper() or (name.startswith("stride_") and name != "stride_bh")
-                or name in ("D", "Dv") or (name in ("shift_h", "shift_w") and not constexprs.get("SHIFT"))):
+        if (name[0].isupper() or name.startswith("stride_") or name in ("D", "Dv")
+                or (name in ("shift_h", "shift_w") and not constexprs.get("SHIFT"))):
             names.append(name)
     return tuple(names)
 
@@ -1143,36 +1217,41 @@ def _signature(fn, dtype: torch.dtype) -> dict:
     return kernel_signature(fn, dtype)
 
 
-def iter_compile_specs(*, full: bool = False, dtypes=(torch.float32, torch.bfloat16)) -> Iterator[CompileSpec]:
-    """The window variants for the ahead-of-time report: the `REPORT_SHAPES` (or with ``full``, every
-    head-block pair for each), per dtype, each kernel `window_plan` launches with the switches of that
-    shape (bias, shift, dS stored when biased, the padded window's masks). Unit dilations are
-    compiled as constants (triton specialises an int argument equal to 1), as they run."""
+def iter_compile_specs(*, full: bool = False, dtypes=None) -> Iterator[CompileSpec]:
+    """The window variants for the ahead-of-time report: for each of the `REPORT_SHAPES` and dtype
+    (default fp32 and bf16, bf16 standing for the 16-bit class as in ``variants.REPORT_DTYPES``), each
+    kernel `window_plan` launches, with that shape's switches (bias, shift, dS stored when biased,
+    the padded window's masks). ``full``: every head-block pair for each shape, fp16, and the
+    backward of a frozen bias (no dS). Unit dilations are compiled as constants (triton specialises
+    an int argument equal to 1), as they run."""
+    if dtypes is None:
+        dtypes = SUPPORTED_DTYPES if full else (torch.float32, torch.bfloat16)
     seen = set()
-    for dtype, (_model, grid, size, shift, dilation, d, biased) in itertools.product(dtypes, REPORT_SHAPES):
+    shapes = REPORT_SHAPES + (FULL_REPORT_SHAPES if full else ())
+    for dtype, (_model, grid, size, shift, dilation, d, biased) in itertools.product(dtypes, shapes):
         window = _Window.of(grid, size, shift, dilation)
         n = window.n
-        pairs = HEAD_BLOCKS if full else ((d, d),)
-        for d_pair in pairs:
+        for d_pair in (((b, b) for b in WINDOW_HEAD_BLOCKS) if full else ((d, d),)):
             for kernel, (cfg, blocks) in window_plan(n, *d_pair, dtype).items():
                 fn = KERNELS[kernel]
                 constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1],
                                   EVEN_D=True, HAS_BIAS=biased, SHIFT=window.shifted, FP32_IEEE=dtype == torch.float32,
-                                  UPCAST_DOT=False)
+                                  UPCAST_DOT=False, EVEN_N=n % cfg.block_n == 0)
                 if kernel != "_win_bwd_tile":
                     constexprs["EVEN_M"] = n % cfg.block_m == 0
-                constexprs["EVEN_N"] = n % cfg.block_n == 0
-                if kernel in ("_win_bwd_tile", "_win_bwd_dq"):
-                    constexprs["STORE_DS"] = biased
                 signature = _signature(fn, dtype)
                 if (window.dil_h, window.dil_w) == (1, 1):  # an int argument equal to 1 is a constant
                     constexprs.update(dil_h=1, dil_w=1)
                     signature.update(dil_h="constexpr", dil_w="constexpr")
-                key = (kernel, cfg, dtype, tuple(sorted(constexprs.items())))
-                if key in seen:
-                    continue
-                seen.add(key)
-                yield CompileSpec(kernel, cfg, signature, constexprs, divisible=_spec_divisible(fn, constexprs))
+                stores = [{}]
+                if kernel in ("_win_bwd_tile", "_win_bwd_dq"):
+                    stores = [dict(STORE_DS=x) for x in ((False, True) if full and biased else (biased,))]
+                for store in stores:
+                    variant = dict(constexprs, **store)
+                    key = (kernel, cfg, dtype, tuple(sorted(variant.items())))
+                    if key not in seen:
+                        seen.add(key)
+                        yield CompileSpec(kernel, cfg, signature, variant, divisible=_spec_divisible(fn, variant))
 
 
 # --------------------------------------------------------------------------------------------------
