@@ -1,5 +1,6 @@
 """Ahead-of-time compile report: every kernel variant the launchers may launch, built for sm_80 and
-sm_90a without a GPU, with its registers, spills and shared memory.
+sm_90a without a GPU, with its registers, spills and shared memory. Both kernel families are in it:
+``variants.iter_compile_specs`` (attention) and ``window_attention.iter_compile_specs`` (windows).
 
     python -m fastvit.kernels.aot [--full] [--capabilities 80 90] [--workers 2] [--json out.json]
 
