@@ -171,7 +171,9 @@ class ViTStem:
         x = self.to_patch_embedding(img)  # (b, n, dim)
         if not self.cls_in_positions:  # CaiT: the CLS token joins later, without a position
             return x + pos
-        if self.num_cls_tokens == 0:  # pool='mean': no zero-length concat (legacy ONNX export mis-sizes it)
+        if self.num_cls_tokens == 0 and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            # pool='mean' while exporting: no zero-length concat (legacy ONNX export mis-sizes it). Eager
+            # keeps the concat so the empty cls_token gets its (empty) gradient, as in vit-pytorch.
             return x + pos
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, num_cls, dim)
         return torch.cat((cls_tokens, x), dim=1) + pos
