@@ -15,6 +15,7 @@ PACKAGES = [
     "fastvit.models",
     "fastvit.ssl",
     "fastvit.compat",
+    "fastvit.compat.timm",
     "fastvit.tools",
     "fastvit.train",
     "fastvit.kernels",
