@@ -25,8 +25,9 @@ def reference_attention(inp: AttnInputs) -> AttnOutput:
     # (b, h, nq, nk). Scaling q (n*d elements) instead of the logits (n*n) saves a pass over the
     # score matrix; the results differ from vit-pytorch's order by rounding only (~1e-7 in fp32).
     # k is usually a strided view of a fused qkv projection: a row-wise copy of it, multiplied
-    # transposed, is cheaper than the column-wise copy matmul makes of k^T.
-    logits = torch.matmul(q * inp.scale, k.contiguous().transpose(-1, -2))
+    # transposed, is cheaper than the column-wise copy matmul makes of k^T. A scale of 1 (windowed calls
+    # fold the scale into their copy of q) skips the pass over q.
+    logits = torch.matmul(q if inp.scale == 1.0 else q * inp.scale, k.contiguous().transpose(-1, -2))
 
     valid = None  # (b, 1, 1, nk) bool
     for b in inp.bias:

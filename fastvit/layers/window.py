@@ -157,11 +157,12 @@ class WindowAttention(AttentionBase):
             raise ValueError("WindowAttention on tokens needs grid=(H, W)")
         grid = tuple(int(g) for g in grid)
         norm = self._modules.get("norm")
-        if norm is not None:
-            x = norm(x)
-        q, k, v = self.project_qkv(x)  # (b, h, H*W, d) each
         window = self.window(grid)
-        out = self.attend(q, k, v, scale=self.scale, window=window, bias=self.attention_bias(window))
+        # q, k, v (b, h, H*W, d) are views of the projections. Neither they nor the normed input are
+        # bound to names here: a backend that copies the windows frees the projections as soon as
+        # the call returns, not after the output projection (less memory, fewer CPU page faults).
+        out = self.attend(*self.project_qkv(x if norm is None else norm(x)), scale=self.scale, window=window,
+                          bias=self.attention_bias(window))
         return self.to_out(merge_map_heads(out, grid) if self.conv else merge_heads(out))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, **kwargs):

@@ -130,3 +130,30 @@ def test_recorder_sees_the_maps_of_every_window_and_the_output_is_unchanged():
     assert tuple(maps.shape) == (2 * 4, 1, 2, 16, 16)  # (b * windows, layers, heads, n, n)
     assert_close(maps.sum(-1), torch.ones(8, 1, 2, 16), atol=1e-5, rtol=0, what="rows sum to 1")
     assert (maps[-1] == 0).any() and not (maps[0] == 0).any()  # the shifted last window masks across the wrap
+
+
+@pytest.mark.parametrize("window", [Window(grid=(56, 56), size=(7, 7)),
+                                    Window(grid=(56, 56), size=(8, 8), dilation=(7, 7)),
+                                    Window(grid=(16, 12), size=(2, 3), dilation=(4, 2))], ids=lambda w: w.describe())
+@pytest.mark.parametrize("elements", [1, 3000, 5000])  # a window row per chunk, within and across blocks
+def test_cpu_inference_in_chunks_of_window_rows_is_the_whole_batch(window, elements, monkeypatch):
+    import fastvit.attention.window as window_module
+    from fastvit.attention import DenseBias, RelPosBias, make_inputs
+
+    torch.manual_seed(0)
+    B, h, d, n = 2, 3, 8, window.tokens
+    q, k, v = (torch.randn(B, h, d, window.seq_len).transpose(-1, -2) for _ in range(3))  # a conv map's layout
+    bias = (RelPosBias(torch.randn(20, h), torch.randint(0, 20, (n, n))), DenseBias(torch.randn(window.num_windows, 1,
+                                                                                               n, n)))
+    with torch.inference_mode():
+        monkeypatch.setattr(window_module, "CPU_CHUNK_ELEMENTS", 1 << 40)
+        whole = attend(q, k, v, window=window, bias=bias, backend="reference")
+        monkeypatch.setattr(window_module, "CPU_CHUNK_ELEMENTS", elements)
+        assert len(window_module.window_chunks(make_inputs(q, k, v, window=window, bias=bias))) > 1
+        for backend in ("reference", "sdpa"):
+            chunked = attend(q, k, v, window=window, bias=bias, backend=backend)
+            assert_close(chunked, whole, atol=1e-5, rtol=1e-5, what=f"{backend} in chunks")
+            assert chunked.stride() == whole.stride()  # written in place, in q's memory order
+    q.requires_grad_()
+    training = make_inputs(q, k, v, window=window)
+    assert window_module.window_chunks(training) == [window_module.ALL]  # with a gradient: one batch
