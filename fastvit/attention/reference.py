@@ -20,7 +20,7 @@ __all__ = ["reference_attention"]
 
 def reference_attention(inp: AttnInputs) -> AttnOutput:
     if inp.window is not None:  # windows gathered into a batch, attended, scattered back
-        return partitioned(inp, reference_attention)
+        return partitioned(inp, reference_attention, fold_scale=True)
     q, k, v = inp.q, inp.k, inp.v
     # (b, h, nq, nk). Scaling q (n*d elements) instead of the logits (n*n) saves a pass over the
     # score matrix; the results differ from vit-pytorch's order by rounding only (~1e-7 in fp32).

@@ -29,10 +29,10 @@ dynamic position bias ``[heads, n, n]`` or a per-window mask ``[num_windows, 1, 
 ``KeyPaddingMask`` is refused; models that pad (Swin, Twins at odd sizes) pad the grid before.
 
 Backends that serve a window without a kernel of their own use ``partitioned()``: copy the
-windows into a batch (one permuting copy of a view per tensor, plus a roll when shifted; the scale
-folded into q's copy), attend, copy back (in the memory order of q, so a model's merge of the heads
-is a view). CPU inference does it a few window rows at a time (``window_chunks``). The triton
-backend addresses the windows in place.
+windows into a batch (one permuting copy of a view per tensor, plus a roll when shifted; for the
+reference the scale is folded into q's copy), attend, copy back (in the memory order of q, so a
+model's merge of the heads is a view). CPU inference does it a few window rows at a time
+(``window_chunks``). The triton backend addresses the windows in place.
 """
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ def window_batch(t: Tensor, win: Window, scale: Optional[float] = None, chunk: t
 
     One copy (a permuting reshape of a view) whatever the layout of ``t``: a strided view of a fused
     projection or of a ``(b, h*d, H, W)`` map is read in place. A shift costs one more copy (the roll).
-    ``scale`` multiplies the values in the same pass when nothing needs a gradient (a second pass if
-    something does).
+    ``scale`` multiplies the copy in place when nothing needs a gradient (a new tensor if something
+    does).
     """
     B, heads, _, d = t.shape
     if win.shifted:
@@ -226,7 +226,10 @@ def window_batch(t: Tensor, win: Window, scale: Optional[float] = None, chunk: t
         return windows.reshape(shape)
     if torch.is_grad_enabled() and t.requires_grad:
         return windows.reshape(shape) * scale
-    return torch.mul(windows, scale, out=torch.empty(windows.shape, dtype=t.dtype, device=t.device)).view(shape)
+    # A fresh copy (a reshape may be a view of t when one window covers the grid), scaled in place:
+    # cheaper than a multiply reading the strided view, and than a copy plus a scaled copy.
+    copy = torch.empty(windows.shape, dtype=t.dtype, device=t.device)
+    return copy.copy_(windows).mul_(scale).view(shape)
 
 
 def _empty_like_layout(like: Tensor, dv: int) -> Tensor:
@@ -291,11 +294,13 @@ def window_chunks(inp) -> list:
     return [(slice(b, b + 1), slice(o, min(o + k, dh))) for b in range(blocks) for o in range(0, dh, k)]
 
 
-def partitioned(inp, attend_windows: Callable):
+def partitioned(inp, attend_windows: Callable, fold_scale: bool = False):
     """Serve a windowed call by gathering its windows into a batch: ``attend_windows(inner)`` gets
     window-free ``AttnInputs`` of shape ``[B * windows, heads, n, D]`` (``window_inputs``) and returns
     an ``AttnOutput``; the output is put back in raster order (``window_unbatch``). CPU inference does
     it a few window rows at a time (``window_chunks``), writing each chunk into the output in place.
+    ``fold_scale``: q's copy is scaled and the inner call gets ``scale=1`` (for a backend that would
+    scale q in a pass of its own, the reference; SDPA and FlexAttention scale inside their kernels).
 
     Without a shift both directions are one permuting copy of a view (what an einops cut costs a
     model); a shift adds a roll each way. The shift mask becomes one more ``DenseBias`` (``0`` /
@@ -306,7 +311,7 @@ def partitioned(inp, attend_windows: Callable):
 
     chunks = window_chunks(inp)
     if chunks == [ALL]:
-        inner = window_inputs(inp)
+        inner = window_inputs(inp, fold_scale=fold_scale)
         out = attend_windows(inner).out  # (b * nw, h, n, dv)
         # `inner` (the batched q, k, v) is freed only after the copy back, as when a model held its cut
         # windows: freed before it, the heap's top is trimmed and the copy back page-faults it in again
@@ -316,21 +321,22 @@ def partitioned(inp, attend_windows: Callable):
         return AttnOutput(result)
     result = _empty_like_layout(inp.q, inp.value_dim)
     for chunk in chunks:
-        window_unbatch(attend_windows(window_inputs(inp, chunk)).out, inp.window, into=result, chunk=chunk)
+        inner = window_inputs(inp, chunk, fold_scale=fold_scale)
+        window_unbatch(attend_windows(inner).out, inp.window, into=result, chunk=chunk)
     return AttnOutput(result)
 
 
-def window_inputs(inp, chunk: tuple = ALL):
+def window_inputs(inp, chunk: tuple = ALL, fold_scale: bool = False):
     """Window-free ``AttnInputs`` of a windowed call (of the window rows of ``chunk``): q, k, v as
     ``[B * windows, heads, n, D]``, the biases per window (``RelPosBias`` as it is; ``DenseBias`` and
-    the shift mask repeated over the batch)."""
+    the shift mask repeated over the batch). ``fold_scale``: q scaled, ``scale=1``."""
     from dataclasses import replace
 
     from .bias import DenseBias, RelPosBias
 
     win: Window = inp.window
     B = inp.q.shape[0]
-    q = window_batch(inp.q, win, scale=inp.scale, chunk=chunk)  # the scale in q's copy: the reference skips it
+    q = window_batch(inp.q, win, scale=inp.scale if fold_scale else None, chunk=chunk)
     nw = q.shape[0] // B
     if chunk == ALL:
         windows = slice(None)
@@ -357,5 +363,5 @@ def window_inputs(inp, chunk: tuple = ALL):
         mask.masked_fill_(~allowed, float("-inf"))
         bias.append(DenseBias(per_window(mask.unsqueeze(1))))
     return replace(inp, q=q, k=window_batch(inp.k, win, chunk=chunk), v=window_batch(inp.v, win, chunk=chunk),
-                   scale=1.0, bias=tuple(bias), window=None)
+                   scale=1.0 if fold_scale else inp.scale, bias=tuple(bias), window=None)
 
