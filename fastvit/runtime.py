@@ -1,4 +1,5 @@
-"""Process-level CPU settings that speed up inference: ``tune_cpu_allocator()``.
+"""Process-level runtime facts and settings: ``tracing()`` (is this call being captured into a graph?) and
+``tune_cpu_allocator()``, the CPU allocator setting that speeds up inference.
 
 Why: PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves large blocks (above a
 threshold that adapts up to 32 MiB) with fresh ``mmap`` pages and returns memory at the top of its
@@ -22,7 +23,21 @@ import ctypes
 import platform
 from dataclasses import dataclass
 
-__all__ = ["AllocatorTuning", "tune_cpu_allocator", "cpu_allocator_tuning"]
+import torch
+
+try:  # torch.fx.symbolic_trace alone (is_fx_tracing also answers for torch.export, with a warning)
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
+except ImportError:  # older torch
+    from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
+
+__all__ = ["AllocatorTuning", "tune_cpu_allocator", "cpu_allocator_tuning", "tracing"]
+
+
+def tracing() -> bool:
+    """Whether this call is being traced into a graph (compile, export, jit trace, ONNX, fx): eager-only
+    shortcuts (in-place writes into a preallocated output, cached weight copies) step aside then."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+            or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _is_fx_tracing())
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1

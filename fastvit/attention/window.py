@@ -32,7 +32,7 @@ Backends that serve a window without a kernel of their own use ``partitioned()``
 windows into a batch (one permuting copy of a view per tensor, plus a roll when shifted; for the
 reference the scale is folded into q's copy), attend, copy back (in the memory order of q, so a
 model's merge of the heads is a view). CPU inference does it a few window rows at a time
-(``window_chunks``). The triton backend addresses the windows in place.
+(``window_chunks``; not while traced into a graph). The triton backend addresses the windows in place.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+
+from ..runtime import tracing
 
 __all__ = ["Window", "partitioned", "window_inputs", "window_batch", "window_unbatch", "window_chunks"]
 
@@ -224,7 +226,7 @@ def window_batch(t: Tensor, win: Window, scale: Optional[float] = None, chunk: t
     shape = (-1, heads, win.tokens, d)
     if scale is None:
         return windows.reshape(shape)
-    if torch.is_grad_enabled() and t.requires_grad:
+    if (torch.is_grad_enabled() and t.requires_grad) or tracing():
         return windows.reshape(shape) * scale
     # A fresh copy (a reshape may be a view of t when one window covers the grid), scaled in place:
     # cheaper than a multiply reading the strided view, and than a copy plus a scaled copy.
@@ -279,7 +281,7 @@ def window_chunks(inp) -> list:
     the CPU without a shift and its q holds more than ``CPU_CHUNK_ELEMENTS`` elements; then runs of
     consecutive window rows (whole blocks of dilated windows, or offsets within one block)."""
     win: Window = inp.window
-    if inp.q.device.type != "cpu" or win.shifted or inp.needs_grad:
+    if inp.q.device.type != "cpu" or win.shifted or inp.needs_grad or tracing():
         return [ALL]
     B, heads, N, d = inp.q.shape
     H, wh, dh = win.grid[0], win.size[0], win.dilation[0]

@@ -35,10 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:  # torch.fx.symbolic_trace alone (is_fx_tracing also answers for torch.export, with a warning)
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
-except ImportError:  # older torch
-    from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
+from ..runtime import tracing
 
 __all__ = ["Linear", "prepack_enabled", "PREPACK_MIN_WEIGHT"]
 
@@ -104,7 +101,7 @@ class Linear(nn.Linear):
 
     def _fast_path_dtype(self, x: Tensor, rows: Optional[tuple] = None) -> Optional[torch.dtype]:
         """The compute dtype of the oneDNN path, or None where ``F.linear`` must run."""
-        if _tracing():  # first: under torch.fx, ``x`` is a Proxy that cannot answer the checks below
+        if tracing():  # first: under torch.fx, ``x`` is a Proxy that cannot answer the checks below
             return None
         if x.device.type != "cpu" or self.weight.device.type != "cpu" or x.dim() < 2 or not prepack_enabled():
             return None
@@ -141,12 +138,6 @@ class Linear(nn.Linear):
         state = super().__getstate__()
         state.pop("_packed", None)
         return state
-
-
-def _tracing() -> bool:
-    """Whether this call is being traced into a graph (compile, export, jit trace, ONNX, fx)."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _is_fx_tracing())
 
 
 def _version(t: Tensor) -> int:

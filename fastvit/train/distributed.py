@@ -115,12 +115,15 @@ def wrap(module: nn.Module, env: DistEnv) -> nn.Module:
         # (``x = attn(x) + x``), the case FSDP2's warning says is safe.
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
+        # Zero-element parameters (a mean-pool ViT's empty cls_token) hold nothing to shard or reduce, and
+        # FSDP2's reduce-scatter refuses an empty gradient: they stay unsharded, outside every group.
+        empty = {p for p in module.parameters() if p.numel() == 0}
         for unit in _blocks(module):
-            fully_shard(unit)
-        fully_shard(module)
+            fully_shard(unit, ignored_params=empty)
+        fully_shard(module, ignored_params=empty)
         return module
-    # Zero-element parameters (a mean-pool ViT's empty cls_token) hold nothing to reduce, and a model may skip
-    # them in forward: left to DDP they would stall its reducer without find_unused_parameters.
+    # Zero-element parameters hold nothing to reduce either, and a model may skip them in forward: left to DDP
+    # they would stall its reducer without find_unused_parameters.
     empty = [n for n, p in module.named_parameters(remove_duplicate=False) if p.numel() == 0]
     # DDP's reducer spells the root module's own parameters ".name" (f"{module_name}.{param_name}" with "")
     empty += ["." + n for n in empty if "." not in n]
