@@ -2,7 +2,10 @@
 
 FlashAttention-2-style forward and backward with the relative-position table gathered inside the
 kernel, dense biases, key padding and the CLS-row probabilities recomputed from the saved
-log-sum-exp. Runs on CUDA, and on the CPU only under ``TRITON_INTERPRET=1`` (tests).
+log-sum-exp; windowed calls (``window=Window(...)``: plain, shifted and dilated windows) go to the
+window kernels, which address the windows of the raster grid in place (no partition or reverse copy)
+and compute the shift masks from coordinates. Runs on CUDA, and on the CPU only under
+``TRITON_INTERPRET=1`` (tests).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class TritonBackend(Backend):
     max_head_dim = 128
     supports_dropout = False
     supports_cls_probs = True
+    supports_window = True  # kernels.window_attention
     deterministic = True  # bias gradients: plain stores per batch element, then a fixed-order sum (no atomics)
     tolerances = {
         torch.float32: (1e-4, 1e-4),  # tl.dot may use TF32-free fp32 FMA; blockwise exp2 reorders sums
@@ -39,10 +43,17 @@ class TritonBackend(Backend):
     @classmethod
     def extra_reasons(cls, inp: AttnInputs) -> list[str]:
         from fastvit.kernels import attention as kattn
+        from fastvit.kernels import window_attention as kwin
 
         # A pure capability check: make_inputs has validated shapes, dtypes and devices already.
-        reasons = kattn.capability_reasons(inp.q.device, inp.dtype, max(inp.head_dim, inp.value_dim),
-                                           dropout_p=inp.dropout_p, scale=inp.scale)
+        win = inp.window
+        if win is None:
+            reasons = kattn.capability_reasons(inp.q.device, inp.dtype, max(inp.head_dim, inp.value_dim),
+                                               dropout_p=inp.dropout_p, scale=inp.scale)
+        else:
+            reasons = kwin.window_not_supported_reasons(
+                inp.q.device, inp.dtype, inp.head_dim, value_dim=inp.value_dim, dropout_p=inp.dropout_p,
+                scale=inp.scale, grid=win.grid, size=win.size, shift=win.shift, dilation=win.dilation)
         if any(len(inp.of_type(kind)) > 1 for kind in (RelPosBias, DenseBias, KeyPaddingMask)):
             reasons.append("more than one bias of the same kind (combine them before calling)")
         return reasons
@@ -52,6 +63,14 @@ class TritonBackend(Backend):
         from fastvit.kernels import attention as kattn
 
         kwargs = dict(scale=inp.scale, validated=True, **_bias_kwargs(inp))
+        win = inp.window
+        if win is not None:  # validate_inputs refused key padding and the probabilities with a window
+            from fastvit.kernels.window_attention import window_attention
+
+            del kwargs["key_padding"]
+            out = window_attention(inp.q, inp.k, inp.v, grid=win.grid, size=win.size, shift=win.shift,
+                                   dilation=win.dilation, **kwargs)
+            return AttnOutput(out)
         if inp.return_cls_probs:
             out, cls_probs = kattn.attention_with_cls_probs(inp.q, inp.k, inp.v, **kwargs)
             return AttnOutput(out, None, cls_probs)
