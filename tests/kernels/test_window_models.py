@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fastvit.crossformer import CrossFormer
+from fastvit.kernels import window_attention as kwin
+from fastvit.nest import NesT
+from fastvit.twins_svt import Transformer as TwinsStage
 from helpers import assert_close
 
 from fastvit.attention import get_backend, use_backend
-from fastvit.kernels import window_attention as kwin
-from fastvit.crossformer import CrossFormer
-from fastvit.nest import NesT
-from fastvit.twins_svt import Transformer as TwinsStage
 
 ok, why = get_backend("triton").availability()
 pytestmark = pytest.mark.skipif(not ok, reason=f"triton unavailable: {why}")
