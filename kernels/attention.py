@@ -1087,13 +1087,14 @@ def _fmt_shape(t: Optional[Tensor]) -> str:
     return "None" if t is None else str(list(t.shape))
 
 
-def _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding) -> None:
-    """Raises ValueError, naming the values, when the inputs break the kernels' contract."""
+def _check_qkv(q, k, v, layout: str = "[B, H, N, D]") -> None:
+    """q, k, v: 4-D tensors of ``layout``, one supported dtype, one device, the same batch and heads, q and
+    k of one head dim, every head dim in 1..MAX_HEAD_DIM. Raises ValueError naming the values."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, N, D], got shape {_fmt_shape(t)}")
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {_fmt_shape(t)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if q.dtype not in SUPPORTED_DTYPES:
@@ -1102,31 +1103,48 @@ def _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding) -> Non
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
         raise ValueError(f"batch/heads differ: q {_fmt_shape(q)}, k {_fmt_shape(k)}, v {_fmt_shape(v)} "
-                         "(expected [B, H, N, D] with the same B and H)")
+                         f"(expected {layout} with the same B and H)")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"head dim of q ({q.shape[3]}) != head dim of k ({k.shape[3]})")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"key count of k ({k.shape[2]}) != key count of v ({v.shape[2]})")
     for name, d in (("q/k head dim", q.shape[3]), ("v head dim", v.shape[3])):
         if not 1 <= d <= MAX_HEAD_DIM:
             raise ValueError(f"{name}={d} is outside 1..{MAX_HEAD_DIM} (the kernel keeps a head row in registers)")
-    B, H, Nq, _ = q.shape
-    Nk = k.shape[2]
+
+
+def _check_on_device(t: Tensor, q: Tensor, name: str) -> None:
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+
+
+def _check_rel_bias(q, rel_table, rel_index, index_shape: tuple, index_layout: str) -> None:
+    """``rel_table [T, H]`` (float) with ``rel_index`` of ``index_shape`` (integer), both on q's device, or
+    neither. ``index_layout`` names the index's dims in the message (``"[Nq, Nk]"``)."""
     if (rel_table is None) != (rel_index is None):
         raise ValueError("rel_table and rel_index go together: got "
                          f"rel_table {_fmt_shape(rel_table)}, rel_index {_fmt_shape(rel_index)}")
-    if rel_table is not None:
-        if rel_table.dim() != 2 or rel_table.shape[1] != H:
-            raise ValueError(f"rel_table must be [T, H={H}], got shape {_fmt_shape(rel_table)}")
-        if not rel_table.is_floating_point():
-            raise ValueError(f"rel_table must be a float tensor, got {rel_table.dtype}")
-        if tuple(rel_index.shape) != (Nq, Nk):
-            raise ValueError(f"rel_index must be [Nq, Nk] = [{Nq}, {Nk}], got shape {_fmt_shape(rel_index)}")
-        if rel_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-            raise ValueError(f"rel_index must be an integer tensor, got {rel_index.dtype}")
-        for name, t in (("rel_table", rel_table), ("rel_index", rel_index)):
-            if t.device != q.device:
-                raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+    if rel_table is None:
+        return
+    H = q.shape[1]
+    if rel_table.dim() != 2 or rel_table.shape[1] != H:
+        raise ValueError(f"rel_table must be [T, H={H}], got shape {_fmt_shape(rel_table)}")
+    if not rel_table.is_floating_point():
+        raise ValueError(f"rel_table must be a float tensor, got {rel_table.dtype}")
+    if tuple(rel_index.shape) != tuple(index_shape):
+        raise ValueError(f"rel_index must be {index_layout} = {list(index_shape)}, got shape {_fmt_shape(rel_index)}")
+    if rel_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise ValueError(f"rel_index must be an integer tensor, got {rel_index.dtype}")
+    _check_on_device(rel_table, q, "rel_table")
+    _check_on_device(rel_index, q, "rel_index")
+
+
+def _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding) -> None:
+    """Raises ValueError, naming the values, when the inputs break the kernels' contract."""
+    _check_qkv(q, k, v)
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"key count of k ({k.shape[2]}) != key count of v ({v.shape[2]})")
+    B, H, Nq, _ = q.shape
+    Nk = k.shape[2]
+    _check_rel_bias(q, rel_table, rel_index, (Nq, Nk), "[Nq, Nk]")
     if dense_bias is not None:
         shape = tuple(dense_bias.shape)
         if (dense_bias.dim() != 4 or shape[0] not in (1, B) or shape[1] not in (1, H)
@@ -1135,15 +1153,13 @@ def _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding) -> Non
                              f"to [B, H, Nq, Nk] = {[B, H, Nq, Nk]}")
         if not dense_bias.is_floating_point():
             raise ValueError(f"dense_bias must be a float tensor, got {dense_bias.dtype}")
-        if dense_bias.device != q.device:
-            raise ValueError(f"dense_bias is on {dense_bias.device}, q is on {q.device}")
+        _check_on_device(dense_bias, q, "dense_bias")
     if key_padding is not None:
         if tuple(key_padding.shape) != (B, Nk):
             raise ValueError(f"key_padding must be [B, Nk] = [{B}, {Nk}], got shape {_fmt_shape(key_padding)}")
         if key_padding.dtype != torch.bool:
             raise ValueError(f"key_padding must be bool (True = attend), got {key_padding.dtype}")
-        if key_padding.device != q.device:
-            raise ValueError(f"key_padding is on {key_padding.device}, q is on {q.device}")
+        _check_on_device(key_padding, q, "key_padding")
 
 
 def _check_scale(scale) -> float:

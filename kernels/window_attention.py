@@ -108,6 +108,9 @@ from .attention import (
     DS_BUFFER_MAX_BYTES,
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
+    _check_on_device,
+    _check_qkv,
+    _check_rel_bias,
     _check_scale,
     _dot_flags,
     _fmt_shape,
@@ -159,10 +162,28 @@ def _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w):
 
 
 @triton.jit
-def _window_tokens(t, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, SHIFT: tl.constexpr):
-    """Raster token index of window-local positions ``t`` (in range: callers clamp them) and, with
-    SHIFT, their wrap region (0..3). The roll by ``-shift`` is ``(r + shift) % H`` written as one
-    compare and select; the same compare says on which side of the wrap the row lies."""
+def _block_program(pid, n, BLOCK: tl.constexpr, num_windows, heads):
+    """The coordinates of a (batch, head, window, block) program of a 1-D grid (block fastest, then
+    window, then batch * heads): the block's first window position, the window, the (batch, head)
+    slice and its batch and head."""
+    num_blocks = tl.cdiv(n, BLOCK)
+    start = (pid % num_blocks) * BLOCK
+    pid_w = pid // num_blocks
+    w = pid_w % num_windows
+    pid_bh = pid_w // num_windows
+    return start, w, pid_bh, pid_bh // heads, pid_bh % heads
+
+
+@triton.jit
+def _window_tokens(t, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                   CLAMP: tl.constexpr, SHIFT: tl.constexpr):
+    """Raster token index of window-local positions ``t`` and, with SHIFT, their wrap region (0..3).
+    With CLAMP, positions past ``n`` (a window padded to the tile) are read as position ``n - 1``:
+    every load stays in the tensor without a row mask; callers mask or never store those rows. The
+    roll by ``-shift`` is ``(r + shift) % H`` written as one compare and select; the same compare
+    says on which side of the wrap the row lies."""
+    if CLAMP:
+        t = tl.minimum(t, n - 1)
     i = t // win_w
     j = t - i * win_w
     r = row0 + i * dil_h
@@ -201,12 +222,8 @@ def _win_fwd_step(
 ):
     """One key block of the online softmax (log2 units). MASK_N only on the partial last block."""
     t_n = start_n + offs_n
-    if MASK_N:
-        t_in = tl.minimum(t_n, n - 1)  # padded keys read the last key; masked below
-    else:
-        t_in = t_n
-    tok_n, region_n = _window_tokens(t_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
-                                     SHIFT)
+    tok_n, region_n = _window_tokens(t_n, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     MASK_N, SHIFT)  # padded keys read the last key; masked below
     k_t = _load_tile(K + tok_n[None, :] * stride_kn + offs_d[:, None], offs_d[:, None] < D, None,
                      EVEN_D, True)  # (BLOCK_D, BLOCK_N)
     if HAS_BIAS:
@@ -245,14 +262,7 @@ def _win_fwd(
 
     1-D grid, query block fastest, then window: the programs sharing a window's K and V are
     neighbours. A window that fits one tile runs the masked step once (no loop)."""
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(n, BLOCK_M)
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    pid_w = pid // num_m_blocks
-    w = pid_w % num_windows
-    pid_bh = pid_w // num_windows
-    off_b = pid_bh // heads
-    off_h = pid_bh % heads
+    start_m, w, pid_bh, off_b, off_h = _block_program(tl.program_id(0), n, BLOCK_M, num_windows, heads)
     row0, col0 = _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -260,12 +270,8 @@ def _win_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     t_m = start_m + offs_m
-    if EVEN_M:
-        t_m_in = t_m
-    else:
-        t_m_in = tl.minimum(t_m, n - 1)  # padded rows read the last position; never stored
-    tok_m, region_m = _window_tokens(t_m_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
-                                     SHIFT)
+    tok_m, region_m = _window_tokens(t_m, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     not EVEN_M, SHIFT)  # padded rows read the last position; never stored
 
     Q += off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
     K += off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
@@ -356,11 +362,8 @@ def _win_bwd_tile(
     offs = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    if EVEN_N:
-        t_in = offs
-    else:
-        t_in = tl.minimum(offs, n - 1)
-    tok, region = _window_tokens(t_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, SHIFT)
+    tok, region = _window_tokens(offs, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                 not EVEN_N, SHIFT)
     row_ok = offs < n
     d_ok = offs_d[None, :] < D
     dv_ok = offs_dv[None, :] < Dv
@@ -424,12 +427,8 @@ def _win_dq_step(
 ):
     """One key block of the dQ loop (multi-block windows). MASK_N only on the partial last block."""
     t_n = start_n + offs_n
-    if MASK_N:
-        t_in = tl.minimum(t_n, n - 1)
-    else:
-        t_in = t_n
-    tok_n, region_n = _window_tokens(t_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
-                                     SHIFT)
+    tok_n, region_n = _window_tokens(t_n, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     MASK_N, SHIFT)
     k = _load_tile(K + tok_n[:, None] * stride_kn + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
     v = _load_tile(V + tok_n[:, None] * stride_vn + offs_dv[None, :], None, offs_dv[None, :] < Dv, True, EVEN_D)
     if HAS_BIAS:
@@ -468,14 +467,7 @@ def _win_bwd_dq(
     ``delta = rowsum(dO * O)`` for its rows (stored for `_win_bwd_dkdv`, launched after it), then
     loops over the key blocks for dQ. With STORE_DS it writes its dS tiles into DS, an fp32
     ``[B, nW, heads, n_pad, n_pad]`` buffer padded to block multiples (plain stores)."""
-    pid = tl.program_id(0)
-    num_m_blocks = tl.cdiv(n, BLOCK_M)
-    start_m = (pid % num_m_blocks) * BLOCK_M
-    pid_w = pid // num_m_blocks
-    w = pid_w % num_windows
-    pid_bh = pid_w // num_windows
-    off_b = pid_bh // heads
-    off_h = pid_bh % heads
+    start_m, w, pid_bh, off_b, off_h = _block_program(tl.program_id(0), n, BLOCK_M, num_windows, heads)
     row0, col0 = _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -483,12 +475,8 @@ def _win_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     t_m = start_m + offs_m
-    if EVEN_M:
-        t_m_in = t_m
-    else:
-        t_m_in = tl.minimum(t_m, n - 1)
-    tok_m, region_m = _window_tokens(t_m_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
-                                     SHIFT)
+    tok_m, region_m = _window_tokens(t_m, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     not EVEN_M, SHIFT)
     b64 = off_b.to(tl.int64)
     h64 = off_h.to(tl.int64)
     q = _load_tile(Q + b64 * stride_qb + h64 * stride_qh + tok_m[:, None] * stride_qn + offs_d[None, :],
@@ -547,14 +535,7 @@ def _win_bwd_dkdv(
     """Windows larger than one tile: one program per (batch, head, window, key block), looping over
     the query blocks on transposed (keys x queries) tiles. No tile is masked: padded query rows read
     the last position and get p = 0 from lse = +inf; padded keys' rows of dK, dV are never stored."""
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(n, BLOCK_N)
-    start_n = (pid % num_n_blocks) * BLOCK_N
-    pid_w = pid // num_n_blocks
-    w = pid_w % num_windows
-    pid_bh = pid_w // num_windows
-    off_b = pid_bh // heads
-    off_h = pid_bh % heads
+    start_n, w, pid_bh, off_b, off_h = _block_program(tl.program_id(0), n, BLOCK_N, num_windows, heads)
     row0, col0 = _window_origin(w, num_win_w, win_h, win_w, dil_h, dil_w)
 
     offs_m = tl.arange(0, BLOCK_M)
@@ -562,12 +543,8 @@ def _win_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     t_n = start_n + offs_n
-    if EVEN_N:
-        t_n_in = t_n
-    else:
-        t_n_in = tl.minimum(t_n, n - 1)
-    tok_n, region_n = _window_tokens(t_n_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
-                                     SHIFT)
+    tok_n, region_n = _window_tokens(t_n, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w,
+                                     not EVEN_N, SHIFT)
     b64 = off_b.to(tl.int64)
     h64 = off_h.to(tl.int64)
     k = _load_tile(K + b64 * stride_kb + h64 * stride_kh + tok_n[:, None] * stride_kn + offs_d[None, :],
@@ -584,12 +561,8 @@ def _win_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     for start_m in range(0, n, BLOCK_M):
         t_m = start_m + offs_m
-        if EVEN_M:
-            t_m_in = t_m
-        else:
-            t_m_in = tl.minimum(t_m, n - 1)
-        tok_m, region_m = _window_tokens(t_m_in, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h,
-                                         dil_w, SHIFT)
+        tok_m, region_m = _window_tokens(t_m, n, row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h,
+                                         dil_w, not EVEN_M, SHIFT)
         q = _load_tile(Q + tok_m[:, None] * stride_qn + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
         do = _load_tile(DOut + tok_m[:, None] * stride_don + offs_dv[None, :], None, offs_dv[None, :] < Dv,
                         True, EVEN_D)
@@ -764,29 +737,14 @@ def _geometry_reasons(grid, size, shift, dilation) -> list[str]:
     return reasons
 
 
-def _check_inputs(q, k, v, window: Optional[_Window], rel_table, rel_index, dense_bias) -> None:
+def _check_inputs(q, k, v, window: _Window, rel_table, rel_index, dense_bias) -> None:
     """Raises ValueError, naming the values, when the inputs break the kernels' contract (the
     geometry has been checked by `_geometry_reasons`)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, heads, H*W, D], got shape {_fmt_shape(t)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {q.dtype} is not supported (supports float32, float16, bfloat16)")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
-    if q.shape[:3] != k.shape[:3] or q.shape[:3] != v.shape[:3]:
-        raise ValueError(f"q {_fmt_shape(q)}, k {_fmt_shape(k)}, v {_fmt_shape(v)} must share B, heads and the "
-                         "token count")
-    if q.shape[3] != k.shape[3]:
-        raise ValueError(f"head dim of q ({q.shape[3]}) != head dim of k ({k.shape[3]})")
-    for name, d in (("q/k head dim", q.shape[3]), ("v head dim", v.shape[3])):
-        if not 1 <= d <= MAX_HEAD_DIM:
-            raise ValueError(f"{name}={d} is outside 1..{MAX_HEAD_DIM} (the kernel keeps a head row in registers)")
-    heads, tokens = q.shape[1], q.shape[2]
+    _check_qkv(q, k, v, "[B, heads, H*W, D]")
+    tokens = q.shape[2]
+    if not tokens == k.shape[2] == v.shape[2]:
+        raise ValueError(f"q {_fmt_shape(q)}, k {_fmt_shape(k)}, v {_fmt_shape(v)} must have one token count "
+                         "(the grid's)")
     if tokens * max(q.shape[3], v.shape[3]) > _MAX_SLICE_OFFSET:
         raise ValueError(f"{tokens} tokens x head dim {max(q.shape[3], v.shape[3])} exceed 2**31 elements per "
                          "(batch, head): the kernels address a head's tokens with int32 offsets")
@@ -794,33 +752,17 @@ def _check_inputs(q, k, v, window: Optional[_Window], rel_table, rel_index, dens
         raise ValueError(f"q has {tokens} tokens, grid={(window.grid_h, window.grid_w)} has "
                          f"{window.grid_h * window.grid_w}")
     n, nw = window.n, window.num_windows
-    if (rel_table is None) != (rel_index is None):
-        raise ValueError("rel_table and rel_index go together: got "
-                         f"rel_table {_fmt_shape(rel_table)}, rel_index {_fmt_shape(rel_index)}")
-    if rel_table is not None:
-        if rel_table.dim() != 2 or rel_table.shape[1] != heads:
-            raise ValueError(f"rel_table must be [T, heads={heads}], got shape {_fmt_shape(rel_table)}")
-        if not rel_table.is_floating_point():
-            raise ValueError(f"rel_table must be a float tensor, got {rel_table.dtype}")
-        if tuple(rel_index.shape) != (n, n):
-            raise ValueError(f"rel_index must be [n, n] = [{n}, {n}] (window-local positions), got shape "
-                             f"{_fmt_shape(rel_index)}")
-        if rel_index.dtype not in (torch.int32, torch.int64, torch.int16, torch.uint8):
-            raise ValueError(f"rel_index must be an integer tensor, got {rel_index.dtype}")
-        for name, t in (("rel_table", rel_table), ("rel_index", rel_index)):
-            if t.device != q.device:
-                raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+    _check_rel_bias(q, rel_table, rel_index, (n, n), "[n, n] (window-local positions)")
     if dense_bias is not None:
         if not isinstance(dense_bias, Tensor) or not dense_bias.is_floating_point():
             raise ValueError(f"dense_bias must be a float tensor, got {getattr(dense_bias, 'dtype', dense_bias)}")
         shape = tuple(dense_bias.shape)
-        target = (nw, heads, n, n)
+        target = (nw, q.shape[1], n, n)
         padded = (1,) * (4 - len(shape)) + shape
         if not 2 <= len(shape) <= 4 or any(s not in (1, t) for s, t in zip(padded, target)):
             raise ValueError(f"dense_bias shape {list(shape)} is not broadcastable to [num_windows, heads, n, n] = "
                              f"{list(target)} (2 to 4 dims)")
-        if dense_bias.device != q.device:
-            raise ValueError(f"dense_bias is on {dense_bias.device}, q is on {q.device}")
+        _check_on_device(dense_bias, q, "dense_bias")
 
 
 def _validate(q, k, v, grid, size, shift, dilation, scale, rel_table, rel_index, dense_bias) -> tuple:

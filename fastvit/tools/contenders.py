@@ -28,6 +28,25 @@ def _interpreted(backend: str, device: str, quick: bool) -> list:
     return []
 
 
+def _served_by(name: str, inp, device: str, quick: bool) -> tuple:
+    """``(meta, skip_reason)`` of the contender ``name`` (a backend or ``auto``) for the call ``inp``:
+    meta names the backend that serves it; the reason says why it cannot ("" when it can)."""
+    meta = {"backend": name}
+    if name == "auto":
+        try:
+            meta["served_by"] = choose(inp, "auto").name
+        except ValueError as e:
+            return meta, str(e)
+        return meta, ""
+    if name not in BACKENDS:
+        return meta, f"unknown backend {name!r}"
+    reasons = BACKENDS[name].not_supported_reasons(inp) or _interpreted(name, device, quick)
+    if reasons:
+        return meta, "; ".join(reasons)
+    meta["served_by"] = name
+    return meta, ""
+
+
 def attention_contenders(shape: AttentionShape, *, device: str, dtype: torch.dtype, mode: str = "fwd",
                          backends: Optional[Sequence[str]] = None, quick: bool = False,
                          batch_size: Optional[int] = None) -> tuple:
@@ -47,23 +66,10 @@ def attention_contenders(shape: AttentionShape, *, device: str, dtype: torch.dty
 
     contenders = []
     for name in names:
-        meta = {"backend": name}
-        if name == "auto":
-            try:
-                meta["served_by"] = choose(inp, "auto").name
-            except ValueError as e:
-                contenders.append(Contender(name, meta=meta, skip_reason=str(e)))
-                continue
-        else:
-            if name not in BACKENDS:
-                contenders.append(Contender(name, meta=meta, skip_reason=f"unknown backend {name!r}"))
-                continue
-            reasons = BACKENDS[name].not_supported_reasons(inp) or _interpreted(name, device, quick)
-            if reasons:
-                contenders.append(Contender(name, meta=meta, skip_reason="; ".join(reasons)))
-                continue
-            meta["served_by"] = name
-
+        meta, skip = _served_by(name, inp, device, quick)
+        if skip:
+            contenders.append(Contender(name, meta=meta, skip_reason=skip))
+            continue
         if backward:
             def fn(name=name):
                 for t in leaves:
@@ -169,21 +175,10 @@ def window_contenders(shape: AttentionShape, *, device: str, dtype: torch.dtype,
             contenders.append(Contender(name, timed(lambda: einops_window_attention(q, k, v, window, bias_tuple,
                                                                                      scale)), meta))
             continue
-        if name == "auto":
-            try:
-                meta["served_by"] = choose(inp, "auto").name
-            except ValueError as e:
-                contenders.append(Contender(name, meta=meta, skip_reason=str(e)))
-                continue
-        elif name not in BACKENDS:
-            contenders.append(Contender(name, meta=meta, skip_reason=f"unknown backend {name!r}"))
+        meta, skip = _served_by(name, inp, device, quick)
+        if skip:
+            contenders.append(Contender(name, meta=meta, skip_reason=skip))
             continue
-        else:
-            reasons = BACKENDS[name].not_supported_reasons(inp) or _interpreted(name, device, quick)
-            if reasons:
-                contenders.append(Contender(name, meta=meta, skip_reason="; ".join(reasons)))
-                continue
-            meta["served_by"] = name
         contenders.append(Contender(name, timed(lambda name=name: attend(q, k, v, bias=make_bias(), window=window,
                                                                           backend=name)), meta))
     return contenders, dims

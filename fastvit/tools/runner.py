@@ -145,21 +145,14 @@ def plan(config: BenchConfig) -> list:
         if config.shapes and not shapes:
             raise ValueError(f"no attention shape matches {config.shapes}; known: "
                              f"{', '.join(s.name for s in ATTENTION_SHAPES)}")
-    for shape in shapes:
+    attention_groups = [(shape, attention_contenders) for shape in shapes]
+    attention_groups += [(shape, window_contenders) for shape in select_window_shapes(config.windows)]
+    for shape, contenders in attention_groups:
         for dt in dtype_names:
             for mode in modes:
                 groups.append(Group(
                     "attention", shape.name, mode, dt, base,
-                    functools.partial(attention_contenders, shape, device=device, dtype=DTYPES[dt], mode=mode,
-                                      backends=config.backends, quick=config.quick,
-                                      batch_size=config.batch_size)))
-
-    for shape in select_window_shapes(config.windows):
-        for dt in dtype_names:
-            for mode in modes:
-                groups.append(Group(
-                    "attention", shape.name, mode, dt, base,
-                    functools.partial(window_contenders, shape, device=device, dtype=DTYPES[dt], mode=mode,
+                    functools.partial(contenders, shape, device=device, dtype=DTYPES[dt], mode=mode,
                                       backends=config.backends, quick=config.quick,
                                       batch_size=config.batch_size)))
 
