@@ -18,6 +18,7 @@ from .conv import PEG, ChanLayerNorm, DepthWiseConv2d, DropPath, Residual, conv_
 from .distill import DistillTokenMixin
 from .embed import (
     PatchEmbed,
+    ViTBody,
     ViTStem,
     cast_tuple,
     check_image,
@@ -37,7 +38,8 @@ __all__ = [
     "merge_heads", "split_heads", "split_qkv",
     "ChanLayerNorm", "DepthWiseConv2d", "PEG", "Residual", "DropPath", "conv_output_size",
     "DistillTokenMixin",
-    "PatchEmbed", "ViTStem", "cast_tuple", "check_image", "crop_positions", "pair", "patch_grid", "posemb_sincos_2d",
+    "PatchEmbed", "ViTBody", "ViTStem", "cast_tuple", "check_image", "crop_positions", "pair", "patch_grid",
+    "posemb_sincos_2d",
     "FeedForward", "mlp", "Linear", "gather_tokens", "ResidualBlocks", "Transformer", "residual_block", "BlockRunner",
     "WindowAttention", "map_heads", "merge_map_heads", "window_relative_position_index",
 ]

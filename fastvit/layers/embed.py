@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from .linear import Linear
 
-__all__ = ["pair", "cast_tuple", "PatchEmbed", "ViTStem", "check_image", "posemb_sincos_2d", "patch_grid",
-           "crop_positions"]
+__all__ = ["pair", "cast_tuple", "PatchEmbed", "ViTStem", "ViTBody", "check_image", "posemb_sincos_2d",
+           "patch_grid", "crop_positions"]
 
 IntOrPair = Union[int, tuple]
 
@@ -214,3 +214,33 @@ def crop_positions(pos: Tensor, grid: tuple, h: int, w: int, *, num_prefix: int 
         return pos[..., : num_prefix + h * w, :]
     patches = pos[..., num_prefix:, :].unflatten(-2, tuple(grid))[..., :h, :w, :]  # (..., h, w, dim)
     return torch.cat((pos[..., :num_prefix, :], patches.flatten(-3, -2)), dim=-2)
+
+
+class ViTBody(ViTStem):
+    """vit-pytorch's ViT constructor and layout on the stem, for the models that share them (ViT,
+    DeepViT): ``transformer`` (blocks in ``transformer.layers``), ``to_latent`` (an identity) and
+    ``mlp_head``, then the model's head and feature info (``VisionModel.set_head`` /
+    ``set_feature_info``). A subclass says what differs: ``transformer_class`` (built as
+    ``(dim, depth, heads, dim_head, mlp_dim, dropout)``), ``make_head`` and ``stem_options``."""
+
+    transformer_class: type = None
+
+    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
+                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False,
+                 legacy_num_classes_zero=False):
+        super().__init__()
+        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
+                        emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing, **self.stem_options(pool))
+        self.transformer = self.transformer_class(dim, depth, heads, dim_head, mlp_dim, dropout)
+        self.to_latent = nn.Identity()
+        self.mlp_head = self.make_head(dim, num_classes)
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
+        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")
+
+    def stem_options(self, pool: str) -> dict:
+        """Extra ``build_stem`` keywords (CLS tokens, the flat table layout)."""
+        return {}
+
+    def make_head(self, dim: int, num_classes: int) -> Optional[nn.Module]:
+        """``mlp_head``."""
+        return Linear(dim, num_classes)

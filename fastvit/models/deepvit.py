@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastvit import layers
-from fastvit.layers import Linear, ReAttention, ViTStem
+from fastvit.layers import Linear, ReAttention, ViTBody
 
 from .base import VisionModel
 from .registry import register_model
@@ -44,24 +44,17 @@ class Transformer(layers.Transformer):
         super().__init__(dim, depth, heads, dim_head, mlp_dim, dropout, final_norm=False, attention=ReAttention)
 
 
-class DeepViT(ViTStem, VisionModel):
+class DeepViT(ViTBody, VisionModel):
     """DeepViT with vit-pytorch's constructor: ``ViT``'s arguments, except that ``pool="mean"`` averages
     all tokens, CLS included (the CLS token is always there), as vit-pytorch does."""
 
     classifier_path = "mlp_head.1"
     intermediates_from = "transformer"
 
-    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
-                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False,
-                 legacy_num_classes_zero=False):
-        super().__init__()
-        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
-                        emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing)
-        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
-        self.to_latent = nn.Identity()
-        self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
-        self.set_head(dim, num_classes, legacy_num_classes_zero)
-        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")
+    transformer_class = Transformer
+
+    def make_head(self, dim: int, num_classes: int) -> nn.Module:
+        return nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
 
     def forward_features(self, img: Tensor) -> Tensor:
         """Tokens ``(b, 1 + n, dim)``, CLS first, not normed (the head norms the pooled token)."""

@@ -18,9 +18,11 @@ Deliberate differences from vit-pytorch:
 
 from __future__ import annotations
 
+from typing import Optional
+
 from torch import Tensor, nn
 
-from fastvit.layers import DistillTokenMixin, Linear, Transformer, ViTStem
+from fastvit.layers import DistillTokenMixin, Linear, Transformer, ViTBody
 
 from .base import VisionModel
 from .registry import register_model
@@ -28,7 +30,7 @@ from .registry import register_model
 __all__ = ["ViT", "DistillableViT"]
 
 
-class ViT(ViTStem, VisionModel):
+class ViT(ViTBody, VisionModel):
     """Vision Transformer with vit-pytorch's constructor.
 
     Args:
@@ -46,18 +48,13 @@ class ViT(ViTStem, VisionModel):
     final_norm_path = "transformer.norm"
     intermediates_from = "transformer"
 
-    def __init__(self, *, image_size, patch_size, num_classes, dim, depth, heads, mlp_dim, pool="cls",
-                 channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, legacy_pos_slicing=False,
-                 legacy_num_classes_zero=False):
-        super().__init__()
-        self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim, pool=pool,
-                        num_cls_tokens=1 if pool == "cls" else 0, flat=True, emb_dropout=emb_dropout,
-                        legacy_pos_slicing=legacy_pos_slicing)
-        self.transformer = Transformer(dim, depth, heads, dim_head, mlp_dim, dropout)
-        self.to_latent = nn.Identity()
-        self.mlp_head = Linear(dim, num_classes) if num_classes > 0 else None
-        self.set_head(dim, num_classes, legacy_num_classes_zero)
-        self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")
+    transformer_class = Transformer
+
+    def stem_options(self, pool: str) -> dict:
+        return dict(num_cls_tokens=1 if pool == "cls" else 0, flat=True)
+
+    def make_head(self, dim: int, num_classes: int) -> Optional[nn.Module]:
+        return Linear(dim, num_classes) if num_classes > 0 else None
 
     def forward_features(self, img: Tensor) -> Tensor:
         """Normed tokens ``(b, num_cls + n, dim)``, CLS first (``pool='cls'``)."""
