@@ -1600,6 +1600,22 @@ def _(q, k, lse, scale, rel_table, rel_index, dense_bias, key_padding):
     return q.new_empty((q.shape[0], q.shape[1], k.shape[2]))
 
 
+def _op_grads(q: Tensor, dq: Tensor, dk: Tensor, dv: Tensor, d_rel: Optional[Tensor],
+              d_dense: Optional[Tensor]) -> tuple:
+    """A backward op's outputs: a gradient that is not wanted is an empty 1-D tensor (an op's outputs
+    cannot be None), two separate placeholders (they may not alias each other either)."""
+    return (dq, dk, dv, q.new_empty(0) if d_rel is None else d_rel, q.new_empty(0) if d_dense is None else d_dense)
+
+
+def _fake_grads(q: Tensor, k: Tensor, v: Tensor, rel_table: Optional[Tensor], dense_bias: Optional[Tensor],
+                need_rel_grad: bool, need_dense_grad: bool) -> tuple:
+    """The fake (meta) outputs of a backward op: dq/dk/dv like the kernel views of q/k/v it is given, the
+    bias gradients contiguous when wanted."""
+    return _op_grads(q, torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+                     rel_table.new_empty(rel_table.shape) if need_rel_grad and rel_table is not None else None,
+                     dense_bias.new_empty(dense_bias.shape) if need_dense_grad and dense_bias is not None else None)
+
+
 @torch.library.custom_op("fastvit::attn_bwd", mutates_args=())
 def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float,
                  rel_table: Optional[Tensor], rel_index: Optional[Tensor], dense_bias: Optional[Tensor],
@@ -1610,21 +1626,15 @@ def _attn_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: 
     dq, dk, dv, d_rel, d_dense = attention_bwd(
         do, q, k, v, out, lse, scale=scale, rel_table=rel_table, rel_index=rel_index, dense_bias=dense_bias,
         key_padding=key_padding, need_rel_grad=need_rel_grad, need_dense_grad=need_dense_grad, checked=False)
-    # Two separate placeholders: an op's outputs may not alias each other.
-    return (dq, dk, dv, q.new_empty(0) if d_rel is None else d_rel,
-            q.new_empty(0) if d_dense is None else d_dense)
+    return _op_grads(q, dq, dk, dv, d_rel, d_dense)
 
 
 @_attn_bwd_op.register_fake
 def _(do, q, k, v, out, lse, scale, rel_table, rel_index, dense_bias, key_padding, need_rel_grad,
       need_dense_grad):
-    # The same layouts as the real op: dq/dk/dv like q/k/v after `_last_dim_contiguous`, the bias
-    # gradients contiguous.
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            rel_table.new_empty(rel_table.shape) if need_rel_grad and rel_table is not None else q.new_empty(0),
-            dense_bias.new_empty(dense_bias.shape) if need_dense_grad and dense_bias is not None
-            else q.new_empty(0))
+    # The same layouts as the real op: dq/dk/dv like q/k/v after `_last_dim_contiguous`.
+    return _fake_grads(*(_last_dim_contiguous(t) for t in (q, k, v)), rel_table, dense_bias, need_rel_grad,
+                       need_dense_grad)
 
 
 def _op_setup_context(ctx, inputs, output) -> None:

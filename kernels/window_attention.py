@@ -113,11 +113,13 @@ from .attention import (
     _check_rel_bias,
     _check_scale,
     _dot_flags,
+    _fake_grads,
     _fmt_shape,
     _last_dim_contiguous,
     _launch,
     _load_tile,
     _mma,
+    _op_grads,
     _require_runtime,
     _runtime_available,
     _store_tile,
@@ -1035,17 +1037,13 @@ def _window_bwd_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
         do, q, k, v, out, lse, **_geometry_kwargs(geometry), scale=scale, rel_table=rel_table,
         rel_index=rel_index, dense_bias=dense_bias, need_rel_grad=need_rel_grad,
         need_dense_grad=need_dense_grad, checked=False)
-    return (dq, dk, dv, q.new_empty(0) if d_rel is None else d_rel,
-            q.new_empty(0) if d_dense is None else d_dense)
+    return _op_grads(q, dq, dk, dv, d_rel, d_dense)
 
 
 @_window_bwd_op.register_fake
 def _(do, q, k, v, out, lse, geometry, scale, rel_table, rel_index, dense_bias, need_rel_grad, need_dense_grad):
-    q, k, v = (_kernel_view(t) for t in (q, k, v))
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            rel_table.new_empty(rel_table.shape) if need_rel_grad and rel_table is not None else q.new_empty(0),
-            dense_bias.new_empty(dense_bias.shape) if need_dense_grad and dense_bias is not None
-            else q.new_empty(0))
+    return _fake_grads(*(_kernel_view(t) for t in (q, k, v)), rel_table, dense_bias, need_rel_grad,
+                       need_dense_grad)
 
 
 def _op_setup_context(ctx, inputs, output) -> None:
