@@ -1162,6 +1162,25 @@ def _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding) -> Non
         _check_on_device(key_padding, q, "key_padding")
 
 
+def _check_bwd_shapes(q: Tensor, v: Tensor, do: Tensor, out: Tensor, lse: Tensor) -> None:
+    """A backward's ``do`` and ``out`` are ``[B, H, Nq, Dv]`` and ``lse`` ``[B, H, Nq]`` (ValueError otherwise)."""
+    B, H, Nq = q.shape[:3]
+    Dv = v.shape[3]
+    for name, t, shape in (("do", do, (B, H, Nq, Dv)), ("out", out, (B, H, Nq, Dv)), ("lse", lse, (B, H, Nq))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {_fmt_shape(t)}")
+
+
+def _bias_grads_wanted(rel_table, dense_bias, need_rel_grad, need_dense_grad) -> tuple[bool, bool]:
+    """Which bias gradients a backward computes: as asked, or (None) where the bias requires grad; never
+    for an absent bias."""
+    if need_rel_grad is None:
+        need_rel_grad = rel_table is not None and rel_table.requires_grad
+    if need_dense_grad is None:
+        need_dense_grad = dense_bias is not None and dense_bias.requires_grad
+    return bool(need_rel_grad) and rel_table is not None, bool(need_dense_grad) and dense_bias is not None
+
+
 def _check_scale(scale) -> float:
     # Not 0: the kernels add the bias into the matmul accumulator as bias / scale (see `_logits`).
     if isinstance(scale, Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
@@ -1408,17 +1427,9 @@ def attention_bwd(
     if checked:
         scale = _check_scale(scale)
         _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
-        for name, t, shape in (("do", do, (B, H, Nq, Dv)), ("out", out, (B, H, Nq, Dv)),
-                               ("lse", lse, (B, H, Nq))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}, got {_fmt_shape(t)}")
+        _check_bwd_shapes(q, v, do, out, lse)
     _require_runtime(q.device)
-    if need_rel_grad is None:
-        need_rel_grad = rel_table is not None and rel_table.requires_grad
-    if need_dense_grad is None:
-        need_dense_grad = dense_bias is not None and dense_bias.requires_grad
-    need_rel_grad = bool(need_rel_grad) and rel_table is not None
-    need_dense_grad = bool(need_dense_grad) and dense_bias is not None
+    need_rel_grad, need_dense_grad = _bias_grads_wanted(rel_table, dense_bias, need_rel_grad, need_dense_grad)
 
     q, k, v, out = (_last_dim_contiguous(t) for t in (q, k, v, out))
     do = _last_dim_contiguous(do.to(q.dtype))

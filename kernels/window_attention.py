@@ -108,6 +108,8 @@ from .attention import (
     DS_BUFFER_MAX_BYTES,
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
+    _bias_grads_wanted,
+    _check_bwd_shapes,
     _check_on_device,
     _check_qkv,
     _check_rel_bias,
@@ -890,20 +892,11 @@ def window_attention_bwd(
     """
     if checked:
         window, scale = _validate(q, k, v, grid, size, shift, dilation, scale, rel_table, rel_index, dense_bias)
-        B, heads, tokens, _ = q.shape
-        for name, t, shape in (("do", do, (B, heads, tokens, v.shape[3])), ("out", out, (B, heads, tokens, v.shape[3])),
-                               ("lse", lse, (B, heads, tokens))):
-            if tuple(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {list(shape)}, got {_fmt_shape(t)}")
+        _check_bwd_shapes(q, v, do, out, lse)
     else:
         window = _Window.of(grid, size, shift, dilation)
     _require_runtime(q.device)
-    if need_rel_grad is None:
-        need_rel_grad = rel_table is not None and rel_table.requires_grad
-    if need_dense_grad is None:
-        need_dense_grad = dense_bias is not None and dense_bias.requires_grad
-    need_rel_grad = bool(need_rel_grad) and rel_table is not None
-    need_dense_grad = bool(need_dense_grad) and dense_bias is not None
+    need_rel_grad, need_dense_grad = _bias_grads_wanted(rel_table, dense_bias, need_rel_grad, need_dense_grad)
 
     q, k, v, out = (_kernel_view(t) for t in (q, k, v, out))
     do = _kernel_view(do.to(q.dtype))
