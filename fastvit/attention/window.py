@@ -29,8 +29,9 @@ dynamic position bias ``[heads, n, n]`` or a per-window mask ``[num_windows, 1, 
 ``KeyPaddingMask`` is refused; models that pad (Swin, Twins at odd sizes) pad the grid before.
 
 Backends that serve a window without a kernel of their own use ``partitioned()``: copy the
-windows into a batch (one permuting copy of a view per tensor, plus a roll when shifted; for the
-reference the scale is folded into q's copy), attend, copy back (in the memory order of q, so a
+windows into a batch (one permuting copy of a view per tensor; shifted windows are copied in up to
+9 window-aligned pieces instead of a roll and a cut, except when autograd records the call; for
+the reference the scale is folded into q's copy), attend, copy back (in the memory order of q, so a
 model's merge of the heads is a view). CPU inference does it a few window rows at a time
 (``window_chunks``; not while traced into a graph). The triton backend addresses the windows in place.
 """
@@ -192,6 +193,43 @@ def _roll(t: Tensor, win: Window, sign: int) -> Tensor:
     return rolled.view(B, heads, win.seq_len, d)
 
 
+def _shift_pieces(length: int, size: int, shift: int) -> list:
+    """Swin's roll by ``-shift`` along one grid axis, cut window-aligned: ``(source slice, window slice,
+    position slice)`` triples. Window position ``i`` of window ``w`` holds rolled coordinate ``w * size + i``,
+    i.e. source coordinate ``(w * size + i + shift) % length``; each piece is a run of source coordinates
+    that lands on whole windows (or on a run of positions of the last window) without wrapping."""
+    if shift == 0:
+        return [(slice(None), slice(None), slice(None))]
+    last = length // size - 1  # the last window: its positions >= size - shift wrap around to the start
+    pieces = [(slice(shift, shift + last * size), slice(0, last), slice(None)),
+              (slice(last * size + shift, length), slice(last, last + 1), slice(0, size - shift)),
+              (slice(0, shift), slice(last, last + 1), slice(size - shift, size))]
+    return [p for p in pieces if p[1].stop > p[1].start]
+
+
+def _shifted_copies(grid_view: Tensor, windows: Tensor, win: Window, to_windows: bool) -> None:
+    """Copy between raster tokens and shifted windows without the two rolls: ``grid_view`` is ``(B, h, H,
+    W, d)``, ``windows`` ``(B, bh, bw, h, wh, ww, d)`` (window order); ``to_windows`` gathers the windows,
+    otherwise they are scattered back into the grid. One pass over the data in at most 9 strided copies
+    (the roll and the window cut are 3 passes)."""
+    (H, W), (wh, ww), (sh, sw) = win.grid, win.size, win.shift
+    for rows, bh, i in _shift_pieces(H, wh, sh):
+        for cols, bw, j in _shift_pieces(W, ww, sw):
+            part = windows[:, bh, bw, :, i, j]  # (B, mr, mc, h, kr, kc, d)
+            mr, mc, kr, kc = part.shape[1], part.shape[2], part.shape[4], part.shape[5]
+            grid = grid_view[:, :, rows, cols].unflatten(3, (mc, kc)).unflatten(2, (mr, kr))
+            grid = grid.permute(0, 2, 4, 1, 3, 5, 6)  # (B, h, mr, kr, mc, kc, d) -> the order of part
+            if to_windows:
+                part.copy_(grid)
+            else:
+                grid.copy_(part)
+
+
+def _eager_copy(*tensors: Tensor) -> bool:
+    """Whether copies into preallocated buffers may serve this call: no gradient is recorded, nothing traced."""
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)) and not tracing()
+
+
 def _memory_order(t: Tensor) -> list:
     """The dims of a ``[B, h, N, d]`` tensor from outermost to innermost in memory (ties keep their order)."""
     return sorted(range(t.dim()), key=lambda i: -t.stride(i))
@@ -214,11 +252,20 @@ def window_batch(t: Tensor, win: Window, scale: Optional[float] = None, chunk: t
     (only the window rows of ``chunk``).
 
     One copy (a permuting reshape of a view) whatever the layout of ``t``: a strided view of a fused
-    projection or of a ``(b, h*d, H, W)`` map is read in place. A shift costs one more copy (the roll).
+    projection or of a ``(b, h*d, H, W)`` map is read in place. Shifted windows are gathered in up to 9
+    window-aligned strided copies (``_shifted_copies``), still one pass; only when autograd records the
+    call (or a graph is traced) is the grid rolled first, one more copy.
     ``scale`` multiplies the copy in place when nothing needs a gradient (a new tensor if something
     does).
     """
     B, heads, _, d = t.shape
+    if win.shifted and _eager_copy(t):
+        (H, W), (wh, ww) = win.grid, win.size
+        windows = torch.empty(B, H // wh, W // ww, heads, wh, ww, d, dtype=t.dtype, device=t.device)
+        _shifted_copies(t.view(B, heads, H, W, d), windows, win, to_windows=True)
+        if scale is not None:
+            windows.mul_(scale)
+        return windows.view(-1, heads, win.tokens, d)
     if win.shifted:
         t = _roll(t, win, -1)
     # (B, h, bh, i, oh, bw, j, ow, d) -> (B, bh, oh, bw, ow, h, i, j, d): windows outer, positions inner
@@ -234,11 +281,12 @@ def window_batch(t: Tensor, win: Window, scale: Optional[float] = None, chunk: t
     return copy.copy_(windows).mul_(scale).view(shape)
 
 
-def _empty_like_layout(like: Tensor, dv: int) -> Tensor:
-    """An empty ``[B, h, N, dv]`` tensor laid out in the memory order of ``like``."""
+def _empty_like_layout(like: Tensor, dv: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """An empty ``[B, h, N, dv]`` tensor laid out in the memory order of ``like`` (in ``like``'s dtype unless
+    ``dtype`` is given)."""
     order = _memory_order(like)
     sizes = [*like.shape[:3], dv]
-    buffer = torch.empty([sizes[dim] for dim in order], dtype=like.dtype, device=like.device)
+    buffer = torch.empty([sizes[dim] for dim in order], dtype=dtype or like.dtype, device=like.device)
     return buffer.permute(*[order.index(dim) for dim in range(4)])
 
 
@@ -261,6 +309,12 @@ def window_unbatch(out: Tensor, win: Window, like: Optional[Tensor] = None, into
         dest.copy_(src.permute(0, 5, 1, 6, 2, 3, 7, 4, 8))
         return into
     B = out.shape[0] // win.num_windows
+    if win.shifted and _eager_copy(out):
+        result = (out.new_empty(B, heads, win.seq_len, dv) if like is None
+                  else _empty_like_layout(like, dv, dtype=out.dtype))
+        windows = out.view(B, H // wh, W // ww, heads, wh, ww, dv)
+        _shifted_copies(result.view(B, heads, H, W, dv), windows, win, to_windows=False)
+        return result
     blocks = (B, H // (wh * dh), dh, W // (ww * dw), dw, heads, wh, ww, dv)
     view = out.view(blocks)  # (B, bh, oh, bw, ow, h, i, j, dv)
     # Each dim of [B, h, N, dv] as dims of the view; N in raster order (bh, i, oh, bw, j, ow).
@@ -305,7 +359,8 @@ def partitioned(inp, attend_windows: Callable, fold_scale: bool = False):
     scale q in a pass of its own, the reference; SDPA and FlexAttention scale inside their kernels).
 
     Without a shift both directions are one permuting copy of a view (what an einops cut costs a
-    model); a shift adds a roll each way. The shift mask becomes one more ``DenseBias`` (``0`` /
+    model); a shift cuts each copy into up to 9 window-aligned pieces (a roll each way when autograd
+    records the call). The shift mask becomes one more ``DenseBias`` (``0`` /
     ``-inf``, per window), and a per-window dense bias is repeated over the batch: these are the
     copies and the expanded mask a fused kernel avoids.
     """

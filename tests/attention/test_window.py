@@ -54,7 +54,8 @@ def _tokens(t):  # (b, h, H, W, d) -> (b, h, H*W, d): raster order, a view
 
 
 @pytest.mark.parametrize("grid,ws,shift", [((8, 12), (4, 4), (2, 2)), ((8, 12), (4, 6), (1, 3)),
-                                           ((8, 8), (4, 4), (0, 2)), ((6, 9), (3, 3), (0, 0))])
+                                           ((8, 8), (4, 4), (0, 2)), ((6, 9), (3, 3), (0, 0)),
+                                           ((4, 12), (4, 4), (2, 1)), ((12, 8), (3, 8), (1, 5))])
 @pytest.mark.parametrize("backend", ["reference", "sdpa", "flex"])
 def test_shifted_windows_match_swin(grid, ws, shift, backend):
     q, k, v = _maps(grid=grid)
@@ -65,6 +66,24 @@ def test_shifted_windows_match_swin(grid, ws, shift, backend):
     out = attend(_tokens(q), _tokens(k), _tokens(v), window=Window(grid=grid, size=ws, shift=shift),
                  bias=RelPosBias(table, index), backend=backend)
     assert_close(out, _tokens(expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_shifted_windows_copy_the_same_with_and_without_autograd(backend):
+    """Inference gathers shifted windows straight from the grid (no roll); a call that records gradients
+    rolls first. Both give Swin's result, and the output is laid out like q (a fused projection's view)."""
+    b, heads, grid, d = 2, 3, (8, 12), 8
+    qkv = torch.randn(b, grid[0] * grid[1], 3, heads, d)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (b, h, N, d) views with the token dim outermost
+    window = Window(grid=grid, size=(4, 4), shift=(2, 3))
+    with torch.no_grad():
+        eager = attend(q, k, v, window=window, backend=backend)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    recorded = attend(*leaves, window=window, backend=backend)
+    maps = [t.unflatten(2, grid) for t in (q, k, v)]
+    assert_close(eager, _tokens(_swin(*maps, grid, (4, 4), (2, 3))), atol=1e-5, rtol=1e-5)
+    assert_close(eager, recorded, atol=1e-6, rtol=1e-6)
+    assert eager.stride(2) > eager.stride(1)  # tokens outer, heads inner: merging the heads is a view
 
 
 def test_shift_mask_is_exact_across_the_wrap():
