@@ -51,9 +51,10 @@ class TritonBackend(Backend):
             reasons = kattn.capability_reasons(inp.q.device, inp.dtype, max(inp.head_dim, inp.value_dim),
                                                dropout_p=inp.dropout_p, scale=inp.scale)
         else:
-            reasons = kwin.window_not_supported_reasons(
-                inp.q.device, inp.dtype, inp.head_dim, value_dim=inp.value_dim, dropout_p=inp.dropout_p,
-                scale=inp.scale, grid=win.grid, size=win.size, shift=win.shift, dilation=win.dilation)
+            # the geometry is the Window's, validated when it was built: the kernels serve every valid one
+            reasons = kwin.window_not_supported_reasons(inp.q.device, inp.dtype, inp.head_dim,
+                                                        value_dim=inp.value_dim, dropout_p=inp.dropout_p,
+                                                        scale=inp.scale)
         if any(len(inp.of_type(kind)) > 1 for kind in (RelPosBias, DenseBias, KeyPaddingMask)):
             reasons.append("more than one bias of the same kind (combine them before calling)")
         return reasons
