@@ -273,7 +273,7 @@ def window_batch(t: Tensor, win: Window, scale: Optional[float] = None, chunk: t
     shape = (-1, heads, win.tokens, d)
     if scale is None:
         return windows.reshape(shape)
-    if (torch.is_grad_enabled() and t.requires_grad) or tracing():
+    if not _eager_copy(t):
         return windows.reshape(shape) * scale
     # A fresh copy (a reshape may be a view of t when one window covers the grid), scaled in place:
     # cheaper than a multiply reading the strided view, and than a copy plus a scaled copy.

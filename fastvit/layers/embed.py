@@ -15,6 +15,7 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import Tensor, nn
 
+from ..runtime import tracing
 from .linear import Linear
 
 __all__ = ["pair", "cast_tuple", "PatchEmbed", "ViTStem", "ViTBody", "check_image", "posemb_sincos_2d",
@@ -171,9 +172,9 @@ class ViTStem:
         x = self.to_patch_embedding(img)  # (b, n, dim)
         if not self.cls_in_positions:  # CaiT: the CLS token joins later, without a position
             return x + pos
-        if self.num_cls_tokens == 0 and (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
-            # pool='mean' while exporting: no zero-length concat (legacy ONNX export mis-sizes it). Eager
-            # keeps the concat so the empty cls_token gets its (empty) gradient, as in vit-pytorch.
+        if self.num_cls_tokens == 0 and tracing():
+            # pool='mean' while traced or exported: no zero-length concat (legacy ONNX export mis-sizes it).
+            # Eager keeps the concat so the empty cls_token gets its (empty) gradient, as in vit-pytorch.
             return x + pos
         cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)  # (b, num_cls, dim)
         return torch.cat((cls_tokens, x), dim=1) + pos

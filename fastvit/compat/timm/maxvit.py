@@ -56,7 +56,7 @@ class AttentionCl(Patched, TimmAttentionCl):
             table = rel.relative_position_bias_table  # (heads, 2h-1, 2w-1)
             index = self.derived("tf_index", (rel.height_lookup,),
                                  lambda: tf_index(rel.window_size, table.device))
-            return RelPosBias(table.flatten(1).t().contiguous(), index)  # gathered rows: contiguous (see levit)
+            return RelPosBias(table.flatten(1).t(), index)
         index = self.derived("index", (rel.relative_position_index,),
                              lambda: rel.relative_position_index.view(n, n))
         if isinstance(rel, RelPosMlp):
