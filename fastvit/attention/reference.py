@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs, AttnOutput
-from .window import partitioned
+from .partition import partitioned
 
 __all__ = ["reference_attention"]
 

@@ -28,12 +28,13 @@ from .window import Window
 __all__ = [
     "DTYPES", "SHAPES", "QUICK_SHAPES", "CUDA_SHAPES", "BIAS_KINDS", "WINDOW_SHAPES", "QUICK_WINDOW_SHAPES",
     "CUDA_WINDOW_SHAPES", "WINDOW_BIAS_KINDS", "CheckCase", "device_dtypes", "parse_dtypes",
-    "declares", "generate_cases", "make_case_inputs", "trainable", "fp32_copy", "compare", "no_tf32",
+    "declares", "generate_cases", "make_case_inputs", "trainable", "fp32_copy", "compare", "grad_scale",
+    "no_tf32",
     "BIAS_PARTS", "bias_parts",
 ]
 
 # (B, H, Nq, Nk, D, Dv): vision-awkward sizes. N = 1, 49 (7x7 window), 50 (7x7 + CLS), 197 (ViT/16 at
-# 224 px), 577 (ViT/16 at 384 px); D = 8..80; Nq != Nk both ways; Dv != D.
+# 224 px), 577 (ViT/16 at 384 px); D = 8..80; Nq != Nk both ways; Dv != D; Nk = 0.
 SHAPES = [
     (2, 3, 1, 1, 8, 8),
     (2, 3, 49, 49, 32, 32),
@@ -44,6 +45,7 @@ SHAPES = [
     (2, 2, 64, 16, 32, 32),      # reduced KV (CvT, Twins GSA): fewer keys than queries
     (2, 2, 16, 50, 64, 64),      # subsampled queries: more keys than queries
     (2, 2, 49, 196, 16, 64),     # LeViT attention-subsample: key width 16, value width 64
+    (2, 2, 16, 0, 32, 32),       # no keys at all (an empty context): zeros and zero gradients, never an error
     (1, 2, 577, 577, 64, 64),
 ]
 # ``--quick``: every awkward feature, no sequence above 64 keys (fast under TRITON_INTERPRET=1 too).
@@ -222,7 +224,7 @@ def make_case_inputs(case: CheckCase, *, requires_grad: bool = True, seed: int =
             bias.append(DenseBias(rand(B if per_sample else 1, H if per_head else 1, Nq, Nk)))
     if "padding" in parts:
         mask = torch.rand(B, Nk, generator=g) > 0.3
-        mask[:, 0] = True
+        mask[:, :1] = True  # (no column at all when Nk = 0)
         if B > 1:
             mask[-1] = False  # a sample with no valid key at all: zeros, never NaN
         bias.append(KeyPaddingMask(mask.to(case.device)))
@@ -270,6 +272,12 @@ def fp32_copy(q, k, v, bias):
         else:
             new_bias.append(b)
     return cp(q), cp(k), cp(v), tuple(new_bias)
+
+
+def grad_scale(expected_grad: torch.Tensor) -> float:
+    """How much to widen a gradient's atol: gradients sum over Nq or Nk terms, so they are compared
+    relative to the reference gradient's magnitude (at least 1; 1 for an empty gradient)."""
+    return max(1.0, float(expected_grad.abs().amax())) if expected_grad.numel() else 1.0
 
 
 def compare(actual: torch.Tensor, expected: torch.Tensor, atol: float, rtol: float) -> dict:

@@ -1,7 +1,7 @@
 """Windowed self-attention: attention inside the (shifted or dilated) windows of a token grid, as one
 ``attend(..., window=Window(...))`` call on the raster tokens. The model never cuts windows: a backend
 with a window kernel addresses them in place, the others copy them into a batch once
-(``fastvit.attention.window``).
+(``fastvit.attention.partition``).
 
 ``WindowAttention`` carries the shared part: the q/k/v projection (one fused ``to_qkv``, or ``to_q`` and
 ``to_kv`` apart), heads split as views, the ``Window`` of the grid, an optional Swin-style relative
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from fastvit.attention import RelPosBias, Window, attend, make_inputs
-from fastvit.attention.window import window_inputs, window_unbatch
+from fastvit.attention.partition import window_inputs, window_unbatch
 
 from .attention import AttentionBase, merge_heads, split_heads, split_qkv
 from .conv import ChanLayerNorm

@@ -79,8 +79,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastvit import layers
 from fastvit.attention import KeyPaddingMask
+from fastvit.layers import Attention as SelfAttention
 from fastvit.layers import (
     BlockRunner,
     FeedForward,
@@ -212,7 +212,7 @@ class AdaptiveTokenSampling(nn.Module):
         return ids, new_mask
 
 
-class Attention(layers.Attention):
+class Attention(SelfAttention):
     """vit-pytorch's ATS attention (pre-norm inside). Keys: ``norm``, ``to_qkv``, ``to_out.0`` (always).
 
     Args:

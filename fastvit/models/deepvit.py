@@ -26,8 +26,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from fastvit import layers
 from fastvit.layers import Linear, ReAttention, ViTBody
+from fastvit.layers import Transformer as BaseTransformer
 
 from .base import VisionModel
 from .registry import register_model
@@ -35,7 +35,7 @@ from .registry import register_model
 __all__ = ["DeepViT", "ReAttention", "Transformer"]
 
 
-class Transformer(layers.Transformer):
+class Transformer(BaseTransformer):
     """vit-pytorch's ``deepvit.Transformer``: ``depth`` x (re-attention + MLP, each residual, norm inside);
     no final norm. Keys ``layers.{i}.0.{norm, to_qkv, reattn_weights, reattn_norm.1, to_out.0}``,
     ``layers.{i}.1.net.{0,1,4}``."""

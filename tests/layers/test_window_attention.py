@@ -11,7 +11,7 @@ from helpers import assert_close
 
 from fastvit import Recorder
 from fastvit.attention import Window, attend, use_backend
-from fastvit.attention.window import window_batch, window_unbatch
+from fastvit.attention.partition import window_batch, window_unbatch
 from fastvit.layers import WindowAttention, map_heads, merge_map_heads, window_relative_position_index
 
 
@@ -137,7 +137,7 @@ def test_recorder_sees_the_maps_of_every_window_and_the_output_is_unchanged():
                                     Window(grid=(16, 12), size=(2, 3), dilation=(4, 2))], ids=lambda w: w.describe())
 @pytest.mark.parametrize("elements", [1, 3000, 5000])  # a window row per chunk, within and across blocks
 def test_cpu_inference_in_chunks_of_window_rows_is_the_whole_batch(window, elements, monkeypatch):
-    import fastvit.attention.window as window_module
+    import fastvit.attention.partition as window_module
     from fastvit.attention import DenseBias, RelPosBias, make_inputs
 
     torch.manual_seed(0)

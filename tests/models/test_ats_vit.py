@@ -6,10 +6,10 @@ from __future__ import annotations
 import helpers
 import pytest
 import torch
+from fastvit.ats_vit import ViT
 from helpers import assert_close
 
 import fastvit.layers.attention as attention_layer
-from fastvit.ats_vit import ViT
 from fastvit.attention import KeyPaddingMask
 from fastvit.models.ats_vit import UniformStream
 

@@ -59,7 +59,8 @@ from torch import Tensor
 
 from ..bias import DenseBias, KeyPaddingMask, RelPosBias
 from ..inputs import AttnInputs, AttnOutput
-from ..window import partitioned
+from ..partition import partitioned
+from ..reference import reference_attention
 from .base import Backend
 
 
@@ -111,6 +112,11 @@ class FlexBackend(Backend):
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         if inp.window is not None:
             return partitioned(inp, cls.forward)
+        if inp.k.shape[2] == 0:
+            # No keys: every row attends to nothing, zeros as on every other backend (FlexAttention's own
+            # kernels reduce over the empty key axis and raise). The reference's empty products give
+            # exactly that, with the zero gradients and the [B, H, 0] CLS probabilities, at no cost.
+            return reference_attention(inp)
         q, k, v = inp.q, inp.k, inp.v
         score_mod, buffers = _score_mod(inp)
         block_mask = _padding_block_mask(inp)

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from ..bias import additive_mask
 from ..inputs import AttnInputs, AttnOutput
-from ..window import partitioned
+from ..partition import partitioned
+from ..reference import reference_attention
 from .base import Backend
 
 
@@ -20,12 +21,14 @@ class SDPABackend(Backend):
     name = "sdpa"
     description = "torch.nn.functional.scaled_dot_product_attention"
     devices = ("cpu", "cuda", "mps", "xpu")
-    supports_window = True  # windows gathered into a batch, the shift mask expanded (window.partitioned)
+    supports_window = True  # windows gathered into a batch, the shift mask expanded (partition.partitioned)
 
     @classmethod
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         if inp.window is not None:
             return partitioned(inp, cls.forward)
+        if inp.k.shape[2] == 0:  # no keys: zeros; SDPA's empty output would leave the biases without gradients
+            return reference_attention(inp)
         # SDPA silently takes its slow path (~3x on CPU) when a last dim is strided.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (inp.q, inp.k, inp.v))
         mask, valid = additive_mask(inp.bias, q.dtype, (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))

@@ -35,7 +35,7 @@ class TritonBackend(Backend):
     @classmethod
     def availability(cls) -> tuple[bool, str]:
         try:
-            from fastvit import kernels
+            import fastvit.kernels as kernels
         except Exception as e:  # pragma: no cover - the package ships kernels
             return False, f"fastvit.kernels failed to import ({type(e).__name__}: {e})"
         return kernels.available()
