@@ -20,7 +20,9 @@ into the GEMM epilogue. ``Linear`` does both when nothing needs a gradient (``to
   case use ``F.linear``. Results match ``F.linear`` to fp32 rounding (~1e-6);
 - tracing and export (``torch.jit.trace``, ``torch.onnx.export`` legacy or dynamo, ``torch.export``,
   ``torch.fx``) use ``F.linear`` on the same weights: a traced graph must hold portable ops, not
-  oneDNN's prepacked weight (legacy ONNX export failed on it with "Unsupported value kind: Tensor").
+  oneDNN's prepacked weight (legacy ONNX export failed on it with "Unsupported value kind: Tensor");
+  ``torch.jit.script`` compiles ``forward`` as ``F.linear`` alone (``forward_act`` / ``forward_rows``
+  are Python-only).
 
 Set ``FASTVIT_CPU_PREPACK=0`` to turn the fast path off (benchmarks compare both). The cache costs one
 extra copy of each weight while a model is used for inference on the CPU.
@@ -61,6 +63,7 @@ class Linear(nn.Linear):
     """Drop-in ``nn.Linear``; ``forward_act(x, "gelu")`` also applies an exact GELU (fused when possible)."""
 
     _packed: Optional[dict] = None  # (compute dtype, rows) -> (key, packed weight, bias in that dtype)
+    __jit_ignored_attributes__ = ["_packed"]  # a Python-only cache: TorchScript cannot type it
 
     def reset_parameters(self) -> None:
         # A vit-pytorch classifier with num_classes=0 (legacy_num_classes_zero) has no rows to draw; nn.Linear's
@@ -69,6 +72,8 @@ class Linear(nn.Linear):
             super().reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # the oneDNN cache is Python state: TorchScript gets nn.Linear's GEMM
+            return F.linear(x, self.weight, self.bias)
         return self.forward_act(x, None)
 
     def forward_act(self, x: Tensor, activation: Optional[str] = None) -> Tensor:

@@ -24,6 +24,9 @@ Input dtype rule (one place, a forward pre-hook, so it holds for every model ali
 whose dtype differs from the model's parameters raises ``ValueError`` naming both, unless autocast is
 on for the input's device (autocast decides the compute dtype then); a non-floating input is a
 ``ValueError`` too. Nothing is cast silently.
+
+``torch.jit.script`` is refused with one sentence (``__prepare_scriptable__``): ``attend()`` does not
+script. ``torch.jit.trace``, ``torch.export`` and ``torch.compile`` work.
 """
 
 from __future__ import annotations
@@ -189,6 +192,13 @@ class VisionModel(BlockRunner, nn.Module):
 
     def forward(self, img: Tensor):
         return self.forward_head(self.forward_features(img))
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every module it is given, wrappers' submodules included (and
+        # nothing else does): the one place that refuses, before TorchScript fails deep inside attend().
+        raise RuntimeError(f"{type(self).__name__}: fastvit models cannot be scripted (attend()'s backend "
+                           f"dispatch is Python that TorchScript cannot compile); use torch.jit.trace, "
+                           f"torch.export or torch.compile, which work")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Checkpoint every block of every ``BlockRunner`` in the model (recomputed in backward)."""

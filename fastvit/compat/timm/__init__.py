@@ -4,7 +4,7 @@
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=True)
     fastvit.patch_timm(model)               # in place; returns the model
     fastvit.patch_timm(model, linear=True)  # also fastvit.layers.Linear + fused GELU in timm's Mlp
-    fastvit.unpatch_timm(model)             # timm's classes again (TorchScript, debugging)
+    fastvit.unpatch_timm(model)             # timm's classes again (debugging)
 
 Each known timm module gets its class swapped for a fastvit subclass of that exact class (one small
 module per family here, listed in ``FAMILIES``). Parameters, buffers, state_dict keys and
@@ -12,6 +12,8 @@ module per family here, listed in ``FAMILIES``). Parameters, buffers, state_dict
 (``is_causal``, bool masks) run timm's own forward. timm's ``fused_attn`` flags no longer choose the
 kernel: fastvit's dispatch does, so ``fastvit.use_backend(...)`` applies to patched models.
 ``patch_summary(model)`` says what was patched, what was refused and why, and which calls fell back.
+``torch.jit.script`` works on a patched model and compiles timm's own computation (``attend()`` does not
+script; see ``_patch``); the eager model keeps fastvit's.
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def patch_timm(model: nn.Module, *, linear: bool = False, verbose: bool = False)
 
     Returns:
         ``model``.
+
+    TorchScript: the patched modules script as they are (``torch.jit.script`` compiles timm's own
+    computation for them, and leaves the eager model as it was), so timm's ``set_scriptable(True)``
+    needs nothing different and is not consulted.
     """
     PATCHES, _ = _load()
     for module in model.modules():

@@ -5,10 +5,22 @@ changes, to a subclass of the exact timm class (so ``isinstance`` holds, and pic
 find the subclass by its import path). A subclass's ``forward`` builds q, k, v as timm does and
 calls ``attend()``; call arguments it has no mapping for go to timm's own ``forward``
 (``fallback``), counted per module so the summary can say so.
+
+TorchScript: ``attend()``'s dispatch (descriptors, plans, backend objects) is Python that TorchScript
+cannot compile, so each method a fastvit subclass overrides starts with
+``if torch.jit.is_scripting(): return self._timm_<method>(...)``. TorchScript compiles only that
+branch (``is_scripting()`` is a compile-time True there and the code after the ``return`` is never
+compiled): a scripted patched model runs timm's own computation, the eager model fastvit's.
+``_timm_<method>`` is timm's function under another name, set by ``@patches``: TorchScript compiles a
+called method under its ``__name__`` on the module's class, where ``forward`` is taken already (calling
+``TimmClass.forward(self, ...)`` fails with "Can't redefine method: forward"). Nothing is swapped or
+copied at scripting time (no ``__prepare_scriptable__``), so scripting never touches the eager model.
 """
 
 from __future__ import annotations
 
+import inspect
+import types
 from typing import Callable, Optional
 
 import torch
@@ -32,6 +44,7 @@ class Patched:
 
     timm_class: type = None
     kind: str = "attention"
+    __jit_ignored_attributes__ = [FALLBACKS, CACHE]  # Python-only state, never reached by scripted code
 
     @classmethod
     def applies(cls, module: nn.Module) -> bool:
@@ -83,11 +96,45 @@ def patches(timm_class: type, kind: str = "attention"):
             raise ValueError(f"{timm_class.__module__}.{timm_class.__qualname__} is already patched by "
                              f"{PATCHES[timm_class].__module__}.{PATCHES[timm_class].__qualname__}")
         cls.timm_class, cls.kind = timm_class, kind
+        for name in _overridden(cls, timm_class):
+            setattr(cls, f"_timm_{name}", _renamed(getattr(timm_class, name), f"_timm_{name}"))
+        # TorchScript types a module's attributes by the annotations of the first annotated class it meets
+        # (here Patched's own): show it the timm class's (LeViT's ``attention_bias_cache: Dict[str, Tensor]``).
+        cls.__annotations__ = _annotations(timm_class)
+        # and it reads the first __jit_ignored_attributes__ it finds: ours, and those of the classes below
+        cls.__jit_ignored_attributes__ = sorted({a for k in cls.__mro__ for a in vars(k).get(
+            "__jit_ignored_attributes__", ())})
         PATCHES[timm_class] = cls
         _register_notrace(cls)
         return cls
 
     return register
+
+
+def _overridden(cls: type, timm_class: type) -> list:
+    """The timm methods that fastvit's side of ``cls`` (its ``Patched`` classes) overrides."""
+    ours = {name for k in cls.__mro__ if issubclass(k, Patched) and k is not Patched for name in vars(k)}
+    return sorted(name for name in ours if not name.startswith("__")
+                  and isinstance(getattr(timm_class, name, None), types.FunctionType)
+                  and getattr(timm_class, name) is not getattr(nn.Module, name, None))
+
+
+def _annotations(timm_class: type) -> dict:
+    """The attribute annotations TorchScript reads for an unpatched ``timm_class`` module."""
+    for k in timm_class.__mro__:
+        found = inspect.get_annotations(k) if hasattr(inspect, "get_annotations") else vars(k).get("__annotations__")
+        if found:
+            return dict(found)
+    return {}
+
+
+def _renamed(fn: types.FunctionType, name: str) -> types.FunctionType:
+    """``fn`` (a timm method: its code, globals and defaults) under the name ``name``, for TorchScript."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__annotations__ = fn.__kwdefaults__, dict(fn.__annotations__)
+    copy.__module__, copy.__doc__ = fn.__module__, fn.__doc__
+    copy.__qualname__ = f"{fn.__qualname__.rpartition('.')[0]}.{name}"
+    return copy
 
 
 def refuses(timm_class: type, reason: str) -> None:

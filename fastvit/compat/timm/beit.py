@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from timm.models.beit import Attention as BeitAttention
 from torch import Tensor
 
@@ -18,6 +19,8 @@ from ._patch import Patched, patches
 @patches(BeitAttention)
 class Attention(Patched, BeitAttention):
     def forward(self, x: Tensor, shared_rel_pos_bias: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x, shared_rel_pos_bias)
         q, k, v = split_qkv(qkv_with_split_bias(self, x), self.num_heads)  # (b, h, n, d)
         bias = []
         if self.relative_position_bias_table is not None:

@@ -31,12 +31,16 @@ def class_attention(m, x: Tensor, to_q, to_k, to_v) -> Tensor:
 @patches(TimmClassAttn)
 class ClassAttn(Patched, TimmClassAttn):
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x)
         return class_attention(self, x, self.q, self.k, self.v)
 
 
 @patches(TimmTalkingHeadAttn)
 class TalkingHeadAttn(Patched, TimmTalkingHeadAttn):
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x)
         if self.training and self.attn_drop.p > 0:
             return self.fallback("attention dropout after the post-softmax head mix (HeadMix drops before it)", x)
         q, k, v = split_qkv(self.qkv(x), self.num_heads)  # (b, h, n, d)

@@ -3,6 +3,7 @@ key width != value width)."""
 
 from __future__ import annotations
 
+import torch
 from timm.models.efficientformer import Attention as TimmAttention
 from torch import Tensor
 
@@ -15,6 +16,8 @@ from .levit import table_bias
 @patches(TimmAttention)
 class Attention(Patched, TimmAttention):
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x)
         b, n, _ = x.shape
         qkv = self.qkv(x).view(b, n, self.num_heads, -1).transpose(1, 2)  # (b, heads, n, 2d + dv)
         q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)

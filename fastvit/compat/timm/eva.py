@@ -21,8 +21,10 @@ from ._patch import Patched, patches
 class EvaAttention(Patched, TimmEvaAttention):
     def forward(self, x: Tensor, rope: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x, rope, attn_mask, is_causal)
         why = unmapped_call(attn_mask, is_causal)
-        if why:
+        if why is not None:
             return self.fallback(why, x, rope=rope, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         if self.qkv is not None:

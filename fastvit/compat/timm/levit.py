@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import torch
 from timm.models.levit import Attention as TimmAttention
 from timm.models.levit import AttentionDownsample as TimmAttentionDownsample
 from torch import Tensor
@@ -23,6 +24,8 @@ def table_bias(m) -> RelPosBias:
 @patches(TimmAttention)
 class Attention(Patched, TimmAttention):
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x)
         split = [self.key_dim, self.key_dim, self.val_dim]
         if self.use_conv:
             b, _, h, w = x.shape
@@ -40,6 +43,8 @@ class Attention(Patched, TimmAttention):
 @patches(TimmAttentionDownsample)
 class AttentionDownsample(Patched, TimmAttentionDownsample):
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x)
         split = [self.key_dim, self.val_dim]
         if self.use_conv:
             b, _, h, w = x.shape

@@ -4,6 +4,7 @@ oneDNN weights in CPU inference, same parameters) and timm's ``Mlp`` fuses its e
 
 from __future__ import annotations
 
+import torch
 from timm.layers import Mlp as TimmMlp
 from timm.layers.activations import GELU as TimmGELU
 from torch import Tensor, nn
@@ -30,5 +31,7 @@ class Mlp(Patched, TimmMlp):
         return isinstance(module.fc1, nn.Linear) and _exact_gelu(module.act)
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # forward_act is Python-only: timm's own forward (see _patch)
+            return self._timm_forward(x)
         x = self.fc1.forward_act(x, "gelu") if isinstance(self.fc1, FastLinear) else self.act(self.fc1(x))
         return self.drop2(self.fc2(self.norm(self.drop1(x))))

@@ -72,6 +72,8 @@ class AttentionCl(Patched, TimmAttentionCl):
         return self.qkv(x).reshape(b, -1, 3, self.num_heads, self.dim_head).transpose(1, 3).unbind(2)
 
     def forward(self, x: Tensor, shared_rel_pos: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x, shared_rel_pos)
         q, k, v = self.qkv_heads(x)
         out = attend(q, k, v, scale=self.scale, bias=self.rel_bias(shared_rel_pos), dropout_p=self.attn_dropout())
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(x.shape[:-1] + (-1,))))
@@ -87,6 +89,8 @@ class AttentionCl(Patched, TimmAttentionCl):
 @patches(TimmPartitionAttentionCl, kind="block")
 class PartitionAttentionCl(Patched, TimmPartitionAttentionCl):
     def _partition_attn(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own _partition_attn (see _patch)
+            return self._timm__partition_attn(x)
         _, h, w, _ = x.shape
         ph, pw = self.partition_size
         if h % ph or w % pw:

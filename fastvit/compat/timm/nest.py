@@ -3,6 +3,7 @@ batch as a view. timm orders the output channels (d, h), which is kept."""
 
 from __future__ import annotations
 
+import torch
 from timm.models.nest import Attention as NestAttention
 from torch import Tensor
 
@@ -15,6 +16,8 @@ from ._patch import Patched, patches
 @patches(NestAttention)
 class Attention(Patched, NestAttention):
     def forward(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x)
         b, t, n, c = x.shape
         q, k, v = split_qkv(self.qkv(x).view(b * t, n, -1), self.num_heads)  # (b*t, h, n, d)
         x = attend(q, k, v, scale=self.scale, dropout_p=self.attn_dropout())

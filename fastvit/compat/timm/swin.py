@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from timm.models.swin_transformer import SwinTransformerBlock as TimmSwinTransformerBlock
 from timm.models.swin_transformer import WindowAttention as TimmWindowAttention
 from torch import Tensor
@@ -35,6 +36,8 @@ class _WindowAttention(Patched):
         raise NotImplementedError
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x, mask)
         q, k, v, scale = self.qkv_scale(x)
         bias = [self.table_bias()]
         if mask is not None:  # timm's (windows, n, n) shift mask; window w of image i is batch i*windows + w
@@ -64,6 +67,8 @@ class _SwinBlock(Patched):
     kind = "block"
 
     def _attn(self, x: Tensor) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own _attn (see _patch)
+            return self._timm__attn(x)
         _, h, w, _ = x.shape
         (wh, ww), shift = self.window_size, tuple(self.shift_size)
         if h % wh or w % ww:

@@ -8,6 +8,9 @@ to (no mask), so that case keeps timm's partition, with the windows folded into 
 
 from __future__ import annotations
 
+from typing import Tuple
+
+import torch
 import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn as TimmGlobalSubSampleAttn
 from timm.models.twins import LocallyGroupedAttn as TimmLocallyGroupedAttn
@@ -21,7 +24,9 @@ from ._patch import Patched, patches
 
 @patches(TimmLocallyGroupedAttn)
 class LocallyGroupedAttn(Patched, TimmLocallyGroupedAttn):
-    def forward(self, x: Tensor, size) -> Tensor:
+    def forward(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x, size)
         b, n, c = x.shape
         h, w = size
         ws = self.ws
@@ -43,7 +48,9 @@ class LocallyGroupedAttn(Patched, TimmLocallyGroupedAttn):
 
 @patches(TimmGlobalSubSampleAttn)
 class GlobalSubSampleAttn(Patched, TimmGlobalSubSampleAttn):
-    def forward(self, x: Tensor, size) -> Tensor:
+    def forward(self, x: Tensor, size: Tuple[int, int]) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x, size)
         b, n, c = x.shape
         q = split_heads(self.q(x), self.num_heads)  # (b, heads, n, d)
         if self.sr is not None:  # keys and values from a strided conv of the map

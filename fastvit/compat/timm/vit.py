@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from timm.layers import Attention as TimmAttention
 from torch import Tensor
 
@@ -18,8 +19,10 @@ from ._patch import Patched, patches
 @patches(TimmAttention)
 class Attention(Patched, TimmAttention):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        if torch.jit.is_scripting():  # attend() does not script: timm's own forward (see _patch)
+            return self._timm_forward(x, attn_mask, is_causal)
         why = unmapped_call(attn_mask, is_causal)
-        if why:
+        if why is not None:
             return self.fallback(why, x, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = split_qkv(self.qkv(x), self.num_heads)  # (b, h, n, d)
