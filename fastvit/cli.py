@@ -303,13 +303,9 @@ def cmd_tune(args, out: Console) -> int:
 
 def cmd_train(args, out: Console) -> int:
     """``fastvit train``: ``fastvit.train`` (also ``python -m fastvit.train``, and under torchrun)."""
-    from fastvit.train import TrainError, config_from_args, train
+    from fastvit.train import config_from_args, run_command
 
-    try:
-        train(config_from_args(args))
-    except TrainError as e:
-        raise UsageError(str(e)) from None
-    return 0
+    return run_command(lambda: config_from_args(args))
 
 
 # --------------------------------------------------------------------------------------------------

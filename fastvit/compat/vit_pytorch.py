@@ -13,10 +13,14 @@ mis-shaped keys.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from typing import Union
 
 import torch
 from torch import nn
+
+from fastvit.files import read_state_dict
 
 __all__ = ["load_vit_pytorch_state_dict", "convert_vit_pytorch_state_dict", "convert_nested_state_dict"]
 
@@ -49,23 +53,27 @@ def convert_vit_pytorch_state_dict(model: nn.Module, state_dict: Mapping) -> dic
     return out
 
 
-def load_vit_pytorch_state_dict(model: nn.Module, state_dict: Mapping, strict: bool = True):
+def load_vit_pytorch_state_dict(model: nn.Module, state_dict: Union[Mapping, str, os.PathLike], strict: bool = True):
     """Load a vit-pytorch 1.26.x ``state_dict`` into a fastvit model.
 
     Args:
         model: the fastvit model, built with the same constructor arguments as the vit-pytorch one.
         state_dict: vit-pytorch's ``model.state_dict()`` (or a checkpoint dict holding one under
-            ``"state_dict"`` / ``"model"``).
+            ``"state_dict"`` / ``"model"``), or the path of a file holding one (``torch.save`` or
+            safetensors).
         strict: if True, any missing, unexpected or mis-shaped key is an error.
 
     Returns:
         ``torch.nn.modules.module._IncompatibleKeys`` as ``load_state_dict`` does.
 
     Raises:
-        ValueError: naming the missing, unexpected and mis-shaped keys.
+        ValueError: naming the missing, unexpected and mis-shaped keys; for a path, a
+            ``fastvit.files.UnreadableFile`` (a ``ValueError``) naming the file and what is wrong with it.
     """
+    if isinstance(state_dict, (str, os.PathLike)):
+        state_dict = read_state_dict(state_dict, "vit-pytorch checkpoint")
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"expected a state_dict mapping, got {type(state_dict).__name__}")
+        raise ValueError(f"expected a state_dict mapping or a file path, got {type(state_dict).__name__}")
     for wrapper in ("state_dict", "model"):
         if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
             state_dict = state_dict[wrapper]

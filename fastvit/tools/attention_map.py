@@ -34,6 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastvit.extras import MissingDependency, require
+from fastvit.files import UnreadableFile, read_state_dict
+
 __all__ = ["AttentionMapError", "AttentionMap", "attention_map", "token_scores", "token_layout", "load_checkpoint",
            "load_image", "overlay"]
 
@@ -142,27 +145,15 @@ def token_scores(maps: list, aspect: float = 1.0, mode: str = "rollout") -> tupl
 
 def load_checkpoint(model: nn.Module, path: str, name: str = "model") -> None:
     """Load a safetensors or ``torch.save``-d state_dict into ``model`` strictly (a ``{"state_dict": ...}``
-    or ``{"model": ...}`` wrapper is unwrapped).
+    or ``{"model": ...}`` wrapper is unwrapped; ``fastvit.files.read_state_dict``).
 
     Raises:
-        AttentionMapError: missing or unreadable file, or keys / shapes that do not match ``name``.
+        AttentionMapError: missing, truncated or damaged file, or keys / shapes that do not match ``name``.
     """
-    if not os.path.isfile(path):
-        raise AttentionMapError(f"checkpoint {path}: no such file")
     try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(path, device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any reader's error becomes one clear message
-        raise AttentionMapError(f"checkpoint {path} cannot be read: {type(e).__name__}: {e}") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise AttentionMapError(f"checkpoint {path} holds a {type(state).__name__}, not a state_dict")
+        state = read_state_dict(path, "checkpoint")
+    except (UnreadableFile, MissingDependency) as e:
+        raise AttentionMapError(f"--checkpoint {e}" if isinstance(e, UnreadableFile) else str(e)) from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -235,11 +226,10 @@ def attention_map(model: str, image: str, out: str, *, checkpoint: Optional[str]
     if mode not in MODES:
         raise AttentionMapError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     try:
-        import matplotlib  # noqa: F401 - the colour map
-        import PIL  # noqa: F401 - reading and writing images
-    except ImportError as e:
-        raise AttentionMapError(f"attention maps need matplotlib and Pillow ({e}): pip install 'fastvit[plot]'") \
-            from None
+        require("matplotlib", "fastvit attention-map (the colour map)", "plot")
+        require("PIL", "fastvit attention-map (reading and writing images)", "plot")
+    except MissingDependency as e:
+        raise AttentionMapError(str(e)) from None
     if module is None:
         try:
             module = get_model_entry(model).build()

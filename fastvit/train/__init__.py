@@ -12,7 +12,7 @@ loss), ``optim`` (AdamW, warm-up + cosine), ``checkpoint`` (safetensors + JSON, 
 """
 
 from .config import SSL_METHODS, TrainConfig, TrainError, add_arguments, config_from_args, parse_args
-from .loop import main, train
+from .loop import main, run_command, train
 
-__all__ = ["train", "main", "TrainConfig", "TrainError", "SSL_METHODS", "add_arguments", "config_from_args",
-           "parse_args"]
+__all__ = ["train", "main", "run_command", "TrainConfig", "TrainError", "SSL_METHODS", "add_arguments",
+           "config_from_args", "parse_args"]

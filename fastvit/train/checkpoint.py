@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from typing import Optional
 
 import torch
 from torch import nn
 
+from fastvit.files import UnreadableFile, read_json, read_state_dict
+
 from .config import TrainError
 
-__all__ = ["gather_state", "save_checkpoint", "find_checkpoint", "read_checkpoint", "load_state", "export_model",
-           "CHECKPOINTS"]
+__all__ = ["gather_state", "save_checkpoint", "find_checkpoint", "checkpoint_candidates", "is_checkpoint_dir",
+           "read_checkpoint", "DamagedCheckpoint", "load_state", "export_model", "CHECKPOINTS"]
 
 CHECKPOINTS = "checkpoints"
 FORMAT = "fastvit-train-checkpoint"
@@ -121,37 +124,82 @@ def save_checkpoint(out: str, epoch: int, step: int, model_state: dict, optimize
     return final
 
 
-def find_checkpoint(path: str) -> Optional[str]:
-    """The checkpoint directory ``path`` names: a checkpoint itself, a ``checkpoints`` directory or an
-    ``--out`` directory (then its ``latest``); None when there is none yet."""
-    if os.path.isfile(os.path.join(path, "state.json")):
-        return path
+def _epoch(name: str) -> Optional[int]:
+    match = re.fullmatch(r"epoch_(\d+)", name)
+    return int(match.group(1)) if match else None
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    """Whether ``path`` is one checkpoint (``epoch_N`` or a directory holding ``state.json``), intact or not."""
+    name = os.path.basename(os.path.normpath(path))
+    return os.path.isfile(os.path.join(path, "state.json")) or _epoch(name) is not None
+
+
+def checkpoint_candidates(path: str) -> list:
+    """The checkpoint directories ``path`` names, newest first: ``[path]`` for a checkpoint itself; for a
+    ``checkpoints`` directory or an ``--out`` directory the one ``latest`` names, then every other
+    ``epoch_N`` by decreasing epoch (an unreadable or missing ``latest`` is skipped). Empty: none yet."""
+    if is_checkpoint_dir(path):
+        return [path]
     for root in (os.path.join(path, CHECKPOINTS), path):
-        latest = os.path.join(root, "latest")
-        if os.path.isfile(latest):
-            with open(latest, encoding="utf-8") as f:
-                candidate = os.path.join(root, f.read().strip())
-            if os.path.isfile(os.path.join(candidate, "state.json")):
-                return candidate
-    return None
+        if not os.path.isdir(root):
+            continue
+        epochs = sorted(((_epoch(d), d) for d in os.listdir(root)
+                         if _epoch(d) is not None and os.path.isdir(os.path.join(root, d))), reverse=True)
+        names = [d for _, d in epochs]
+        try:
+            with open(os.path.join(root, "latest"), encoding="utf-8") as f:
+                latest = f.read().strip()
+        except (OSError, UnicodeDecodeError):
+            latest = None
+        if latest in names:
+            names.remove(latest)
+            names.insert(0, latest)
+        if names:
+            return [os.path.join(root, d) for d in names]
+    return []
+
+
+def find_checkpoint(path: str) -> Optional[str]:
+    """The newest checkpoint directory ``path`` names (see ``checkpoint_candidates``); None when there is none
+    yet. Whether it can be read is ``read_checkpoint``'s question."""
+    candidates = checkpoint_candidates(path)
+    return candidates[0] if candidates else None
+
+
+class DamagedCheckpoint(TrainError):
+    """A checkpoint directory that cannot be read: the file and what is wrong with it, in one line."""
 
 
 def read_checkpoint(directory: str) -> tuple:
-    """``(model_state, optimizer_state, state)`` from a checkpoint directory (aliases restored)."""
-    from safetensors.torch import load_file
+    """``(model_state, optimizer_state, state)`` from a checkpoint directory (aliases restored).
 
-    with open(os.path.join(directory, "state.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    if state.get("format") != FORMAT:
-        raise TrainError(f"{directory} is not a fastvit train checkpoint (state.json format {state.get('format')!r})")
-    model_state = load_file(os.path.join(directory, "model.safetensors"))
-    for alias, stored in state["aliases"].items():
-        model_state[alias] = model_state[stored]
-    optim_state = {name: dict(entries) for name, entries in state["optimizer"]["state"].items()}
-    for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
+    Raises:
+        DamagedCheckpoint: a missing, truncated or damaged ``state.json``, ``model.safetensors`` or
+            ``optimizer.safetensors``, or a directory that is not a fastvit train checkpoint.
+    """
+    try:
+        state = read_json(os.path.join(directory, "state.json"), "checkpoint state")
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            found = state.get("format") if isinstance(state, dict) else type(state).__name__
+            raise DamagedCheckpoint(f"{directory} is not a fastvit train checkpoint (state.json format {found!r})")
+        model_state = read_state_dict(os.path.join(directory, "model.safetensors"), "checkpoint")
+        optim_tensors = read_state_dict(os.path.join(directory, "optimizer.safetensors"), "optimizer state")
+        for alias, stored in state["aliases"].items():
+            model_state[alias] = model_state[stored]
+        optim_state = {name: dict(entries) for name, entries in state["optimizer"]["state"].items()}
+        groups = state["optimizer"]["param_groups"]
+        int(state["epoch"]), int(state["step"])
+    except UnreadableFile as e:
+        raise DamagedCheckpoint(str(e)) from None
+    except TrainError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DamagedCheckpoint(f"{os.path.join(directory, 'state.json')}: damaged ({type(e).__name__}: {e} does "
+                                f"not fit a checkpoint's state)") from None
+    for key, value in optim_tensors.items():
         param_name, _, field = key.rpartition("/")
         optim_state.setdefault(param_name, {})[field] = value
-    groups = state["optimizer"]["param_groups"]
     for group in groups:
         if isinstance(group.get("betas"), list):
             group["betas"] = tuple(group["betas"])

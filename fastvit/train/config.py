@@ -12,7 +12,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional, Sequence
 
-__all__ = ["TrainConfig", "TrainError", "SSL_METHODS", "add_arguments", "config_from_args", "parse_args"]
+__all__ = ["TrainConfig", "TrainError", "SSL_METHODS", "MachineShare", "machine_share", "add_arguments",
+           "config_from_args", "parse_args"]
 
 SSL_METHODS = ("mae", "simmim", "mpp", "dino")
 _DESCRIPTION = ("Train a fastvit or timm model (or pre-train it with --ssl) on one process, or under torchrun on "
@@ -49,7 +50,8 @@ class TrainConfig:
     model_args: dict = field(default_factory=dict)
     num_classes: Optional[int] = None
     image_size: Optional[int] = None
-    workers: int = 4
+    workers: Optional[int] = None  # None: what the machine allows (machine_share)
+    threads: Optional[int] = None  # CPU threads per rank on the CPU device; None: machine_share
     seed: int = 0
     resume: Optional[str] = None  # "auto": --out's latest checkpoint if any; else a checkpoint directory
     log_every: int = 10
@@ -89,8 +91,10 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
         if not self.lr > 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise TrainError(f"need 0 <= --min-lr <= --lr and --lr > 0, got --lr {self.lr} --min-lr {self.min_lr}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or self.workers < 0:
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or (self.workers is not None and self.workers < 0):
             raise TrainError("--warmup-epochs, --weight-decay and --workers cannot be negative")
+        if self.threads is not None and self.threads < 1:
+            raise TrainError(f"--threads must be a positive integer, got {self.threads}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise TrainError(f"--grad-clip must be positive, got {self.grad_clip}")
         if self.num_classes is not None and self.num_classes < 1:
@@ -100,6 +104,41 @@ class TrainConfig:
         if self.resume is not None and self.resume != "auto" and not os.path.isdir(self.resume):
             raise TrainError(f"--resume {self.resume}: no such checkpoint directory")
         return self
+
+
+@dataclass(frozen=True)
+class MachineShare:
+    """What one rank of this machine gets: the defaults of ``--workers`` and ``--threads``."""
+
+    cores: int  # CPU cores this process may run on
+    local_ranks: int  # ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
+    workers: int
+    threads: int
+
+    def describe(self, threads: bool = True) -> str:
+        """``2 data loader workers and 4 CPU threads per rank (8 cores for 2 local ranks)``."""
+        def count(n: int, what: str) -> str:
+            return f"{n} {what}{'s' if n != 1 else ''}"
+
+        parts = count(self.workers, "data loader worker")
+        if threads:
+            parts += f" and {count(self.threads, 'CPU thread')}"
+        return f"{parts} per rank ({count(self.cores, 'core')} for {count(self.local_ranks, 'local rank')})"
+
+
+def machine_share(config: TrainConfig, local_ranks: Optional[int] = None) -> MachineShare:
+    """``--workers`` and ``--threads`` as given, else what the machine allows: each local rank gets
+    ``cores // local_ranks`` cores (at least 1); it computes on all of them (threads) and feeds itself
+    with one loader process per core beyond its own, at most 4 (0 when it has only one core)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    local = local_ranks or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    per_rank = max(1, cores // max(1, local))
+    workers = config.workers if config.workers is not None else min(4, per_rank - 1)
+    threads = config.threads if config.threads is not None else per_rank
+    return MachineShare(cores, local, workers, threads)
 
 
 def _key_values(items: Optional[Sequence[str]], flag: str) -> dict:
@@ -147,7 +186,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ssl", choices=SSL_METHODS, help="self-supervised pre-training with a fastvit.ssl wrapper")
     p.add_argument("--ssl-arg", action="append", metavar="KEY=VALUE",
                    help="wrapper argument, repeatable (--ssl-arg decoder_dim=256 --ssl-arg masking_ratio=0.6)")
-    p.add_argument("--workers", type=int, default=4, help="data loader processes per rank (default 4)")
+    p.add_argument("--workers", type=int, help="data loader processes per rank (default: the cores available to "
+                                               "this process divided among the local ranks, less the rank's own, "
+                                               "at most 4)")
+    p.add_argument("--threads", type=int, help="torch CPU threads per rank when training on the CPU (default: the "
+                                               "cores available divided among the local ranks)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", nargs="?", const="auto", metavar="CKPT",
                    help="continue from --out's latest checkpoint (none yet: start), or from CKPT")

@@ -17,7 +17,7 @@ import datetime
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,7 +25,8 @@ from torch import nn
 
 from .config import TrainError
 
-__all__ = ["DistEnv", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "broadcast_object", "barrier"]
+__all__ = ["DistEnv", "setup", "teardown", "wrap", "unwrap", "all_reduce_sum", "broadcast_object", "barrier",
+           "SharedTrainError", "fail", "on_main", "on_every_rank", "agree"]
 
 
 @dataclass
@@ -80,8 +81,9 @@ def setup(device: Optional[str] = None, fsdp: bool = False) -> DistEnv:
 
 
 def teardown(env: DistEnv, clean: bool = True) -> None:
-    """Leave the process group this trainer created. ``clean``: all ranks got here (after an error a barrier
-    could wait forever on a rank that failed elsewhere)."""
+    """Leave the process group this trainer created. ``clean``: all ranks got here (after a run, or an error
+    they agreed on: then rank 0 has reported it before the others leave and torchrun stops it). After an error
+    of one rank a barrier could wait forever on a rank that failed elsewhere."""
     if env.owns_group and dist.is_initialized():
         if clean:
             dist.barrier()  # gloo aborts a process that leaves while a peer's collective is still in flight
@@ -163,3 +165,77 @@ def broadcast_object(obj, env: DistEnv):
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
+
+
+class SharedTrainError(TrainError):
+    """A ``TrainError`` another rank found and reports: this rank stops with it, silently."""
+
+
+def _agreed(error: TrainError) -> TrainError:
+    error.agreed = True  # every rank raises it at the same point: the ranks may still meet once (teardown)
+    return error
+
+
+def fail(message: str, env: DistEnv) -> None:
+    """Stop every rank with ``message`` where every rank found the same problem (rank 0 reports it)."""
+    raise _agreed(TrainError(message) if env.is_main else SharedTrainError(message))
+
+
+def on_main(fn: Callable[[], Any], env: DistEnv, share_result: bool = False) -> Any:
+    """Run ``fn()`` on rank 0 only and let every rank share its outcome: when it raises a ``TrainError``,
+    every rank raises it (rank 0 the original, the others a ``SharedTrainError`` with the same message)
+    instead of waiting in the next collective for a rank that has gone. Other exceptions (bugs) are
+    re-raised on rank 0 with their traceback and reach the other ranks as a ``SharedTrainError``.
+
+    Returns ``fn()``'s result on rank 0; on the others it too with ``share_result`` (broadcast), else None.
+    A collective: every rank must call it.
+    """
+    result, error, failure = None, None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - shared with the other ranks first, then re-raised
+            failure = e
+            error = str(e) if isinstance(e, TrainError) else f"rank 0 failed: {type(e).__name__}: {e}"
+    if env.distributed:
+        error, shared = broadcast_object((error, result if share_result else None), env)
+        if not env.is_main:
+            result = shared
+    if failure is not None:
+        raise _agreed(failure) if isinstance(failure, TrainError) else failure
+    if error is not None:
+        fail(error, env)
+    return result
+
+
+def on_every_rank(fn: Callable[[], Any], env: DistEnv) -> Any:
+    """Run ``fn()`` on every rank (it must hold no collective) and stop them all together when it raises a
+    ``TrainError`` on any: with rank 0's message, else the first failing rank's (naming it). A collective."""
+    try:
+        result, error = fn(), None
+    except TrainError as e:
+        result, error = None, str(e)
+    if env.distributed:
+        errors = [None] * env.world_size
+        dist.all_gather_object(errors, error)
+        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+        if failed:
+            rank, error = failed[0]
+            fail(error if rank == 0 else f"{error} (on rank {rank})", env)
+    elif error is not None:
+        fail(error, env)
+    return result
+
+
+def agree(problems: list, env: DistEnv) -> list:
+    """Every rank's ``problems`` (strings), gathered on every rank: ``[(problem, [ranks])]`` in rank 0's
+    order first, so all ranks can stop with the same message."""
+    if not env.distributed:
+        return [(p, [0]) for p in problems]
+    gathered = [None] * env.world_size
+    dist.all_gather_object(gathered, list(problems))
+    merged: dict = {}
+    for rank, found in enumerate(gathered):
+        for problem in found:
+            merged.setdefault(problem, []).append(rank)
+    return list(merged.items())

@@ -23,18 +23,31 @@ from typing import Callable, Optional
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from fastvit.extras import install_hint
+
 from . import distributed as D
-from .checkpoint import export_model, find_checkpoint, gather_state, load_state, read_checkpoint, save_checkpoint
-from .config import TrainConfig, TrainError
+from .checkpoint import (
+    DamagedCheckpoint,
+    checkpoint_candidates,
+    export_model,
+    gather_state,
+    is_checkpoint_dir,
+    load_state,
+    read_checkpoint,
+    save_checkpoint,
+)
+from .config import TrainConfig, TrainError, machine_share
 from .data import SyntheticImages, image_folder, train_loader, val_loader
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .plot import plot_metrics
+from .requirements import check_requirements
 from .task import Task, build_task, model_num_classes
 
-__all__ = ["train", "seed_all", "evaluate"]
+__all__ = ["train", "run_command", "main", "seed_all", "evaluate"]
 
 # Settings that must match for a checkpoint to continue a run.
 _SAME_ON_RESUME = ("model", "model_args", "num_classes", "ssl", "ssl_args", "image_size")
@@ -91,9 +104,11 @@ def _diverged_tensors(module: torch.nn.Module, env: D.DistEnv) -> list:
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, env: D.DistEnv, on_step: Optional[Callable[[dict], None]]):
+    def __init__(self, config: TrainConfig, env: D.DistEnv, on_step: Optional[Callable[[dict], None]],
+                 skipped: tuple = ()):
         self.config, self.env, self.on_step = config, env, on_step
-        self.console = Console(stderr=True, highlight=False)
+        self.skipped = {need.module: need for need in skipped}  # optional packages missing: their features skip
+        self.console = Console(stderr=True, highlight=False, soft_wrap=True)  # a message stays one line in a log
 
     def log(self, message: str) -> None:
         if self.env.is_main:
@@ -121,31 +136,54 @@ class _Run:
                 raise TrainError(f"--val-data {cfg.val_data} and --data {cfg.data} have different class folders")
         return train_set, val_set
 
-    def _resume(self, wrapped, optimizer) -> tuple:
-        """``(epoch, step)`` to start from: the checkpoint's, or ``(0, 0)``."""
-        cfg, env = self.config, self.env
-        directory = None
-        if env.is_main:
-            directory = find_checkpoint(cfg.out if cfg.resume in (None, "auto") else cfg.resume)
-        directory = D.broadcast_object(directory, env)
-        if directory is not None and cfg.resume is None:
-            raise TrainError(f"--out {cfg.out} holds a checkpoint ({os.path.basename(directory)}): pass --resume to "
-                             f"continue that run, or choose another --out")
-        if directory is None:
-            if cfg.resume not in (None, "auto"):
+    def _newest_readable(self) -> Optional[tuple]:
+        """Rank 0: ``(directory, (model_state, optim_state, state), skipped)`` of the newest checkpoint that
+        reads, ``skipped`` the newer ones that did not (one line each); None when there is none yet."""
+        cfg = self.config
+        explicit = cfg.resume not in (None, "auto")
+        where = cfg.resume if explicit else cfg.out
+        candidates = checkpoint_candidates(where)
+        if not candidates:
+            if explicit:
                 raise TrainError(f"--resume {cfg.resume}: no checkpoint there (state.json or checkpoints/latest)")
+            return None
+        if cfg.resume is None:
+            raise TrainError(f"--out {cfg.out} holds a checkpoint ({os.path.basename(candidates[0])}): pass --resume "
+                             f"to continue that run, or choose another --out")
+        skipped = []
+        for directory in candidates:
+            try:
+                return directory, read_checkpoint(directory), skipped
+            except DamagedCheckpoint as e:
+                skipped.append(str(e))
+        if explicit and is_checkpoint_dir(cfg.resume):
+            raise TrainError(f"--resume {cfg.resume}: {skipped[0]}")
+        older = "" if len(candidates) > 1 else " (and no older one: --keep 2 or more keeps one to fall back to)"
+        raise TrainError(f"--resume: no checkpoint in {where} can be read{older}: {'; '.join(skipped)}")
+
+    def _resume(self, wrapped, optimizer) -> tuple:
+        """``(epoch, step)`` to start from: the newest readable checkpoint's (a damaged newer one is named and
+        skipped, never silently), or ``(0, 0)`` when there is none yet."""
+        cfg, env = self.config, self.env
+        found = D.on_main(self._newest_readable, env)
+        header = None if found is None else (found[0], found[1][2], found[2])  # small: directory, state, skipped
+        header = D.broadcast_object(header, env)
+        if header is None:
             if cfg.resume == "auto":
                 self.log(f"no checkpoint in {cfg.out} yet: starting from scratch")
             return 0, 0
-        model_state, optim_state, state = read_checkpoint(directory) if env.is_main else ({}, {}, None)
-        state = D.broadcast_object(state, env)
+        directory, state, skipped = header
+        for problem in skipped:
+            self.log(f"[yellow]cannot resume from a damaged checkpoint: {escape(problem)}[/yellow]")
         saved = state.get("config", {})
         changed = [f"{k}: {saved.get(k)!r} -> {getattr(cfg, k)!r}" for k in _SAME_ON_RESUME
                    if saved.get(k) != getattr(cfg, k)]
         if changed:
-            raise TrainError(f"--resume {directory}: the checkpoint is of another run ({'; '.join(changed)})")
+            D.fail(f"--resume {directory}: the checkpoint is of another run ({'; '.join(changed)})", env)
+        model_state, optim_state, _ = found[1] if env.is_main else ({}, {}, None)
         load_state(wrapped, optimizer, model_state, optim_state, env.distributed)
-        self.log(f"resumed from {directory} (epoch {state['epoch']}, step {state['step']})")
+        fallback = f", the newest that reads ({len(skipped)} newer skipped)" if skipped else ""
+        self.log(f"resumed from {directory} (epoch {state['epoch']}, step {state['step']}){fallback}")
         return int(state["epoch"]), int(state["step"])
 
     def _progress(self) -> Progress:
@@ -153,15 +191,26 @@ class _Run:
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         console=self.console, disable=not self.env.is_main)
 
+    def _build(self) -> tuple:
+        """This rank's model and data, without collectives: ``(task, train_set, loader, val_loader)``."""
+        cfg, env = self.config, self.env
+        seed_all(cfg.seed)  # the same initial weights on every rank
+        task = build_task(cfg)
+        train_set, val_set = self._datasets(task)
+        pin = env.device.type == "cuda"  # pinned host memory only helps copies to a GPU
+        loader = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, self.share.workers, pin)
+        return task, train_set, loader, val_loader(val_set, cfg.batch_size, env.rank, env.world_size,
+                                                   self.share.workers, pin)
+
     def _setup(self) -> None:
         """Model, data, wrapping, optimiser, resume point, metrics file: everything before the first step."""
         cfg, env = self.config, self.env
-        seed_all(cfg.seed)  # the same initial weights on every rank
-        self.task = task = build_task(cfg)
-        train_set, val_set = self._datasets(task)
-        pin = env.device.type == "cuda"
-        self.loader = train_loader(train_set, cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.workers, pin)
-        self.val = val_loader(val_set, cfg.batch_size, env.rank, env.world_size, cfg.workers, pin)
+        self.share = share = machine_share(cfg)
+        if env.device.type == "cpu":
+            torch.set_num_threads(share.threads)
+        # A bad --model, --data or size stops every rank together (rank 0 says why), not one rank alone.
+        task, train_set, self.loader, self.val = D.on_every_rank(self._build, env)
+        self.task = task
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
@@ -185,6 +234,10 @@ class _Run:
         self.log(f"fastvit train: {cfg.model}{f' + {cfg.ssl}' if cfg.ssl else ''} ({n_params / 1e6:.2f} M "
                  f"parameters), {mode}, {env.world_size} rank(s) on {env.device.type}, {len(train_set)} images, "
                  f"{self.steps_per_epoch} steps/epoch of {cfg.batch_size} x {env.world_size}, out {cfg.out}")
+        self.log(f"  {share.describe(threads=env.device.type == 'cpu')}")
+        for need in self.skipped.values():
+            self.log(f"[yellow]{need.module} is not importable: {need.purpose} will be skipped "
+                     f"({escape(install_hint(need.module, need.extra))}); everything else is written[/yellow]")
 
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple:
         """One optimiser step; returns ``(detached loss, lr)``."""
@@ -253,10 +306,16 @@ class _Run:
         if diverged:
             self.log(f"[yellow]warning: tensors differ between ranks: {', '.join(diverged)}[/yellow]")
         model_state, optim_state = gather_state(self.wrapped, self.optimizer)
-        if env.is_main:
-            save_checkpoint(self.config.out, record["epoch"], self.step, model_state, optim_state,
-                            keep=self.config.keep, meta=self._meta(record, diverged))
-        D.barrier(env)
+
+        def save():
+            try:
+                return save_checkpoint(self.config.out, record["epoch"], self.step, model_state, optim_state,
+                                       keep=self.config.keep, meta=self._meta(record, diverged))
+            except OSError as e:  # a full disk, a read-only --out: every rank stops with this line
+                raise TrainError(f"writing the checkpoint of epoch {record['epoch']} under {self.config.out} "
+                                 f"failed: {e}") from None
+
+        D.on_main(save, env)  # also the ranks' meeting point after the checkpoint
         return model_state, diverged
 
     def run(self) -> dict:
@@ -271,16 +330,29 @@ class _Run:
         if model_state is None:  # resumed after the last epoch: nothing trained, export anyway
             model_state, _ = gather_state(self.wrapped, self.optimizer)
         summary = {"out": cfg.out, "epochs": cfg.epochs, "step": self.step, "metrics": record, "diverged": diverged}
-        if env.is_main:
-            model_args = {**cfg.model_args, **({"num_classes": cfg.num_classes} if cfg.num_classes else {})}
-            meta = {"model": cfg.model, "model_args": model_args, "image_size": list(self.task.image_size),
-                    "ssl": cfg.ssl, "epochs": cfg.epochs, "step": self.step}
-            summary["model"] = export_model(cfg.out, model_state, self.task.backbone_prefix, meta)
-            summary["plot"] = plot_metrics(read_metrics(self.metrics_path), os.path.join(cfg.out, "metrics.png"),
-                                           title=f"{cfg.model}{f' ({cfg.ssl})' if cfg.ssl else ''}")
-            self.log(f"done: {self.step} steps; {summary['model']}, {self.metrics_path}, {summary['plot']}")
-        D.barrier(env)
+        summary.update(D.on_main(lambda: self._finish(model_state), env) or {})
         return summary
+
+    def _finish(self, model_state: dict) -> dict:
+        """Rank 0, after the last epoch: the exported backbone and the metrics plot (skipped, with the reason,
+        when matplotlib is missing or fails: the curves are a convenience, metrics.jsonl holds the numbers)."""
+        cfg = self.config
+        model_args = {**cfg.model_args, **({"num_classes": cfg.num_classes} if cfg.num_classes else {})}
+        meta = {"model": cfg.model, "model_args": model_args, "image_size": list(self.task.image_size),
+                "ssl": cfg.ssl, "epochs": cfg.epochs, "step": self.step}
+        try:
+            done = {"model": export_model(cfg.out, model_state, self.task.backbone_prefix, meta), "plot": None}
+        except OSError as e:
+            raise TrainError(f"writing the trained model under {cfg.out} failed: {e}") from None
+        if "matplotlib" not in self.skipped:
+            try:
+                done["plot"] = plot_metrics(read_metrics(self.metrics_path), os.path.join(cfg.out, "metrics.png"),
+                                            title=f"{cfg.model}{f' ({cfg.ssl})' if cfg.ssl else ''}")
+            except Exception as e:  # noqa: BLE001 - a convenience: say why, keep the run's outcome
+                self.log(f"[yellow]metrics.png not drawn: {type(e).__name__}: {escape(str(e))}[/yellow]")
+        written = ", ".join(p for p in (done["model"], self.metrics_path, done["plot"]) if p)
+        self.log(f"done: {self.step} steps; {written}")
+        return done
 
     def _interval_record(self, interval: torch.Tensor, start: float, epoch: int, lr: float) -> dict:
         """The ``metrics.jsonl`` line of the steps since ``start`` (``interval``: their loss sum and count)."""
@@ -303,32 +375,53 @@ class _Run:
                 "versions": {"fastvit": __version__, "torch": torch.__version__}}
 
 
-def train(config: TrainConfig, on_step: Optional[Callable[[dict], None]] = None) -> dict:
+def train(config: TrainConfig, on_step: Optional[Callable[[dict], None]] = None,
+          report: Optional[Callable[[str], None]] = None) -> dict:
     """Run ``config`` (under torchrun: on every rank). ``on_step(info)`` is called after every optimiser step
     with ``epoch`` (0-based), ``step`` (1-based), ``loss`` (this rank's) and ``module`` (the trained module).
+    ``report(message)`` is called on rank 0 with a ``TrainError``'s message before the ranks leave.
 
     Returns a summary: ``out``, ``step``, the last epoch's ``metrics``, and on rank 0 the ``model`` and
-    ``plot`` paths. Raises ``TrainError`` on bad input.
+    ``plot`` paths. Raises ``TrainError`` on bad input (on every rank: ``SharedTrainError`` where rank 0
+    reports it).
     """
     config.validate()
     env = D.setup(config.device, config.fsdp)
-    ok = False
+    clean = False
     try:
-        result = _Run(config, env, on_step).run()
-        ok = True
+        skipped = check_requirements(config, env)  # before any work: a missing package stops every rank now
+        result = _Run(config, env, on_step, tuple(skipped)).run()
+        clean = True
         return result
+    except TrainError as e:
+        clean = getattr(e, "agreed", False)
+        if report is not None and env.is_main:
+            report(str(e))
+        raise
     finally:
-        D.teardown(env, clean=ok)
+        D.teardown(env, clean=clean)
+
+
+def run_command(make_config: Callable[[], TrainConfig]) -> int:
+    """The ``fastvit train`` command around ``train``: exit 0, or 2 on bad input, its one line printed once
+    (by rank 0) on stderr; every rank exits 2."""
+    reported = []
+
+    def report(message: str) -> None:
+        print(f"fastvit train: {message}", file=sys.stderr, flush=True)
+        reported.append(message)
+
+    try:
+        train(make_config(), report=report)
+    except TrainError as e:
+        if not reported and os.environ.get("RANK", "0") == "0":
+            report(str(e))
+        return 2
+    return 0
 
 
 def main(argv=None) -> int:
-    """``python -m fastvit.train`` / ``fastvit train``: exit 0, or 2 on bad input (one line on stderr)."""
+    """``python -m fastvit.train``: ``run_command`` over ``argv``."""
     from .config import parse_args
 
-    try:
-        train(parse_args(argv))
-    except TrainError as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"fastvit train: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: parse_args(argv))

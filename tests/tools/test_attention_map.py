@@ -9,6 +9,7 @@ import pytest
 import torch
 from pictures import assert_picture
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 from torch import nn
 
 from fastvit import cli
@@ -104,12 +105,17 @@ def test_command_errors_exit_2_with_the_reason(image_path, tmp_path, capsys):
     not_an_image.write_text("not a picture")
     bad_checkpoint = tmp_path / "bad.pt"
     bad_checkpoint.write_text("garbage")
+    truncated = tmp_path / "cut.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:500])
     cases = [
         (["--model", "vit_small", "--image", str(image_path)], "unknown model 'vit_small'"),
         (["--model", "vit_tiny_patch16_224", "--image", str(tmp_path / "missing.png")], "no such file"),
         (["--model", "vit_tiny_patch16_224", "--image", str(not_an_image)], "cannot be read"),
         (["--model", "vit_tiny_patch16_224", "--image", str(image_path), "--checkpoint", str(bad_checkpoint)],
-         "cannot be read"),
+         f"{bad_checkpoint}: truncated, damaged or not a plain state dict"),
+        (["--model", "vit_tiny_patch16_224", "--image", str(image_path), "--checkpoint", str(truncated)],
+         f"{truncated}: truncated safetensors file"),
         (["--model", "mobilevit_xxs", "--image", str(image_path)], "mobilevit_xxs: none of the"),
     ]
     for args, message in cases:

@@ -62,12 +62,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(args: list, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --nproc_per_node nproc --master_port <free> *args`` (gloo on the CPU)."""
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
-           "CUDA_VISIBLE_DEVICES": ""}
+def blocking_imports(folder: str, modules: tuple) -> dict:
+    """Environment entries that make ``modules`` unimportable in a child Python (as if not installed): a
+    ``sitecustomize`` in ``folder``, put first on PYTHONPATH, sets ``sys.modules[m] = None``."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w", encoding="utf-8") as f:
+        f.write("import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules))
+    return {"PYTHONPATH": folder + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def torchrun(args: list, nproc: int = 2, timeout: float = 600, env: dict = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node nproc --master_port <free> *args`` (gloo on the CPU);
+    ``env`` adds to the environment (a PYTHONPATH in it comes before the repository's); ``check``: it must
+    succeed."""
+    extra = dict(env or {})
+    path = os.pathsep.join(p for p in (extra.pop("PYTHONPATH", ""), REPO, os.environ.get("PYTHONPATH", "")) if p)
+    full_env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, (f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                                      f"{proc.stderr[-8000:]}")
     return proc
