@@ -5,7 +5,14 @@ installed as `fastvit.kernels`: a top-level import name `kernels` would shadow a
 widely installed package.
 """
 
+import warnings
+
 from setuptools import setup
+
+# An editable install of a package_dir mapping (kernels/ -> fastvit.kernels) makes setuptools print an
+# "Editable installation" notice about same-named folders shadowing imports on every `pip install -e .`.
+# The mapping is deliberate and tested (tests/test_packaging.py): keep a fresh install quiet.
+warnings.filterwarnings("ignore", message="Editable installation")
 
 PACKAGES = [
     "fastvit",
@@ -40,6 +47,7 @@ setup(
     ],
     extras_require={
         "xformers": ["xformers"],
+        "timm": ["timm>=1.0"],  # fastvit.patch_timm, create_model("timm/<name>")
         "ssl": ["torchvision"],  # Dino's crops and default augmentation
         "plot": ["matplotlib", "Pillow"],  # fastvit plot, fastvit attention-map
         # fastvit train: image decoding, safetensors checkpoints, the metrics plot
@@ -68,9 +76,9 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["fastvit = fastvit.cli:main"]},
+    license_expression="MIT",  # SPDX (PEP 639; setuptools >= 77), not a licence classifier
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
 )

@@ -17,11 +17,10 @@ Exit status: 0 on success, 1 when a check case fails or a kernel does not compil
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from rich.console import Console
@@ -29,6 +28,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fastvit.tools.render import add_tune_row, check_table, info_tables, kernels_table, render_bench, tune_table
+from fastvit.tools.schema import write_json
 
 __all__ = ["main", "build_parser"]
 
@@ -65,15 +65,6 @@ def _device(name: Optional[str]) -> str:
     if name.split(":")[0] not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, got {name!r}")
     return name
-
-
-def _write_json(path: str, doc) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, default=str)
-        f.write("\n")
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,7 +128,7 @@ def cmd_check(args, out: Console) -> int:
 
         doc = {"schema_version": 1, "kind": "fastvit-check", **environment(device),
                "counts": counts, "unavailable": unavailable, "results": [r.to_dict() for r in results]}
-        _write_json(args.json, doc)
+        write_json(args.json, doc)
         out.print(f"wrote {args.json}")
     return 1 if counts["fail"] or counts["error"] else 0
 
@@ -183,7 +174,7 @@ def cmd_bench(args, out: Console) -> int:
 
         def on_partial(partial):
             if args.json:
-                _write_json(args.json, partial)
+                write_json(args.json, partial)
 
         doc = run_bench(config, on_group=on_group, on_round=on_round, on_partial=on_partial)
         progress.update(task, completed=n_groups)
@@ -192,7 +183,7 @@ def cmd_bench(args, out: Console) -> int:
     if problems:  # a bug in the engine, not in what was measured
         out.print("[red]results document does not follow the schema:[/red] " + "; ".join(problems))
     if args.json:
-        _write_json(args.json, doc)
+        write_json(args.json, doc)
         out.print(f"wrote {args.json} ({len(doc['results'])} results, {doc['wall_s']:.0f} s)")
     errors = [r for r in doc["results"] if r["status"] == "error"]
     return 1 if problems or (args.strict and errors) else 0
@@ -202,46 +193,25 @@ def cmd_bench(args, out: Console) -> int:
 # kernels
 # --------------------------------------------------------------------------------------------------
 
-def _load_compile_report() -> Callable[[], list]:
-    """``fastvit.kernels.aot.compile_report`` (a separate function so tests can substitute it)."""
-    from fastvit.kernels.aot import compile_report
-
-    return compile_report
-
-
 def cmd_kernels(args, out: Console) -> int:
+    from fastvit.tools import kernels_report
+
     try:
-        compile_report = _load_compile_report()
+        compile_report = kernels_report.load_compile_report()
     except Exception as e:  # noqa: BLE001 - an ImportError, or a kernels package that fails to import
         out.print(f"[red]fastvit.kernels.aot is not available[/red]: {type(e).__name__}: {escape(str(e))}")
         return 1
-    import inspect
-
-    try:
-        accepted = set(inspect.signature(compile_report).parameters)
-    except (TypeError, ValueError):
-        accepted = set()
-    kwargs = {}
-    if args.capabilities and "capabilities" in accepted:
-        kwargs["capabilities"] = [int(c) for c in _split(args.capabilities)]
-    if args.full and "full" in accepted:
-        kwargs["full"] = True
-    if args.workers and "workers" in accepted:
-        kwargs["workers"] = args.workers
     with _progress(_console(stderr=True)) as progress:
         task = progress.add_task("compiling kernels ahead of time", total=None)
-        if "progress" in accepted:
-            kwargs["progress"] = lambda row: progress.update(
-                task, advance=1, description=f"compiled {row.get('kernel')} sm_{row.get('capability')}")
-        report = list(compile_report(**kwargs))
+        report = kernels_report.run_compile_report(
+            compile_report, capabilities=[int(c) for c in _split(args.capabilities) or []], full=args.full,
+            workers=args.workers, on_row=lambda row: progress.update(
+                task, advance=1, description=f"compiled {row.get('kernel')} sm_{row.get('capability')}"))
     table, failed = kernels_table(report)
     out.print(table)
     out.print(f"{len(report) - failed} compiled, {failed} failed")
     if args.json:
-        from fastvit.tools.env import git_info, versions
-
-        _write_json(args.json, {"schema_version": 1, "kind": "fastvit-kernels", "versions": versions(),
-                                "git_commit": git_info()["commit"], "failed": failed, "results": report})
+        write_json(args.json, kernels_report.report_document(report, failed))
         out.print(f"wrote {args.json}")
     return 1 if failed else 0
 
@@ -291,7 +261,7 @@ def cmd_tune(args, out: Console) -> int:
         out.print("no tuned table written: timings in the CPU's Triton interpreter say nothing about a GPU "
                   "(--tuned-out PATH writes one anyway)")
     if args.json:
-        _write_json(args.json, doc)
+        write_json(args.json, doc)
         out.print(f"wrote {args.json}")
     failed = [r for r in doc["buckets"] if r.get("best") is None]
     return 1 if failed else 0
@@ -313,9 +283,10 @@ def cmd_train(args, out: Console) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def cmd_plot(args, out: Console) -> int:
-    from fastvit.tools.plot import PlotError, load_results, plot_results
+    from fastvit.tools.plot import PlotError, check_can_draw, load_results, plot_results
 
     try:
+        check_can_draw()
         doc = load_results(args.results)
         stem = os.path.splitext(os.path.basename(args.results))[0]
         paths = plot_results(doc, args.out or os.path.dirname(os.path.abspath(args.results)), stem)

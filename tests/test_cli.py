@@ -15,6 +15,7 @@ from fastvit import cli
 from fastvit.attention import BACKENDS
 from fastvit.attention.inputs import AttnOutput
 from fastvit.attention.reference import reference_attention
+from fastvit.tools import kernels_report
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ _REPORT_OK = [
 
 
 def test_kernels_prints_the_report_and_writes_json(capsys, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "_load_compile_report", lambda: (lambda: list(_REPORT_OK)))
+    monkeypatch.setattr(kernels_report, "load_compile_report", lambda: (lambda: list(_REPORT_OK)))
     path = tmp_path / "kernels.json"
     assert cli.main(["kernels", "--json", str(path)]) == 0
     out = capsys.readouterr().out
@@ -155,7 +156,7 @@ def test_kernels_exits_nonzero_when_a_compile_failed(capsys, monkeypatch):
     failing = _REPORT_OK + [{"kernel": "_attn_bwd_dq", "config": {"BLOCK_M": 128}, "capability": 80,
                              "registers": None, "spills": None, "shared_mem_bytes": None, "ok": False,
                              "error": "out of resource: shared memory"}]
-    monkeypatch.setattr(cli, "_load_compile_report", lambda: (lambda: failing))
+    monkeypatch.setattr(kernels_report, "load_compile_report", lambda: (lambda: failing))
     assert cli.main(["kernels"]) == 1
     out = capsys.readouterr().out
     assert "out of resource: shared memory" in out
@@ -166,6 +167,6 @@ def test_kernels_without_the_aot_module_exits_nonzero(capsys, monkeypatch):
     def missing():
         raise ImportError("No module named 'fastvit.kernels.aot'")
 
-    monkeypatch.setattr(cli, "_load_compile_report", missing)
+    monkeypatch.setattr(kernels_report, "load_compile_report", missing)
     assert cli.main(["kernels"]) == 1
     assert "fastvit.kernels.aot is not available" in capsys.readouterr().out

@@ -127,3 +127,24 @@ def test_importing_fastvit_imports_no_optional_package():
             " 'vit_pytorch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_command_names_its_missing_package(monkeypatch, tmp_path, capsys):
+    """`fastvit plot`, `fastvit attention-map` and create_model("timm/...") say what to install, before work."""
+    from fastvit import cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert cli.main(["plot", str(tmp_path / "never-read.json")]) == 2  # refused before the file is looked at
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "fastvit plot needs matplotlib" in err and "pip install 'fastvit[plot]'" in err
+    out = tmp_path / "map.png"
+    assert cli.main(["attention-map", "--model", "vit_tiny_patch16_224", "--image", str(tmp_path / "x.png"),
+                     "--out", str(out)]) == 2
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "fastvit attention-map (the colour map) needs matplotlib" in err and "fastvit[plot]" in err
+    assert not out.exists()
+
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(MissingDependency, match=r"create_model\('timm/vit_tiny_patch16_224'\) needs timm.*"
+                                                r"pip install 'fastvit\[timm\]'"):
+        fastvit.create_model("timm/vit_tiny_patch16_224")

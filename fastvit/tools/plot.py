@@ -17,9 +17,10 @@ import json
 import os
 from typing import Optional
 
+from fastvit.extras import MissingDependency, require
 from fastvit.tools.schema import validate_document
 
-__all__ = ["PlotError", "load_results", "plot_results", "plot_models", "plot_attention"]
+__all__ = ["PlotError", "check_can_draw", "load_results", "plot_results", "plot_models", "plot_attention"]
 
 # Baselines keep one colour in every figure; fastvit's backends take the rest in order of appearance.
 _FIXED_COLOURS = {"vit-pytorch": "#7f7f7f", "timm": "#ff7f0e", "timm compiled": "#d62728"}
@@ -56,12 +57,21 @@ def load_results(path: str) -> dict:
     return doc
 
 
+def check_can_draw() -> None:
+    """``PlotError`` naming matplotlib and ``fastvit[plot]`` when it is not importable (ask before any work)."""
+    try:
+        require("matplotlib", "fastvit plot", "plot")
+    except MissingDependency as e:
+        raise PlotError(str(e)) from None
+
+
 def plot_results(doc: dict, out_dir: str, stem: str = "bench") -> list:
     """Draw every figure the document has data for into ``out_dir``; returns the paths written.
 
     Raises:
-        PlotError: no row of the document ran (nothing to draw).
+        PlotError: matplotlib is missing, or no row of the document ran (nothing to draw).
     """
+    check_can_draw()
     os.makedirs(out_dir, exist_ok=True)
     written = []
     path = os.path.join(out_dir, f"{stem}_models.png")
@@ -77,11 +87,8 @@ def plot_results(doc: dict, out_dir: str, stem: str = "bench") -> list:
 
 
 def _figure(width: float, height: float):
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise PlotError("drawing needs matplotlib: pip install 'fastvit[plot]'") from None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)

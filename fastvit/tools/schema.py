@@ -1,6 +1,10 @@
-"""The one results schema of ``fastvit bench`` (``SCHEMA_VERSION``) and its validator."""
+"""The one results schema of ``fastvit bench`` (``SCHEMA_VERSION``), its validator, and how every command
+writes its JSON document (``write_json``)."""
 
 from __future__ import annotations
+
+import json
+import os
 
 SCHEMA_VERSION = 1
 
@@ -42,3 +46,11 @@ def validate_document(doc: dict) -> list:
         elif not row.get("reason"):
             problems.append(f"results[{i}] is {row.get('status')} without a reason")
     return problems
+
+
+def write_json(path: str, doc) -> None:
+    """``doc`` as indented JSON at ``path`` (folders made; values JSON lacks written as strings)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, default=str)
+        f.write("\n")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from fastvit.extras import require
+
 __all__ = ["patch_timm", "unpatch_timm", "patch_summary", "PatchSummary", "create_timm_model"]
 
 FAMILIES = ("vit", "beit", "eva", "nest", "cait", "crossvit", "levit", "efficientformer", "swin", "swin_v2", "twins",
@@ -32,10 +34,7 @@ FAMILIES = ("vit", "beit", "eva", "nest", "cait", "crossvit", "levit", "efficien
 
 def _load() -> tuple:
     """The patch tables, after importing every family module (each registers its classes)."""
-    try:
-        import timm  # noqa: F401
-    except ImportError as e:
-        raise ImportError("fastvit.patch_timm needs timm (pip install timm)") from e
+    require("timm", "fastvit.patch_timm")
     for family in FAMILIES:
         importlib.import_module(f"{__name__}.{family}")
     from ._patch import PATCHES, REFUSED
@@ -159,10 +158,9 @@ def create_timm_model(name: str, *, pretrained: bool = False, linear: bool = Fal
     Weights come from timm's own download (Hugging Face Hub). Offline, a ``RuntimeError`` says the
     weights could not be downloaded and how to pass a local file instead.
     """
-    try:
-        import timm
-    except ImportError as e:
-        raise ImportError(f"fastvit.create_model('timm/{name}') needs timm (pip install timm)") from e
+    require("timm", f"fastvit.create_model('timm/{name}')")
+    import timm
+
     try:
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except OSError as e:  # huggingface_hub's offline / not-found errors, URLError, a missing local file
