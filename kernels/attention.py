@@ -154,6 +154,7 @@ __all__ = [
     "load_tuned",
     "tune_key",
     "tuned_path",
+    "reload_tuned",
 ]
 
 MAX_HEAD_DIM = 128
@@ -880,7 +881,7 @@ def _first_kept(prefs, kernel, dtype, head_blocks, kind, capability=None) -> Con
 # directly raises ValueError instead.
 
 TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
-_TUNED_CACHE: dict = {}  # path -> (mtime, table) or (mtime, None) after a warning
+_TUNED_CACHE: dict = {}  # torch.device -> its table, or None (no table, or a bad one)
 _FORCED: contextvars.ContextVar = contextvars.ContextVar("fastvit_kernels_forced_configs", default=None)
 
 
@@ -968,22 +969,26 @@ def load_tuned(path: Optional[str] = None) -> dict:
 
 
 def _tuned_table(device: torch.device) -> Optional[dict]:
-    """The tuned table of ``device`` (cached per file modification time); None when absent or bad."""
+    """The tuned table of ``device``, read once per process and device (no file system access per call;
+    ``reload_tuned()`` forgets it); None when absent or bad (warned once)."""
+    try:
+        return _TUNED_CACHE[device]
+    except KeyError:
+        pass
     path = tuned_path(device)
-    try:
-        mtime = os.stat(path).st_mtime_ns
-    except OSError:
-        return None
-    cached = _TUNED_CACHE.get(path)
-    if cached is not None and cached[0] == mtime:
-        return cached[1]
-    try:
-        table = load_tuned(path)
-    except ValueError as e:
-        warnings.warn(f"{e}; ignoring it and using the built-in configs", RuntimeWarning, stacklevel=3)
-        table = None
-    _TUNED_CACHE[path] = (mtime, table)
+    table = None
+    if os.path.exists(path):
+        try:
+            table = load_tuned(path)
+        except ValueError as e:
+            warnings.warn(f"{e}; ignoring it and using the built-in configs", RuntimeWarning, stacklevel=3)
+    _TUNED_CACHE[device] = table
     return table
+
+
+def reload_tuned() -> None:
+    """Read the tuned tables again at the next launch (``fastvit tune`` calls this after writing one)."""
+    _TUNED_CACHE.clear()
 
 
 def rel_bias_precompute_max_logits(device: Optional[torch.device] = None) -> int:
@@ -1241,6 +1246,17 @@ def _precompute_rel(q: Tensor, nq: int, nk: int, dense_bias: Optional[Tensor]) -
     return nq * nk <= rel_bias_precompute_max_logits(q.device)
 
 
+_PLACEHOLDERS: dict = {}  # (dtype, device) -> an empty tensor: the pointer of a bias a call does not have
+
+
+def _placeholder(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """One empty tensor per dtype and device, made once (never written, never read by a kernel)."""
+    try:
+        return _PLACEHOLDERS[dtype, device]
+    except KeyError:
+        return _PLACEHOLDERS.setdefault((dtype, device), torch.empty(0, dtype=dtype, device=device))
+
+
 def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
     """Normalises the biases to what the kernels are compiled for: table fp32 ``[H, T]``, index
     int32, dense bias in q's dtype, padding as uint8. A small relative-position table is expanded
@@ -1259,8 +1275,7 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
         index = rel_index.to(torch.int32).contiguous()
         rel_strides = (table.stride(0), index.stride(0))
     else:
-        table = torch.empty(0, dtype=torch.float32, device=device)
-        index = torch.empty(0, dtype=torch.int32, device=device)
+        table, index = _placeholder(torch.float32, device), _placeholder(torch.int32, device)
         rel_strides = (0, 0)
     if dense_bias is not None:
         dense = dense_bias.detach().to(q.dtype)
@@ -1269,13 +1284,13 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
         # Broadcast dims are read with stride 0, whatever stride the caller's tensor has there.
         dense_strides = tuple(0 if dense.shape[i] == 1 else dense.stride(i) for i in range(3))
     else:
-        dense = torch.empty(0, dtype=q.dtype, device=device)
+        dense = _placeholder(q.dtype, device)
         dense_strides = (0, 0, 0)
     if key_padding is not None:
         pad = key_padding.contiguous().view(torch.uint8)  # same bytes; triton loads bool pointers unevenly
         pad_strides = (pad.stride(0),)
     else:
-        pad = torch.empty(0, dtype=torch.uint8, device=device)
+        pad = _placeholder(torch.uint8, device)
         pad_strides = (0,)
     return _BiasArgs(table, index, dense, pad, rel_strides + dense_strides + pad_strides,
                      has_rel, dense_bias is not None, key_padding is not None)
@@ -1283,10 +1298,13 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
 
 def _launch(kernel, grid: int, args: tuple, constexprs: dict, cfg: Config) -> None:
     device = args[0].device
-    # The kernels launch on the current CUDA device: make it q's (q on cuda:1 with cuda:0 current).
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
-        kernel[(grid,)](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    # The kernels launch on the current CUDA device: make it q's (q on cuda:1 with cuda:0 current); the
+    # guard (a device switch each way) only when it is not already.
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            kernel[(grid,)](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return
+    kernel[(grid,)](*args, **constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _geometry(q: Tensor, k: Tensor, v: Tensor, block_m: int, block_n: int, head_blocks) -> dict:
@@ -1474,7 +1492,7 @@ def attention_bwd(
     if store_ds:
         ds = torch.empty((chunk, H, nq_pad, nk_pad), dtype=torch.float32, device=q.device)
     else:
-        ds = torch.empty(0, dtype=torch.float32, device=q.device)
+        ds = _placeholder(torch.float32, q.device)
     ds_strides = (nq_pad * nk_pad, nk_pad) if store_ds else (0, 0)
     flags = _flags(**_geometry(q, k, v, cfg_q.block_m, cfg_q.block_n, head_blocks),
                    has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)

@@ -122,6 +122,7 @@ from .attention import (
     _load_tile,
     _mma,
     _op_grads,
+    _placeholder,
     _require_runtime,
     _runtime_available,
     _store_tile,
@@ -799,7 +800,7 @@ def _combined_bias(q: Tensor, window: _Window, rel_table, rel_index, dense_bias,
         dense = _dense_4d(dense_bias.detach().float())
         bias = dense if bias is None else bias + dense
     if bias is None:
-        return torch.empty(0, dtype=q.dtype, device=q.device), (0, 0, 0), False
+        return _placeholder(q.dtype, q.device), (0, 0, 0), False
     n_pad = triton.cdiv(n, block) * block
     padded = torch.zeros((bias.shape[0], bias.shape[1], n_pad, n_pad), dtype=q.dtype, device=q.device)
     padded[:, :, :n, :n] = bias
@@ -925,7 +926,7 @@ def window_attention_bwd(
         per_program = _batch_chunks(B, heads, nw, slab * 4) if store_ds else 1
         chunks = -(-B // per_program)
         ds = (torch.empty((chunks, nw, heads, cfg.block_m, cfg.block_n), dtype=torch.float32, device=q.device)
-              if store_ds else torch.empty(0, dtype=torch.float32, device=q.device))
+              if store_ds else _placeholder(torch.float32, q.device))
         _launch(_win_bwd_tile, chunks * heads * nw,
                 (q, k, v, out, do, lse, dq, dk, dv, ds, bias, *_strides(q, k, v, out, do, dq, dk, dv),
                  *bias_strides, B, per_program, heads, *window.args, D, Dv, qk_scale, inv_scale, scale),
@@ -940,7 +941,7 @@ def window_attention_bwd(
         per_batch = nw * heads * n_pad * n_pad * 4
         chunk = max(1, min(B, DS_BUFFER_MAX_BYTES // per_batch)) if store_ds else B
         ds = (torch.empty((chunk, nw, heads, n_pad, n_pad), dtype=torch.float32, device=q.device)
-              if store_ds else torch.empty(0, dtype=torch.float32, device=q.device))
+              if store_ds else _placeholder(torch.float32, q.device))
         evens = dict(EVEN_M=n % cfg.block_m == 0, EVEN_N=n % cfg.block_n == 0)
         for b0 in range(0, B, chunk):  # dQ (and dS) over batch chunks; partial sums added in order
             sl = slice(b0, min(B, b0 + chunk))

@@ -17,11 +17,17 @@ torch.backends.cudnn.allow_tf32 = False
 
 @pytest.fixture(autouse=True)
 def _isolate_backend_selection():
-    """A test that sets a global backend must not leak it into the next test."""
+    """A test that sets a global backend must not leak it into the next test, nor the attention plans
+    it built: tests patch backends' capabilities and forwards (monkeypatch), which no real process does,
+    and a plan chosen under a patch must not serve the next test. (Within a test, plans are in force:
+    tests/attention/test_plans.py holds them to behaving exactly like the uncached path.)"""
     import fastvit
+    from fastvit.attention import clear_plans
 
+    clear_plans()
     yield
     fastvit.set_backend(None)
+    clear_plans()
 
 
 def pytest_report_header(config):

@@ -10,6 +10,7 @@ from .backends import BACKENDS, Backend, get_backend, register_backend
 from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
 from .dispatch import auto_order, choose, explain, get_selected_backend, set_backend, use_backend
 from .inputs import DTYPES, AttnInputs, AttnOutput, dtype_name
+from .plan import clear_plans, plan_info
 from .window import Window
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "AttnInputs", "AttnOutput", "DTYPES", "dtype_name",
     "BACKENDS", "Backend", "get_backend", "register_backend",
     "choose", "explain", "auto_order", "use_backend", "set_backend", "get_selected_backend",
+    "clear_plans", "plan_info",
 ]

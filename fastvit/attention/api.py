@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import torch
 from torch import Tensor
 
-from .bias import HeadMix, normalize_bias
-from .dispatch import choose
+from . import plan
+from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias, normalize_bias
+from .dispatch import choose, get_selected_backend
 from .dispatch import explain as _explain
 from .inputs import AttnInputs, AttnOutput, validate_inputs
 from .window import Window
 
 __all__ = ["attend", "make_inputs", "explain_call"]
+
+_DESCRIPTORS = (RelPosBias, DenseBias, KeyPaddingMask)
+
 
 
 def make_inputs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None, bias=None,
@@ -63,7 +68,24 @@ def attend(
 
     Returns:
         ``[B, H, Nq, Dv]``, or an ``AttnOutput(out, probs, cls_probs)`` when extra outputs are requested.
+
+    The first call of each signature validates and chooses; later ones run its cached plan
+    (``fastvit.attention.plan``; ``clear_plans()`` forgets them).
     """
+    if not torch.compiler.is_compiling():  # graphs trace the full path below
+        selection = get_selected_backend(backend)
+        key = plan.signature(q, k, v, scale, bias, dropout_p, return_probs, return_cls_probs, head_mix, window,
+                             selection)
+        if key is not None:
+            found = plan.lookup(key)
+            descriptors = () if bias is None else (bias,) if bias.__class__ in _DESCRIPTORS else normalize_bias(bias)
+            if found is None:
+                inp = make_inputs(q, k, v, scale=scale, bias=descriptors, dropout_p=dropout_p,
+                                  return_probs=return_probs, return_cls_probs=return_cls_probs, head_mix=head_mix,
+                                  window=window)
+                chosen = choose(inp, selection=selection)
+                found = plan.store(key, plan.Plan(chosen, chosen.runner(inp)))
+            return found.run(q, k, v, descriptors, head_mix)
     inp = make_inputs(q, k, v, scale=scale, bias=bias, dropout_p=dropout_p, return_probs=return_probs,
                       return_cls_probs=return_cls_probs, head_mix=head_mix, window=window)
     result = choose(inp, backend).forward(inp)

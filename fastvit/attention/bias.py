@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..runtime import tracing
+
 __all__ = ["RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "BiasLike", "normalize_bias", "additive_mask"]
 
 
@@ -40,6 +42,25 @@ def _index_range(index: Tensor) -> tuple[int, int]:
     ref = weakref.ref(index, lambda _, key=key: _INDEX_RANGE_CACHE.pop(key, None))
     _INDEX_RANGE_CACHE[key] = (ref, index._version, lo, hi)
     return lo, hi
+
+
+# The dense bias of a (table, index) pair that takes no gradient (eval, inference), kept per pair until the
+# table or index changes in place or dies: a model's forward builds RelPosBias(table, index) every call,
+# and the gather would otherwise be redone every call (timm's LeViT keeps the same cache itself).
+_MATERIALIZED: dict = {}
+
+
+def _cached_dense(table: Tensor, index: Tensor, build: Callable[[], Tensor]) -> Tensor:
+    if table.is_inference() or index.is_inference():  # no version counters to notice an in-place change
+        return build()
+    key = (id(table), id(index))
+    hit = _MATERIALIZED.get(key)
+    if hit is not None and hit[0]() is table and hit[1]() is index and hit[2] == (table._version, index._version):
+        return hit[3]
+    dense = build()
+    drop = lambda _, key=key: _MATERIALIZED.pop(key, None)  # noqa: E731 - the weakref callback
+    _MATERIALIZED[key] = (weakref.ref(table, drop), weakref.ref(index, drop), (table._version, index._version), dense)
+    return dense
 
 
 @dataclass(frozen=True)
@@ -76,7 +97,14 @@ class RelPosBias:
         return self.table.shape[1]
 
     def materialize(self) -> Tensor:
-        """The bias as a dense ``[1, H, Nq, Nk]`` tensor (reference and SDPA paths only)."""
+        """The bias as a dense ``[1, H, Nq, Nk]`` tensor (reference and SDPA paths only). Without a
+        gradient to record it is computed once per (table, index) and reused until either changes: treat
+        it as read-only."""
+        if torch.is_grad_enabled() and self.table.requires_grad or tracing():  # a graph records the gather
+            return self._gather()
+        return _cached_dense(self.table, self.index, self._gather)
+
+    def _gather(self) -> Tensor:
         # table[index] is (Nq, Nk, H); heads go first.
         # F.embedding is the gather vit-pytorch uses, ~2x faster than advanced indexing on CPU.
         # A strided table (timm's LeViT and MaxViT keep [H, T] and pass its transpose) is made contiguous

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
-from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 
@@ -24,7 +24,7 @@ from .backends import BACKENDS, Backend, get_backend
 from .inputs import AttnInputs
 
 __all__ = ["choose", "explain", "use_backend", "set_backend", "get_selected_backend", "Selection",
-           "CPU_SDPA_MIN_KEYS", "CUDA_ORDER", "AUTO"]
+           "CPU_SDPA_MIN_KEYS", "CPU_SDPA_MAX_TINY_KEYS", "CUDA_ORDER", "AUTO"]
 
 AUTO = "auto"
 ENV_VAR = "FASTVIT_ATTN_BACKEND"
@@ -45,10 +45,18 @@ CUDA_ORDER = ("triton", "flex", "xformers", "sdpa", "reference")
 # fp16 has no fast CPU GEMM, so its naive path is slow: SDPA from 512 keys.
 CPU_SDPA_MIN_KEYS = {torch.float32: 128, torch.bfloat16: 1536, torch.float16: 512}
 _CPU_SDPA_MIN_KEYS_DEFAULT = 512
+# Very short sequences are the other end: the work is a few microseconds and the naive path's four ops
+# (scale, matmul, softmax, matmul) cost more than SDPA's one. Measured on a 2-core EPYC (AVX2), torch
+# 2.14.1, fp32 inference (benchmarks/cpu_dispatch.py shapes plus these): [1, 1, 16, 16] 12.4 vs 5.3 us,
+# [1, 2, 5, 32] (a patched timm Attention at 5 tokens) 12.6 vs 6.0 us, [2, 8, 16, 16] (LeViT's last
+# stage) 20.9 vs 18.2 us, [2, 6, 17, 64] 33.7 vs 31.7 us with one thread; 1.7-2.8x with two.
+CPU_SDPA_MAX_TINY_KEYS = 32
 
 
-@dataclass(frozen=True)
-class Selection:
+class Selection(NamedTuple):
+    """The backend selection in force: a name (or ``"auto"``) and whether a refusal raises. Part of every
+    plan's signature (``plan.py``), so it must stay cheap to get and to hash."""
+
     name: str
     strict: bool = True
 
@@ -85,21 +93,48 @@ def set_backend(name: Optional[str], *, strict: bool = True) -> None:
     _global = None if name is None else Selection(_check_name(name), strict)
 
 
+@functools.lru_cache(maxsize=64)
+def _named(name: str) -> Selection:
+    return Selection(_check_name(name), True)
+
+
+@functools.lru_cache(maxsize=16)
+def _from_env(value: str) -> Selection:
+    if value != AUTO and value not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={value!r} is not a backend; known: {', '.join(BACKENDS)} or auto")
+    return Selection(value, True)
+
+
+_AUTO_SELECTION = Selection(AUTO, True)
+
+# FASTVIT_ATTN_BACKEND is read on every call (a change takes effect at once). os.environ.get encodes the
+# key and decodes the value each time (~0.7 us, a fifth of a cached attend() call): CPython's os.environ
+# keeps the raw mapping in _data, looked up here with the key encoded once; elsewhere os.environ.get.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey(ENV_VAR)
+except AttributeError:
+    _ENV_DATA = None
+
+
+def _env_value() -> Optional[str]:
+    if _ENV_DATA is None:
+        return os.environ.get(ENV_VAR)
+    raw = _ENV_DATA.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
 def get_selected_backend(backend: Optional[str] = None) -> Selection:
     """The selection in force for a call with the given ``backend=`` argument."""
     if backend is not None:
-        return Selection(_check_name(backend), True)
+        return _named(backend) if backend.__class__ is str else Selection(_check_name(backend), True)
     ctx = _context.get()
     if ctx is not None:
         return ctx
     if _global is not None:
         return _global
-    env = os.environ.get(ENV_VAR)
-    if env:
-        if env != AUTO and env not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={env!r} is not a backend; known: {', '.join(BACKENDS)} or auto")
-        return Selection(env, True)
-    return Selection(AUTO, True)
+    env = _env_value()
+    return _from_env(env) if env else _AUTO_SELECTION
 
 
 def _cpu_order(inp: AttnInputs) -> tuple:
@@ -109,7 +144,7 @@ def _cpu_order(inp: AttnInputs) -> tuple:
         return ("reference", "sdpa")
     # A windowed call attends over the keys of one window (49 for 7x7), not over the whole grid.
     keys = inp.window.tokens if inp.window is not None else inp.nk
-    if keys >= CPU_SDPA_MIN_KEYS.get(inp.dtype, _CPU_SDPA_MIN_KEYS_DEFAULT):
+    if keys <= CPU_SDPA_MAX_TINY_KEYS or keys >= CPU_SDPA_MIN_KEYS.get(inp.dtype, _CPU_SDPA_MIN_KEYS_DEFAULT):
         return ("sdpa", "reference")
     return ("reference", "sdpa")
 
@@ -135,9 +170,10 @@ def _format(reasons: dict[str, list[str]]) -> str:
     return "; ".join(f"{name}: {', '.join(rs)}" for name, rs in reasons.items())
 
 
-def choose(inp: AttnInputs, backend: Optional[str] = None) -> type[Backend]:
-    """The backend that will serve ``inp``; raises ``ValueError`` listing reasons if none can."""
-    sel = get_selected_backend(backend)
+def choose(inp: AttnInputs, backend: Optional[str] = None, selection: Optional[Selection] = None) -> type[Backend]:
+    """The backend that will serve ``inp`` (under ``selection``, default the one in force for ``backend``);
+    raises ``ValueError`` listing reasons if none can."""
+    sel = selection if selection is not None else get_selected_backend(backend)
     if sel.name != AUTO:
         chosen = get_backend(sel.name)
         reasons = chosen.not_supported_reasons(inp)

@@ -52,6 +52,23 @@ class AttnInputs:
     head_mix: Optional[HeadMix] = None
     window: Optional[Window] = None
 
+    @classmethod
+    def of_call(cls, q: Tensor, k: Tensor, v: Tensor, bias: tuple, head_mix: Optional[HeadMix],
+                static: dict) -> AttnInputs:
+        """The inputs of a call whose signature a plan has validated (``plan.py``): the call's tensors and
+        descriptors plus the plan's ``static`` fields (``static_fields()``), without re-validating and
+        without the frozen dataclass's field-by-field ``__init__`` (~1 us)."""
+        inp = object.__new__(cls)
+        fields = inp.__dict__
+        fields.update(static)
+        fields["q"], fields["k"], fields["v"], fields["bias"], fields["head_mix"] = q, k, v, bias, head_mix
+        return inp
+
+    def static_fields(self) -> dict:
+        """The fields that a call's signature fixes (no tensors: a plan keeps them)."""
+        return {"scale": self.scale, "dropout_p": self.dropout_p, "return_probs": self.return_probs,
+                "return_cls_probs": self.return_cls_probs, "window": self.window}
+
     # Convenience views used by backends' capability checks.
     @property
     def device_type(self) -> str:

@@ -8,12 +8,15 @@ table (``kernels/tuned/<device>.json``, next to the kernel configs)::
 
 Auto dispatch on CUDA tries a bucket's measured order first, then the fixed default order for the
 backends the measurement did not cover. Without a table (or a bucket) the default order stands.
+
+The table is read once per process and device (no file system access per call); ``reload_tuned()``
+reads it again, and ``fastvit tune`` calls it after writing one. Each reload bumps ``generation()``,
+which is part of every attention plan's signature, so no plan chosen from the old table is reused.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from typing import Optional
 
@@ -22,10 +25,29 @@ import torch
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs, dtype_name
 
-__all__ = ["order_key", "measured_order", "ordered"]
+__all__ = ["order_key", "measured_order", "ordered", "generation", "reload_tuned"]
 
 _BIAS_NAMES = ((RelPosBias, "relpos"), (DenseBias, "dense"), (KeyPaddingMask, "padding"))
-_CACHE: dict = {}
+_CACHE: dict = {}  # device -> {bucket: order}
+_GENERATION = [0]
+
+
+def generation() -> int:
+    """How many times the tuned tables were reloaded in this process."""
+    return _GENERATION[0]
+
+
+def reload_tuned() -> None:
+    """Forget the tuned tables read so far (dispatch orders here, kernel configs in ``fastvit.kernels``):
+    the next call reads them again."""
+    _CACHE.clear()
+    try:
+        from fastvit.kernels.attention import reload_tuned as reload_kernel_configs
+    except Exception:  # noqa: BLE001 - no kernels package: no configs to forget
+        pass
+    else:
+        reload_kernel_configs()
+    _GENERATION[0] += 1
 
 
 def _bucket(n: int) -> int:
@@ -53,28 +75,28 @@ def _table_path(device: torch.device) -> Optional[str]:
     return tuned_path(device)
 
 
+def _read_orders(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            section = json.load(f).get("dispatch") or {}
+        if not isinstance(section, dict):
+            raise ValueError("\"dispatch\" is not an object")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError) as e:
+        warnings.warn(f"tuned table {path}: {e}; using the default CUDA order", RuntimeWarning, stacklevel=4)
+        return {}
+    return {k: tuple(v) for k, v in section.items() if isinstance(v, list)}
+
+
 def measured_order(inp: AttnInputs) -> Optional[tuple]:
     """The measured fastest-first order for this call's bucket on its CUDA device, or None."""
-    path = _table_path(inp.q.device)
-    if path is None:
-        return None
-    try:
-        mtime = os.stat(path).st_mtime_ns
-    except OSError:
-        return None
-    cached = _CACHE.get(path)
-    if cached is None or cached[0] != mtime:
-        try:
-            with open(path, encoding="utf-8") as f:
-                section = json.load(f).get("dispatch") or {}
-            if not isinstance(section, dict):
-                raise ValueError("\"dispatch\" is not an object")
-        except (OSError, ValueError) as e:
-            warnings.warn(f"tuned table {path}: {e}; using the default CUDA order", RuntimeWarning, stacklevel=3)
-            section = {}
-        cached = (mtime, {k: tuple(v) for k, v in section.items() if isinstance(v, list)})
-        _CACHE[path] = cached
-    return cached[1].get(key_of(inp))
+    device = inp.q.device
+    orders = _CACHE.get(device)
+    if orders is None:
+        path = _table_path(device)
+        orders = _CACHE[device] = {} if path is None else _read_orders(path)
+    return orders.get(key_of(inp))
 
 
 def ordered(inp: AttnInputs, default: tuple) -> tuple:

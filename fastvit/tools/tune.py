@@ -202,7 +202,8 @@ def measure_backend_order(shape, *, device: str, dtype: torch.dtype, quick: bool
 
 
 def write_table(doc: dict, path: str) -> str:
-    """Merge ``doc["entries"]`` into the tuned table at ``path`` (entries of other buckets are kept)."""
+    """Merge ``doc["entries"]`` into the tuned table at ``path`` (entries of other buckets are kept); the
+    process's tuned tables are reloaded (``fastvit.attention.measured.reload_tuned``)."""
     table = {"device": doc["device"], "triton": doc["triton"], "torch": doc["torch"], "entries": {}}
     old = {}
     if os.path.exists(path):
@@ -216,6 +217,9 @@ def write_table(doc: dict, path: str) -> str:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")
+    from fastvit.attention.measured import reload_tuned
+
+    reload_tuned()  # this process's launchers and attention plans see the new table from the next call
     return path
 
 

@@ -35,14 +35,14 @@ pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated
 
 @pytest.fixture
 def attend_calls(monkeypatch) -> list:
-    """Appends one entry per ``attend()`` call that reaches dispatch."""
-    calls, choose = [], api.choose
+    """Appends one entry per eager ``attend()`` call (each forms its plan signature once)."""
+    calls, signature = [], api.plan.signature
 
     def counting(*args, **kwargs):
         calls.append(1)
-        return choose(*args, **kwargs)
+        return signature(*args, **kwargs)
 
-    monkeypatch.setattr(api, "choose", counting)
+    monkeypatch.setattr(api.plan, "signature", counting)
     return calls
 
 

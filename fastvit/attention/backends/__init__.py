@@ -22,6 +22,9 @@ def get_backend(name: str) -> type[Backend]:
 def register_backend(backend: type[Backend]) -> type[Backend]:
     """Make a new backend selectable by name and eligible for auto dispatch (appended last)."""
     BACKENDS[backend.name] = backend
+    from ..plan import clear_plans
+
+    clear_plans()  # auto orders and named selections may now resolve differently
     return backend
 
 

@@ -8,7 +8,7 @@ never an import error.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 
@@ -104,3 +104,20 @@ class Backend:
     @classmethod
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         raise NotImplementedError
+
+    @classmethod
+    def runner(cls, inp: AttnInputs) -> Callable:
+        """A function ``run(q, k, v, bias, head_mix)`` serving every later call with ``inp``'s signature
+        (``plan.py``), returning what ``attend`` returns: the output, or the ``AttnOutput`` when extra
+        outputs were asked for. It must hold no tensor of ``inp``.
+
+        This default rebuilds the inputs and calls ``forward`` (looked up per call, so a patched
+        ``forward`` takes effect); a backend overrides it where a signature lets it skip work.
+        """
+        static, extras = inp.static_fields(), inp.return_probs or inp.return_cls_probs
+
+        def run(q, k, v, bias, head_mix):
+            result = cls.forward(AttnInputs.of_call(q, k, v, bias, head_mix, static))
+            return result if extras else result.out
+
+        return run

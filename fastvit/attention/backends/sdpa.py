@@ -8,6 +8,9 @@ into NaN; that row's output is then set to zero, as the contract says.
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch.nn.functional as F
 
 from ..bias import additive_mask
@@ -36,3 +39,23 @@ class SDPABackend(Backend):
         if valid is not None:
             out = out.masked_fill(~valid.any(dim=-1, keepdim=True), 0.0)
         return AttnOutput(out)
+
+    @classmethod
+    def runner(cls, inp: AttnInputs) -> Callable:
+        """Without biases or a window, the call is SDPA itself: which of q, k, v need a contiguous copy
+        is fixed by the signature's strides, so the plan is one ``F.scaled_dot_product_attention``."""
+        if inp.bias or inp.window is not None or inp.nk == 0 or inp.head_mix is not None:
+            return super().runner(inp)
+        scale, dropout_p = inp.scale, inp.dropout_p
+        plain = dropout_p == 0.0 and scale == 1.0 / math.sqrt(inp.head_dim)  # SDPA's defaults: its cheapest call
+        if all(t.stride(-1) == 1 for t in (inp.q, inp.k, inp.v)):
+            if plain:
+                return lambda q, k, v, bias, head_mix: F.scaled_dot_product_attention(q, k, v)
+
+            def run(q, k, v, bias, head_mix):
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        else:
+            def run(q, k, v, bias, head_mix):
+                q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return run
