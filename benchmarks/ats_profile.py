@@ -45,9 +45,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
 
-    from vit_pytorch.ats_vit import ViT as ReferenceViT
-
     from fastvit.ats_vit import ViT
+    from vit_pytorch.ats_vit import ViT as ReferenceViT
 
     cfg = CONFIGS[args.config]
     torch.manual_seed(0)

@@ -18,16 +18,23 @@ torch.backends.cudnn.allow_tf32 = False
 @pytest.fixture(autouse=True)
 def _isolate_backend_selection():
     """A test that sets a global backend must not leak it into the next test, nor the attention plans
-    it built: tests patch backends' capabilities and forwards (monkeypatch), which no real process does,
-    and a plan chosen under a patch must not serve the next test. (Within a test, plans are in force:
+    it built, nor the tuned tables read: tests patch backends' capabilities and forwards and point the
+    tuned-table directory elsewhere (monkeypatch), which no real process does, and a plan chosen or a
+    table read under a patch must not serve the next test. (Within a test, plans are in force:
     tests/attention/test_plans.py holds them to behaving exactly like the uncached path.)"""
     import fastvit
     from fastvit.attention import clear_plans
 
-    clear_plans()
+    def forget():
+        clear_plans()
+        kernels = sys.modules.get("fastvit.kernels.attention")
+        if kernels is not None:
+            kernels.reload_tuned()
+
+    forget()
     yield
     fastvit.set_backend(None)
-    clear_plans()
+    forget()
 
 
 def pytest_report_header(config):

@@ -171,8 +171,12 @@ def test_tuned_table_is_used(device, tmp_path, monkeypatch, launches):
     key = kattn.tune_key("_attn_fwd", *case.shape[2:], F32, False)
     path = Path(kattn.tuned_path(torch.device(device)))  # "cpu.json" under the interpreter
     assert path.parent == tmp_path
+    run_and_compare(case)  # the built-in configs, and the (absent) table is now cached
+    assert [c for name, c, _ in launches if name == "_attn_fwd"] != [cfg]
+    launches.clear()
     _write_table(path, {key: dict(cfg._asdict(), ms=0.01)})
     assert kattn.load_tuned(str(path))["entries"] == {key: cfg}
+    kattn.reload_tuned()  # what `fastvit tune` does after writing a table
     run_and_compare(case)
     assert [c for name, c, _ in launches if name == "_attn_fwd"] == [cfg]
     # the AOT report compiles the configs of the tuned tables too

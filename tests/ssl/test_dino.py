@@ -42,11 +42,17 @@ def pair_of_dinos(model_kwargs: dict, dino_kwargs: dict, legacy_projector_gelu: 
     return fast, ref
 
 
+# Buffers a forward pass writes (the build pass's teacher outputs): fastvit's attention may run another
+# kernel than vit-pytorch's matmul-softmax-matmul (SDPA on the CPU), so these agree to rounding, not bits.
+FORWARD_BUFFERS = ("last_teacher_centers",)
+
+
 def assert_same_state(fast, ref, what, atol=0.0):
     fast_sd, ref_sd = fast.state_dict(), ref.state_dict()
     assert list(fast_sd) == list(ref_sd), what
     for name, value in ref_sd.items():
-        assert_close(fast_sd[name], value, atol=atol, rtol=atol, what=f"{what}: {name}")
+        tol = max(atol, 1e-6) if name in FORWARD_BUFFERS else atol
+        assert_close(fast_sd[name], value, atol=tol, rtol=tol, what=f"{what}: {name}")
 
 
 def train_step_both(fast, ref, images, seed, what, **forward_kwargs):
@@ -96,7 +102,7 @@ CASES = {
 def test_training_matches_vit_pytorch(case):
     model_overrides, dino_overrides, forward_kwargs = CASES[case]
     fast, ref = pair_of_dinos({**SMALL, **model_overrides}, {**DINO, **dino_overrides})
-    assert_same_state(fast, ref, f"{case}: after construction")  # projector init and build pass alike
+    assert_same_state(fast, ref, f"{case}: after construction")  # projector init bit for bit, build pass alike
     torch.manual_seed(3)
     images = torch.rand(4, 3, 32, 32)
     losses = [train_step_both(fast, ref, images, seed, f"{case} step {seed}", **forward_kwargs) for seed in (5, 6)]

@@ -12,7 +12,7 @@ from torch import Tensor
 from fastvit.attention import attend
 from fastvit.layers import merge_heads, split_qkv
 
-from ._common import mask_bias, unmapped_call
+from ._common import mask_bias, run_module, unmapped_call
 from ._patch import Patched, patches
 
 
@@ -26,9 +26,9 @@ class Attention(Patched, TimmAttention):
             return self.fallback(why, x, attn_mask=attn_mask, is_causal=is_causal)
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = split_qkv(self.qkv(x), self.num_heads)  # (b, h, n, d)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = run_module(self.q_norm, q), run_module(self.k_norm, k)
         x = attend(q, k, v, scale=self.scale, bias=mask_bias(attn_mask), dropout_p=self.attn_dropout())
-        x = self.norm(merge_heads(x))
+        x = run_module(self.norm, merge_heads(x))
         if gate is not None:
             x = x * gate
-        return self.proj_drop(self.proj(x))
+        return run_module(self.proj_drop, self.proj(x))
