@@ -33,11 +33,30 @@ except ImportError:  # older torch
 __all__ = ["AllocatorTuning", "tune_cpu_allocator", "cpu_allocator_tuning", "tracing"]
 
 
+def _onnx_flags():
+    """``torch.onnx.is_in_onnx_export`` without its two imports per call (~0.9 us): the flags it reads,
+    looked up once; torch's own function where its private modules live elsewhere."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_in_onnx_export = None
+
+
 def tracing() -> bool:
     """Whether this call is being traced into a graph (compile, export, jit trace, ONNX, fx): eager-only
     shortcuts (in-place writes into a preallocated output, cached weight copies) step aside then."""
-    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export() or _is_fx_tracing())
+    global _in_onnx_export
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing() \
+            or torch.jit.is_scripting() or _is_fx_tracing():
+        return True
+    if _in_onnx_export is None:  # torch.onnx imports its exporter lazily: so does this
+        _in_onnx_export = _onnx_flags()
+    return _in_onnx_export()
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1

@@ -794,9 +794,12 @@ def _dtype_class(dtype: torch.dtype) -> str:
     return "fp32" if dtype == torch.float32 else "16bit"
 
 
+_ALLOW_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: bool(torch.backends.cuda.matmul.allow_tf32))
+
+
 def _tf32(dtype: torch.dtype) -> bool:
     """fp32 inputs multiply in TF32 when torch allows it for matmuls (as cuBLAS would)."""
-    return dtype == torch.float32 and bool(torch.backends.cuda.matmul.allow_tf32)
+    return dtype == torch.float32 and bool(_ALLOW_TF32())
 
 
 def _head_blocks(d: int, dv: int) -> tuple[int, int]:
@@ -989,6 +992,7 @@ def _tuned_table(device: torch.device) -> Optional[dict]:
 def reload_tuned() -> None:
     """Read the tuned tables again at the next launch (``fastvit tune`` calls this after writing one)."""
     _TUNED_CACHE.clear()
+    _FWD_SPECS.clear()
 
 
 def rel_bias_precompute_max_logits(device: Optional[torch.device] = None) -> int:
@@ -1257,12 +1261,20 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> Tensor:
         return _PLACEHOLDERS.setdefault((dtype, device), torch.empty(0, dtype=dtype, device=device))
 
 
+_NO_BIAS: dict = {}  # (dtype, device) -> the _BiasArgs of a call without any bias
+
+
 def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
     """Normalises the biases to what the kernels are compiled for: table fp32 ``[H, T]``, index
     int32, dense bias in q's dtype, padding as uint8. A small relative-position table is expanded
     (plus a batch-free dense bias) to one dense bias in q's dtype. Absent biases become empty
     placeholders with the same dtypes, so a variant's signature does not depend on which are present."""
     device = q.device
+    if rel_table is None and dense_bias is None and key_padding is None:
+        try:
+            return _NO_BIAS[q.dtype, device]
+        except KeyError:
+            pass
     nq, nk = q.shape[2], rel_index.shape[1] if rel_index is not None else 0
     has_rel = rel_table is not None
     if has_rel and _precompute_rel(q, nq, nk, dense_bias):
@@ -1292,8 +1304,11 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
     else:
         pad = _placeholder(torch.uint8, device)
         pad_strides = (0,)
-    return _BiasArgs(table, index, dense, pad, rel_strides + dense_strides + pad_strides,
+    args = _BiasArgs(table, index, dense, pad, rel_strides + dense_strides + pad_strides,
                      has_rel, dense_bias is not None, key_padding is not None)
+    if not (has_rel or args.has_dense or args.has_pad):
+        _NO_BIAS[q.dtype, device] = args
+    return args
 
 
 def _launch(kernel, grid: int, args: tuple, constexprs: dict, cfg: Config) -> None:
@@ -1313,11 +1328,57 @@ def _geometry(q: Tensor, k: Tensor, v: Tensor, block_m: int, block_n: int, head_
                 even_d=(d, dv) == head_blocks)
 
 
+_SCRATCH: dict = {}  # (B, H, Nq, device) -> an fp32 [B, H, Nq] buffer: the lse nobody reads
+
+
+def _scratch_lse(q: Tensor, B: int, H: int, Nq: int) -> Tensor:
+    """A write-only ``lse`` for calls that discard it. Shared by every such call of this shape (on any
+    stream or thread: its values are never read), so it costs no allocation after the first."""
+    key = (B, H, Nq, q.device)
+    try:
+        return _SCRATCH[key]
+    except KeyError:
+        if len(_SCRATCH) >= 64:
+            _SCRATCH.clear()
+        return _SCRATCH.setdefault(key, q.new_empty((B, H, Nq), dtype=torch.float32))
+
+
+_FWD_SPECS: dict = {}  # launch key -> (Config, constexprs, head blocks); see _fwd_spec
+_MAX_SPECS = 4096
+
+
+def _fwd_spec(q: Tensor, nq: int, nk: int, d: int, dv: int, bias: _BiasArgs) -> tuple:
+    """``(cfg, constexprs, head_blocks)`` of a forward launch: the config (forced > tuned > heuristic)
+    and every compile-time flag, derived from the sizes, dtype, device, bias kinds and TF32 mode alone,
+    so they are worked out once per such key (``reload_tuned()`` forgets them; forced configs bypass
+    the cache). The first launch of a key also checks that the device can run the kernels."""
+    forced = _FORCED.get()
+    dtype, device = q.dtype, q.device
+    key = (nq, nk, d, dv, dtype, device, bias.has_rel, bias.has_dense, bias.has_pad,
+           dtype is torch.float32 and _tf32(dtype))
+    if forced is None:
+        spec = _FWD_SPECS.get(key)
+        if spec is not None:
+            return spec
+    _require_runtime(device)
+    head_blocks = _head_blocks(d, dv)
+    cfg = _pick_config("_attn_fwd", nq, nk, head_blocks, dtype, bias.kind, device)
+    flags = _flags(even_m=nq % cfg.block_m == 0, even_n=nk % cfg.block_n == 0, even_d=(d, dv) == head_blocks,
+                   has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
+    spec = (cfg, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
+                      **flags, **_dot_flags(dtype)), head_blocks)
+    if forced is None:
+        if len(_FWD_SPECS) >= _MAX_SPECS:
+            _FWD_SPECS.clear()
+        _FWD_SPECS[key] = spec
+    return spec
+
+
 def attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
     dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
-    return_cls_probs: bool = False, dropout_p: float = 0.0, checked: bool = True,
+    return_cls_probs: bool = False, dropout_p: float = 0.0, checked: bool = True, need_lse: bool = True,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """Fused attention forward.
 
@@ -1330,6 +1391,8 @@ def attention_fwd(
         return_cls_probs: also return ``[B, H, Nk]`` probabilities of query 0 (input dtype).
         dropout_p: must be 0 (dropout is not supported).
         checked: validate the inputs (False: the caller did, e.g. `attention` or the custom op).
+        need_lse: False when the caller discards ``lse`` (eager inference): the kernel then writes it
+            into a scratch buffer shared by such calls of the same shape, one allocation fewer per call.
 
     Returns:
         ``(out [B, H, Nq, Dv] in q's dtype, lse [B, H, Nq] fp32, cls_probs or None)``.
@@ -1338,32 +1401,27 @@ def attention_fwd(
         scale = _check_scale(scale)
         _check_dropout(dropout_p)
         _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
-    _require_runtime(q.device)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
-    out = torch.empty((B, H, Nq, Dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    cls_probs = (torch.empty((B, H, Nk), dtype=q.dtype, device=q.device) if return_cls_probs else None)
-    if B * H * Nq == 0:
-        return out, lse, cls_probs
-    if Nk == 0:  # no keys: every row is empty
-        out.zero_()
-        lse.fill_(float("inf"))
+    out = q.new_empty((B, H, Nq, Dv))
+    lse = q.new_empty((B, H, Nq), dtype=torch.float32) if need_lse or return_cls_probs else _scratch_lse(q, B, H, Nq)
+    cls_probs = q.new_empty((B, H, Nk)) if return_cls_probs else None
+    if B * H * Nq == 0 or Nk == 0:
+        _require_runtime(q.device)
+        if B * H * Nq and not Nk:  # no keys: every row is empty
+            out.zero_()
+            lse.fill_(float("inf"))
         return out, lse, cls_probs
 
     bias = _bias_args(q, rel_table, rel_index, dense_bias, key_padding)
-    head_blocks = _head_blocks(D, Dv)
-    cfg = _pick_config("_attn_fwd", Nq, Nk, head_blocks, q.dtype, bias.kind, q.device)
-    flags = _flags(**_geometry(q, k, v, cfg.block_m, cfg.block_n, head_blocks),
-                   has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
-    qk_scale = scale * _LOG2E
-    _launch(_attn_fwd, B * H * triton.cdiv(Nq, cfg.block_m),
+    cfg, constexprs, head_blocks = _fwd_spec(q, Nq, Nk, D, Dv, bias)
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    _launch(_attn_fwd, B * H * -(-Nq // cfg.block_m),
             (q, k, v, out, lse, bias.rel_table, bias.rel_index, bias.dense_bias, bias.key_padding,
-             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *bias.strides,
-             H, Nq, Nk, D, Dv, qk_scale, 1.0 / scale),
-            dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
-                 **flags, **_dot_flags(q.dtype)), cfg)
+             qs[0], qs[1], qs[2], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], os_[2], *bias.strides,
+             H, Nq, Nk, D, Dv, scale * _LOG2E, 1.0 / scale), constexprs, cfg)
     if return_cls_probs:
         _launch_cls_probs(q, k, lse, cls_probs, bias, scale, head_blocks)
     return out, lse, cls_probs
@@ -1692,6 +1750,21 @@ def _op_backward(ctx, d_out, _d_lse):
 _attn_fwd_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
+def _plain_eager(q: Tensor, k: Tensor, v: Tensor, rel_table: Optional[Tensor], dense_bias: Optional[Tensor]) -> bool:
+    """Whether a call may run the launcher directly instead of through ``fastvit::attn_fwd``: no
+    gradient to record, plain tensors, and nothing watching the dispatcher (torch.compile, jit.trace,
+    torch.export, dispatch or function modes, functorch transforms), which must see the op. The op's
+    dispatch costs ~10 us per call on the host; eager inference has no use for it."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or rel_table is not None and rel_table.requires_grad
+                                    or dense_bias is not None and dense_bias.requires_grad):
+        return False
+    return (q.__class__ is Tensor and k.__class__ is Tensor and v.__class__ is Tensor
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+            and not torch._C._len_torch_dispatch_stack() and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active())
+
+
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = None,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
@@ -1714,6 +1787,9 @@ def attention(
     if not validated:
         scale = _check_scale(scale)
         _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
+    if _plain_eager(q, k, v, rel_table, dense_bias):
+        return attention_fwd(q, k, v, scale=scale, rel_table=rel_table, rel_index=rel_index, dense_bias=dense_bias,
+                             key_padding=key_padding, checked=False, need_lse=False)[0]
     out, _ = torch.ops.fastvit.attn_fwd(q, k, v, scale, rel_table, rel_index, dense_bias, key_padding)
     return out
 
@@ -1733,6 +1809,11 @@ def attention_with_cls_probs(
     if not validated:
         scale = _check_scale(scale)
         _check_inputs(q, k, v, rel_table, rel_index, dense_bias, key_padding)
+    if _plain_eager(q, k, v, rel_table, dense_bias):
+        out, _, cls_probs = attention_fwd(q, k, v, scale=scale, rel_table=rel_table, rel_index=rel_index,
+                                          dense_bias=dense_bias, key_padding=key_padding, return_cls_probs=True,
+                                          checked=False)
+        return out, cls_probs
     out, lse = torch.ops.fastvit.attn_fwd(q, k, v, scale, rel_table, rel_index, dense_bias, key_padding)
     detach = (lambda t: None if t is None else t.detach())
     cls_probs = torch.ops.fastvit.attn_cls_probs(q.detach(), k.detach(), lse, scale, detach(rel_table),
