@@ -25,13 +25,18 @@ part is recorded and the next one still runs), inside a total budget of 420 s (`
    per shape and mode would take the part's time (``fastvit bench --windows all`` runs it).
 5. ``bench_vit_b16``: ViT-B/16 at batch 128 in bf16 autocast: fastvit auto vs the ``sdpa`` backend
    vs timm eager.
-6. ``bench_models``: the default presets, same contenders.
-7. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
+6. ``graphs``: ``benchmarks/cuda_graphs.py``: a fastvit ViT-B/16 and a patched timm ViT-B/16 on the
+   triton backend, batch 1 and 8, bf16 autocast: eager vs one captured CUDA graph replayed (the
+   graph's logits against eager's, and the speed-up: at small batch the host path is the cost).
+7. ``bench_models``: the default presets, same contenders.
+8. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
    bf16 autocast, unpatched (timm eager) vs ``fastvit.patch_timm`` (same weights).
-8. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
+9. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
    ``kernels/tuned/<device>.json``), with what time is left.
-9. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
+10. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
    only if at least 90 s are left.
+11. ``graphs_compile``: the graph cases again, plus ``torch.compile(mode="reduce-overhead")`` at batch
+    8, only if at least 120 s are left.
 
 A part gets its share of the budget plus what earlier parts left unused. At its limit it receives
 SIGINT (pytest and ``fastvit bench`` then write what they have), then SIGKILL 15 s later. The JSON
@@ -62,9 +67,10 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TOTAL_BUDGET_S = 420.0
 
 # Seconds per part at the default budget (scaled to --budget); a part's unused time rolls forward.
-SHARES = {"info": 10, "tests": 130, "check": 35, "bench_attention": 80, "bench_windows": 30, "bench_vit_b16": 35,
-          "bench_models": 35, "bench_timm_patch": 35, "tune": 30, "bench_timm_compile": 0}
-OPTIONAL_MIN_S = {"bench_timm_compile": 90.0}  # parts with no share run only if this much is left
+SHARES = {"info": 10, "tests": 120, "check": 35, "bench_attention": 70, "bench_windows": 30, "bench_vit_b16": 35,
+          "graphs": 20, "bench_models": 35, "bench_timm_patch": 35, "tune": 30, "bench_timm_compile": 0,
+          "graphs_compile": 0}
+OPTIONAL_MIN_S = {"bench_timm_compile": 90.0, "graphs_compile": 120.0}  # no share: only with this much left
 
 # The kernel tests, natively on CUDA (on the CPU dry run: a few interpreter cases).
 TEST_PATHS = ["tests/kernels", "tests/attention/test_backends.py", "tests/attention/test_flex.py"]
@@ -257,6 +263,25 @@ def _bandwidth_target(what: str, goal: float, row: Optional[dict]) -> dict:
             "peak_gbps": row["peak_gbps"], "met": ratio >= goal}
 
 
+def _graph_targets(parts: dict) -> list:
+    """Each model captures in a CUDA graph on the triton backend and replays eager's logits; the replay's
+    speed-up over eager is reported (batch 1: the host path is most of eager's time)."""
+    rows = ((parts.get("graphs") or {}).get("result") or {}).get("results", [])
+    found = []
+    for impl in ("fastvit", "timm"):
+        graph = [r for r in rows if r.get("impl") == impl and r.get("mode") == "cuda_graph"]
+        what = f"{impl} ViT on triton captures in a CUDA graph and replays eager's logits (batch 1 and 8)"
+        if not graph or all(r.get("status") == "skipped" for r in graph):
+            reason = graph[0].get("reason", "not measured") if graph else "not measured"
+            found.append({"target": what, "goal": 1.0, "ratio": None, "met": None, "reason": reason})
+            continue
+        ok = [r for r in graph if r.get("status") == "ok"]
+        found.append({"target": what, "goal": 1.0, "met": len(ok) == len(graph),
+                      "ratio": round(min(r["x_eager"] for r in ok), 3) if ok else None,
+                      "by_batch": {str(r.get("batch")): r.get("x_eager", r.get("reason")) for r in graph}})
+    return found
+
+
 def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224") -> list:
     """The design's GPU targets from the parts' results (``dtype`` and ``model`` as the run used them)."""
     att = ((parts.get("bench_attention") or {}).get("result") or {}).get("results", [])
@@ -290,6 +315,7 @@ def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224
         _bandwidth_target("7x7 windows with bias and shift fwd: triton >= 60% of HBM bandwidth on the q/k/v/o bytes",
                           0.6, _row(win, kind="attention", name=WINDOW_TARGET_SHAPE, mode="fwd", contender="triton",
                                     dtype=dtype)),
+        *_graph_targets(parts),
         *(_target(f"timm {name} patched in place, {dtype}: >= {goal}x timm eager", goal,
                   _median(patched, kind="timm", name=name, contender=f"patched {dtype}"),
                   _median(patched, kind="timm", name=name, contender=f"timm {dtype}"))
@@ -322,6 +348,7 @@ def build_parts(args, tmp: str) -> dict:
     models = [*bench, "--no-attention", "--backends", "auto,sdpa", "--no-vit-pytorch"]
     path = lambda name: os.path.join(tmp, name)
     interpret = {} if args.device.startswith("cuda") else {"TRITON_INTERPRET": "1"}
+    graphs = os.path.join(ROOT, "benchmarks", "cuda_graphs.py")
     return {
         "info": ([*fastvit, "info"], None, {}),
         "tests": (pytest_cmd, None, {"PYTHONPATH": os.pathsep.join(filter(None, [
@@ -340,6 +367,7 @@ def build_parts(args, tmp: str) -> dict:
         "bench_vit_b16": ([*models, "--models", VIT_B16 if not args.quick else QUICK_MODEL,
                            "--batch-size", "2" if args.quick else "128", "--group-seconds",
                            "0.2" if args.quick else "2", "--json", path("vit_b16.json")], path("vit_b16.json"), {}),
+        "graphs": ([py, graphs, *dev, *quick, "--json", path("graphs.json")], path("graphs.json"), {}),
         "bench_models": ([*models, "--models", "default", "--group-seconds", "0.2" if args.quick else "0.4",
                           *(["--batch-size", "32"] if not args.quick else []), "--json", path("models.json")],
                          path("models.json"), {}),
@@ -354,6 +382,8 @@ def build_parts(args, tmp: str) -> dict:
                                 "--batch-size", "2" if args.quick else "128",
                                 "--timm-compile", "--group-seconds", "0.2" if args.quick else "2",
                                 "--json", path("timm_compile.json")], path("timm_compile.json"), {}),
+        "graphs_compile": ([py, graphs, *dev, *quick, "--compile",
+                            "--json", path("graphs_compile.json")], path("graphs_compile.json"), {}),
     }
 
 

@@ -134,3 +134,20 @@ def test_the_windowed_bench_part_runs_the_targets_shape_first():
     assert WINDOW_SHAPES[0].name == gpu_check.WINDOW_TARGET_SHAPE
     assert gpu_check.QUICK_WINDOW_SHAPES.split(",")[0] == gpu_check.WINDOW_TARGET_SHAPE
     assert "bench_windows" in gpu_check.SHARES and sum(gpu_check.SHARES.values()) == gpu_check.TOTAL_BUDGET_S
+
+
+def test_graph_targets_need_every_capture_to_replay_eagers_logits():
+    row = lambda impl, batch, status, x=None, **extra: {"impl": impl, "batch": batch, "mode": "cuda_graph",
+                                                         "status": status, **({"x_eager": x} if x else {}), **extra}
+    eager = {"impl": "fastvit", "batch": 1, "mode": "eager", "status": "ok", "ms": 2.0}
+    parts = {"graphs": {"result": {"results": [
+        eager, row("fastvit", 1, "ok", 3.5), row("fastvit", 8, "ok", 1.4),
+        row("timm", 1, "ok", 2.0), row("timm", 8, "mismatch", 1.1, max_abs_diff_vs_eager=0.9)]}}}
+    fast, timm = gpu_check._graph_targets(parts)
+    assert fast["met"] is True and fast["ratio"] == 1.4 and fast["by_batch"] == {"1": 3.5, "8": 1.4}
+    assert timm["met"] is False and timm["ratio"] == 2.0
+    skipped = {"graphs": {"result": {"results": [row("fastvit", 1, "skipped", reason="no CUDA device")]}}}
+    fast, timm = gpu_check._graph_targets(skipped)
+    assert fast["met"] is None and fast["reason"] == "no CUDA device"
+    assert timm["met"] is None and timm["reason"] == "not measured"
+    assert any("CUDA graph" in t["target"] for t in gpu_check.targets(parts))
