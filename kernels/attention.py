@@ -1338,6 +1338,9 @@ def _scratch_lse(q: Tensor, B: int, H: int, Nq: int) -> Tensor:
     try:
         return _SCRATCH[key]
     except KeyError:
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            # memory a CUDA graph allocates belongs to its pool (freed with the graph): never kept here
+            return q.new_empty((B, H, Nq), dtype=torch.float32)
         if len(_SCRATCH) >= 64:
             _SCRATCH.clear()
         return _SCRATCH.setdefault(key, q.new_empty((B, H, Nq), dtype=torch.float32))

@@ -58,6 +58,8 @@ def _cached_dense(table: Tensor, index: Tensor, build: Callable[[], Tensor]) -> 
     if hit is not None and hit[0]() is table and hit[1]() is index and hit[2] == (table._version, index._version):
         return hit[3]
     dense = build()
+    if dense.is_cuda and torch.cuda.is_current_stream_capturing():
+        return dense  # a CUDA graph's memory is freed with the graph: kept by the graph, not here
     drop = lambda _, key=key: _MATERIALIZED.pop(key, None)  # noqa: E731 - the weakref callback
     _MATERIALIZED[key] = (weakref.ref(table, drop), weakref.ref(index, drop), (table._version, index._version), dense)
     return dense
