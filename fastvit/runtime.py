@@ -25,10 +25,21 @@ from dataclasses import dataclass
 
 import torch
 
-try:  # torch.fx.symbolic_trace alone (is_fx_tracing also answers for torch.export, with a warning)
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
-except ImportError:  # older torch
-    from torch.fx._symbolic_trace import is_fx_tracing as _is_fx_tracing
+
+def _fx_tracing_check():
+    """torch.fx symbolic tracing alone (``is_fx_tracing`` also answers for torch.export, with a warning).
+    ``tracing()`` has asked ``is_compiling()`` first, so fx's thread-local flag is the answer; read from
+    the thread-local's dict it costs ~30 ns (``getattr`` with a default raises and catches an
+    AttributeError inside while the flag was never set: ~300 ns). torch's function where that is absent."""
+    from torch.fx import _symbolic_trace
+
+    tls = getattr(_symbolic_trace, "_is_fx_tracing_tls", None)
+    if tls is not None and hasattr(tls, "__dict__"):
+        return lambda: tls.__dict__.get("flag", False)
+    return getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+
+
+_is_fx_tracing = _fx_tracing_check()
 
 __all__ = ["AllocatorTuning", "tune_cpu_allocator", "cpu_allocator_tuning", "tracing"]
 

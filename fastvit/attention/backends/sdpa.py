@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch.nn.functional as F
 
-from ..bias import additive_mask
+from ..bias import DenseBias, RelPosBias, additive_mask
 from ..inputs import AttnInputs, AttnOutput
 from ..partition import partitioned
 from ..reference import reference_attention
@@ -44,8 +44,10 @@ class SDPABackend(Backend):
     def runner(cls, inp: AttnInputs) -> Callable:
         """Without biases or a window, the call is SDPA itself: which of q, k, v need a contiguous copy
         is fixed by the signature's strides, so the plan is one ``F.scaled_dot_product_attention``."""
-        if inp.bias or inp.window is not None or inp.nk == 0 or inp.head_mix is not None:
+        if inp.window is not None or inp.nk == 0 or inp.head_mix is not None:
             return super().runner(inp)
+        if inp.bias:
+            return cls._bias_runner(inp)
         scale, dropout_p = inp.scale, inp.dropout_p
         plain = dropout_p == 0.0 and scale == 1.0 / math.sqrt(inp.head_dim)  # SDPA's defaults: its cheapest call
         if all(t.stride(-1) == 1 for t in (inp.q, inp.k, inp.v)):
@@ -58,4 +60,26 @@ class SDPABackend(Backend):
             def run(q, k, v, bias, head_mix):
                 q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
                 return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return run
+
+    @classmethod
+    def _bias_runner(cls, inp: AttnInputs) -> Callable:
+        """One ``RelPosBias`` or ``DenseBias`` (the common case: Swin, LeViT, BEiT, CrossFormer) is SDPA's
+        ``attn_mask`` as it is, broadcast by SDPA itself (an eval ``RelPosBias`` is materialised once per
+        table and index); whether it needs a cast to q's dtype is fixed by the signature. Anything else
+        (key padding, several biases) takes the default: ``additive_mask`` and the empty-row fix-up."""
+        if len(inp.bias) != 1 or inp.bias[0].__class__ not in (RelPosBias, DenseBias) \
+                or not all(t.stride(-1) == 1 for t in (inp.q, inp.k, inp.v)):
+            return super().runner(inp)
+        b = inp.bias[0]
+        bias_dtype = (b.table if b.__class__ is RelPosBias else b.tensor).dtype
+        dtype, scale, dropout_p = inp.q.dtype, inp.scale, inp.dropout_p
+        if bias_dtype == dtype:
+            def run(q, k, v, bias, head_mix):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[0].materialize(), dropout_p=dropout_p,
+                                                      scale=scale)
+        else:
+            def run(q, k, v, bias, head_mix):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[0].materialize().to(dtype),
+                                                      dropout_p=dropout_p, scale=scale)
         return run
