@@ -10,7 +10,8 @@
     fastvit attention-map --model NAME --image PATH --out map.png   attention rollout over an image
     fastvit train --model NAME --data DIR   train / pre-train (--ssl); torchrun for many GPUs (fastvit.train)
 
-Exit status: 0 on success, 1 when a check case fails or a kernel does not compile, 2 on bad usage
+Exit status: 0 on success, 1 when a check case fails or a kernel does not compile (and, for
+``fastvit bench --strict``, when a contender raised or a group stayed unstable), 2 on bad usage
 (an unknown backend, dtype or model; ``--device cuda`` without CUDA).
 """
 
@@ -150,13 +151,19 @@ def cmd_bench(args, out: Console) -> int:
     if args.no_attention:
         shapes = []
     windows = _split(args.windows)
+    if args.overhead and args.no_overhead:
+        raise UsageError("--overhead and --no-overhead contradict each other")
+    if args.precision is not None and not args.precision >= 0:
+        raise UsageError(f"--precision must be >= 0 (0.05 = ±5%), got {args.precision}")
+    overhead = True if args.overhead else False if args.no_overhead else None
     config = BenchConfig(device=device, dtypes=_split(args.dtype), batch_size=args.batch_size,
                          backends=_split(args.backends), models=models, shapes=shapes, windows=windows,
                          backward=args.backward,
                          quick=args.quick, group_seconds=args.group_seconds, vit_pytorch=not args.no_vit_pytorch,
                          timm=not args.no_timm, memory=not args.no_memory, max_seconds=args.max_seconds,
                          threads=args.threads, tune_allocator=args.tune_allocator,
-                         timm_compile=args.timm_compile, timm_patch=_split(args.timm_patch))
+                         timm_compile=args.timm_compile, timm_patch=_split(args.timm_patch), overhead=overhead,
+                         precision=0.05 if args.precision is None else args.precision)
     try:
         n_groups = len(plan(config))
     except ValueError as e:
@@ -186,7 +193,13 @@ def cmd_bench(args, out: Console) -> int:
         write_json(args.json, doc)
         out.print(f"wrote {args.json} ({len(doc['results'])} results, {doc['wall_s']:.0f} s)")
     errors = [r for r in doc["results"] if r["status"] == "error"]
-    return 1 if problems or (args.strict and errors) else 0
+    unstable = list(dict.fromkeys(f"{r['kind']} {r['name']} {r.get('dtype') or ''} {r['mode']}".replace("  ", " ")
+                                  for r in doc["results"] if r.get("unstable")))
+    if unstable:
+        style = "red" if args.strict else "yellow"
+        out.print(f"[{style}]unstable (a ratio's 95% interval wider than ±{100 * config.precision:g}% at the "
+                  f"hard cap): {escape(', '.join(unstable))}[/{style}]")
+    return 1 if problems or (args.strict and (errors or unstable)) else 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Every group is one interleaved run, so its ratios are comparable even on a "
                                    "noisy machine. Default: fp32 attention shapes with every backend + auto, "
                                    "vit_small_patch16_224 at batch 8 under every backend, vs vit-pytorch and timm "
-                                   "(plus fastvit bf16 autocast), and one preset per other vit-pytorch "
-                                   "architecture (auto vs vit-pytorch / timm, batch 2 on the CPU).")
+                                   "(plus fastvit bf16 autocast), one preset per other vit-pytorch "
+                                   "architecture (auto vs vit-pytorch / timm, batch 2 on the CPU) and the host-path "
+                                   "overhead group. Every ratio comes with its 95% interval (a bootstrap over the "
+                                   "rounds).")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", action="append", help="comma-separated: fp32, bf16, fp16 (autocast for models)")
     p.add_argument("--batch-size", type=int, help="model batch size (and attention batch, overriding each shape's)")
@@ -373,10 +388,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "linear=True, same weights; comma-separated globs over timm names or families, 'all' (one "
                         "model per family) or 'default' (ViT-S/16, Swin-T); combine with --no-attention "
                         "--no-models to run only these")
+    p.add_argument("--overhead", action="store_true",
+                   help="the host-path group: us per call on [1, 1, 16, 16] fp32, raw SDPA vs attend() (auto, sdpa, "
+                        "each bias descriptor, a Window), the triton path with its launch a no-op (on the CPU it "
+                        "needs TRITON_INTERPRET=1 set before the start) and timm's Attention patched vs not; on by "
+                        "default in a full run (no --quick, --models, --shapes); combine with --no-attention "
+                        "--no-models to run only it")
+    p.add_argument("--no-overhead", action="store_true", help="leave the host-path group out of a full run")
+    p.add_argument("--precision", type=float, metavar="FRACTION",
+                   help="relative half-width every ratio's 95%% interval should reach (default 0.05 = ±5%%); "
+                        "groups keep sampling past their budget, up to 2x, and are marked unstable if not")
     p.add_argument("--no-vit-pytorch", action="store_true", help="do not compare against vit-pytorch")
     p.add_argument("--no-timm", action="store_true", help="do not compare against timm")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any contender raised")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 if any contender raised or any group ended unstable (see --precision)")
     p.add_argument("--json", metavar="PATH", help="write the results document here")
 
     p = sub.add_parser("kernels", help="compile every Triton kernel config ahead of time: registers, spills")

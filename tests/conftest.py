@@ -23,10 +23,11 @@ def _isolate_backend_selection():
     table read under a patch must not serve the next test. (Within a test, plans are in force:
     tests/attention/test_plans.py holds them to behaving exactly like the uncached path.)"""
     import fastvit
-    from fastvit.attention import clear_plans
+    from fastvit.attention import clear_plans, measured
 
     def forget():
         clear_plans()
+        measured._CACHE.clear()  # dispatch orders read from a (patched) tuned table
         kernels = sys.modules.get("fastvit.kernels.attention")
         if kernels is not None:
             kernels.reload_tuned()

@@ -6,6 +6,7 @@ Nothing here asserts a timing: only that things were measured, recorded and repo
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -17,6 +18,22 @@ from fastvit.models.registry import get_model_entry
 from fastvit.tools import contenders as bench_contenders
 from fastvit.tools import env as bench_env
 from fastvit.tools import runner, schema, shapes, timing
+
+
+def assert_intervals(rows: list) -> None:
+    """Every ratio column of every row that ran has its interval: ``[low, high]`` of positive ratios, or
+    None where the base did not run (or too few rounds hold both)."""
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        assert isinstance(row["unstable"], bool), row
+        for key in [k for k in row if k.startswith("x_") and not k.endswith("_ci")]:
+            assert f"{key}_ci" in row, f"{row['name']} {row['contender']}: {key} has no interval"
+            interval = row[f"{key}_ci"]
+            if row[key] is None:
+                assert interval is None, (row["contender"], key, interval)
+            elif interval is not None:
+                assert 0 < interval[0] <= interval[1], (row["contender"], key, interval)
 
 
 def test_bench_quick_end_to_end_writes_a_valid_document(capsys, tmp_path):
@@ -53,7 +70,10 @@ def test_bench_quick_end_to_end_writes_a_valid_document(capsys, tmp_path):
         assert vit[contender]["status"] == "ok", vit[contender]
         assert vit[contender]["img_per_s"] > 0
     assert vit["vit-pytorch fp32"]["x_vit_pytorch"] == pytest.approx(1.0)
+    assert vit["vit-pytorch fp32"]["x_vit_pytorch_ci"] == [1.0, 1.0]
     assert vit["fastvit[auto] fp32"]["x_timm"] is not None
+    assert_intervals(doc["results"])
+    assert not any(r["kind"] == "overhead" for r in doc["results"])  # --quick runs leave it out
     # the table and the headline summary were printed
     assert "vit_small_patch16_224" in out and "x vit-pytorch" in out and "x naive" in out
 
@@ -324,6 +344,7 @@ def test_timm_patch_groups_time_timm_unpatched_patched_and_linear(capsys, tmp_pa
         assert all(r["status"] == "ok" and r["img_per_s"] > 0 for r in by.values()), by
         assert by["timm fp32"]["x_timm"] == pytest.approx(1.0) and by["patched+linear fp32"]["x_timm"] > 0
         assert by["patched fp32"]["impl"] == "timm-patched" and by["patched fp32"]["family"]
+    assert_intervals(rows)
     assert "patched in place" in out and "patched+linear" in out
 
 
@@ -337,3 +358,277 @@ def test_select_timm_models():
     with pytest.raises(ValueError, match="no timm bench model matches"):
         select_timm_models(["nope*"])
     assert len({m.family for m in TIMM_BENCH_MODELS}) >= 15  # one model per family patch_timm serves
+
+
+# ---- confidence intervals of the ratios (a bootstrap over the interleaved rounds) -------------------------------
+
+def _width(interval) -> float:
+    return interval[1] - interval[0]
+
+
+def test_ratio_interval_narrow_for_identical_samples_wider_for_noise_and_paired_noise_cancels():
+    gen = torch.Generator().manual_seed(1)
+    n = 40
+    # identical samples: the ratio is exactly 2 in every resample
+    steady = timing.ratio_interval([2e-3] * n, [1e-3] * n)
+    assert steady == pytest.approx((2.0, 2.0), abs=1e-12)
+
+    # independent noise (±20% per sample): the interval widens but still holds the true ratio
+    base = (2e-3 * (1 + 0.4 * (torch.rand(n, generator=gen) - 0.5))).tolist()
+    x = (1e-3 * (1 + 0.4 * (torch.rand(n, generator=gen) - 0.5))).tolist()
+    noisy = timing.ratio_interval(base, x)
+    assert noisy[0] < 2.0 < noisy[1] and _width(noisy) > 0.05, noisy
+
+    # load that slows both contenders of a round by up to 3x, and 1% of their own noise: paired, the
+    # load cancels in the ratio; the same samples with the rounds shuffled apart do not
+    load = 1 + 2 * torch.rand(n, generator=gen)
+    base = (2e-3 * load).tolist()
+    x = (1e-3 * load * (1 + 0.02 * (torch.rand(n, generator=gen) - 0.5))).tolist()
+    paired = timing.ratio_interval(base, x)
+    unpaired = timing.ratio_interval(base, [x[i] for i in torch.randperm(n, generator=gen).tolist()])
+    assert paired[0] <= 2.0 * 1.01 and paired[1] >= 2.0 * 0.99 and _width(paired) < 0.05, paired
+    assert _width(unpaired) > 10 * _width(paired), (paired, unpaired)
+
+    # deterministic for a seed; the orientation is median(first) / median(second)
+    assert timing.ratio_interval(base, x) == paired
+    swapped = timing.ratio_interval(x, base)
+    assert swapped[1] < 0.51 and swapped[0] > 0.49, swapped
+    low, high = timing.difference_interval(x, base)  # median(base) - median(x), seconds
+    assert low <= statistics.median(base) - statistics.median(x) <= high
+    with pytest.raises(ValueError, match="one entry per round"):
+        timing.ratio_interval([1.0, 2.0], [1.0])
+
+
+def test_paired_samples_match_rounds_not_positions():
+    a = timing.Measurement("a", samples=[9.0, 1.0, 2.0, 3.0], rounds=[-1, 0, 1, 2])  # -1: its profiled call
+    b = timing.Measurement("b", samples=[10.0, 30.0], rounds=[0, 2])  # it sat round 1 out (max_samples)
+    assert timing.paired_samples(a, b) == ([1.0, 3.0], [10.0, 30.0])
+    assert timing.paired_samples(b, a) == ([10.0, 30.0], [1.0, 3.0])
+
+
+class _VirtualTime:
+    """A clock that moves only when a fake contender "runs": durations are exactly what the test says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def run(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _timed_with_virtual_time(monkeypatch, *, noisy: bool, watch, precision: float = 0.05):
+    import types
+
+    clock = _VirtualTime()
+    monkeypatch.setattr(timing, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
+    gen = torch.Generator().manual_seed(0)
+
+    def wobbly():  # 1 ms, or anywhere in 0.2-5 ms: its ratio to "steady" never settles to ±5%
+        clock.run(1e-3 * (float(torch.empty(1).uniform_(0.2, 5.0, generator=gen)) if noisy else 1.0))
+
+    contenders = [timing.Contender("steady", lambda: clock.run(1e-3)), timing.Contender("wobbly", wobbly)]
+    measured = timing.time_interleaved(contenders, "cpu", budget_s=0.1, hard_cap_factor=2.0, min_samples=3,
+                                      max_samples=10_000, target_sample_s=1e-3, warmup=1, measure_memory=False,
+                                      precision=precision, watch=watch)
+    return measured, clock.now
+
+
+def test_time_interleaved_keeps_sampling_past_the_budget_while_unsettled_and_stops_at_the_cap(monkeypatch):
+    watch = [("steady", "wobbly")]
+    # settled ratio (both 1 ms): it stops as soon as the 0.1 s budget is spent, as without a watch
+    calm, calm_end = _timed_with_virtual_time(monkeypatch, noisy=False, watch=watch)
+    unwatched, unwatched_end = _timed_with_virtual_time(monkeypatch, noisy=True, watch=())
+    assert calm_end < 0.1 + 3e-3 and unwatched_end < 0.1 + 6e-3  # one round past the budget at most
+    assert timing.unsettled(calm, watch, 0.05) == []
+
+    # unsettled: it goes on past the budget, up to the hard cap (2 x 0.1 s, warm-up included), no further
+    noisy, noisy_end = _timed_with_virtual_time(monkeypatch, noisy=True, watch=watch)
+    assert 0.2 <= noisy_end < 0.2 + 12e-3, noisy_end
+    assert len(noisy["wobbly"].samples) > 1.6 * len(unwatched["wobbly"].samples)
+    (base, name, width), = timing.unsettled(noisy, watch, 0.05)
+    assert (base, name) == ("steady", "wobbly") and width > 0.05
+    # every sample knows its round, so both contenders pair up completely
+    assert noisy["steady"].rounds == noisy["wobbly"].rounds == list(range(len(noisy["wobbly"].samples)))
+
+    # a loose precision settles at the budget
+    loose, loose_end = _timed_with_virtual_time(monkeypatch, noisy=True, watch=watch, precision=10.0)
+    assert loose_end < 0.1 + 6e-3
+
+
+def test_comparisons_carry_intervals_in_the_orientation_of_their_column():
+    from fastvit.tools.contenders import SDPA_RAW, TIMM_ATTENTION, TIMM_PATCHED
+
+    load = [1.0, 1.5, 1.2, 3.0, 1.1, 1.3]  # the same load in every contender's round
+    times = {SDPA_RAW: 5e-6, "attend auto": 8e-6, TIMM_ATTENTION: 30e-6, TIMM_PATCHED: 20e-6}
+    contenders = [timing.Contender(name, lambda: None) for name in times]
+    measured = {name: timing.Measurement(name, samples=[t * f for f in load], rounds=list(range(len(load))))
+                for name, t in times.items()}
+    group = runner.Group("overhead", "b1_h1_n16_d16", "fwd", "fp32", 1.0)
+    comparisons = runner._comparisons(group, contenders)
+    rows = [{"contender": name, "status": "ok"} for name in times]
+    runner._apply_comparisons(rows, contenders, comparisons, measured)
+    by = {r["contender"]: r for r in rows}
+    median = {name: statistics.median(m.samples) for name, m in measured.items()}
+    auto, patched = by["attend auto"], by[TIMM_PATCHED]
+    assert auto["x_sdpa"] == pytest.approx(median[SDPA_RAW] / median["attend auto"])
+    assert auto["extra_us_vs_sdpa"] == pytest.approx((median["attend auto"] - median[SDPA_RAW]) * 1e6)
+    assert patched["x_timm"] == pytest.approx(1.5) and patched["time_vs_timm"] == pytest.approx(2 / 3)
+    # the load is shared, so each interval is the point: a ratio of 1.5 is not reported as 0.67
+    assert patched["x_timm_ci"] == pytest.approx([1.5, 1.5])
+    assert patched["time_vs_timm_ci"] == pytest.approx([2 / 3, 2 / 3])
+    assert auto["x_sdpa_ci"] == pytest.approx([0.625, 0.625])
+    low, high = auto["extra_us_vs_sdpa_ci"]  # a difference does not cancel the load: it scales with it
+    assert low <= auto["extra_us_vs_sdpa"] <= high and low > 0
+    assert by[SDPA_RAW]["x_sdpa"] == 1.0 and by[SDPA_RAW]["x_sdpa_ci"] == [1.0, 1.0]
+    assert (TIMM_ATTENTION, TIMM_PATCHED) in runner._watched(comparisons)
+    assert not any(base == name for base, name in runner._watched(comparisons))
+    assert runner._unstable(contenders, comparisons, measured, 0.05) == []
+
+
+def test_strict_exits_1_when_a_group_stays_unstable(capsys, tmp_path):
+    path = tmp_path / "unstable.json"
+    common = ["bench", "--quick", "--device", "cpu", "--no-models", "--shapes", "vit_s16_224", "--backends",
+              "reference,sdpa", "--no-memory", "--group-seconds", "0.3", "--threads", "1", "--json", str(path)]
+    threads = torch.get_num_threads()
+    try:
+        # precision 0: no interval of real timings is that narrow, so the group samples on and stays unstable
+        assert cli.main([*common, "--precision", "0", "--strict"]) == 1
+        out = capsys.readouterr().out
+        doc = json.loads(path.read_text())
+        assert schema.validate_document(doc) == []
+        assert doc["results"] and all(r["unstable"] is True and "sdpa / reference" in r["unstable_reason"]
+                                      for r in doc["results"])
+        lines = [line for line in out.splitlines() if line.startswith("unstable (")]
+        assert len(lines) == 1 and "attention vit_s16_224 fp32 fwd" in lines[0], out
+        sdpa = next(r for r in doc["results"] if r["contender"] == "sdpa")
+        # past the budget: to the hard cap (2 x 0.3 s), or to max_samples when calls are that cheap
+        assert sdpa["group_wall_s"] >= 0.6 or sdpa["samples"] == 200, sdpa
+        if sdpa["x_reference_ci"] is not None:  # None when the cap left fewer than 3 rounds (a loaded machine)
+            low, high = sdpa["x_reference_ci"]
+            assert low <= high and f"({low:.2f}-{high:.2f})" in out
+
+        # the same group without --strict reports it and exits 0; a loose precision is stable
+        assert cli.main([*common, "--precision", "0"]) == 0
+        assert cli.main([*common, "--precision", "100", "--strict"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    doc = json.loads(path.read_text())
+    assert all(r["unstable"] is False and "unstable_reason" not in r for r in doc["results"])
+    capsys.readouterr()
+    assert cli.main(["bench", "--quick", "--overhead", "--no-overhead"]) == 2
+
+
+def test_validate_document_checks_intervals_and_flags():
+    good = {"schema_version": schema.SCHEMA_VERSION, "kind": "fastvit-bench", "device": "x", "device_type": "cpu",
+            "dtype": ["fp32"], "versions": {"torch": "1", "triton": None, "timm": None, "vit-pytorch": None},
+            "git_commit": None, "timestamp": "t", "config": {}, "results": []}
+    row = {"kind": "overhead", "name": "b1_h1_n16_d16", "mode": "fwd", "status": "ok", "median_ms": 0.004,
+           "min_ms": 0.004, "samples": 3, "calls": 30, "median_us": 4.0, "x_sdpa_ci": [0.9, 1.1], "unstable": False}
+    assert schema.validate_document({**good, "results": [row]}) == []
+    assert schema.validate_document({**good, "results": [{**row, "x_sdpa_ci": [1.1, 0.9]}]})
+    assert schema.validate_document({**good, "results": [{**row, "x_sdpa_ci": 1.0}]})
+    assert schema.validate_document({**good, "results": [{**row, "unstable": "yes"}]})
+    assert schema.validate_document({**good, "results": [{k: v for k, v in row.items() if k != "median_us"}]})
+
+
+# ---- the host-path overhead group -------------------------------------------------------------------------------
+
+def test_overhead_group_is_in_a_full_run_only_unless_asked_for():
+    full = runner.plan(runner.BenchConfig(device="cpu"))
+    assert full[-1].kind == "overhead" and full[-1].budget_s <= 2.0 and not full[-1].measure_memory
+    assert sum(g.kind == "overhead" for g in full) == 1
+    assert not any(g.kind == "overhead" for g in runner.plan(runner.BenchConfig(device="cpu", quick=True)))
+    assert not any(g.kind == "overhead" for g in runner.plan(runner.BenchConfig(device="cpu", overhead=False)))
+    assert not any(g.kind == "overhead" for g in runner.plan(runner.BenchConfig(device="cpu", shapes=["vit_*"])))
+    only = runner.plan(runner.BenchConfig(device="cpu", models=[], shapes=[], overhead=True, backward=True,
+                                          dtypes=["bf16"]))
+    assert [(g.kind, g.mode, g.dtype) for g in only] == [("overhead", "fwd", "fp32")]
+
+
+def test_overhead_group_times_the_host_path_with_ratios_and_targets(capsys, tmp_path):
+    pytest.importorskip("timm")
+    from fastvit.kernels import attention as kattn
+
+    from fastvit.tools.contenders import OVERHEAD_TARGETS
+
+    launch = kattn._launch
+    path = tmp_path / "overhead.json"
+    threads = torch.get_num_threads()
+    try:  # one thread, as a host-path measurement is meant to run (two on a shared CPU wait for each other)
+        rc = cli.main(["bench", "--quick", "--device", "cpu", "--overhead", "--no-attention", "--no-models",
+                       "--threads", "1", "--json", str(path)])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert kattn._launch is launch  # the no-op was for the group only
+    doc = json.loads(path.read_text())
+    assert schema.validate_document(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert {r["kind"] for r in rows.values()} == {"overhead"}
+    assert set(rows) == {"sdpa raw", "sdpa raw dense-mask", "attend auto", "attend sdpa", "attend RelPosBias",
+                         "attend DenseBias", "attend KeyPaddingMask", "attend Window", "attend triton (launch no-op)",
+                         "timm Attention", "timm Attention patched"}
+    assert all(r["status"] == "ok" for r in rows.values()), {n: r["reason"] for n, r in rows.items() if r["reason"]}
+    us = {name: r["median_us"] for name, r in rows.items()}
+    for name, r in rows.items():
+        assert 0 < r["median_us"] < 5_000 and r["median_us"] == pytest.approx(r["median_ms"] * 1e3)
+        assert r["shape"] == {"B": 1, "H": 1, "N": 16, "D": 16} and isinstance(r["unstable"], bool)
+        if name.startswith("attend"):
+            assert r["extra_us_vs_sdpa"] == pytest.approx(us[name] - us["sdpa raw"])
+            assert r["x_sdpa"] == pytest.approx(us["sdpa raw"] / us[name])
+            low, high = r["x_sdpa_ci"]
+            assert 0 < low <= high
+            assert r["extra_us_vs_sdpa_ci"][0] <= r["extra_us_vs_sdpa_ci"][1]
+    assert rows["attend auto"]["served_by"] in BACKENDS and rows["attend sdpa"]["served_by"] == "sdpa"
+    relpos = rows["attend RelPosBias"]
+    assert relpos["extra_us_vs_sdpa_mask"] == pytest.approx(us["attend RelPosBias"] - us["sdpa raw dense-mask"])
+    patched = rows["timm Attention patched"]
+    assert patched["x_timm"] == pytest.approx(us["timm Attention"] / us["timm Attention patched"])
+    assert patched["time_vs_timm"] == pytest.approx(1 / patched["x_timm"])
+    assert patched["x_timm_ci"][0] <= patched["x_timm_ci"][1] and patched["time_vs_timm_ci"][0] < 1.5
+    triton = rows["attend triton (launch no-op)"]
+    assert triton["launch_noop"] and triton["served_by"] == "triton"
+    assert triton["median_us"] < 2_000  # an interpreted launch takes milliseconds: the no-op was in force
+    for name, (column, limit, _) in OVERHEAD_TARGETS.items():
+        r = rows[name]
+        assert r["target"]["field"] == column and r["target"]["max"] == limit
+        assert r["target_met"] is (r[column] <= limit), r
+    assert "host-path overhead" in out and "attend triton (launch no-op)" in out
+    met = sum(rows[name]["target_met"] for name in OVERHEAD_TARGETS)
+    assert f"host-path targets: {met} of {len(OVERHEAD_TARGETS)} met" in out
+
+
+def test_overhead_scope_restores_the_launch_also_on_error():
+    from fastvit.kernels import attention as kattn
+
+    launch = kattn._launch
+    with pytest.raises(RuntimeError, match="boom"):
+        with bench_contenders._overhead_scope(noop_launch=True):
+            assert kattn._launch is bench_contenders._no_launch and torch.is_inference_mode_enabled()
+            raise RuntimeError("boom")
+    assert kattn._launch is launch and not torch.is_inference_mode_enabled()
+    with bench_contenders._overhead_scope(noop_launch=False):
+        assert kattn._launch is launch
+
+
+def test_triton_noop_contender_says_why_it_cannot_run(monkeypatch):
+    from fastvit.kernels import attention as kattn
+
+    from fastvit.attention import make_inputs
+
+    inp = make_inputs(*(torch.randn(1, 1, 16, 16) for _ in range(3)))
+    assert bench_contenders._triton_noop_skip("cpu", inp) is None  # conftest set TRITON_INTERPRET=1
+    monkeypatch.setattr(kattn, "_attn_fwd", object())  # as if the kernels were compiled, not interpreted
+    assert "imported before TRITON_INTERPRET=1" in bench_contenders._triton_noop_skip("cpu", inp)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "set TRITON_INTERPRET=1" in bench_contenders._triton_noop_skip("cpu", inp)
+    contenders, info = bench_contenders.overhead_contenders(device="cpu")
+    triton = next(c for c in contenders if c.name == bench_contenders.TRITON_NOOP)
+    assert "TRITON_INTERPRET=1" in triton.skip_reason
+    launch = kattn._launch
+    with info["scope"]():  # nothing to no-op when the row does not run
+        assert kattn._launch is launch

@@ -36,18 +36,27 @@ def _index_range(index: Tensor) -> tuple[int, int]:
         return lo, hi
     key = id(index)
     cached = _INDEX_RANGE_CACHE.get(key)
-    if cached is not None and cached[0]() is index and cached[1] == index._version:
+    state = (index._version, index.data_ptr())
+    if cached is not None and cached[0]() is index and cached[1] == state:
         return cached[2], cached[3]
     lo, hi = (int(v) for v in torch.aminmax(index))
     ref = weakref.ref(index, lambda _, key=key: _INDEX_RANGE_CACHE.pop(key, None))
-    _INDEX_RANGE_CACHE[key] = (ref, index._version, lo, hi)
+    _INDEX_RANGE_CACHE[key] = (ref, state, lo, hi)
     return lo, hi
 
 
 # The dense bias of a (table, index) pair that takes no gradient (eval, inference), kept per pair until the
-# table or index changes in place or dies: a model's forward builds RelPosBias(table, index) every call,
-# and the gather would otherwise be redone every call (timm's LeViT keeps the same cache itself).
+# table or index changes or dies: a model's forward builds RelPosBias(table, index) every call, and the
+# gather would otherwise be redone every call (timm's LeViT keeps such a cache itself, per device, until
+# train()). A change is seen through the version counter (every in-place op: optimiser steps, copy_,
+# load_state_dict) and the data pointer (a rebound .data: model.to(), model.double(), MoCo-style momentum
+# updates). A write into ``t.data`` in place (``t.data.mul_(m)``) bumps no counter and is not seen, as
+# autograd does not see it either: call ``fastvit.attention.clear_plans()`` after such writes.
 _MATERIALIZED: dict = {}
+
+
+def _state(table: Tensor, index: Tensor) -> tuple:
+    return table._version, index._version, table.data_ptr(), index.data_ptr()
 
 
 def _cached_dense(table: Tensor, index: Tensor, build: Callable[[], Tensor]) -> Tensor:
@@ -55,14 +64,22 @@ def _cached_dense(table: Tensor, index: Tensor, build: Callable[[], Tensor]) -> 
         return build()
     key = (id(table), id(index))
     hit = _MATERIALIZED.get(key)
-    if hit is not None and hit[0]() is table and hit[1]() is index and hit[2] == (table._version, index._version):
+    if hit is not None and hit[0]() is table and hit[1]() is index and hit[2] == _state(table, index) \
+            and (not hit[4] or torch.is_inference_mode_enabled()):  # an inference tensor serves inference only
         return hit[3]
     dense = build()
     if dense.is_cuda and torch.cuda.is_current_stream_capturing():
         return dense  # a CUDA graph's memory is freed with the graph: kept by the graph, not here
     drop = lambda _, key=key: _MATERIALIZED.pop(key, None)  # noqa: E731 - the weakref callback
-    _MATERIALIZED[key] = (weakref.ref(table, drop), weakref.ref(index, drop), (table._version, index._version), dense)
+    _MATERIALIZED[key] = (weakref.ref(table, drop), weakref.ref(index, drop), _state(table, index), dense,
+                          dense.is_inference())
     return dense
+
+
+def clear_cached_biases() -> None:
+    """Forget every cached dense bias and index range (``clear_plans()`` calls this)."""
+    _MATERIALIZED.clear()
+    _INDEX_RANGE_CACHE.clear()
 
 
 @dataclass(frozen=True)

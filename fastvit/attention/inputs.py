@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -157,6 +158,8 @@ def validate_inputs(inp: AttnInputs) -> None:
         raise ValueError(f"k and v sequence lengths differ: k {_shape(k)}, v {_shape(v)}")
     if not 0.0 <= inp.dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {inp.dropout_p}")
+    if not math.isfinite(inp.scale):  # backends disagree on a NaN / inf scale (SDPA gives zeros on the CPU)
+        raise ValueError(f"scale must be finite, got {inp.scale}")
 
     B, H, Nq, _ = q.shape
     Nk = k.shape[-2]

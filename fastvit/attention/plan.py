@@ -17,7 +17,7 @@ The signature (``signature()``) holds everything validation and selection read:
 - the backend selection in force (``backend=``, ``use_backend``, ``set_backend``,
   ``FASTVIT_ATTN_BACKEND``: each a different key, so changing one never reuses another's plan);
 - the generation of the tuned tables (``measured.generation()``: bumped when ``fastvit tune`` writes
-  a table or ``fastvit.kernels.reload_tuned()`` is called).
+  a table or ``fastvit.attention.measured.reload_tuned()`` is called).
 
 A call whose signature cannot be formed cheaply (an argument of an unexpected type, a tensor-valued
 scale) takes the full path every time, so its error message is the usual one. Refusals are never
@@ -39,7 +39,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
+from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias, clear_cached_biases
 from .measured import _GENERATION
 
 __all__ = ["Plan", "MAX_PLANS", "signature", "lookup", "store", "clear_plans", "plan_info"]
@@ -93,7 +93,7 @@ def _head_mix_signature(mix, grad: bool):
 def signature(q, k, v, scale, bias, dropout_p, return_probs, return_cls_probs, head_mix, window,
               selection) -> Optional[tuple]:
     """The call's signature (see the module docstring), or None when it takes the full path."""
-    if scale is not None and scale.__class__ not in _NUMBER or dropout_p.__class__ not in _NUMBER:
+    if scale is not None and (scale.__class__ not in _NUMBER or scale != scale) or dropout_p.__class__ not in _NUMBER:
         return None
     # Plain tensors only: torch.fx proxies, fake tensors and other subclasses take the full path.
     if q.__class__ is not Tensor or k.__class__ is not Tensor or v.__class__ is not Tensor:
@@ -141,10 +141,12 @@ def store(key: tuple, plan: Plan) -> Plan:
 
 
 def clear_plans() -> None:
-    """Drop every cached plan (the next call of each signature validates and chooses again)."""
+    """Drop every cached plan (the next call of each signature validates and chooses again) and every
+    cached dense bias and index range (``bias.clear_cached_biases``)."""
     with _lock:
         _plans.clear()
         _stats["built"] = 0
+    clear_cached_biases()
 
 
 def plan_info() -> dict:

@@ -1,5 +1,6 @@
 """What a benchmark group times: every attention backend on one shape; a model under each backend
-selection, vit-pytorch with the same weights and timm's equivalent."""
+selection, vit-pytorch with the same weights and timm's equivalent; timm models patched in place; the
+host path of one tiny call (``overhead_contenders``)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from fastvit.attention import BACKENDS, attend, choose, dtype_name, make_inputs, use_backend
+from fastvit.extras import importable, install_hint
 from fastvit.tools.env import package_version
 from fastvit.tools.shapes import AttentionShape, attention_inputs
 from fastvit.tools.timing import Contender
@@ -383,8 +385,6 @@ def model_contenders(name: str, *, device: str, dtypes: Sequence[torch.dtype], m
     return contenders, info
 
 
-
-
 def timm_patch_contenders(entry, *, device: str, dtypes: Sequence[torch.dtype], mode: str = "fwd",
                           batch_size: Optional[int] = None, quick: bool = False) -> tuple:
     """The contenders of one ``--timm-patch`` group: timm's model unpatched, ``patch_timm``-ed, and
@@ -431,4 +431,160 @@ def timm_patch_contenders(entry, *, device: str, dtypes: Sequence[torch.dtype], 
                     "fastvit.layers.Linear's fast path is CPU inference only (elsewhere it is timm's Linear)")))
                 continue
             contenders.append(Contender(f"{version} {dt}", _model_fn(m, x, device, dtype, mode, None), meta))
+    return contenders, info
+
+
+# ---- the host path: what a call costs before (and instead of) any arithmetic ---------------------------------
+
+OVERHEAD_DIMS = (1, 1, 16, 16)  # B, H, N, D: so small that the time is the Python and dispatch around the math
+SDPA_RAW, SDPA_MASK, TIMM_ATTENTION, TIMM_PATCHED = ("sdpa raw", "sdpa raw dense-mask", "timm Attention",
+                                                     "timm Attention patched")
+TRITON_NOOP = "attend triton (launch no-op)"
+# The issue's targets: contender -> (row field, upper limit, what it means). Judged on the medians.
+OVERHEAD_TARGETS = {
+    "attend auto": ("extra_us_vs_sdpa", 3.0, "vs sdpa raw"),
+    # the honest base of a biased call: SDPA with the dense float mask the descriptor becomes
+    "attend RelPosBias": ("extra_us_vs_sdpa_mask", 6.0, "vs sdpa raw dense-mask"),
+    TIMM_PATCHED: ("time_vs_timm", 1.05, "of timm's time"),
+    TRITON_NOOP: ("median_us", 8.0, "per call"),
+}
+
+
+def _no_launch(*args, **kwargs) -> None:
+    """Stands in for ``fastvit.kernels.attention._launch``: everything up to the launch runs, nothing after."""
+
+
+def _triton_noop_skip(device: str, inp) -> Optional[str]:
+    """Why the triton launch path cannot be timed here (None: it can).
+
+    The kernels decide at import whether ``@triton.jit`` compiles or interprets, and on the CPU only the
+    interpreter runs, so ``TRITON_INTERPRET=1`` must be in the environment before ``fastvit.kernels`` is
+    first imported. The bench never sets it itself: it would change every other group's triton rows in
+    the process. With the launch replaced by a no-op nothing is interpreted, but the path timed must be
+    the one a real interpreted call takes, so kernels imported without it are refused as well.
+    """
+    missing = importable("triton")
+    if missing is not None:
+        return f"triton is not importable ({missing}): {install_hint('triton')}"
+    cpu = torch.device(device).type == "cpu"
+    if cpu and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("the triton kernels run on the CPU only in Triton's interpreter: set TRITON_INTERPRET=1 in the "
+                "environment before fastvit.kernels is imported (TRITON_INTERPRET=1 fastvit bench --overhead)")
+    ok, why = BACKENDS["triton"].availability()  # imports fastvit.kernels
+    if not ok:
+        return f"the triton backend is unavailable: {why}"
+    if cpu:
+        from fastvit.kernels import attention as kattn
+
+        if type(kattn._attn_fwd).__name__ != "InterpretedFunction":
+            return ("fastvit.kernels was imported before TRITON_INTERPRET=1 was set (the kernels choose the "
+                    "interpreter at import): set it in the environment before fastvit starts")
+    reasons = BACKENDS["triton"].not_supported_reasons(inp)
+    return "; ".join(reasons) if reasons else None
+
+
+@contextlib.contextmanager
+def _overhead_scope(noop_launch: bool):
+    """The whole overhead group runs under one ``torch.inference_mode()`` (as a model's caller enters it
+    once, not per attention call) and, when the triton row runs, with the kernel launch a no-op; both
+    are undone when the group ends, also on error."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if noop_launch:
+            from fastvit.kernels import attention as kattn
+
+            original = kattn._launch
+            kattn._launch = _no_launch
+            stack.callback(setattr, kattn, "_launch", original)
+        yield
+
+
+def overhead_contenders(*, device: str) -> tuple:
+    """The contenders of the overhead group: the host-path cost of one call on tiny ``[1, 1, 16, 16]``
+    fp32 tensors (µs per call), raw SDPA against ``attend()`` under each way a model calls it.
+
+    The descriptors (``RelPosBias`` with Swin's 4x4 index, ``DenseBias``, ``KeyPaddingMask``,
+    ``Window`` 2x2 windows on the 4x4 grid) are built inside the timed call, as a model's forward
+    builds them. ``attend triton (launch no-op)`` is the triton path with the kernel launch replaced by
+    a no-op (``_triton_noop_skip`` says when it cannot run); ``timm Attention`` is timm's ViT attention
+    (dim 64, 2 heads, 5 tokens) unpatched and patched with ``fastvit.patch_timm`` (a deep copy).
+
+    Returns:
+        ``(contenders, info)``; ``info["scope"]`` is the context the group is timed in
+        (``_overhead_scope``), ``info["dims"]`` the attention shape.
+    """
+    import copy
+
+    import torch.nn.functional as F
+
+    from fastvit.attention import DenseBias, KeyPaddingMask, RelPosBias, Window
+    from fastvit.layers import window_relative_position_index
+
+    B, H, N, D = OVERHEAD_DIMS
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, device=device) for _ in range(3))
+    rel_index = window_relative_position_index((4, 4)).to(device)  # (16, 16) into a (7 * 7, heads) table
+    rel_table = torch.randn(7 * 7, H, device=device)
+    dense = torch.randn(1, 1, N, N, device=device)
+    keep = torch.ones(B, N, dtype=torch.bool, device=device)
+    keep[:, -3:] = False  # three padded keys
+    grid, size = (4, 4), (2, 2)
+
+    calls = {
+        SDPA_RAW: (None, lambda: F.scaled_dot_product_attention(q, k, v), {}),
+        SDPA_MASK: (None, lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense), {}),
+        "attend auto": ("auto", lambda: attend(q, k, v), {}),
+        "attend sdpa": ("sdpa", lambda: attend(q, k, v, backend="sdpa"), {}),
+        "attend RelPosBias": ("auto", lambda: attend(q, k, v, bias=RelPosBias(rel_table, rel_index)),
+                              dict(bias=RelPosBias(rel_table, rel_index))),
+        "attend DenseBias": ("auto", lambda: attend(q, k, v, bias=DenseBias(dense)), dict(bias=DenseBias(dense))),
+        "attend KeyPaddingMask": ("auto", lambda: attend(q, k, v, bias=KeyPaddingMask(keep)),
+                                  dict(bias=KeyPaddingMask(keep))),
+        "attend Window": ("auto", lambda: attend(q, k, v, window=Window(grid=grid, size=size)),
+                          dict(window=Window(grid=grid, size=size))),
+        TRITON_NOOP: ("triton", lambda: attend(q, k, v, backend="triton"), {}),
+    }
+    contenders, notes = [], []
+    triton_skip = _triton_noop_skip(device, make_inputs(q, k, v))
+    for name, (backend, fn, kwargs) in calls.items():
+        meta = {"backend": backend, "served_by": "sdpa (raw)" if backend is None else None}
+        if name == TRITON_NOOP:
+            meta.update(served_by="triton", launch_noop=True)
+            contenders.append(Contender(name, fn, meta, skip_reason=triton_skip))
+            continue
+        if backend is not None:
+            try:
+                meta["served_by"] = choose(make_inputs(q, k, v, **kwargs), backend).name
+            except ValueError as e:
+                contenders.append(Contender(name, meta=meta, skip_reason=str(e)))
+                continue
+            if meta["served_by"] == "triton" and triton_skip is None:
+                meta["launch_noop"] = True  # the no-op is in force for the whole group
+                notes.append(f"{name} is served by triton: its kernel launch is a no-op in this group too")
+        contenders.append(Contender(name, fn, meta))
+
+    timm_meta = {"backend": None, "served_by": "timm", "timm_model": "vision_transformer.Attention(64, heads=2)"}
+    timm_skip = importable("timm")
+    if timm_skip is not None:
+        why = f"timm is not importable ({timm_skip}): {install_hint('timm')}"
+        contenders += [Contender(TIMM_ATTENTION, meta=dict(timm_meta), skip_reason=why),
+                       Contender(TIMM_PATCHED, meta=dict(timm_meta, backend="auto"), skip_reason=why)]
+    else:
+        from timm.models.vision_transformer import Attention
+
+        from fastvit.compat.timm import patch_summary, patch_timm
+
+        torch.manual_seed(0)
+        timm_attention = Attention(64, num_heads=2).eval().to(device)
+        patched = patch_timm(copy.deepcopy(timm_attention))
+        summary = patch_summary(patched)
+        x = torch.randn(1, 5, 64, device=device)  # (b, n, c): a CLS token and a 2x2 grid
+        contenders.append(Contender(TIMM_ATTENTION, lambda: timm_attention(x), dict(timm_meta)))
+        if summary.patched:
+            contenders.append(Contender(TIMM_PATCHED, lambda: patched(x), dict(timm_meta, backend="auto",
+                                                                                 served_by="fastvit")))
+        else:
+            contenders.append(Contender(TIMM_PATCHED, meta=dict(timm_meta, backend="auto"),
+                                        skip_reason=f"patch_timm left the module alone: {summary}"))
+    info = {"dims": OVERHEAD_DIMS, "notes": notes, "scope": lambda: _overhead_scope(triton_skip is None)}
     return contenders, info

@@ -4,7 +4,7 @@ buckets, and the number formats they share."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from rich import box
@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-__all__ = ["fmt", "mib", "ratio", "render_bench", "headline", "info_tables", "check_table", "kernels_table",
-           "tune_table", "add_tune_row"]
+__all__ = ["fmt", "mib", "ratio", "render_bench", "overhead_table", "headline", "info_tables", "check_table",
+           "kernels_table", "tune_table", "add_tune_row"]
 
 
 def fmt(x: Optional[float], spec: str = ".3g", suffix: str = "") -> str:
@@ -24,11 +24,24 @@ def mib(n: Optional[int]) -> str:
     return "-" if n is None else f"{n / 2**20:.1f}"
 
 
-def ratio(x: Optional[float]) -> str:
+def ratio(x: Optional[float], ci: Optional[Sequence[float]] = None) -> str:
+    """``1.12x (1.05-1.19)``: a speed-up (green from 1 up) and its interval, where there is one."""
     if x is None:
         return "-"
     style = "green" if x >= 1.0 else "red"
-    return f"[{style}]{x:.2f}x[/{style}]"
+    interval = f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci is not None else ""
+    return f"[{style}]{x:.2f}x[/{style}]{interval}"
+
+
+def _ratio_of(r: dict, column: str) -> str:
+    return ratio(r.get(column), r.get(f"{column}_ci"))
+
+
+def _marked(r: dict, note: str) -> str:
+    """The note of a row of an unstable group, marked (the reason is printed once below the tables)."""
+    if not r.get("unstable"):
+        return escape(note)
+    return "[yellow]unstable[/yellow]" + (f"; {escape(note)}" if note else "")
 
 
 
@@ -49,7 +62,8 @@ def render_bench(doc: dict, out: Console) -> None:
     attention = [r for r in rows if r["kind"] == "attention"]
     if attention:
         table = Table(title=f"attention on {doc['device']} (median of interleaved samples; x naive = speed-up "
-                            f"vs the reference backend)", box=box.SIMPLE_HEAD, title_justify="left")
+                            f"vs the reference backend, with its 95% interval)", box=box.SIMPLE_HEAD,
+                      title_justify="left")
         for col in ("shape", "B H Nq Nk D Dv", "bias", "dtype", "mode", "backend", "ms", "GFLOP/s", "% peak",
                     "GB/s", "peak MiB", "x naive", "note"):
             table.add_column(col, overflow="fold", justify="right" if col in ("ms", "GFLOP/s", "% peak", "GB/s",
@@ -72,19 +86,22 @@ def render_bench(doc: dict, out: Console) -> None:
             if r.get("window"):  # windowed: the geometry, and the ratio to the models' own window cut
                 bias += f" {r['window']}"
                 if r["status"] == "ok":
+                    einops_ci = r.get("x_einops_ci")
                     note = "; ".join(part for part in (
-                        r.get("x_einops") is not None and f"{r['x_einops']:.2f}x einops",
+                        r.get("x_einops") is not None and f"{r['x_einops']:.2f}x einops" + (
+                            f" ({einops_ci[0]:.2f}-{einops_ci[1]:.2f})" if einops_ci else ""),
                         r.get("pct_hbm") is not None and f"{r['pct_hbm']:.0f}% of HBM") if part)
             table.add_row(r["name"], dims, bias, r["dtype"], r["mode"], backend,
                           fmt(r.get("median_ms"), ".3f"), fmt(r.get("gflops"), ".1f"), fmt(r.get("pct_peak"), ".1f"),
                           fmt(r.get("gbps"), ".2f"),
-                          mib(r.get("peak_mem_bytes")), ratio(r.get("x_reference")), escape(note))
+                          mib(r.get("peak_mem_bytes")), _ratio_of(r, "x_reference"), _marked(r, note))
         out.print(table)
 
     models = [r for r in rows if r["kind"] == "model"]
     if models:
         table = Table(title=f"models on {doc['device']} (eval, inference_mode; ratios > 1 = faster than the "
-                            f"baseline, from one interleaved run)", box=box.SIMPLE_HEAD, title_justify="left")
+                            f"baseline, from one interleaved run, with their 95% intervals)", box=box.SIMPLE_HEAD,
+                      title_justify="left")
         for col in ("model", "contender", "dtype", "mode", "batch", "ms/batch", "img/s", "peak MiB",
                     "x vit-pytorch", "x timm", "x fp32", "note"):
             table.add_column(col, overflow="fold", justify="left" if col in ("model", "contender", "dtype", "mode",
@@ -105,8 +122,8 @@ def render_bench(doc: dict, out: Console) -> None:
             note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
             table.add_row(r["name"], escape(contender), r.get("dtype") or "-", r["mode"], str(r.get("batch_size", "-")),
                           fmt(r.get("median_ms"), ".1f"), fmt(r.get("img_per_s"), ".1f"),
-                          mib(r.get("peak_mem_bytes")), ratio(r.get("x_vit_pytorch")), ratio(r.get("x_timm")),
-                          ratio(r.get("x_fp32")), escape(note))
+                          mib(r.get("peak_mem_bytes")), _ratio_of(r, "x_vit_pytorch"), _ratio_of(r, "x_timm"),
+                          _ratio_of(r, "x_fp32"), _marked(r, note))
         out.print(table)
 
     patched = [r for r in rows if r["kind"] == "timm"]
@@ -130,8 +147,20 @@ def render_bench(doc: dict, out: Console) -> None:
             contender = (r["contender"] or "-").rsplit(" ", 1)[0]
             table.add_row(r["name"], r.get("family") or "-", contender, r.get("dtype") or "-", r["mode"],
                           str(r.get("batch_size", "-")), fmt(r.get("median_ms"), ".1f"), fmt(r.get("img_per_s"), ".1f"),
-                          mib(r.get("peak_mem_bytes")), ratio(r.get("x_timm")), escape(note))
+                          mib(r.get("peak_mem_bytes")), _ratio_of(r, "x_timm"), _marked(r, note))
         out.print(table)
+
+    overhead = [r for r in rows if r["kind"] == "overhead"]
+    if overhead:
+        out.print(overhead_table(doc, overhead))
+
+    unstable = {}
+    for r in rows:
+        if r.get("unstable"):
+            label = f"{r['kind']} {r['name']} {r.get('dtype') or ''} {r['mode']}".replace("  ", " ")
+            unstable.setdefault(label, r.get("unstable_reason", ""))
+    for label, why in unstable.items():
+        out.print(f"[yellow]unstable[/yellow] {escape(label)}: {escape(why)}")
 
     host = doc.get("host", {})
     pressure = [host.get("cpu_pressure_avg10"), host.get("cpu_pressure_avg10_end")]
@@ -154,6 +183,56 @@ def render_bench(doc: dict, out: Console) -> None:
         out.print(line)
 
 
+def _us(x: Optional[float], ci: Optional[Sequence[float]] = None, sign: bool = False) -> str:
+    if x is None:
+        return "-"
+    text = f"{x:+.2f}" if sign else f"{x:.2f}"
+    return text + (f" ({ci[0]:+.2f} to {ci[1]:+.2f})" if sign and ci else f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "")
+
+
+def _target(r: dict) -> str:
+    """``+2.38 µs vs sdpa raw <= +3: met``: the target's field as measured, its limit and the verdict."""
+    target = r.get("target")
+    if not target:
+        return ""
+    field, limit, what = target["field"], target["max"], target["text"]
+    value, ci = r.get(field), r.get(f"{field}_ci")
+    if field.startswith("extra_us"):
+        measured = f"{_us(value, ci, sign=True)} µs {what} <= +{limit:g}"
+    elif field == "median_us":
+        measured = f"{_us(value)} µs {what} <= {limit:g}"
+    else:
+        measured = f"{fmt(value, '.3f')}x" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "") + f" {what} <= {limit:g}x"
+    verdict = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "[yellow]not measured[/yellow]"}
+    return f"{escape(measured)}: {verdict[r.get('target_met')]}"
+
+
+def overhead_table(doc: dict, rows: list) -> Table:
+    """The overhead group: µs per call, the cost over raw SDPA (or timm's own Attention), the targets."""
+    threads = (doc.get("config") or {}).get("threads")
+    table = Table(title=f"host-path overhead on {doc['device']} (µs per call on [1, 1, 16, 16] fp32, one interleaved "
+                        f"run under inference_mode, {threads or 'default'} torch threads; +µs and x = vs sdpa raw, "
+                        f"timm rows: x = timm Attention's time / this; 95% intervals)", box=box.SIMPLE_HEAD,
+                  title_justify="left")
+    for col in ("contender", "served by", "µs/call", "+µs vs sdpa raw", "x", "target", "note"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("µs/call", "+µs vs sdpa raw", "x")
+                         else "left")
+    for r in rows:
+        note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        if r["status"] == "ok" and r.get("notes"):
+            note = "; ".join(r["notes"])
+        if r["status"] == "ok" and r.get("extra_us_vs_sdpa_mask") is not None and not r.get("target"):
+            note = "; ".join(filter(None, [f"{r['extra_us_vs_sdpa_mask']:+.2f} µs vs sdpa raw dense-mask", note]))
+        served = r.get("served_by") or "-"
+        if r.get("launch_noop"):
+            served += " (launch no-op)"
+        x_column = "x_timm" if "x_timm" in r else "x_sdpa"
+        table.add_row(escape(r["contender"]), escape(served), _us(r.get("median_us")),
+                      _us(r.get("extra_us_vs_sdpa"), r.get("extra_us_vs_sdpa_ci"), sign=True),
+                      _ratio_of(r, x_column), _target(r), _marked(r, note))
+    return table
+
+
 def headline(doc: dict) -> list:
     """One-line summaries of the ratios that matter most, where the run has them."""
     from fastvit.tools.contenders import HEADLINE_MODEL
@@ -164,12 +243,10 @@ def headline(doc: dict) -> list:
         if r["kind"] == "model" and r["name"] == HEADLINE_MODEL and r.get("impl") == "fastvit" \
                 and r.get("backend") == "auto":
             parts = []
-            if r.get("x_vit_pytorch") is not None:
-                parts.append(f"{r['x_vit_pytorch']:.2f}x vit-pytorch")
-            if r.get("x_timm") is not None:
-                parts.append(f"{r['x_timm']:.2f}x timm")
-            if r.get("x_fp32") is not None:
-                parts.append(f"{r['x_fp32']:.2f}x its fp32 run")
+            for column, what in (("x_vit_pytorch", "vit-pytorch"), ("x_timm", "timm"), ("x_fp32", "its fp32 run")):
+                if r.get(column) is not None:
+                    ci = r.get(f"{column}_ci")
+                    parts.append(f"{r[column]:.2f}x" + (f" ({ci[0]:.2f}-{ci[1]:.2f})" if ci else "") + f" {what}")
             lines.append(f"{HEADLINE_MODEL} {r['dtype']} {r['mode']} bs{r['batch_size']}: fastvit auto "
                          f"{r['img_per_s']:.1f} img/s = " + ", ".join(parts))
     by = {(r["name"], r["dtype"], r["mode"], r["contender"]): r for r in ok if r["kind"] == "attention"}
@@ -183,6 +260,12 @@ def headline(doc: dict) -> list:
             x = r.get("x_reference")
             lines.append(f"attention N=4096 {dtype} {mode}: auto ({r.get('served_by')}) "
                          f"{'-' if x is None else f'{x:.2f}x'} the naive path{mem}")
+    targets = [r for r in doc["results"] if r["kind"] == "overhead" and r.get("target")]
+    if targets:
+        met = sum(r.get("target_met") is True for r in targets)
+        verdicts = {True: "met", False: "not met", None: "not measured"}
+        lines.append(f"host-path targets: {met} of {len(targets)} met ("
+                     + "; ".join(f"{r['contender']} {verdicts[r.get('target_met')]}" for r in targets) + ")")
     return lines
 
 

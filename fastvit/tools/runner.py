@@ -1,23 +1,36 @@
 """Planning and running ``fastvit bench``: groups of contenders, each timed as ONE interleaved run,
-summarised as rows of one results document (schema: ``fastvit.tools.schema``)."""
+summarised as rows of one results document (schema: ``fastvit.tools.schema``).
+
+Every ratio column of a row is a ``Comparison`` with another contender of its group: the value from
+the two medians, its ``<column>_ci`` from the rounds both were sampled in (``timing.ratio_interval``).
+The speed-up ratios are watched while the group is timed; a group whose intervals stay wider than
+``±precision`` up to the hard cap is marked ``unstable`` in every row.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import functools
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 from fastvit.attention import BACKENDS, DTYPES
 from fastvit.tools.contenders import (
     HEADLINE_MODEL,
+    OVERHEAD_TARGETS,
+    SDPA_MASK,
+    SDPA_RAW,
+    TIMM_ATTENTION,
+    TIMM_PATCHED,
     attention_contenders,
     model_contenders,
+    overhead_contenders,
     select_models,
     timm_patch_contenders,
     window_contenders,
@@ -32,7 +45,14 @@ from fastvit.tools.shapes import (
     peak_gbps,
     peak_tflops,
 )
-from fastvit.tools.timing import time_interleaved
+from fastvit.tools.timing import (
+    MIN_PAIRS,
+    difference_interval,
+    paired_samples,
+    ratio_interval,
+    time_interleaved,
+    unsettled,
+)
 from fastvit.tools.timm_models import select_timm_models
 
 
@@ -66,6 +86,13 @@ class BenchConfig:
         timm_patch: glob patterns over ``fastvit.tools.timm_models`` (timm names or families; ``all``,
             ``default``): one group each, timm unpatched vs ``patch_timm`` vs ``patch_timm(linear=True)``
             (default: none).
+        overhead: the host-path group (``overhead_contenders``: µs per call on ``[1, 1, 16, 16]``, raw
+            SDPA vs ``attend()`` and each descriptor, the triton launch path, timm's Attention patched)
+            (default: in a full run, i.e. neither ``quick`` nor ``models`` / ``shapes`` given; it takes
+            at most 2 s of timing, 4 s at its hard cap).
+        precision: the relative half-width (0.05 = ``±5%``) every ratio's 95% interval should reach;
+            a group keeps sampling past its budget until it does or its hard cap (2x the budget) is
+            reached, and is marked ``unstable`` if not.
     """
 
     device: Optional[str] = None
@@ -87,6 +114,8 @@ class BenchConfig:
     tune_allocator: bool = False
     timm_compile: bool = False
     timm_patch: Optional[list] = None
+    overhead: Optional[bool] = None
+    precision: float = 0.05
 
     def resolved_device(self) -> str:
         return self.device or default_device()
@@ -104,12 +133,13 @@ class BenchConfig:
 class Group:
     """One interleaved run: its contenders are built only when the group runs (models are freed after)."""
 
-    kind: str  # "attention" | "model" | "timm" (a timm model, unpatched vs patched)
+    kind: str  # "attention" | "model" | "timm" (a timm model, unpatched vs patched) | "overhead"
     name: str
     mode: str
     dtype: Optional[str]  # attention groups have one dtype; model groups may mix
     budget_s: float
     build: Callable[[], tuple] = field(repr=False, default=None)
+    measure_memory: bool = True
 
     @property
     def label(self) -> str:
@@ -122,8 +152,18 @@ def _bf16_ok(device: str) -> bool:
     return True
 
 
+OVERHEAD_GROUP = "b1_h1_n16_d16"
+OVERHEAD_BUDGET_S = 2.0  # tiny calls: ~15 rounds of every contender fit; the default run stays < 10 s longer
+
+
+def _wants_overhead(config: BenchConfig) -> bool:
+    if config.overhead is not None:
+        return config.overhead
+    return not config.quick and config.models is None and config.shapes is None
+
+
 def plan(config: BenchConfig) -> list:
-    """The groups of a run, in order: attention shapes, models, then patched timm models."""
+    """The groups of a run, in order: attention shapes, models, patched timm models, the host path."""
     device = config.resolved_device()
     cuda = torch.device(device).type == "cuda"
     base = config.group_seconds or (0.2 if config.quick else 1.5 if cuda else 5.0)
@@ -187,13 +227,115 @@ def plan(config: BenchConfig) -> list:
                 functools.partial(timm_patch_contenders, entry, device=device,
                                   dtypes=[DTYPES[d] for d in dtype_names], mode=mode,
                                   batch_size=config.batch_size, quick=config.quick)))
+
+    if _wants_overhead(config):  # fp32 and forward whatever --dtype / --backward say: a host-path cost
+        groups.append(Group("overhead", OVERHEAD_GROUP, "fwd", "fp32",
+                            config.group_seconds or min(base, OVERHEAD_BUDGET_S),
+                            functools.partial(overhead_contenders, device=device),
+                            measure_memory=False))
     return groups
 
 
-def _ratio(baseline: Optional[float], t: Optional[float]) -> Optional[float]:
-    if baseline is None or t is None or t <= 0:
-        return None
-    return baseline / t
+class Comparison(NamedTuple):
+    """The ``column`` of contender ``name``'s row, against contender ``base`` of the same group.
+
+    ``form``: ``speedup`` = base time / this time (>1 = faster than the base, the ``x_*`` columns);
+    ``time_ratio`` = this time / base time; ``extra_us`` = this time - base time, in µs per call.
+    """
+
+    column: str
+    name: str
+    base: str
+    form: str = "speedup"
+
+    def value(self, base_t: float, t: float) -> Optional[float]:
+        if base_t <= 0 or t <= 0:
+            return None
+        if self.form == "speedup":
+            return base_t / t
+        if self.form == "time_ratio":
+            return t / base_t
+        return (t - base_t) * 1e6
+
+    def interval(self, base_samples: list, samples: list) -> list:
+        if self.form == "speedup":
+            return list(ratio_interval(base_samples, samples))
+        if self.form == "time_ratio":
+            return list(ratio_interval(samples, base_samples))
+        return [d * 1e6 for d in difference_interval(base_samples, samples)]
+
+
+def _comparisons(group: Group, contenders: list) -> list:
+    """Every ratio column of the group's rows, as ``Comparison``s (the contenders' own rows included:
+    the base's ratio to itself is 1 with the interval ``[1, 1]``)."""
+    names = {c.name for c in contenders}
+    out = []
+    if group.kind == "attention":
+        _, window = _shape_and_window(group)
+        for c in contenders:
+            if "reference" in names:
+                out.append(Comparison("x_reference", c.name, "reference"))
+            if window is not None and "einops" in names:
+                out.append(Comparison("x_einops", c.name, "einops"))
+    elif group.kind in ("model", "timm"):
+        for c in contenders:
+            dt = c.meta["dtype"]
+            for column, base in (("x_vit_pytorch", f"vit-pytorch {dt}"), ("x_timm", f"timm {dt}")):
+                if base in names:
+                    out.append(Comparison(column, c.name, base))
+            same_fp32 = c.name.rsplit(" ", 1)[0] + " fp32"
+            if dt != "fp32" and same_fp32 in names:
+                out.append(Comparison("x_fp32", c.name, same_fp32))
+    elif group.kind == "overhead":
+        for c in contenders:
+            if c.name in (TIMM_ATTENTION, TIMM_PATCHED):
+                if TIMM_ATTENTION in names:
+                    out += [Comparison("x_timm", c.name, TIMM_ATTENTION),
+                            Comparison("time_vs_timm", c.name, TIMM_ATTENTION, "time_ratio")]
+                continue
+            if SDPA_RAW in names:
+                out += [Comparison("x_sdpa", c.name, SDPA_RAW),
+                        Comparison("extra_us_vs_sdpa", c.name, SDPA_RAW, "extra_us")]
+            if c.name in ("attend RelPosBias", "attend DenseBias") and SDPA_MASK in names:
+                # the honest base of a biased call: SDPA with the dense float mask it ends up as
+                out.append(Comparison("extra_us_vs_sdpa_mask", c.name, SDPA_MASK, "extra_us"))
+    return out
+
+
+def _watched(comparisons: list) -> list:
+    """The ``(base, contender)`` pairs whose ratio must reach the precision (each pair once)."""
+    pairs = [(c.base, c.name) for c in comparisons if c.form != "extra_us" and c.base != c.name]
+    return list(dict.fromkeys(pairs))
+
+
+def _apply_comparisons(rows: list, contenders: list, comparisons: list, measured: dict) -> None:
+    """Sets each comparison's column and ``<column>_ci`` (None: the base did not run, or fewer than
+    ``MIN_PAIRS`` rounds hold both) on the rows that ran."""
+    ran = {c.name for c in contenders if c.skip_reason is None and measured[c.name].ok}
+    by_name = {row["contender"]: row for row in rows}
+    for cmp in comparisons:
+        row = by_name.get(cmp.name)
+        if row is None or row.get("status") != "ok":
+            continue
+        value = interval = None
+        if cmp.base in ran:
+            value = cmp.value(measured[cmp.base].median, measured[cmp.name].median)
+            if cmp.base == cmp.name:
+                interval = None if value is None else [value, value]
+            else:
+                base_samples, samples = paired_samples(measured[cmp.base], measured[cmp.name])
+                if value is not None and len(samples) >= MIN_PAIRS:
+                    interval = cmp.interval(base_samples, samples)
+        row[cmp.column] = value
+        row[f"{cmp.column}_ci"] = interval
+
+
+def _unstable(contenders: list, comparisons: list, measured: dict, precision: float) -> list:
+    """``"<contender> / <base> ±7.2%"`` for each watched ratio still wider than ``±precision``."""
+    ran = {c.name for c in contenders if c.skip_reason is None and measured[c.name].ok}
+    watch = [(base, name) for base, name in _watched(comparisons) if base in ran and name in ran]
+    return [f"{name} / {base} " + ("too few paired rounds" if width is None else f"±{100 * width:.1f}%")
+            for base, name, width in unsettled(measured, watch, precision)]
 
 
 def _status(row: dict, contender, m) -> bool:
@@ -216,17 +358,18 @@ def select_window_shapes(patterns) -> list:
     return shapes
 
 
-def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict, device: str = "cpu") -> list:
-    B, H, Nq, Nk, D, Dv = dims
+def _shape_and_window(group: Group) -> tuple:
     shape = next(s for s in (*ATTENTION_SHAPES, *WINDOW_SHAPES) if s.name == group.name)
     window = shape.window_for(group.build.keywords.get("quick", False)) if group.build else None
+    return shape, window
+
+
+def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict, device: str = "cpu") -> list:
+    B, H, Nq, Nk, D, Dv = dims
+    shape, window = _shape_and_window(group)
     dtype = DTYPES[group.dtype]
     peak = peak_tflops(device, dtype)
     hbm = peak_gbps(device)
-    ref = measured.get("reference")
-    ref_t = ref.median if ref is not None and ref.ok else None
-    einops = measured.get("einops")
-    einops_t = einops.median if window is not None and einops is not None and einops.ok else None
     rows = []
     for c in contenders:
         m = measured[c.name]
@@ -243,21 +386,15 @@ def _attention_rows(group: Group, contenders: list, dims: tuple, measured: dict,
             gbps = attention_bytes(dims, dtype, group.mode) / t * 1e-9
             row.update(status="ok", reason="", gflops=gflops, tflops=gflops * 1e-3,
                        pct_peak=100.0 * gflops * 1e-3 / peak if peak else None, peak_tflops=peak,
-                       gbps=gbps, x_reference=_ratio(ref_t, t))
+                       gbps=gbps, x_reference=None, x_reference_ci=None)  # ratios: _apply_comparisons
             if window is not None:  # memory-bound: GB/s of q, k, v, o against the HBM's
-                row.update(x_einops=_ratio(einops_t, t), peak_gbps=hbm,
+                row.update(x_einops=None, x_einops_ci=None, peak_gbps=hbm,
                            pct_hbm=100.0 * gbps / hbm if hbm else None)
         rows.append(row)
     return rows
 
 
 def _model_rows(group: Group, contenders: list, info: dict, measured: dict, batch_size: int) -> list:
-    by_name = {c.name: c for c in contenders}
-
-    def median_of(name: str) -> Optional[float]:
-        m = measured.get(name)
-        return m.median if m is not None and m.ok and by_name[name].skip_reason is None else None
-
     rows = []
     for c in contenders:
         m = measured[c.name]
@@ -268,15 +405,42 @@ def _model_rows(group: Group, contenders: list, info: dict, measured: dict, batc
                "timm_model": info.get("timm_model"), "compiled": bool(c.meta.get("compiled"))}
         if "family" in c.meta:
             row["family"] = c.meta["family"]
-        if _status(row, c, m):
-            t = m.median
-            same_fp32 = c.name.rsplit(" ", 1)[0] + " fp32"
-            row.update(status="ok", reason="", img_per_s=batch_size / t,
-                       x_vit_pytorch=_ratio(median_of(f"vit-pytorch {dt}"), t),
-                       x_timm=_ratio(median_of(f"timm {dt}"), t),
-                       x_fp32=_ratio(median_of(same_fp32), t) if dt != "fp32" and same_fp32 in by_name else None)
+        if _status(row, c, m):  # the ratios: _apply_comparisons
+            row.update(status="ok", reason="", img_per_s=batch_size / m.median,
+                       **{key: None for key in ("x_vit_pytorch", "x_timm", "x_fp32", "x_vit_pytorch_ci", "x_timm_ci",
+                                                "x_fp32_ci")})
         rows.append(row)
     return rows
+
+
+def _overhead_rows(group: Group, contenders: list, info: dict, measured: dict) -> list:
+    B, H, N, D = info["dims"]
+    rows = []
+    for c in contenders:
+        m = measured[c.name]
+        row = {"kind": "overhead", "name": group.name, "contender": c.name, "backend": c.meta.get("backend"),
+               "served_by": c.meta.get("served_by"), "dtype": group.dtype, "mode": group.mode,
+               "shape": {"B": B, "H": H, "N": N, "D": D}, "launch_noop": bool(c.meta.get("launch_noop"))}
+        if "timm_model" in c.meta:
+            row["timm_model"] = c.meta["timm_model"]
+        if _status(row, c, m):
+            row.update(status="ok", reason="", median_us=m.median * 1e6, min_us=m.min * 1e6,
+                       iqr_us=None if m.iqr is None else m.iqr * 1e6)
+        rows.append(row)
+    return rows
+
+
+def _add_targets(rows: list) -> None:
+    """The overhead group's targets (``OVERHEAD_TARGETS``): ``target`` and ``target_met`` on their rows
+    (``target_met`` None when the row did not run; judged on the median, the interval is beside it)."""
+    for row in rows:
+        target = OVERHEAD_TARGETS.get(row["contender"])
+        if target is None:
+            continue
+        column, limit, text = target
+        value = row.get(column) if row["status"] == "ok" else None
+        row["target"] = {"field": column, "max": limit, "text": text}
+        row["target_met"] = None if value is None else bool(value <= limit)
 
 
 def run_group(group: Group, config: BenchConfig, on_round: Optional[Callable[[float], None]] = None) -> list:
@@ -289,19 +453,33 @@ def run_group(group: Group, config: BenchConfig, on_round: Optional[Callable[[fl
                  "mode": group.mode, "status": "error", "reason": f"building the group failed: "
                  f"{type(e).__name__}: {e}"}]
     contenders, extra = built
+    info = extra if isinstance(extra, dict) else {}
+    comparisons = _comparisons(group, contenders)
     started = time.perf_counter()
-    measured = time_interleaved(contenders, device, budget_s=group.budget_s, min_samples=config.min_samples,
-                                measure_memory=config.memory, on_round=on_round)
+    with info.get("scope", contextlib.nullcontext)():  # the overhead group's inference mode and launch no-op
+        measured = time_interleaved(contenders, device, budget_s=group.budget_s, min_samples=config.min_samples,
+                                    measure_memory=config.memory and group.measure_memory, on_round=on_round,
+                                    precision=config.precision, watch=_watched(comparisons))
     wall = time.perf_counter() - started
     if group.kind == "attention":
         rows = _attention_rows(group, contenders, extra, measured, device)
+    elif group.kind == "overhead":
+        rows = _overhead_rows(group, contenders, info, measured)
     else:
         rows = _model_rows(group, contenders, extra, measured,
                            extra.get("batch_size") or group.build.keywords["batch_size"])
+    _apply_comparisons(rows, contenders, comparisons, measured)
+    if group.kind == "overhead":
+        _add_targets(rows)
+    wide = _unstable(contenders, comparisons, measured, config.precision)
     for row in rows:
         row["group_wall_s"] = wall
-        if extra and isinstance(extra, dict) and extra.get("notes"):
-            row["notes"] = list(extra["notes"])
+        row["unstable"] = bool(wide)
+        if wide:
+            row["unstable_reason"] = (f"95% interval wider than ±{100 * config.precision:g}% after "
+                                      f"{wall:.1f} s: " + "; ".join(wide))
+        if info.get("notes"):
+            row["notes"] = list(info["notes"])
     return rows
 
 

@@ -4,7 +4,16 @@ Timing: warm-up, one call under the memory profiler, then rounds in which every 
 sample in a rotating order until the group's time budget is spent (at least ``min_samples`` each).
 A sample is ``inner`` back-to-back calls (enough to last ~10 ms on the CPU, ~2 ms on CUDA), timed with
 ``time.perf_counter`` on the CPU and ``torch.cuda.Event`` pairs on CUDA. The reported time is the
-median sample. Peak memory is the growth of allocated memory above what was allocated before the call:
+median sample.
+
+Confidence intervals: sample ``i`` of two contenders comes from the same round, so the pair saw the same
+machine (another process's burst of work, a frequency step). ``ratio_interval`` bootstraps over rounds: it
+resamples round indices with replacement, the same indices for both contenders, and takes the
+percentile interval of ``median(base) / median(x)``; load that slows both contenders of a round cancels
+in the ratio instead of widening it. ``time_interleaved`` can watch pairs of contenders and keep sampling
+past the budget (up to its hard cap) until each watched ratio is known to ``±precision``.
+
+Peak memory is the growth of allocated memory above what was allocated before the call:
 ``torch.cuda.max_memory_allocated`` on CUDA, the allocation events of ``torch.profiler`` on the CPU
 (torch's CPU allocations are invisible to ``tracemalloc``).
 """
@@ -115,6 +124,7 @@ class Measurement:
     name: str
     samples: list = field(default_factory=list)
     inner: int = 1
+    rounds: list = field(default_factory=list)  # the round of each sample; -1: the profiled call
     peak_mem_bytes: Optional[int] = None
     error: Optional[str] = None
 
@@ -170,7 +180,8 @@ class _Clock:
 def time_interleaved(contenders: Sequence[Contender], device: str, *, budget_s: float, min_samples: int = 3,
                      max_samples: int = 200, warmup: Optional[int] = None, target_sample_s: Optional[float] = None,
                      measure_memory: bool = True, hard_cap_factor: float = 2.0, slow_call_s: float = 1.0,
-                     on_round: Optional[Callable[[float], None]] = None) -> dict:
+                     on_round: Optional[Callable[[float], None]] = None, precision: float = 0.05,
+                     watch: Sequence[tuple] = ()) -> dict:
     """Time ``contenders`` in one interleaved run; returns ``{name: Measurement}``.
 
     Every contender is warmed up (its first call also estimates its cost), run once under the memory
@@ -181,6 +192,11 @@ def time_interleaved(contenders: Sequence[Contender], device: str, *, budget_s: 
     blow the budget. A contender that raises is reported with its error and dropped; the others go on.
     ``on_round`` receives the fraction of the budget spent after each round. A contender whose warm-up
     call took longer than ``slow_call_s`` keeps its profiled call as a sample.
+
+    ``watch`` lists ``(base, contender)`` name pairs whose ratio the caller reports. Once the budget is
+    spent, the rounds go on while any watched ratio's interval (``ratio_interval``) is wider than
+    ``±precision`` of the ratio (``unsettled``), until the hard cap; the caller asks ``unsettled`` again
+    to learn which ones never settled. Pairs with a skipped or failed contender are not watched.
     """
     cuda = torch.device(device).type == "cuda"
     warmup = (3 if cuda else 1) if warmup is None else warmup
@@ -205,6 +221,7 @@ def time_interleaved(contenders: Sequence[Contender], device: str, *, budget_s: 
                 # profiler adds microseconds per op, and the budget may not allow another call.
                 if estimate > slow_call_s:
                     m.samples.append(seconds)
+                    m.rounds.append(-1)
             if estimate < target:  # a first call overestimates; re-time a cheap one once it is warm
                 estimate = clock(c.fn, 1)
             m.inner = int(min(1000, max(1, math.ceil(target / max(estimate, 1e-7)))))
@@ -231,6 +248,7 @@ def time_interleaved(contenders: Sequence[Contender], device: str, *, budget_s: 
                 continue
             try:
                 m.samples.append(clock(c.fn, m.inner))
+                m.rounds.append(round_no)
             except Exception as e:  # noqa: BLE001
                 m.error = f"{type(e).__name__}: {e}"
         live = [c for c in live if results[c.name].error is None]
@@ -242,7 +260,10 @@ def time_interleaved(contenders: Sequence[Contender], device: str, *, budget_s: 
         if not counts or min(counts) >= max_samples:
             break
         if elapsed >= budget_s and min(counts) >= min_samples:
-            break
+            names = {c.name for c in live}
+            watched = [(a, b) for a, b in watch if a in names and b in names]
+            if not unsettled(results, watched, precision):
+                break
         # The hard cap counts the warm-up and profiling too: on a loaded machine they alone can
         # take longer than the budget.
         if time.perf_counter() - entered >= hard_cap_factor * budget_s and min(counts) >= 1:
@@ -250,3 +271,81 @@ def time_interleaved(contenders: Sequence[Contender], device: str, *, budget_s: 
     return results
 
 
+CI_LEVEL = 0.95
+MIN_PAIRS = 3  # fewer paired rounds give no interval worth the name (a bootstrap of one pair is a point)
+
+
+def paired_samples(base: Measurement, other: Measurement) -> tuple:
+    """``(base samples, other samples)`` of the rounds both took a sample in, in round order (the
+    profiled samples of slow contenders, round -1, are not paired: they were not taken together)."""
+    if len(base.rounds) != len(base.samples) or len(other.rounds) != len(other.samples):
+        n = min(len(base.samples), len(other.samples))  # built by hand, without rounds: position = round
+        return list(base.samples[:n]), list(other.samples[:n])
+    by_round = {r: s for r, s in zip(base.rounds, base.samples) if r >= 0}
+    pairs = [(by_round[r], s) for r, s in zip(other.rounds, other.samples) if r in by_round]
+    return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def _bootstrap(base_samples: Sequence[float], samples: Sequence[float], statistic, *, level: float,
+               resamples: int, seed: int) -> tuple:
+    if len(base_samples) != len(samples):
+        raise ValueError(f"paired samples must have one entry per round: {len(base_samples)} != {len(samples)}")
+    if not samples:
+        raise ValueError("no paired samples")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    base = torch.tensor(list(base_samples), dtype=torch.float64)
+    x = torch.tensor(list(samples), dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    rounds = torch.randint(len(x), (resamples, len(x)), generator=generator)  # the same rounds for both
+    # quantile 0.5 averages the two middle values, as statistics.median (the reported median) does
+    stats = statistic(base[rounds].quantile(0.5, dim=1), x[rounds].quantile(0.5, dim=1))
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(stats, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def ratio_interval(base_samples: Sequence[float], samples: Sequence[float], *, level: float = CI_LEVEL,
+                   resamples: int = 1000, seed: int = 0) -> tuple:
+    """Bootstrap interval ``(low, high)`` of ``median(base_samples) / median(samples)``.
+
+    Args:
+        base_samples: seconds per call of the baseline, one per round.
+        samples: seconds per call of the contender, from the same rounds (``paired_samples``).
+        level: coverage of the percentile interval.
+        resamples: bootstrap resamples of the round indices (drawn with replacement, the same for both).
+        seed: the resampling is deterministic for a seed.
+
+    With ``base`` = the baseline this is a speed-up (``x_timm`` = timm time / fastvit time); swap the
+    arguments for a time ratio (``contender time / baseline time``).
+    """
+    return _bootstrap(base_samples, samples, lambda b, x: b / x, level=level, resamples=resamples, seed=seed)
+
+
+def difference_interval(base_samples: Sequence[float], samples: Sequence[float], *, level: float = CI_LEVEL,
+                        resamples: int = 1000, seed: int = 0) -> tuple:
+    """Bootstrap interval ``(low, high)`` of ``median(samples) - median(base_samples)`` (seconds), over
+    the same resampled rounds as ``ratio_interval``: what the contender costs on top of the baseline."""
+    return _bootstrap(base_samples, samples, lambda b, x: x - b, level=level, resamples=resamples, seed=seed)
+
+
+def relative_half_width(base: Measurement, other: Measurement, *, level: float = CI_LEVEL) -> Optional[float]:
+    """Half the width of the ``median(base) / median(other)`` interval relative to the ratio (0.05 =
+    ``±5%``), from their paired rounds; None with fewer than ``MIN_PAIRS`` of them."""
+    a, b = paired_samples(base, other)
+    if len(a) < MIN_PAIRS:
+        return None
+    low, high = ratio_interval(a, b, level=level)
+    point = statistics.median(a) / statistics.median(b)
+    return (high - low) / 2 / point
+
+
+def unsettled(measured: dict, watch: Sequence[tuple], precision: float, *, level: float = CI_LEVEL) -> list:
+    """The watched ``(base, contender, relative half-width or None)`` whose interval is wider than
+    ``±precision`` (None: too few paired rounds to tell)."""
+    wide = []
+    for base, name in watch:
+        width = relative_half_width(measured[base], measured[name], level=level)
+        if width is None or width > precision:
+            wide.append((base, name, width))
+    return wide
