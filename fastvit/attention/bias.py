@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..runtime import tracing
-
 __all__ = ["RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "BiasLike", "normalize_bias", "additive_mask"]
 
 
@@ -31,17 +29,15 @@ _INDEX_RANGE_CACHE: dict = {}
 
 
 def _index_range(index: Tensor) -> tuple[int, int]:
-    if index.is_inference():  # no version counter to validate a cached entry with
-        lo, hi = (int(v) for v in torch.aminmax(index))
-        return lo, hi
     key = id(index)
-    cached = _INDEX_RANGE_CACHE.get(key)
-    state = (index._version, index.data_ptr())
-    if cached is not None and cached[0]() is index and cached[1] == state:
+    cached = _INDEX_RANGE_CACHE.get(key)  # only tensors with version counters are ever kept (below)
+    if cached is not None and cached[0]() is index and cached[1] == (index._version, index.data_ptr()):
         return cached[2], cached[3]
     lo, hi = (int(v) for v in torch.aminmax(index))
+    if index.is_inference():  # no version counter to validate a cached entry with
+        return lo, hi
     ref = weakref.ref(index, lambda _, key=key: _INDEX_RANGE_CACHE.pop(key, None))
-    _INDEX_RANGE_CACHE[key] = (ref, state, lo, hi)
+    _INDEX_RANGE_CACHE[key] = (ref, (index._version, index.data_ptr()), lo, hi)
     return lo, hi
 
 
@@ -53,20 +49,25 @@ def _index_range(index: Tensor) -> tuple[int, int]:
 # updates). A write into ``t.data`` in place (``t.data.mul_(m)``) bumps no counter and is not seen, as
 # autograd does not see it either: call ``fastvit.attention.clear_plans()`` after such writes.
 _MATERIALIZED: dict = {}
+_INDEX_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.uint8))
 
 
 def _state(table: Tensor, index: Tensor) -> tuple:
     return table._version, index._version, table.data_ptr(), index.data_ptr()
 
 
+def _recording() -> bool:
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 def _cached_dense(table: Tensor, index: Tensor, build: Callable[[], Tensor]) -> Tensor:
-    if table.is_inference() or index.is_inference():  # no version counters to notice an in-place change
-        return build()
     key = (id(table), id(index))
-    hit = _MATERIALIZED.get(key)
+    hit = _MATERIALIZED.get(key)  # only tensors with version counters are ever kept (below)
     if hit is not None and hit[0]() is table and hit[1]() is index and hit[2] == _state(table, index) \
             and (not hit[4] or torch.is_inference_mode_enabled()):  # an inference tensor serves inference only
         return hit[3]
+    if table.is_inference() or index.is_inference():  # no version counters to notice an in-place change
+        return build()
     dense = build()
     if dense.is_cuda and torch.cuda.is_current_stream_capturing():
         return dense  # a CUDA graph's memory is freed with the graph: kept by the graph, not here
@@ -99,7 +100,7 @@ class RelPosBias:
             raise ValueError(f"RelPosBias table must be [T, H], got shape {tuple(self.table.shape)}")
         if self.index.dim() != 2:
             raise ValueError(f"RelPosBias index must be [Nq, Nk], got shape {tuple(self.index.shape)}")
-        if self.index.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        if self.index.dtype not in _INDEX_DTYPES:
             raise ValueError(f"RelPosBias index must be an integer tensor, got {self.index.dtype}")
         # The range check reads the index on the host; under torch.compile it would break the graph,
         # and the compiled model was checked by its eager runs.
@@ -119,7 +120,9 @@ class RelPosBias:
         """The bias as a dense ``[1, H, Nq, Nk]`` tensor (reference and SDPA paths only). Without a
         gradient to record it is computed once per (table, index) and reused until either changes: treat
         it as read-only."""
-        if torch.is_grad_enabled() and self.table.requires_grad or tracing():  # a graph records the gather
+        # A graph records the gather (jit.trace, which the TorchScript ONNX exporter uses; compile and
+        # export). fx symbolic tracing never gets here: its proxies fail __post_init__'s checks first.
+        if torch.is_grad_enabled() and self.table.requires_grad or _recording():
             return self._gather()
         return _cached_dense(self.table, self.index, self._gather)
 
