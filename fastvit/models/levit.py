@@ -298,6 +298,13 @@ class LeViT(VisionModel):
 _SMALL = dict(image_size=64, num_classes=10, stages=3, dim=(32, 48, 64), depth=1, heads=(1, 2, 2), mlp_mult=2,
               dim_key=16, dim_value=32)
 
+# vit-pytorch's stem is four stride-2 3x3 convs of 32, 64, 128 and dim[0] channels; timm's (the paper's) has
+# dim[0] / 8, / 4, / 2 and dim[0]: at LeViT-128S the stem does 3.2x the FLOPs of timm's (311 vs 98 MFLOP per
+# image; 3.4 vs 1.3 ms of a batch-2 fp32 CPU forward), so x timm compares two models, not two
+# implementations of one.
+_TIMM_NOTE = ("vit-pytorch's conv stem (32-64-128-dim channels) does 3.2x the FLOPs of timm's (dim/8-dim/4-dim/2-dim): "
+              "x timm compares different models; patch_timm (--timm-patch levit) compares implementations")
+
 for _name, _kw in {
     "levit_128s": dict(dim=(128, 256, 384), depth=(2, 3, 4), heads=(4, 6, 8), dim_key=16, dim_value=32),
     "levit_128": dict(dim=(128, 256, 384), depth=(4, 4, 4), heads=(4, 8, 12), dim_key=16, dim_value=32),
@@ -306,4 +313,5 @@ for _name, _kw in {
     "levit_384": dict(dim=(384, 512, 768), depth=(4, 4, 4), heads=(6, 9, 12), dim_key=32, dim_value=64),
 }.items():
     register_model(_name, LeViT, vit_pytorch="vit_pytorch.levit:LeViT", timm=_name, test_overrides=_SMALL,
+                   timm_note=_TIMM_NOTE,
                    image_size=224, num_classes=1000, stages=3, mlp_mult=2, **_kw)

@@ -36,6 +36,8 @@ class ModelEntry:
     timm_kwargs: dict = field(default_factory=dict)
     # what differs from default_pretrained_cfg's data config (e.g. the paper's crop_pct)
     pretrained_cfg: dict = field(default_factory=dict)
+    # where timm's model differs in the work it does (benchmarks print it beside the ratio)
+    timm_note: str = ""
 
     def input_size_for(self, overrides: dict) -> tuple:
         """``(c, h, w)`` of an input for the model built with ``overrides`` (tests use test_overrides)."""
@@ -80,7 +82,8 @@ def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pyto
                    test_overrides: Optional[dict] = None, input_size: tuple = (3, 224, 224),
                    test_input_size: Optional[tuple] = None, description: str = "",
                    vit_pytorch_compat: Optional[dict] = None, timm: Optional[str] = None,
-                   timm_kwargs: Optional[dict] = None, pretrained_cfg: Optional[dict] = None, **kwargs) -> ModelEntry:
+                   timm_kwargs: Optional[dict] = None, pretrained_cfg: Optional[dict] = None, timm_note: str = "",
+                   **kwargs) -> ModelEntry:
     """Register a preset. ``kwargs`` are the constructor arguments of the preset.
 
     Args:
@@ -98,12 +101,14 @@ def register_model(name: str, constructor: Callable[..., nn.Module], *, vit_pyto
             **timm_kwargs)``); its own block details (qkv bias, conv patch embedding) stay timm's.
         timm_kwargs: extra ``timm.create_model`` arguments (e.g. mean pooling).
         pretrained_cfg: data-config values that differ from ``default_pretrained_cfg`` (``crop_pct``).
+        timm_note: where timm's model does different work (benchmarks print it beside the x timm ratio).
     """
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     entry = ModelEntry(name, constructor, dict(kwargs), vit_pytorch, dict(test_overrides or {}),
                        tuple(input_size), description, tuple(test_input_size) if test_input_size else None,
-                       dict(vit_pytorch_compat or {}), timm, dict(timm_kwargs or {}), dict(pretrained_cfg or {}))
+                       dict(vit_pytorch_compat or {}), timm, dict(timm_kwargs or {}), dict(pretrained_cfg or {}),
+                       timm_note)
     _REGISTRY[name] = entry
     return entry
 

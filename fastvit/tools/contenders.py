@@ -326,6 +326,8 @@ def model_contenders(name: str, *, device: str, dtypes: Sequence[torch.dtype], m
         except Exception as e:  # noqa: BLE001
             timm_reason = f"timm build failed: {type(e).__name__}: {e}"
     info["timm_model"] = timm_name
+    if timm_model is not None and entry.timm_note:
+        info["notes"].append(f"timm: {entry.timm_note}")
     info["params"] = sum(p.numel() for p in model.parameters())
 
     model.to(device)
