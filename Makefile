@@ -15,7 +15,7 @@ DRY_VENV ?= .venv-gpu-check
 GPU_MACHINE_PACKAGES ?= timm einops rich pytest pytest-xdist hypothesis
 GPU_CHECK_ARGS ?=
 
-.PHONY: test bench kernels check lint gpu-check gpu-check-dry-run clean
+.PHONY: test bench kernels kernels-check check lint gpu-check gpu-check-dry-run clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ bench: $(STAMP)
 
 kernels: $(STAMP)
 	$(VENV)/bin/fastvit kernels
+
+# The machine-code check: also fails on spills and serialised wgmma (ptxas C7515) in any variant.
+kernels-check: $(STAMP)
+	$(VENV)/bin/fastvit kernels --check --json build/kernels-check.json
 
 check: $(STAMP)
 	$(VENV)/bin/fastvit check

@@ -226,6 +226,12 @@ def cmd_kernels(args, out: Console) -> int:
     if args.json:
         write_json(args.json, kernels_report.report_document(report, failed))
         out.print(f"wrote {args.json}")
+    if args.check:
+        bad = kernels_report.check_failures(report)
+        for line in bad:
+            out.print(f"[red]check[/red]: {escape(line)}")
+        out.print(f"check: {len(bad)} of {len(report)} compiles fail it (failed compile, spills, serialised wgmma)")
+        return 1 if bad else 0
     return 1 if failed else 0
 
 
@@ -411,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="every config, not only the pruned list")
     p.add_argument("--workers", type=int, help="parallel compile processes (default: the report's)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--check", action="store_true",
+                   help="exit 1 on any failed compile, any spill or any serialised wgmma (ptxas C7515)")
 
     p = sub.add_parser("tune", help="time every kernel config per model-named shape bucket; keep the fastest in "
                                     "kernels/tuned/<device>.json")

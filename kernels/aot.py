@@ -1,8 +1,11 @@
 """Ahead-of-time compile report: every kernel variant the launchers may launch, built for sm_80 and
-sm_90a without a GPU, with its registers, spills and shared memory. Both kernel families are in it:
+sm_90a without a GPU, with its registers, spills and shared memory, and what its machine code says
+(``sass.py``: ptxas's notices such as serialised wgmma, the main loop's tensor-core share, the width
+of the global loads). ``--check`` fails on any failed compile, spill or serialised wgmma. Both
+kernel families are in it:
 ``variants.iter_compile_specs`` (attention) and ``window_attention.iter_compile_specs`` (windows).
 
-    python -m fastvit.kernels.aot [--full] [--capabilities 80 90] [--workers 2] [--json out.json]
+    python -m fastvit.kernels.aot [--full] [--capabilities 80 90] [--workers 2] [--json out.json] [--check]
 
 How: ``triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", cap, 32))``
 runs the whole pipeline (TTIR -> TTGIR -> LLVM -> PTX -> ptxas -> cubin) on the CPU. Registers and
@@ -127,7 +130,7 @@ def compile_spec(spec, capability: int) -> dict:
         import triton
         from triton.backends.compiler import GPUTarget
 
-        from . import variants
+        from . import sass, variants
 
         fn = _kernels()[spec.kernel]
         if not isinstance(fn, triton.runtime.jit.JITFunction):
@@ -143,6 +146,7 @@ def compile_spec(spec, capability: int) -> dict:
         registers, stack = _resource_usage(compiled.asm["cubin"])
         row.update(registers=registers, spills=stack, shared_mem_bytes=compiled.metadata.shared, ok=True,
                    seconds=round(time.perf_counter() - start, 2))
+        row.update(sass.machine_code(compiled.asm["ptx"], compiled.asm["cubin"], capability))
     except Exception as e:  # noqa: BLE001 - the report records every failure, whatever it is
         row["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:500]
     return row
@@ -266,19 +270,40 @@ def _compile_pool(workers: int):
 
 
 def format_report(rows: list[dict]) -> str:
-    """A plain-text table, one line per compile, and a summary."""
+    """A plain-text table, one line per compile, and a summary. ``ser``: wgmma serialised (C7515);
+    ``loop``: the main loop's tensor-core / all instructions; ``ld``: global loads by width."""
     lines = [f"{'kernel':<22} {'cap':>3} {'dtype':<5} {'M':>4} {'N':>4} {'D':>4} {'Dv':>4} {'w':>2} {'s':>2} "
-             f"{'regs':>5} {'spill':>6} {'smem KiB':>9}  variant / status"]
+             f"{'regs':>5} {'spill':>6} {'smem KiB':>9} {'ser':>3} {'loop mma/all':>12} {'ld':<14} variant / status"]
     for r in rows:
         c = r["config"]
         status = c.get("variant", "") if r["ok"] else f"FAILED {r['error']}"
         smem = "-" if r["shared_mem_bytes"] is None else f"{r['shared_mem_bytes'] / 1024:.1f}"
+        loop = f"{_num(r.get('loop_mma'))}/{_num(r.get('loop_instructions'))}"
+        loads = " ".join(f"{w}:{n}" for w, n in (r.get("loads") or {}).items()) or "-"
         lines.append(f"{r['kernel']:<22} {r['capability']:>3} {c['dtype']:<5} {c.get('BLOCK_M', '-'):>4} "
                      f"{c.get('BLOCK_N', '-'):>4} {c.get('BLOCK_D', '-'):>4} {c.get('BLOCK_DV', '-'):>4} "
                      f"{c['num_warps']:>2} {c['num_stages']:>2} {_num(r['registers']):>5} {_num(r['spills']):>6} "
-                     f"{smem:>9}  {status}")
+                     f"{smem:>9} {'YES' if r.get('wgmma_serialized') else '-':>3} {loop:>12} {loads:<14} {status}")
     lines.append(summary(rows))
     return "\n".join(lines)
+
+
+def check_failures(rows: list[dict]) -> list[str]:
+    """What ``--check`` fails on, one line per compile: a failed compile, any spill, serialised wgmma."""
+    bad = []
+    for r in rows:
+        what = [f"failed: {r['error']}"] if not r["ok"] else []
+        if r["ok"] and r["spills"]:
+            what.append(f"{r['spills']} bytes of spills")
+        if r.get("wgmma_serialized"):
+            what.append("wgmma serialised (C7515)")
+        if what:
+            c = r["config"] if isinstance(r.get("config"), dict) else {"variant": str(r.get("config", ""))}
+            tile = f"{c.get('BLOCK_M', '-')}x{c.get('BLOCK_N', '-')} d{c.get('BLOCK_D', '-')}x{c.get('BLOCK_DV', '-')}"
+            bad.append(f"{r['kernel']} sm_{r['capability']} {c.get('dtype', '-')} {tile} w{c.get('num_warps', '-')} "
+                       f"s{c.get('num_stages', '-')} "
+                       f"{c.get('variant', '')}: {'; '.join(what)}")
+    return bad
 
 
 def _num(x) -> str:
@@ -289,10 +314,12 @@ def summary(rows: list[dict]) -> str:
     ok = [r for r in rows if r["ok"]]
     failed = len(rows) - len(ok)
     spilled = [r for r in ok if r["spills"]]
+    serialized = [r for r in ok if r.get("wgmma_serialized")]
     max_regs = max((r["registers"] for r in ok), default=0)
     max_smem = max((r["shared_mem_bytes"] for r in ok), default=0)
     return (f"{len(ok)} compiled, {failed} failed; max registers {max_regs}, "
-            f"max shared memory {max_smem / 1024:.1f} KiB, {len(spilled)} with spills")
+            f"max shared memory {max_smem / 1024:.1f} KiB, {len(spilled)} with spills, "
+            f"{len(serialized)} with serialised wgmma (C7515)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -301,6 +328,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--full", action="store_true", help="all bias subsets x EVEN_* variants (slow)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 on any failed compile, any spill or any serialised wgmma (C7515)")
     parser.add_argument("--spill-table", action="store_true",
                         help="print spill_table.PRUNED regenerated from the preference lists, then exit")
     args = parser.parse_args(argv)
@@ -321,6 +350,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.check:
+        bad = check_failures(rows)
+        for line in bad:
+            print(f"CHECK {line}")
+        print(f"check: {len(bad)} of {len(rows)} compiles fail it")
+        return 1 if bad else 0
     return 0 if all(r["ok"] for r in rows) else 1
 
 

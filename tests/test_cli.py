@@ -170,3 +170,20 @@ def test_kernels_without_the_aot_module_exits_nonzero(capsys, monkeypatch):
     monkeypatch.setattr(kernels_report, "load_compile_report", missing)
     assert cli.main(["kernels"]) == 1
     assert "fastvit.kernels.aot is not available" in capsys.readouterr().out
+
+
+def test_kernels_check_fails_on_spills_and_serialised_wgmma(capsys, monkeypatch):
+    clean = [dict(_REPORT_OK[0], wgmma_serialized=False, loop_mma=8, loop_instructions=300, loads={"128": 6})]
+    monkeypatch.setattr(kernels_report, "load_compile_report", lambda: (lambda: list(clean)))
+    assert cli.main(["kernels", "--check"]) == 0
+    assert "check: 0 of 1 compiles fail it" in capsys.readouterr().out
+    serialized = clean + [dict(clean[0], wgmma_serialized=True)]
+    monkeypatch.setattr(kernels_report, "load_compile_report", lambda: (lambda: list(serialized)))
+    assert cli.main(["kernels"]) == 0  # without --check only a failed compile fails
+    capsys.readouterr()
+    assert cli.main(["kernels", "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "wgmma serialised (C7515)" in out and "check: 1 of 2 compiles fail it" in out
+    monkeypatch.setattr(kernels_report, "load_compile_report", lambda: (lambda: list(_REPORT_OK)))  # 16 B spilled
+    assert cli.main(["kernels", "--check"]) == 1
+    assert "16 bytes of spills" in capsys.readouterr().out

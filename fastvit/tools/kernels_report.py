@@ -10,7 +10,14 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Optional, Sequence
 
-__all__ = ["load_compile_report", "run_compile_report", "report_document"]
+__all__ = ["load_compile_report", "run_compile_report", "report_document", "check_failures"]
+
+
+def check_failures(report: list) -> list:
+    """What ``fastvit kernels --check`` fails on (``fastvit.kernels.aot.check_failures``)."""
+    from fastvit.kernels.aot import check_failures as failures
+
+    return failures(report)
 
 
 def load_compile_report() -> Callable[..., list]:

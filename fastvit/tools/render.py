@@ -273,9 +273,10 @@ def headline(doc: dict) -> list:
 def kernels_table(report: list) -> tuple:
     """``(table, failed count)`` of the ahead-of-time compile report."""
     table = Table(title="Triton kernels compiled ahead of time", box=box.SIMPLE_HEAD, title_justify="left")
-    for col in ("kernel", "config", "capability", "registers", "spills", "shared mem", "status"):
-        table.add_column(col, overflow="fold", justify="right" if col in ("registers", "spills", "shared mem")
-                         else "left")
+    numeric = ("registers", "spills", "shared mem", "loop mma / all")
+    for col in ("kernel", "config", "capability", "registers", "spills", "shared mem", "wgmma", "loop mma / all",
+                "global loads", "status"):
+        table.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
     failed = 0
     for entry in report:
         ok = bool(entry.get("ok"))
@@ -286,9 +287,15 @@ def kernels_table(report: list) -> tuple:
         spills = entry.get("spills")
         spill_text = "-" if spills is None else (f"[red]{spills}[/red]" if spills else "0")
         shared = entry.get("shared_mem_bytes")
+        serialized = entry.get("wgmma_serialized")
+        loop = ("-" if entry.get("loop_instructions") is None
+                else f"{entry.get('loop_mma')} / {entry.get('loop_instructions')}")
+        loads = " ".join(f"{w}-bit: {n}" if w != "tma" else f"TMA: {n}" for w, n in (entry.get("loads") or {}).items())
         table.add_row(str(entry.get("kernel", "?")), escape(str(config if config is not None else "-")),
                       str(entry.get("capability", "-")), fmt(entry.get("registers"), "d"), spill_text,
                       "-" if shared is None else f"{shared / 1024:.1f} KiB",
+                      "-" if serialized is None else ("[red]serialised[/red]" if serialized else "ok"), loop,
+                      loads or "-",
                       "[green]ok[/green]" if ok else f"[red]failed[/red]: {escape(str(entry.get('error') or ''))}")
     return table, failed
 

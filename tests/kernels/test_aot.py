@@ -135,6 +135,12 @@ def test_compile_report_builds_a_subset_for_sm80_and_sm90a():
     for row in rows:
         assert row["ok"], row["error"]
         assert row["registers"] > 0 and row["spills"] == 0 and row["shared_mem_bytes"] is not None, row
+        # the machine code was read: the 16-bit matmul kernels multiply on tensor cores in a loop (IEEE
+        # fp32 multiplies with FMAs; the preprocess and the CLS row have no matmul)
+        assert isinstance(row["wgmma_serialized"], bool) and isinstance(row["ptxas_notices"], list), row
+        assert row["instructions"] > 0 and row["loads"], row
+        if row["kernel"] in kattn.TUNABLE_KERNELS and row["config"]["dtype"] != "fp32":
+            assert row["mma"] > 0 and row["loop_mma"] > 0, row
     assert {row["capability"] for row in rows} == {80, 90}
     assert f"{expected} compiled, 0 failed" in aot.format_report(rows)
 
