@@ -311,7 +311,7 @@ def _attn_fwd(
 
     The grid is 1-D with the query block fastest, so the programs that share one head's K and V
     run next to each other (L2 reuse), and B * H is not limited by CUDA's 65535 grid-y cap. The
-    full key blocks run without key-bound masks; the last, partial one (EVEN_N False) runs after
+    full key blocks run without key-bound masks; the last, partial one (EVEN_N False) runs before
     them with masks.
     """
     pid = tl.program_id(0)
@@ -358,15 +358,19 @@ def _attn_fwd(
                                       FP32_IEEE, UPCAST_DOT)
     else:
         n_full = (Nk // BLOCK_N) * BLOCK_N
+        # The partial key block (the launcher sets EVEN_N = (Nk % BLOCK_N == 0)) runs FIRST, before the
+        # loop: peeled after it, its masks and the rescale of the loop's accumulator sat between the last
+        # wgmma of the loop and its wait, and ptxas serialised every wgmma of the kernel (C7515, sm_90a).
+        # The online softmax does not care which block comes first.
+        if not EVEN_N:
+            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Dense, dense_rows, RelIndex, index_rows, TableRow,
+                                      KeyPad, n_full, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv,
+                                      qk_scale, inv_scale, True, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD,
+                                      FP32_IEEE, UPCAST_DOT)
         for start_n in range(0, n_full, BLOCK_N):
             acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Dense, dense_rows, RelIndex, index_rows, TableRow,
                                       KeyPad, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv,
                                       qk_scale, inv_scale, False, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD,
-                                      FP32_IEEE, UPCAST_DOT)
-        if not EVEN_N:  # the launcher sets EVEN_N = (Nk % BLOCK_N == 0): otherwise a partial block is left
-            acc, l_i, m_i = _fwd_step(acc, l_i, m_i, q, K, V, Dense, dense_rows, RelIndex, index_rows, TableRow,
-                                      KeyPad, n_full, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv,
-                                      qk_scale, inv_scale, True, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD,
                                       FP32_IEEE, UPCAST_DOT)
 
     # l_i >= 1 for any row with a valid key (its max contributes exp2(0)); 0 means no valid key.
