@@ -226,13 +226,15 @@ def _check_config(args) -> tuple[list, list]:
             spec = V.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
             rows += [compile_spec(spec, cap) for cap in capabilities]
     errors = [r for r in rows if not r["ok"]]
-    bad_caps = sorted({r["capability"] for r in rows if not (r["ok"] and not r["spills"])})
+    bad_caps = sorted({r["capability"] for r in rows
+                       if not (r["ok"] and not r["spills"] and not r.get("wgmma_serialized"))})
     return [(kernel, cfg, A._dtype_class(dtype), tuple(blocks), kind, cap) for cap in bad_caps], errors
 
 
 def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tuple[set, list]:
     """Regenerates `spill_table.PRUNED`: every config of every preference list (per kernel, dtype
-    class, head blocks and bias kind) whose default variant spills (or fails) on some capability.
+    class, head blocks and bias kind) whose default variant spills, serialises wgmma (C7515) or fails
+    on some capability.
     Every config is compiled, not just those up to the heuristic's pick, so that
     `attention.candidate_configs` (the configs a tuner times) are all spill-free. bf16 stands for the
     16-bit class (fp16 compiles to the same register allocation). Returns (the table, the rows of

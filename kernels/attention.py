@@ -643,8 +643,8 @@ def _attn_bwd_dq(
     HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
     FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """One program: BLOCK_M queries of one (batch, head); loops over all key blocks for dQ (full
-    blocks unmasked, the partial last one masked).
+    """One program: BLOCK_M queries of one (batch, head); loops over all key blocks for dQ (the
+    partial last one masked and first, the full blocks unmasked).
 
     ``dS`` is also the gradient of the additive biases. With STORE_DS each program writes its dS
     tiles with plain stores into DS, an fp32 ``[B, H, Nq_pad, Nk_pad]`` buffer padded to block
@@ -697,14 +697,14 @@ def _attn_bwd_dq(
                           UPCAST_DOT)
     else:
         n_full = (Nk // BLOCK_N) * BLOCK_N
+        if not EVEN_N:  # the partial block first: peeled after the loop it serialised wgmma (see `_attn_fwd`)
+            dq = _dq_step(dq, q, do, lse2, delta, K, V, DS, ds_rows, Dense, dense_rows, RelIndex, index_rows,
+                          TableRow, KeyPad, n_full, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv, qk_scale,
+                          inv_scale, True, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD, STORE_DS, FP32_IEEE, UPCAST_DOT)
         for start_n in range(0, n_full, BLOCK_N):
             dq = _dq_step(dq, q, do, lse2, delta, K, V, DS, ds_rows, Dense, dense_rows, RelIndex, index_rows,
                           TableRow, KeyPad, start_n, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv, qk_scale,
                           inv_scale, False, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD, STORE_DS, FP32_IEEE, UPCAST_DOT)
-        if not EVEN_N:
-            dq = _dq_step(dq, q, do, lse2, delta, K, V, DS, ds_rows, Dense, dense_rows, RelIndex, index_rows,
-                          TableRow, KeyPad, n_full, offs_n, offs_d, offs_dv, stride_kn, stride_vn, Nk, D, Dv, qk_scale,
-                          inv_scale, True, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD, STORE_DS, FP32_IEEE, UPCAST_DOT)
 
     dq *= scale
     _store_tile(DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh

@@ -287,22 +287,23 @@ def _win_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # FlashAttention-2's split loop (full key blocks unmasked, the partial last one peeled and masked)
+    # FlashAttention-2's split loop (full key blocks unmasked, the partial last one peeled and masked,
+    # and run FIRST: peeled after the loop it serialised wgmma on sm_90a, as in kernels/attention.py)
     # unless every block is masked anyway (SHIFT: the region compare; padded keys then cost one vector
     # select) or the matmuls are IEEE fp32 (unrolled FMAs: a peeled step doubles the code and spills,
     # as in kernels/attention.py): then one loop masks every block.
     one_loop: tl.constexpr = SHIFT or FP32_IEEE
     n_full = n if one_loop else (n // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _win_fwd_step(acc, l_i, m_i, q, K, V, BiasRows, region_m, start_n, offs_n, offs_d, offs_dv,
-                                      row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
-                                      stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
-                                      one_loop and not EVEN_N, EVEN_D, HAS_BIAS, SHIFT, FP32_IEEE, UPCAST_DOT)
     if not EVEN_N and not one_loop:
         acc, l_i, m_i = _win_fwd_step(acc, l_i, m_i, q, K, V, BiasRows, region_m, n_full, offs_n, offs_d, offs_dv,
                                       row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
                                       stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
                                       True, EVEN_D, HAS_BIAS, SHIFT, FP32_IEEE, UPCAST_DOT)
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, l_i, m_i = _win_fwd_step(acc, l_i, m_i, q, K, V, BiasRows, region_m, start_n, offs_n, offs_d, offs_dv,
+                                      row0, col0, grid_h, grid_w, win_w, shift_h, shift_w, dil_h, dil_w, n,
+                                      stride_kn, stride_vn, D, Dv, qk_scale, inv_scale,
+                                      one_loop and not EVEN_N, EVEN_D, HAS_BIAS, SHIFT, FP32_IEEE, UPCAST_DOT)
 
     # Every row attends to itself, so l_i >= 1, unless a -inf dense bias masked all its keys.
     empty = l_i == 0.0
