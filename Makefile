@@ -15,7 +15,7 @@ DRY_VENV ?= .venv-gpu-check
 GPU_MACHINE_PACKAGES ?= timm einops rich pytest pytest-xdist hypothesis
 GPU_CHECK_ARGS ?=
 
-.PHONY: test bench kernels kernels-check check lint gpu-check gpu-check-dry-run clean
+.PHONY: test bench kernels kernels-check kernels-check-triton36 check lint gpu-check gpu-check-dry-run clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ kernels: $(STAMP)
 # The machine-code check: also fails on spills and serialised wgmma (ptxas C7515) in any variant.
 kernels-check: $(STAMP)
 	$(VENV)/bin/fastvit kernels --check --json build/kernels-check.json
+
+# The same check with the GPU machine's triton (3.6.0), installed beside this venv's torch: the spill
+# table holds what 3.6 adds (kernels/spill_table.py, PRUNED_TRITON_3_6), and this proves it.
+TRITON36 ?= build/triton-3.6.0
+kernels-check-triton36: $(STAMP)
+	test -d $(TRITON36)/triton || $(PY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
+	PYTHONPATH=$(CURDIR)/$(TRITON36) TRITON_CACHE_DIR=$(CURDIR)/build/triton-3.6.0-cache \
+		$(PY) -m fastvit.kernels.aot --check --json build/kernels-check-triton36.json
 
 check: $(STAMP)
 	$(VENV)/bin/fastvit check

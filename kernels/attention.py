@@ -112,15 +112,17 @@ import torch
 from torch import Tensor
 
 from .configs import CompileSpec, Config  # noqa: F401  (CompileSpec: part of this family's API)
-from .spill_table import PRUNED, SPILL_CAPABILITIES
+from .spill_table import SPILL_CAPABILITIES, pruned_for
 
 try:
     import triton
     import triton.language as tl
 
     _TRITON_IMPORT_ERROR: Optional[str] = None
+    PRUNED = pruned_for(triton.__version__)  # the spill table of the triton in use
 except ImportError as _e:  # the reference and the capability checks still work without triton
     _TRITON_IMPORT_ERROR = f"{type(_e).__name__}: {_e}"
+    PRUNED = pruned_for("")
 
     class _TritonStub:
         """Lets this module import (and define its kernels as plain functions) without triton."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .configs import Config
 
-__all__ = ["SPILL_CAPABILITIES", "PRUNED"]
+__all__ = ["SPILL_CAPABILITIES", "PRUNED", "PRUNED_TRITON_3_6", "pruned_for"]
 
 # The spill table: (kernel, config, dtype class, (BLOCK_D, BLOCK_DV), bias kind, capability) whose
 # default variant spills registers, serialises wgmma (sm_90a, ptxas C7515) or fails to compile for
@@ -342,3 +342,50 @@ PRUNED = frozenset({
     ('_attn_fwd', Config(64, 64, 8, 2), '16bit', (128, 128), 'gather', 80),
     ('_attn_fwd', Config(64, 64, 8, 2), '16bit', (128, 128), 'gather', 90),
 })
+
+
+# What triton 3.6.0 (the lent GPU machine's) adds: its compiles of the same configs spill or serialise
+# wgmma where 3.8's do not (generated the same way, with triton 3.6.0 first on the path).
+PRUNED_TRITON_3_6 = frozenset({
+    ('_attn_bwd_dkdv', Config(16, 16, 4, 1), 'fp32', (16, 16), 'none', 80),
+    ('_attn_bwd_dkdv', Config(16, 32, 4, 2), 'fp32', (32, 32), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(16, 32, 4, 2), 'fp32', (32, 32), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(16, 32, 4, 2), 'fp32', (128, 128), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (32, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (64, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (64, 64), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (64, 64), 'gather', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (64, 64), 'none', 80),
+    ('_attn_bwd_dkdv', Config(32, 32, 4, 2), 'fp32', (64, 64), 'none', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 8, 2), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 8, 2), 'fp32', (128, 128), 'gather', 90),
+    ('_attn_bwd_dkdv', Config(32, 32, 8, 2), 'fp32', (128, 128), 'none', 90),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (16, 16), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (32, 64), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (64, 64), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(32, 64, 4, 2), '16bit', (128, 128), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (16, 16), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (32, 32), 'dense', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (32, 64), 'none', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (64, 64), 'dense', 90),
+    ('_attn_bwd_dkdv', Config(64, 64, 4, 2), '16bit', (64, 64), 'none', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (32, 64), 'none', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (64, 64), 'none', 80),
+    ('_attn_bwd_dkdv', Config(64, 64, 8, 2), '16bit', (128, 128), 'dense', 80),
+    ('_attn_bwd_dq', Config(16, 16, 2, 1), 'fp32', (16, 16), 'dense', 80),
+    ('_attn_bwd_dq', Config(16, 16, 2, 1), 'fp32', (128, 128), 'dense', 90),
+    ('_attn_bwd_dq', Config(64, 64, 8, 2), '16bit', (32, 32), 'gather', 80),
+    ('_attn_fwd', Config(16, 32, 4, 2), 'fp32', (32, 32), 'gather', 80),
+    ('_attn_fwd', Config(32, 32, 8, 2), 'fp32', (32, 32), 'dense', 90),
+    ('_attn_fwd', Config(64, 64, 4, 2), '16bit', (32, 32), 'gather', 90),
+})
+
+
+def pruned_for(triton_version: str) -> frozenset:
+    """The table for a triton version: ``PRUNED`` (made with 3.8) for 3.8 and newer, plus what 3.6 adds
+    for every older version (3.6 is the older one checked; the rest are assumed to be like it)."""
+    try:
+        major, minor = (int(x) for x in triton_version.split(".")[:2])
+    except ValueError:
+        return PRUNED | PRUNED_TRITON_3_6
+    return PRUNED if (major, minor) >= (3, 8) else PRUNED | PRUNED_TRITON_3_6

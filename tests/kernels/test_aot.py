@@ -195,3 +195,15 @@ def test_full_report_compiles_without_spills():
     spilled = [r for r in rows if r["ok"] and r["spills"]]
     assert not failed, failed[:3]
     assert not spilled, spilled[:3]
+
+
+def test_the_spill_table_follows_the_triton_in_use():
+    from fastvit.kernels import spill_table
+
+    assert spill_table.pruned_for("3.8.0") == spill_table.PRUNED == spill_table.pruned_for("3.9.1")
+    both = spill_table.PRUNED | spill_table.PRUNED_TRITON_3_6
+    assert spill_table.pruned_for("3.6.0") == both == spill_table.pruned_for("3.2.0") == spill_table.pruned_for("")
+    assert spill_table.PRUNED_TRITON_3_6 - spill_table.PRUNED, "3.6 adds nothing: the table is stale"
+    import triton
+
+    assert kattn.PRUNED == spill_table.pruned_for(triton.__version__)
