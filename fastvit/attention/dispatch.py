@@ -21,18 +21,23 @@ import torch
 
 from . import measured
 from .backends import BACKENDS, Backend, get_backend
+from .bias import KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs
 
 __all__ = ["choose", "explain", "use_backend", "set_backend", "get_selected_backend", "Selection",
-           "CPU_SDPA_MIN_KEYS", "CPU_SDPA_MAX_TINY_KEYS", "CUDA_ORDER", "AUTO"]
+           "CPU_SDPA_MIN_KEYS", "CPU_SDPA_MAX_TINY_KEYS", "CUDA_ORDER", "CUDA_PLAIN_ORDER", "cuda_fusion",
+           "AUTO"]
 
 AUTO = "auto"
 ENV_VAR = "FASTVIT_ATTN_BACKEND"
 
-# Auto priority on CUDA: our kernels, then FlexAttention (compiled; it serves what the kernels refuse,
-# e.g. several biases of one kind), then xformers, then SDPA, then the reference. A per-shape order
-# from measured data may replace this fixed one.
+# Auto priority on CUDA for a call that needs what only a fused kernel does (see `cuda_fusion`): our
+# kernels, then FlexAttention (compiled; it serves what the kernels refuse, e.g. several biases of one
+# kind), then xformers, then SDPA, then the reference. Every other call (plain, or a bias SDPA takes as a
+# float mask) goes to SDPA first: its flash / cuDNN / memory-efficient kernels are the measured standard,
+# and ours have not been timed on this GPU. A per-shape order `fastvit tune` measured replaces either.
 CUDA_ORDER = ("triton", "flex", "xformers", "sdpa", "reference")
+CUDA_PLAIN_ORDER = ("sdpa", "triton", "flex", "xformers", "reference")
 
 # On a small CPU the naive path can beat SDPA at ViT-sized sequences: the score matrix of a layer
 # (6 heads x 197^2 fp32 ~ 0.9 MB per image) stays in cache and matmul runs at GEMM speed, while SDPA's
@@ -149,10 +154,29 @@ def _cpu_order(inp: AttnInputs) -> tuple:
     return ("reference", "sdpa")
 
 
+def cuda_fusion(inp: AttnInputs) -> Optional[str]:
+    """What a call needs that only fastvit's kernels fuse (SDPA would need extra passes or a materialised
+    tensor), or None: windows read in place, the CLS row's probabilities, key padding without an
+    expanded mask, Dv != D, a relative-position table that takes a gradient (gathered in-kernel)."""
+    if inp.window is not None:
+        return "a window (read in place)"
+    if inp.return_cls_probs:
+        return "CLS probabilities"
+    if inp.value_dim != inp.head_dim:
+        return "Dv != D"
+    for b in inp.bias:
+        if isinstance(b, KeyPaddingMask):
+            return "key padding"
+        if isinstance(b, RelPosBias) and b.table.requires_grad and torch.is_grad_enabled():
+            return "a relative-position table with a gradient"
+    return None
+
+
 def auto_order(inp: AttnInputs) -> tuple:
     """The backends auto dispatch tries for these inputs, best first."""
     if inp.device_type == "cuda":
-        order = measured.ordered(inp, CUDA_ORDER)  # `fastvit tune`'s measured order for the bucket, if any
+        default = CUDA_ORDER if cuda_fusion(inp) is not None else CUDA_PLAIN_ORDER
+        order = measured.ordered(inp, default)  # `fastvit tune`'s measured order for the bucket, if any
     elif inp.device_type == "cpu":
         order = _cpu_order(inp)
     else:

@@ -381,9 +381,10 @@ def info_tables() -> list:
                     refused = "; ".join(filter(None, [refused, f"unavailable (see above): {', '.join(down)}"]))
                 dispatch.add_row(device, dtype_name(dtype), str(n), " > ".join(order), chosen, escape(refused) or "-")
     if not torch.cuda.is_available():
-        from fastvit.attention.dispatch import CUDA_ORDER
+        from fastvit.attention.dispatch import CUDA_ORDER, CUDA_PLAIN_ORDER
 
-        dispatch.add_row("cuda", "-", "-", " > ".join(CUDA_ORDER) + " (or the order `fastvit tune` measured)", "-",
+        dispatch.add_row("cuda", "-", "-", " > ".join(CUDA_PLAIN_ORDER) + "; what only the kernels fuse: "
+                         + " > ".join(CUDA_ORDER) + " (or the order `fastvit tune` measured)", "-",
                          "no CUDA device here")
     return [devices, vers, backends, dispatch]
 

@@ -178,3 +178,25 @@ def test_deterministic_mode_refuses_declared_non_deterministic_bias_gradients():
     finally:
         torch.use_deterministic_algorithms(saved)
     assert not any("atomic adds" in r for r in _Atomic.not_supported_reasons(trainable))
+
+
+def test_cuda_auto_puts_sdpa_first_unless_the_call_needs_a_fused_kernel():
+    """Untuned CUDA dispatch: fastvit's kernels first only for what SDPA cannot fuse (the order itself is
+    device-independent: the inputs here are CPU tensors)."""
+    from fastvit.attention import DenseBias, KeyPaddingMask, RelPosBias, Window, make_inputs
+    from fastvit.attention.dispatch import CUDA_ORDER, CUDA_PLAIN_ORDER, cuda_fusion
+
+    assert CUDA_PLAIN_ORDER[0] == "sdpa" and CUDA_ORDER[0] == "triton" and set(CUDA_ORDER) == set(CUDA_PLAIN_ORDER)
+    q = torch.randn(1, 2, 16, 8)
+    table, index = torch.randn(9, 2, requires_grad=True), torch.randint(0, 9, (16, 16))
+    plain = {"plain": {}, "dense bias": dict(bias=DenseBias(torch.randn(1, 2, 16, 16)))}
+    fused = {"window": dict(window=Window(grid=(4, 4), size=(2, 2))), "cls probs": dict(return_cls_probs=True),
+             "key padding": dict(bias=KeyPaddingMask(torch.ones(1, 16, dtype=torch.bool))),
+             "trainable table": dict(bias=RelPosBias(table, index))}
+    for name, kwargs in plain.items():
+        assert cuda_fusion(make_inputs(q, q, q, **kwargs)) is None, name
+    for name, kwargs in fused.items():
+        assert cuda_fusion(make_inputs(q, q, q, **kwargs)) is not None, name
+    assert cuda_fusion(make_inputs(q, q, torch.randn(1, 2, 16, 4))) == "Dv != D"
+    with torch.no_grad():  # an eval table: SDPA takes the cached dense bias as its float mask
+        assert cuda_fusion(make_inputs(q, q, q, bias=RelPosBias(table, index))) is None

@@ -55,7 +55,11 @@ def test_a_measured_bucket_goes_first_and_the_rest_keep_the_default_order(tmp_pa
     other = _inputs(197)  # another bucket: untouched
     assert measured.ordered(other, default) == default
     assert auto_order(_CudaInputs(inp)) == ("sdpa", "triton", "flex", "xformers", "reference")
-    assert auto_order(_CudaInputs(other)) == ("triton", "flex", "xformers", "sdpa", "reference")
+    # unmeasured: a plain call goes to SDPA first, one that needs a fused kernel (CLS probabilities) to triton
+    assert auto_order(_CudaInputs(other)) == ("sdpa", "triton", "flex", "xformers", "reference")
+    q = torch.randn(2, 3, 197, 32)
+    fused = make_inputs(q, q, q, return_cls_probs=True)
+    assert auto_order(_CudaInputs(fused)) == ("triton", "flex", "xformers", "sdpa", "reference")
 
 
 def test_no_table_or_a_broken_one_keeps_the_default(tmp_path, monkeypatch):
