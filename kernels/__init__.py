@@ -5,7 +5,11 @@ dispatch and depends on torch and triton only. Importing it never fails when tri
 ``available()`` then says why, and the launchers raise ``RuntimeError`` with the same reason.
 
 Modules:
-    attention: the fused attention family (kernels, launchers, config choice, custom ops, reference).
+    attention: the fused attention family's entry points: launchers, input checks, custom ops and
+        autograd, reference. Its kernels, one pass per file: attention_fwd (forward, CLS row),
+        attention_bwd (the three-pass backward); attention_configs chooses their configs (preference
+        lists, spill table, tuned tables); tiles holds the jit helpers they share.
+    triton_compat: the triton import (a stub without triton, so the package always imports).
     window_attention: fused attention inside (shifted or dilated) windows of a raster token grid,
         addressed in place (kernels, launchers, custom ops, capability check, reference).
     configs: the ``Config`` / ``CompileSpec`` records.
@@ -15,7 +19,7 @@ Modules:
     tuned/: per-device tuned config tables (``<device-slug>.json``), written by ``fastvit tune``.
 
 Tuning API (``fastvit tune`` calls it): ``candidate_configs``, ``tune_key``, ``forced_configs``,
-``tuned_path``, ``load_tuned``; the JSON format is documented in ``attention`` (tuned tables).
+``tuned_path``, ``load_tuned``; the JSON format is documented in ``attention_configs`` (tuned tables).
 ``DETERMINISTIC_BIAS_GRADS`` is True: the bias gradients are bitwise reproducible run to run.
 
 ``fastvit.kernels.attention`` is the module (``from fastvit.kernels import attention as kattn``,

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from . import attention as _attention
+from . import attention_configs as _configs
 from .attention import (
     _DKDV_PREFS,
     _DQ_PREFS,
@@ -157,14 +157,14 @@ def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict
 
 
 def _tuned_configs(kernel: str, dtype: torch.dtype, blocks: tuple[int, int], kind: str) -> list[Config]:
-    """The configs that tuned tables under ``attention.TUNED_DIR`` (read at call time) give this
+    """The configs that tuned tables under ``attention_configs.TUNED_DIR`` (read at call time) give this
     (kernel, dtype class, blocks, kind)."""
     import glob
 
     cls = _dtype_class(dtype)
     prefix = f"{kernel}|{cls}|d{blocks[0]}x{blocks[1]}|{kind}|"
     found = []
-    for path in sorted(glob.glob(os.path.join(_attention.TUNED_DIR, "*.json"))):
+    for path in sorted(glob.glob(os.path.join(_configs.TUNED_DIR, "*.json"))):
         try:
             entries = load_tuned(path)["entries"]
         except ValueError:

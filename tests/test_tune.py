@@ -11,6 +11,7 @@ import torch
 from fastvit import cli
 
 kattn = pytest.importorskip("fastvit.kernels.attention")
+kattn_configs = pytest.importorskip("fastvit.kernels.attention_configs")
 
 
 def _tune(tmp_path, *extra):
@@ -40,7 +41,7 @@ def test_tune_times_every_bucket_and_writes_the_table_the_launchers_read(tmp_pat
     other = next(c for c in kattn.candidate_configs("_attn_fwd", Nq, Nk, D, Dv, torch.float32, True) if c != default)
     raw = json.loads(table.read_text())
     raw["entries"][key] = {**other._asdict(), "ms": 1.0}
-    monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(kattn_configs, "TUNED_DIR", str(tmp_path))
     (tmp_path / (kattn.device_slug("cpu") + ".json")).write_text(json.dumps(raw))
     picked = kattn._pick_config("_attn_fwd", Nq, Nk, kattn._head_blocks(D, Dv), torch.float32,
                                 kattn._bias_kind(True, Nq, Nk), torch.device("cpu"))

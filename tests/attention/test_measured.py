@@ -11,6 +11,7 @@ from fastvit.attention import RelPosBias, make_inputs, measured
 from fastvit.attention.dispatch import auto_order
 
 kattn = pytest.importorskip("fastvit.kernels.attention")
+kattn_configs = pytest.importorskip("fastvit.kernels.attention_configs")
 
 
 class _CudaInputs:
@@ -34,7 +35,7 @@ def _inputs(n=49, bias=False):
 
 
 def _write_table(tmp_path, monkeypatch, section):
-    monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(kattn_configs, "TUNED_DIR", str(tmp_path))
     path = tmp_path / (kattn.device_slug("cpu") + ".json")
     path.write_text(json.dumps({"device": "test", "entries": {}, "dispatch": section}))
     measured._CACHE.clear()
@@ -64,7 +65,7 @@ def test_a_measured_bucket_goes_first_and_the_rest_keep_the_default_order(tmp_pa
 
 def test_no_table_or_a_broken_one_keeps_the_default(tmp_path, monkeypatch):
     inp = _inputs()
-    monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(kattn_configs, "TUNED_DIR", str(tmp_path / "none"))
     measured._CACHE.clear()
     assert measured.ordered(inp, ("triton", "sdpa")) == ("triton", "sdpa")
     path = _write_table(tmp_path, monkeypatch, {})

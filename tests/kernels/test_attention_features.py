@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from fastvit.kernels import attention as kattn
+from fastvit.kernels import attention_configs as kattn_configs
 from fastvit.kernels import variants
 from kernel_cases import (
     BF16,
@@ -77,7 +78,7 @@ def test_split_loop_around_block_multiples(case, launches):
                                   triton_case(F16, SUBSAMPLED_Q, "relpos+dense_bcast"),
                                   triton_case(BF16, SWIN, "relpos+dense_bcast_all+padding")], ids=lambda c: c.id)
 def test_relative_position_paths(case, path, monkeypatch, launches):
-    monkeypatch.setattr(kattn, "REL_BIAS_PRECOMPUTE_MAX_LOGITS", 1 << 30 if path == "expanded" else 0)
+    monkeypatch.setattr(kattn_configs, "REL_BIAS_PRECOMPUTE_MAX_LOGITS", 1 << 30 if path == "expanded" else 0)
     run_and_compare(case)
     tiled = [c for name, _, c in launches if name in kattn.TUNABLE_KERNELS]
     assert tiled and all(c["HAS_REL"] == (path == "gather") for c in tiled)
@@ -98,7 +99,7 @@ def _bias_grads(inputs, grad_out):
 @pytest.mark.parametrize("path", ["expanded", "gather"])
 @pytest.mark.parametrize("dense", ["dense_bcast", "dense", "dense_bcast_all"])
 def test_bias_gradients_are_bitwise_reproducible(path, dense, device, monkeypatch):
-    monkeypatch.setattr(kattn, "REL_BIAS_PRECOMPUTE_MAX_LOGITS", 1 << 30 if path == "expanded" else 0)
+    monkeypatch.setattr(kattn_configs, "REL_BIAS_PRECOMPUTE_MAX_LOGITS", 1 << 30 if path == "expanded" else 0)
     # A batch of 3 (no SHAPES entry has one): the bias gradients sum several samples' contributions.
     shape = B, H, Nq, Nk, D, Dv = (3, 2, 40, 45, 16, 16)
     q, k, v, bias = case_inputs(triton_case(F32, shape, f"relpos+{dense}+padding"))
@@ -165,7 +166,7 @@ def _write_table(path, entries, **extra):
 
 
 def test_tuned_table_is_used(device, tmp_path, monkeypatch, launches):
-    monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(kattn_configs, "TUNED_DIR", str(tmp_path))
     case = triton_case(F32, (1, 2, 40, 40, 16, 16))
     cfg = kattn.Config(16, 16, 2, 1)
     key = kattn.tune_key("_attn_fwd", *case.shape[2:], F32, False)
@@ -190,7 +191,7 @@ def test_tuned_path_slug():
 
 
 def test_tuned_threshold_refines_the_precompute_rule(device, tmp_path, monkeypatch, launches):
-    monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(kattn_configs, "TUNED_DIR", str(tmp_path))
     _write_table(Path(kattn.tuned_path(torch.device(device))), {}, rel_bias_precompute_max_logits=0)
     kattn._TUNED_CACHE.clear()
     run_and_compare(triton_case(F32, REDUCED_KV, "relpos"))
@@ -215,7 +216,7 @@ def test_forced_configs_take_effect(device, launches):
                                      json.dumps({"entries": {"bogus|x": {}}})])
 def test_malformed_tuned_table_raises_or_is_ignored_with_a_warning(content, device, tmp_path, monkeypatch,
                                                                     launches):
-    monkeypatch.setattr(kattn, "TUNED_DIR", str(tmp_path))
+    monkeypatch.setattr(kattn_configs, "TUNED_DIR", str(tmp_path))
     path = Path(kattn.tuned_path(torch.device(device)))
     path.write_text(content)
     with pytest.raises(ValueError, match="tuned table"):

@@ -1,0 +1,382 @@
+"""Config choice of the attention family: head blocks, preference lists, the spill table's pruning,
+tuned tables (``kernels/tuned/<device>.json``), forced configs, and the launch plan of a shape."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import re
+import warnings
+from typing import Optional
+
+import torch
+
+from .configs import Config
+from .spill_table import SPILL_CAPABILITIES, pruned_for
+from .triton_compat import TRITON_VERSION
+
+PRUNED = pruned_for(TRITON_VERSION)  # the spill table of the triton in use
+
+# The forward's launch specs per key (kernels/attention.py `_fwd_spec`), forgotten with the tuned tables.
+_FWD_SPECS: dict = {}  # launch key -> (Config, constexprs, head blocks); see _fwd_spec
+
+
+# Head blocks: (BLOCK_D, BLOCK_DV). D and Dv are padded to a power of two >= 16 (tl.dot needs 16),
+# and a pair that is not listed is widened to (max, max): that keeps the variant count (and the AOT
+# report) bounded. LeViT is why a D != Dv pair exists: (32, 64) is vit-pytorch's default. The paper's
+# (16, 64) runs as (64, 64): masked loads read no padding from memory, the wasted QK^T columns cost
+# compute only, and LeViT's small heads are memory-bound.
+HEAD_BLOCKS = ((16, 16), (32, 32), (64, 64), (128, 128), (32, 64))
+_DTYPE_CODES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+# The kernels whose configs are chosen per shape (and may be tuned); the CLS-row and preprocess
+# kernels have one fixed config each.
+TUNABLE_KERNELS = ("_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq")
+
+# Bias kinds, which select both the compiled variant and the config:
+#   "none":   no bias;
+#   "dense":  a dense bias tile read per logit (a dense bias, a relative-position table expanded
+#             once per call, see REL_BIAS_PRECOMPUTE_MAX_LOGITS) and/or key padding;
+#   "gather": the relative-position table gathered in-kernel from ``[H, T]`` (large Nq * Nk).
+BIAS_KINDS = ("none", "dense", "gather")
+
+# A relative-position table is expanded once per call to a ``[1, H, Nq, Nk]`` bias in the compute
+# dtype (a torch gather) and read like a dense bias when ``Nq * Nk`` is at most this: the kernels
+# then read one coalesced 16-bit tile per logit instead of an int32 index tile plus a dependent,
+# uncoalesced table gather, and the biased kernels hold one pointer tile fewer (item: register
+# pressure). Above it (``2**18`` logits = N of 512; 12 heads: 6 MB of bf16), the table is gathered
+# in-kernel from its ``[H, T]`` transpose. A tuned table may refine it (``"rel_bias_precompute_max_logits"``).
+REL_BIAS_PRECOMPUTE_MAX_LOGITS = 1 << 18
+
+
+# The bias gradients (rel_table, dense_bias) are bitwise reproducible run to run: no atomics, fixed
+# reduction orders (see the module docstring). The triton backend reads this flag.
+DETERMINISTIC_BIAS_GRADS = True
+
+# Preference lists, tried in order; the first that `keep()` accepts is launched (unless a tuned
+# table or `forced_configs` says otherwise). Keys: the kernel, the dtype class (fp32 tiles take twice
+# the registers, and its IEEE matmuls run on CUDA cores) and, for the forward, a query bucket
+# ("short": Nq <= 128, "long") -- so each (kernel, dtype, head blocks, bias kind) launches at most
+# two forward configs and one per backward kernel. Class attention (Nq = 1) runs in a 64-row tile:
+# 63 wasted rows of a tiny problem cost less than another compiled variant. 8-warp entries are the
+# fallbacks for biased calls: half the registers per thread for the same tile.
+_FWD_PREFS = {
+    ("16bit", "short"): (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 2), Config(64, 32, 8, 2),
+                         Config(32, 32, 4, 2)),
+    ("16bit", "long"): (Config(128, 64, 4, 3), Config(128, 64, 8, 3), Config(64, 64, 4, 2), Config(64, 64, 8, 2),
+                        Config(64, 32, 4, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 2)),
+    ("fp32", "short"): (Config(32, 32, 4, 2), Config(32, 32, 8, 2), Config(16, 32, 4, 2), Config(16, 16, 4, 2),
+                        Config(16, 16, 4, 1)),
+    ("fp32", "long"): (Config(64, 32, 4, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 2), Config(32, 32, 8, 2),
+                       Config(16, 32, 4, 2), Config(16, 16, 4, 2), Config(16, 16, 4, 1)),
+}
+# dK/dV: BLOCK_N keys per program, BLOCK_M queries per step; dQ: BLOCK_M queries per program.
+# The 8-warp, 1-stage entries keep 64 keys per dK/dV program and 64 queries per dQ program where
+# sm_80 (mma.sync) spills the larger ones with a bias (sm_90a's wgmma fits 64x64 with 4 warps).
+_DKDV_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 64, 8, 1),
+                         Config(32, 32, 4, 2)),
+               "fp32": (Config(32, 32, 4, 2), Config(32, 32, 8, 2), Config(16, 32, 4, 2), Config(16, 16, 4, 1))}
+_DQ_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 2), Config(64, 32, 8, 1),
+                       Config(32, 32, 4, 2), Config(32, 32, 8, 1)),
+             "fp32": (Config(32, 32, 4, 2), Config(32, 32, 8, 2), Config(32, 16, 4, 2), Config(16, 16, 2, 1),
+                      Config(16, 16, 4, 1))}
+
+
+def _cls_config(block_d: int) -> Config:
+    """The CLS-row kernel holds a (BLOCK_N, BLOCK_D) fp32 tile of K: 64 keys spill at BLOCK_D=128."""
+    return Config(1, 64 if block_d <= 64 else 32, 4, 1)  # block_m is unused: one query row
+
+
+_PREPROCESS_CONFIG = Config(64, 1, 4, 1)  # block_n is unused
+
+# The spill table (`PRUNED`, generated data in kernels/spill_table.py): configs whose variant spills or
+# fails to compile for sm_80 / sm_90a are skipped by `keep()`.
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+_ALLOW_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+def _tf32(dtype: torch.dtype) -> bool:
+    """fp32 inputs multiply in TF32 when torch allows it for matmuls (as cuBLAS would)."""
+    return dtype == torch.float32 and bool(_ALLOW_TF32())
+
+
+def _head_blocks(d: int, dv: int) -> tuple[int, int]:
+    blocks = (max(16, triton_next_power_of_2(d)), max(16, triton_next_power_of_2(dv)))
+    if blocks not in HEAD_BLOCKS:
+        widest = max(blocks)
+        blocks = (widest, widest)
+    return blocks
+
+
+def triton_next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def _m_bucket(nq: int) -> str:
+    return "short" if nq <= 128 else "long"
+
+
+def _bias_kind(biased, nq: int, nk: int) -> str:
+    """A bias kind from ``biased``: a kind by name, or a bool. True means what a relative-position
+    table (or a dense bias) of this size runs as: "dense" up to the precompute threshold, "gather" above."""
+    if isinstance(biased, str):
+        if biased not in BIAS_KINDS:
+            raise ValueError(f"biased={biased!r}: expected a bool or one of {BIAS_KINDS}")
+        return biased
+    if not biased:
+        return "none"
+    return "dense" if nq * nk <= rel_bias_precompute_max_logits() else "gather"
+
+
+def _spill_caps(capability) -> tuple:
+    """The spill-table capabilities that apply to a device capability ((major, minor), 80/90 or None)."""
+    if capability is None:
+        return SPILL_CAPABILITIES
+    major = capability[0] if isinstance(capability, tuple) else int(capability) // 10
+    return (90,) if major >= 9 else (80,)
+
+
+def keep(cfg: Config, kernel: str, dtype: torch.dtype, head_blocks: tuple[int, int], biased,
+         capability=None) -> bool:
+    """Whether ``cfg`` may be launched for this kernel, dtype, head blocks and bias kind (``biased``: a
+    kind, or a bool = "dense"/"none") on ``capability`` ((major, minor), or None: every capability):
+    not in the spill table (``PRUNED``, from the AOT report)."""
+    kind = biased if isinstance(biased, str) else ("dense" if biased else "none")
+    key = (kernel, cfg, _dtype_class(dtype), tuple(head_blocks), kind)
+    return not any(key + (cap,) in PRUNED for cap in _spill_caps(capability))
+
+
+def _prefs(kernel: str, dtype: torch.dtype, nq: int) -> tuple:
+    cls = _dtype_class(dtype)
+    if kernel == "_attn_fwd":
+        return _FWD_PREFS[(cls, _m_bucket(nq))]
+    if kernel == "_attn_bwd_dkdv":
+        return _DKDV_PREFS[cls]
+    if kernel == "_attn_bwd_dq":
+        return _DQ_PREFS[cls]
+    raise ValueError(f"unknown kernel {kernel!r}: expected one of {TUNABLE_KERNELS}")
+
+
+def _first_kept(prefs, kernel, dtype, head_blocks, kind, capability=None) -> Config:
+    for cfg in prefs:
+        if keep(cfg, kernel, dtype, head_blocks, kind, capability):
+            return cfg
+    return prefs[-1]  # the smallest tile is the last resort (in the report all the same)
+
+
+# ---- tuned tables and forced configs ---------------------------------------------------------------
+#
+# A tuned table is a JSON file ``kernels/tuned/<device-slug>.json`` (``tuned_path``), written by
+# ``fastvit tune`` on a GPU:
+#
+#     {"device": "NVIDIA H100 80GB HBM3", "triton": "3.6.0",
+#      "rel_bias_precompute_max_logits": 262144,                       (optional)
+#      "entries": {"<tune_key>": {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 3,
+#                                 "ms": 0.021}, ...}}
+#
+# ``tune_key`` buckets a call: kernel, dtype class ("16bit", "fp32" IEEE, "tf32"), head blocks, bias
+# kind, and Nq and Nk rounded up to a power of two in [16, 8192] (e.g.
+# ``_attn_fwd|16bit|d64x64|none|m256|n256`` for ViT-B/16). "ms" is informational. A launch looks its
+# key up; no file or no entry means the heuristic above. A file that cannot be read or parsed is
+# ignored with a warning (training must not stop over a stale tuning file); `load_tuned` called
+# directly raises ValueError instead.
+
+TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+_TUNED_CACHE: dict = {}  # torch.device -> its table, or None (no table, or a bad one)
+_FORCED: contextvars.ContextVar = contextvars.ContextVar("fastvit_kernels_forced_configs", default=None)
+
+
+def device_slug(name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def tuned_path(device=None) -> str:
+    """The tuned-table path of ``device``: a device name, a ``torch.device``/index (CUDA: its name
+    from ``torch.cuda.get_device_name``), or None (the current CUDA device, else "cpu")."""
+    if isinstance(device, str) and not device.startswith(("cuda", "cpu")):
+        name = device
+    else:
+        dev = torch.device(device) if device is not None else (
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
+        if isinstance(device, int):
+            dev = torch.device("cuda", device)
+        name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return os.path.join(TUNED_DIR, device_slug(name) + ".json")
+
+
+def _pow2_bucket(n: int) -> int:
+    return min(8192, max(16, triton_next_power_of_2(n)))
+
+
+def tune_key(kernel: str, nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, biased) -> str:
+    """The tuned-table key of a call (``biased``: a bool or a bias kind, see `BIAS_KINDS`)."""
+    if kernel not in TUNABLE_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}: expected one of {TUNABLE_KERNELS}")
+    cls = "tf32" if _tf32(dtype) else _dtype_class(dtype)
+    bd, bdv = _head_blocks(d, dv)
+    return f"{kernel}|{cls}|d{bd}x{bdv}|{_bias_kind(biased, nq, nk)}|m{_pow2_bucket(nq)}|n{_pow2_bucket(nk)}"
+
+
+_POW2_BLOCKS = (16, 32, 64, 128, 256)
+
+
+def _parse_config(key: str, entry) -> Config:
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {key!r} must be an object, got {type(entry).__name__}")
+    try:
+        cfg = Config(*(int(entry[f]) for f in Config._fields))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"entry {key!r} needs integer {', '.join(Config._fields)}: {e}") from None
+    if (cfg.block_m not in _POW2_BLOCKS or cfg.block_n not in _POW2_BLOCKS or cfg.num_warps not in (1, 2, 4, 8, 16)
+            or not 1 <= cfg.num_stages <= 8):
+        raise ValueError(f"entry {key!r}: {cfg} is not a valid config (blocks 16..256, powers of two)")
+    return cfg
+
+
+def load_tuned(path: Optional[str] = None) -> dict:
+    """Reads a tuned table (default: this process's device, `tuned_path()`).
+
+    Returns:
+        ``{"device", "triton", "rel_bias_precompute_max_logits" (or None), "entries": {key: Config}}``;
+        an empty table when the file does not exist.
+
+    Raises:
+        ValueError: the file is not valid JSON or not in the documented format.
+    """
+    path = tuned_path() if path is None else path
+    if not os.path.exists(path):
+        return {"device": None, "triton": None, "rel_bias_precompute_max_logits": None, "entries": {}}
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"tuned table {path}: cannot read it as JSON ({e})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("entries"), dict):
+        raise ValueError(f"tuned table {path}: expected an object with an \"entries\" object")
+    threshold = raw.get("rel_bias_precompute_max_logits")
+    if threshold is not None and (not isinstance(threshold, int) or threshold < 0):
+        raise ValueError(f"tuned table {path}: rel_bias_precompute_max_logits must be a non-negative int")
+    entries = {}
+    for key, entry in raw["entries"].items():
+        if key.split("|")[0] not in TUNABLE_KERNELS:
+            raise ValueError(f"tuned table {path}: key {key!r} does not start with one of {TUNABLE_KERNELS}")
+        try:
+            entries[key] = _parse_config(key, entry)
+        except ValueError as e:
+            raise ValueError(f"tuned table {path}: {e}") from None
+    return {"device": raw.get("device"), "triton": raw.get("triton"),
+            "rel_bias_precompute_max_logits": threshold, "entries": entries}
+
+
+def _tuned_table(device: torch.device) -> Optional[dict]:
+    """The tuned table of ``device``, read once per process and device (no file system access per call;
+    ``reload_tuned()`` forgets it); None when absent or bad (warned once)."""
+    try:
+        return _TUNED_CACHE[device]
+    except KeyError:
+        pass
+    path = tuned_path(device)
+    table = None
+    if os.path.exists(path):
+        try:
+            table = load_tuned(path)
+        except ValueError as e:
+            warnings.warn(f"{e}; ignoring it and using the built-in configs", RuntimeWarning, stacklevel=3)
+    _TUNED_CACHE[device] = table
+    return table
+
+
+def reload_tuned() -> None:
+    """Read the tuned tables again at the next launch (``fastvit tune`` calls this after writing one)."""
+    _TUNED_CACHE.clear()
+    _FWD_SPECS.clear()
+
+
+def rel_bias_precompute_max_logits(device: Optional[torch.device] = None) -> int:
+    """The precompute threshold in use: the tuned table's, else `REL_BIAS_PRECOMPUTE_MAX_LOGITS`."""
+    table = _tuned_table(device) if device is not None else None
+    if table is not None and table["rel_bias_precompute_max_logits"] is not None:
+        return table["rel_bias_precompute_max_logits"]
+    return REL_BIAS_PRECOMPUTE_MAX_LOGITS
+
+
+@contextlib.contextmanager
+def forced_configs(configs: dict):
+    """Makes the launchers use the given configs, e.g. ``{"_attn_fwd": Config(128, 64, 4, 3)}``
+    (for timing candidates); kernels not named keep their usual choice. Not checked against the
+    spill table: pass configs from `candidate_configs`."""
+    for kernel, cfg in configs.items():
+        if kernel not in TUNABLE_KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}: expected one of {TUNABLE_KERNELS}")
+        if not isinstance(cfg, Config):
+            raise ValueError(f"{kernel}: expected a Config, got {cfg!r}")
+    token = _FORCED.set({**(_FORCED.get() or {}), **configs})
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def candidate_configs(kernel: str, nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, biased,
+                      capability=None) -> list[Config]:
+    """Every config worth timing for this call: the kernel's preference lists (both query buckets
+    for the forward) without the ones the spill table prunes for ``capability`` ((major, minor);
+    default: the current CUDA device's, else every capability); the heuristic's pick comes first."""
+    if capability is None and torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability()
+    blocks = _head_blocks(d, dv)
+    kind = _bias_kind(biased, nq, nk)
+    picked = _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, blocks, kind, capability)
+    lists = ([_FWD_PREFS[(_dtype_class(dtype), b)] for b in ("short", "long")] if kernel == "_attn_fwd"
+             else [_prefs(kernel, dtype, nq)])
+    out = [picked]
+    for prefs in lists:
+        out += [c for c in prefs if c not in out and keep(c, kernel, dtype, blocks, kind, capability)]
+    return out
+
+
+def _pick_config(kernel: str, nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype, kind: str,
+                 device: Optional[torch.device], use_tuned: bool = True, capability=None) -> Config:
+    """Forced config > tuned table entry (CUDA, or the CPU table under the interpreter) > heuristic
+    (the first config of the preference list that the spill table keeps for the device's capability)."""
+    forced = (_FORCED.get() or {}).get(kernel)
+    if forced is not None:
+        return forced
+    if use_tuned and device is not None:
+        table = _tuned_table(device)
+        if table is not None:
+            d, dv = head_blocks
+            cfg = table["entries"].get(tune_key(kernel, nq, nk, d, dv, dtype, kind))
+            if cfg is not None:
+                return cfg
+    if capability is None and device is not None:
+        capability = _capability(device)
+    return _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, head_blocks, kind, capability)
+
+
+def _pick_fwd_config(nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype,
+                     capability: Optional[tuple[int, int]] = None, biased=False,
+                     device: Optional[torch.device] = None) -> Config:
+    """The forward config, by query bucket, dtype class, head blocks and bias kind."""
+    return _pick_config("_attn_fwd", nq, nk, head_blocks, dtype, _bias_kind(biased, nq, nk), device,
+                        capability=capability)
+
+
+def _pick_bwd_configs(nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype,
+                      capability: Optional[tuple[int, int]] = None, biased=False,
+                      device: Optional[torch.device] = None) -> tuple[Config, Config]:
+    """(dK/dV config, dQ config)."""
+    kind = _bias_kind(biased, nq, nk)
+    return (_pick_config("_attn_bwd_dkdv", nq, nk, head_blocks, dtype, kind, device, capability=capability),
+            _pick_config("_attn_bwd_dq", nq, nk, head_blocks, dtype, kind, device, capability=capability))
+
+
+def _capability(device: torch.device) -> Optional[tuple[int, int]]:
+    return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
