@@ -23,19 +23,22 @@ part is recorded and the next one still runs), inside a total budget of 420 s (`
    ``attend(window=...)`` vs ``einops`` (the models' own cut: roll, rearrange, expanded mask, SDPA,
    paste, roll back), with GB/s of q/k/v/o and % of the HBM bandwidth. No flex here: compiling it
    per shape and mode would take the part's time (``fastvit bench --windows all`` runs it).
-5. ``bench_vit_b16``: ViT-B/16 at batch 128 in bf16 autocast: fastvit auto vs the ``sdpa`` backend
+5. ``model``: ``benchmarks/perf_model_check.py``: the static performance model's attention calls
+   (``fastvit kernels --model``: ViT-B/16, Swin-T, LeViT-256) timed with the triton kernels, measured
+   beside predicted with their ratio (the dry run: predictions, and each call once at tiny shapes).
+6. ``bench_vit_b16``: ViT-B/16 at batch 128 in bf16 autocast: fastvit auto vs the ``sdpa`` backend
    vs timm eager.
-6. ``graphs``: ``benchmarks/cuda_graphs.py``: a fastvit ViT-B/16 and a patched timm ViT-B/16 on the
+7. ``graphs``: ``benchmarks/cuda_graphs.py``: a fastvit ViT-B/16 and a patched timm ViT-B/16 on the
    triton backend, batch 1 and 8, bf16 autocast: eager vs one captured CUDA graph replayed (the
    graph's logits against eager's, and the speed-up: at small batch the host path is the cost).
-7. ``bench_models``: the default presets, same contenders.
-8. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
+8. ``bench_models``: the default presets, same contenders.
+9. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
    bf16 autocast, unpatched (timm eager) vs ``fastvit.patch_timm`` (same weights).
-9. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
+10. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
    ``kernels/tuned/<device>.json``), with what time is left.
-10. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
+11. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
    only if at least 90 s are left.
-11. ``graphs_compile``: the graph cases again, plus ``torch.compile(mode="reduce-overhead")`` at batch
+12. ``graphs_compile``: the graph cases again, plus ``torch.compile(mode="reduce-overhead")`` at batch
     8, only if at least 120 s are left.
 
 A part gets its share of the budget plus what earlier parts left unused. At its limit it receives
@@ -67,8 +70,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 TOTAL_BUDGET_S = 420.0
 
 # Seconds per part at the default budget (scaled to --budget); a part's unused time rolls forward.
-SHARES = {"info": 10, "tests": 120, "check": 35, "bench_attention": 70, "bench_windows": 30, "bench_vit_b16": 35,
-          "graphs": 20, "bench_models": 35, "bench_timm_patch": 35, "tune": 30, "bench_timm_compile": 0,
+SHARES = {"info": 10, "tests": 120, "check": 35, "bench_attention": 70, "bench_windows": 30, "model": 20,
+          "bench_vit_b16": 35, "graphs": 20, "bench_models": 25, "bench_timm_patch": 25, "tune": 30,
+          "bench_timm_compile": 0,
           "graphs_compile": 0}
 OPTIONAL_MIN_S = {"bench_timm_compile": 90.0, "graphs_compile": 120.0}  # no share: only with this much left
 
@@ -364,6 +368,9 @@ def build_parts(args, tmp: str) -> dict:
                            QUICK_WINDOW_SHAPES if args.quick else "all", "--backends", "triton,sdpa,reference,auto",
                            "--group-seconds", "0.2" if args.quick else "0.5", "--json", path("windows.json")],
                           path("windows.json"), interpret),
+        "model": ([py, os.path.join(ROOT, "benchmarks", "perf_model_check.py"), *dev, *quick,
+                   *(["--workloads", "vit_b16_224,swin_t_224"] if args.quick else []), "--json", path("model.json")],
+                  path("model.json"), interpret),
         "bench_vit_b16": ([*models, "--models", VIT_B16 if not args.quick else QUICK_MODEL,
                            "--batch-size", "2" if args.quick else "128", "--group-seconds",
                            "0.2" if args.quick else "2", "--json", path("vit_b16.json")], path("vit_b16.json"), {}),

@@ -5,6 +5,7 @@
     fastvit check --device cpu          every available backend vs the reference, forward + backward
     fastvit bench --json out.json       attention shapes and whole models; ratios from one interleaved run
     fastvit kernels --json out.json     ahead-of-time compile report of the Triton kernels
+    fastvit kernels --model             static performance model of the attention calls of three workloads (H100)
     fastvit tune --device cuda          fastest kernel config and backend order per shape bucket
     fastvit plot RESULTS.json           PNG figures of a bench results document (models, attention)
     fastvit attention-map --model NAME --image PATH --out map.png   attention rollout over an image
@@ -28,7 +29,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fastvit.tools.render import add_tune_row, check_table, info_tables, kernels_table, render_bench, tune_table
+from fastvit.tools.render import (
+    add_tune_row,
+    check_table,
+    info_tables,
+    kernels_table,
+    perf_model_tables,
+    render_bench,
+    tune_table,
+)
 from fastvit.tools.schema import write_json
 
 __all__ = ["main", "build_parser"]
@@ -207,6 +216,8 @@ def cmd_bench(args, out: Console) -> int:
 # --------------------------------------------------------------------------------------------------
 
 def cmd_kernels(args, out: Console) -> int:
+    if args.model:
+        return _kernels_model(args, out)
     from fastvit.tools import kernels_report
 
     try:
@@ -232,6 +243,33 @@ def cmd_kernels(args, out: Console) -> int:
             out.print(f"[red]check[/red]: {escape(line)}")
         out.print(f"check: {len(bad)} of {len(report)} compiles fail it (failed compile, spills, serialised wgmma)")
         return 1 if bad else 0
+    return 1 if failed else 0
+
+
+def _kernels_model(args, out: Console) -> int:
+    """``fastvit kernels --model``: the static performance model (``fastvit.tools.perf_model``)."""
+    from fastvit.tools import perf_model
+
+    names = _split(args.workloads)
+    unknown = [n for n in names or [] if n not in perf_model.WORKLOADS]
+    if unknown:
+        raise UsageError(f"unknown workload(s) {', '.join(unknown)}: expected {', '.join(perf_model.WORKLOADS)}")
+    with _progress(_console(stderr=True)) as progress:
+        task = progress.add_task("compiling the launched variants for sm_90a", total=None)
+        doc = perf_model.model_workloads(
+            names, workers=args.workers or 2, on_plan=lambda n: progress.update(task, total=n),
+            progress=lambda row: progress.update(task, advance=1, description=f"compiled {row.get('kernel')}"))
+    for table in perf_model_tables(doc):
+        out.print(table)
+    out.print(f"model: {escape(doc['model'])}")
+    failed = [k for w in doc["workloads"] for c in w["calls"] for k in c["kernels"] if k["compile_error"]]
+    for k in failed:
+        out.print(f"[red]compile failed[/red] {k['kernel']}: {escape(str(k['compile_error']))}")
+    if args.json:
+        from fastvit.tools.env import git_info, versions
+
+        write_json(args.json, {**doc, "versions": versions(), "git_commit": git_info()["commit"]})
+        out.print(f"wrote {args.json}")
     return 1 if failed else 0
 
 
@@ -419,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.add_argument("--check", action="store_true",
                    help="exit 1 on any failed compile, any spill or any serialised wgmma (ptxas C7515)")
+    p.add_argument("--model", action="store_true",
+                   help="static performance model of the ViT-B/16, Swin-T and LeViT-256 attention calls on an "
+                        "H100 (compiles the launched variants for sm_90a; --json writes it)")
+    p.add_argument("--workloads", action="append", help="with --model: comma-separated workloads "
+                                                        "(vit_b16_224, swin_t_224, levit_256_224; default: all)")
 
     p = sub.add_parser("tune", help="time every kernel config per model-named shape bucket; keep the fastest in "
                                     "kernels/tuned/<device>.json")

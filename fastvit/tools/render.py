@@ -13,7 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 __all__ = ["fmt", "mib", "ratio", "render_bench", "overhead_table", "headline", "info_tables", "check_table",
-           "kernels_table", "tune_table", "add_tune_row"]
+           "kernels_table", "perf_model_tables", "tune_table", "add_tune_row"]
 
 
 def fmt(x: Optional[float], spec: str = ".3g", suffix: str = "") -> str:
@@ -298,6 +298,33 @@ def kernels_table(report: list) -> tuple:
                       loads or "-",
                       "[green]ok[/green]" if ok else f"[red]failed[/red]: {escape(str(entry.get('error') or ''))}")
     return table, failed
+
+
+def perf_model_tables(doc: dict) -> list:
+    """One table per workload of ``fastvit.tools.perf_model.model_workloads``'s document: a row per kernel
+    launch of one call (``x``: the call's count per step), then the forward, backward and step totals
+    (their FLOPs: FlashAttention's 5 backward matmuls; us and FLOPs multiplied by the counts)."""
+    tables = []
+    for w in doc["workloads"]:
+        table = Table(title=f"{w['description']} (a model, not a measurement)", box=box.SIMPLE_HEAD,
+                      title_justify="left")
+        for col in ("call", "kernel", "shape", "x", "GFLOP", "MB", "useful", "loop tc share", "bound", "pred us",
+                    "% peak"):
+            table.add_column(col, justify="left" if col in ("call", "kernel", "shape", "bound") else "right")
+        for call in w["calls"]:
+            for k in call["kernels"]:
+                share = k["loop_mma_share"]
+                table.add_row(f"{call['name']} {k['direction']}", k["kernel"], call["shape"], str(call["count"]),
+                              f"{k['flops'] / 1e9:.2f}", f"{k['bytes'] / 1e6:.1f}", f"{k['useful']:.2f}",
+                              "-" if share is None else f"{share:.3f}",
+                              k["bound"] + (" [red]serialised[/red]" if k["wgmma_serialized"] else ""),
+                              f"{k['time_us']:.1f}", f"{k['pct_peak']:.1f}")
+        for direction, label in (("fwd", "forward total"), ("bwd", "backward total"), ("step", "step total")):
+            t = w["totals"][direction]
+            table.add_row(f"[bold]{label}[/bold]", "", "", "", f"{t['flops'] / 1e9:.1f}", f"{t['bytes'] / 1e6:.0f}",
+                          "", "", "", f"[bold]{t['time_us']:.0f}[/bold]", f"[bold]{t['pct_peak']:.1f}[/bold]")
+        tables.append(table)
+    return tables
 
 
 def tune_table(title: str) -> Table:
