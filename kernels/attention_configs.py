@@ -8,7 +8,7 @@ import json
 import os
 import re
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -380,3 +380,46 @@ def _pick_bwd_configs(nq: int, nk: int, head_blocks: tuple[int, int], dtype: tor
 
 def _capability(device: torch.device) -> Optional[tuple[int, int]]:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+
+
+# ---- tile work: how much of each launch is useful ------------------------------------------------
+#
+# A program owns BLOCK rows of its own axis (queries for the forward and dQ, keys for dK/dV) and loops
+# over the other axis in tiles; padding rows and columns are computed and thrown away. The useful
+# fraction of a launch is the work its tiles need (Nq * Nk logits) over the work they do (padded rows
+# x padded columns): the static model (`fastvit kernels --model`) reads it, and item 4 of the tile
+# rules is "at least 80% at ViT lengths, no program with under 25% useful rows".
+
+class TileWork(NamedTuple):
+    """One launch's tiling: programs per (batch, head), rows and columns its tiles cover (padding
+    included), the useful fraction of that work, and the useful-row fraction of its emptiest program."""
+
+    programs: int
+    rows: int
+    cols: int
+    useful: float
+    min_program_rows: float
+
+
+def _axis(n: int, block: int, tail_block: Optional[int] = None) -> tuple[int, int, float]:
+    """(tiles, covered length, useful fraction of the last tile) of ``n`` in ``block`` tiles; a partial
+    last tile is ``tail_block`` wide when given (a narrower tile for the remainder)."""
+    full, rem = divmod(n, block)
+    if rem == 0:
+        return full, n, 1.0
+    last = tail_block or block
+    return full + 1, full * block + last, rem / last
+
+
+def tile_work(kernel: str, nq: int, nk: int, cfg: Config) -> TileWork:
+    """The tiling of one launch of ``kernel`` (``_attn_fwd``, ``_attn_bwd_dq``, ``_attn_bwd_dkdv``) at
+    ``nq`` x ``nk`` with ``cfg``, as the launchers run it."""
+    if kernel in ("_attn_fwd", "_attn_bwd_dq"):
+        programs, rows, last = _axis(nq, cfg.block_m)
+        _, cols, _ = _axis(nk, cfg.block_n)
+    elif kernel == "_attn_bwd_dkdv":
+        programs, rows, last = _axis(nk, cfg.block_n)
+        _, cols, _ = _axis(nq, cfg.block_m)
+    else:
+        raise ValueError(f"tile_work: unknown kernel {kernel!r}")
+    return TileWork(programs, rows, cols, round(nq * nk / (rows * cols), 4), round(last, 4))
