@@ -107,6 +107,7 @@ import torch
 from torch import Tensor
 
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .attention_bwd_onepass import _attn_bwd_onepass
 from .attention_configs import (  # noqa: F401  (re-exported: the family's config API)
     _DKDV_PREFS,
     _DQ_PREFS,
@@ -114,8 +115,10 @@ from .attention_configs import (  # noqa: F401  (re-exported: the family's confi
     _FORCED,
     _FWD_PREFS,
     _FWD_SPECS,
+    _ONEPASS_PREFS,
     _PREPROCESS_CONFIG,
     _TUNED_CACHE,
+    BACKWARD_PATHS,
     BIAS_KINDS,
     DETERMINISTIC_BIAS_GRADS,
     HEAD_BLOCKS,
@@ -134,13 +137,16 @@ from .attention_configs import (  # noqa: F401  (re-exported: the family's confi
     _pick_bwd_configs,
     _pick_config,
     _pick_fwd_config,
+    _pick_onepass_config,
     _tf32,
     _tuned_table,
+    backward_path,
     candidate_configs,
     device_slug,
     forced_configs,
     keep,
     load_tuned,
+    onepass_max_n,
     rel_bias_precompute_max_logits,
     reload_tuned,
     tile_work,
@@ -166,6 +172,9 @@ __all__ = [
     "cls_probs_from_lse",
     "not_supported_reasons",
     "attention_ref",
+    "attention_bwd_ref",
+    "backward_path",
+    "onepass_max_n",
     "BIAS_KINDS",
     "DETERMINISTIC_BIAS_GRADS",
     "REL_BIAS_PRECOMPUTE_MAX_LOGITS",
@@ -596,13 +605,106 @@ def _table_grad(ds_heads: Tensor, rel_index: Tensor, num_entries: int) -> Tensor
     return out
 
 
+def _chunk_bias(bias: _BiasArgs, sl: slice) -> tuple[Tensor, Tensor]:
+    """The dense bias and key padding of a batch chunk (broadcast ones whole)."""
+    dense_batched = bias.has_dense and bias.dense_bias.dim() == 4 and bias.dense_bias.shape[0] != 1
+    return (bias.dense_bias[sl] if dense_batched else bias.dense_bias,
+            bias.key_padding[sl] if bias.has_pad else bias.key_padding)
+
+
+def _threepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scale: float, head_blocks,
+                        store_ds: bool):
+    """The three-pass backward: the preprocess and dK/dV kernels run now, over the whole batch; returns
+    ``(run_chunk, (Nq_pad, Nk_pad))``, ``run_chunk(batch slice, ds)`` launching the dQ kernel (which
+    writes dS) for a chunk and returning dS as a ``[b, H, Nq, Nk]`` view of ``ds``."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    qk_scale = scale * _LOG2E
+    dots = _dot_flags(q.dtype)
+    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
+    pre = _PREPROCESS_CONFIG
+    _launch(_attn_bwd_preprocess, B * H * triton.cdiv(Nq, pre.block_m),
+            (out, do, delta, *out.stride()[:3], *do.stride()[:3], H, Nq, Dv),
+            dict(BLOCK_M=pre.block_m, BLOCK_DV=head_blocks[1], EVEN_M=Nq % pre.block_m == 0,
+                 EVEN_D=Dv == head_blocks[1]), pre)
+
+    cfg_kv, cfg_q = _pick_bwd_configs(Nq, Nk, head_blocks, q.dtype, biased=bias.kind, device=q.device)
+    flags = _flags(**_geometry(q, k, v, cfg_kv.block_m, cfg_kv.block_n, head_blocks),
+                   has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
+    _launch(_attn_bwd_dkdv, B * H * triton.cdiv(Nk, cfg_kv.block_n),
+            (q, k, v, do, lse, delta, dk, dv,
+             bias.rel_table, bias.rel_index, bias.dense_bias, bias.key_padding,
+             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+             *dk.stride()[:3], *dv.stride()[:3], *bias.strides,
+             H, Nq, Nk, D, Dv, qk_scale, 1.0 / scale, scale),
+            dict(BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
+                 **flags, **dots), cfg_kv)
+
+    nq_pad = triton.cdiv(Nq, cfg_q.block_m) * cfg_q.block_m
+    nk_pad = triton.cdiv(Nk, cfg_q.block_n) * cfg_q.block_n
+    ds_strides = (nq_pad * nk_pad, nk_pad) if store_ds else (0, 0)
+    flags = _flags(**_geometry(q, k, v, cfg_q.block_m, cfg_q.block_n, head_blocks),
+                   has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
+    constexprs = dict(BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=head_blocks[0],
+                      BLOCK_DV=head_blocks[1], **flags, STORE_DS=store_ds, **dots)
+
+    def run_chunk(sl: slice, ds: Tensor) -> Tensor:
+        dense_c, pad_c = _chunk_bias(bias, sl)
+        n = sl.stop - sl.start
+        _launch(_attn_bwd_dq, n * H * triton.cdiv(Nq, cfg_q.block_m),
+                (q[sl], k[sl], v[sl], do[sl], lse[sl], delta[sl], dq[sl], ds,
+                 bias.rel_table, bias.rel_index, dense_c, pad_c,
+                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+                 *ds_strides, *bias.strides, H, Nq, Nk, D, Dv, qk_scale, 1.0 / scale, scale),
+                constexprs, cfg_q)
+        return ds[:n, :, :Nq, :Nk] if store_ds else ds
+
+    return run_chunk, (nq_pad, nk_pad)
+
+
+def _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scale: float, head_blocks, cfg: Config,
+                      store_ds: bool):
+    """The one-pass backward (kernels/attention_bwd_onepass.py), one launch per batch chunk; returns
+    ``(run_chunk, (Nk_pad, Nq_pad))`` like `_threepass_launcher` (its dS buffer is keys x queries,
+    returned as the transposed ``[b, H, Nq, Nk]`` view)."""
+    B, H, Nq, D = q.shape
+    Nk, Dv = k.shape[2], v.shape[3]
+    nq_pad = triton.cdiv(Nq, cfg.block_m) * cfg.block_m
+    nk_pad = triton.cdiv(Nk, cfg.block_n) * cfg.block_n
+    # per (batch, head): delta (padded rows hold 0) and the fp32 dQ accumulator, both program-owned
+    delta = torch.empty((B * H, nq_pad), dtype=torch.float32, device=q.device)
+    dq_acc = torch.empty((B * H, nq_pad, head_blocks[0]), dtype=torch.float32, device=q.device)
+    ds_strides = (nq_pad * nk_pad, nq_pad) if store_ds else (0, 0)
+    flags = _flags(**_geometry(q, k, v, cfg.block_m, cfg.block_n, head_blocks),
+                   has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
+                      **flags, STORE_DS=store_ds, **_dot_flags(q.dtype))
+
+    def run_chunk(sl: slice, ds: Tensor) -> Tensor:
+        dense_c, pad_c = _chunk_bias(bias, sl)
+        n = sl.stop - sl.start
+        rows = slice(sl.start * H, sl.stop * H)
+        _launch(_attn_bwd_onepass, n * H,
+                (q[sl], k[sl], v[sl], out[sl], do[sl], lse[sl], delta[rows], dq_acc[rows], dq[sl], dk[sl], dv[sl],
+                 ds, bias.rel_table, bias.rel_index, dense_c, pad_c,
+                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *do.stride()[:3],
+                 *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *ds_strides, *bias.strides,
+                 H, Nq, Nk, nq_pad, D, Dv, scale * _LOG2E, 1.0 / scale, scale),
+                constexprs, cfg)
+        return ds[:n, :, :Nk, :Nq].transpose(-1, -2) if store_ds else ds
+
+    return run_chunk, (nk_pad, nq_pad)
+
+
 def attention_bwd(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *, scale: float,
     rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
     dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
     need_rel_grad: Optional[bool] = None, need_dense_grad: Optional[bool] = None, checked: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """Fused attention backward (FlashAttention-2: preprocess, dK/dV kernel, dQ kernel).
+    """Fused attention backward: one kernel per (batch, head) for short sequences (`onepass_max_n`,
+    kernels/attention_bwd_onepass.py), else FlashAttention-2's three passes (preprocess, dK/dV kernel,
+    dQ kernel); `backward_path` forces either.
 
     Args:
         do: ``[B, H, Nq, Dv]``, the gradient of ``out``. q, k, v, out, lse: as the forward saw and
@@ -635,61 +737,30 @@ def attention_bwd(
 
     bias = _bias_args(q, rel_table, rel_index, dense_bias, key_padding)
     head_blocks = _head_blocks(D, Dv)
-    qk_scale = scale * _LOG2E
-    dots = _dot_flags(q.dtype)
-
-    delta = torch.empty((B, H, Nq), dtype=torch.float32, device=q.device)
-    pre = _PREPROCESS_CONFIG
-    _launch(_attn_bwd_preprocess, B * H * triton.cdiv(Nq, pre.block_m),
-            (out, do, delta, *out.stride()[:3], *do.stride()[:3], H, Nq, Dv),
-            dict(BLOCK_M=pre.block_m, BLOCK_DV=head_blocks[1], EVEN_M=Nq % pre.block_m == 0,
-                 EVEN_D=Dv == head_blocks[1]), pre)
-
-    cfg_kv, cfg_q = _pick_bwd_configs(Nq, Nk, head_blocks, q.dtype, biased=bias.kind, device=q.device)
-    flags = _flags(**_geometry(q, k, v, cfg_kv.block_m, cfg_kv.block_n, head_blocks),
-                   has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
-    _launch(_attn_bwd_dkdv, B * H * triton.cdiv(Nk, cfg_kv.block_n),
-            (q, k, v, do, lse, delta, dk, dv,
-             bias.rel_table, bias.rel_index, bias.dense_bias, bias.key_padding,
-             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-             *dk.stride()[:3], *dv.stride()[:3], *bias.strides,
-             H, Nq, Nk, D, Dv, qk_scale, 1.0 / scale, scale),
-            dict(BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
-                 **flags, **dots), cfg_kv)
-
-    # dQ, and dS for the bias gradients: each batch element's dS goes to its own slice of a padded
-    # fp32 buffer (plain stores), which is then summed over the batch by torch in a fixed order. The
-    # batch runs in chunks when the buffer would exceed DS_BUFFER_MAX_BYTES.
     store_ds = need_rel_grad or need_dense_grad
-    nq_pad = triton.cdiv(Nq, cfg_q.block_m) * cfg_q.block_m
-    nk_pad = triton.cdiv(Nk, cfg_q.block_n) * cfg_q.block_n
-    chunk = max(1, min(B, DS_BUFFER_MAX_BYTES // (H * nq_pad * nk_pad * 4))) if store_ds else B
+    cfg_1 = _pick_onepass_config(Nq, Nk, head_blocks, q.dtype, bias.kind, _capability(q.device))
+    if cfg_1 is not None:
+        run_chunk, pads = _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias, scale, head_blocks, cfg_1,
+                                            store_ds)
+    else:
+        run_chunk, pads = _threepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias, scale, head_blocks,
+                                              store_ds)
+
+    # dS, the bias gradients: each batch element's dS goes to its own slice of a padded fp32 buffer
+    # (plain stores), which is then summed over the batch by torch in a fixed order. The batch runs in
+    # chunks when the buffer would exceed DS_BUFFER_MAX_BYTES.
+    chunk = max(1, min(B, DS_BUFFER_MAX_BYTES // (H * pads[0] * pads[1] * 4))) if store_ds else B
     if store_ds:
-        ds = torch.empty((chunk, H, nq_pad, nk_pad), dtype=torch.float32, device=q.device)
+        ds = torch.empty((chunk, H, *pads), dtype=torch.float32, device=q.device)
     else:
         ds = _placeholder(torch.float32, q.device)
-    ds_strides = (nq_pad * nk_pad, nk_pad) if store_ds else (0, 0)
-    flags = _flags(**_geometry(q, k, v, cfg_q.block_m, cfg_q.block_n, head_blocks),
-                   has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
-    constexprs = dict(BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, BLOCK_D=head_blocks[0],
-                      BLOCK_DV=head_blocks[1], **flags, STORE_DS=store_ds, **dots)
-    dense_batched = bias.has_dense and bias.dense_bias.dim() == 4 and bias.dense_bias.shape[0] != 1
     rel_sum = dense_sum = None
     d_dense_parts = []
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        sl = slice(b0, b1)
-        dense_c = bias.dense_bias[sl] if dense_batched else bias.dense_bias
-        pad_c = bias.key_padding[sl] if bias.has_pad else bias.key_padding
-        _launch(_attn_bwd_dq, (b1 - b0) * H * triton.cdiv(Nq, cfg_q.block_m),
-                (q[sl], k[sl], v[sl], do[sl], lse[sl], delta[sl], dq[sl], ds,
-                 bias.rel_table, bias.rel_index, dense_c, pad_c,
-                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
-                 *ds_strides, *bias.strides, H, Nq, Nk, D, Dv, qk_scale, 1.0 / scale, scale),
-                constexprs, cfg_q)
+        ds_c = run_chunk(slice(b0, b1), ds)  # (b, h, nq, nk), a view of ds
         if not store_ds:
             continue
-        ds_c = ds[: b1 - b0, :, :Nq, :Nk]  # (b, h, nq, nk)
         if need_rel_grad:
             part = ds_c.sum(dim=0)
             rel_sum = part if rel_sum is None else rel_sum + part
@@ -748,8 +819,8 @@ def not_supported_reasons(
 
 
 # The kernels of this family by name (the AOT report and the tests look them up here).
-KERNELS = {fn.__name__: fn for fn in (_attn_fwd, _attn_cls_probs, _attn_bwd_preprocess,
-                                      _attn_bwd_dkdv, _attn_bwd_dq)} if _TRITON_IMPORT_ERROR is None else {}
+KERNELS = {fn.__name__: fn for fn in (_attn_fwd, _attn_cls_probs, _attn_bwd_preprocess, _attn_bwd_dkdv,
+                                      _attn_bwd_dq, _attn_bwd_onepass)} if _TRITON_IMPORT_ERROR is None else {}
 
 
 def launch_plan(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, *, biased=False,
@@ -969,3 +1040,25 @@ def attention_ref(
     if return_cls_probs:
         return out, p[:, :, 0, :].to(q.dtype)
     return out
+
+
+def attention_bwd_ref(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, *, scale: float,
+    rel_table: Optional[Tensor] = None, rel_index: Optional[Tensor] = None,
+    dense_bias: Optional[Tensor] = None, key_padding: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """The twin of `attention_bwd` (both of its paths) in plain PyTorch: autograd through
+    `attention_ref` in fp32. Returns ``(dq, dk, dv, d_rel_table, d_dense_bias)`` in fp32, the bias
+    gradients None where the bias is absent."""
+    leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    table = rel_table.detach().float().requires_grad_() if rel_table is not None else None
+    dense = dense_bias.detach().float().requires_grad_() if dense_bias is not None else None
+    with torch.enable_grad():
+        out = attention_ref(*leaves, scale=scale, rel_table=table, rel_index=rel_index, dense_bias=dense,
+                            key_padding=key_padding).float()
+        wrt = leaves + [t for t in (table, dense) if t is not None]
+        grads = list(torch.autograd.grad(out, wrt, do.float()))
+    dq, dk, dv = grads[:3]
+    d_rel = grads[3] if table is not None else None
+    d_dense = grads[-1] if dense is not None else None
+    return dq, dk, dv, d_rel, d_dense

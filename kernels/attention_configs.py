@@ -83,6 +83,69 @@ _DQ_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32
                       Config(16, 16, 4, 1))}
 
 
+# The one-pass backward (kernels/attention_bwd_onepass.py): BLOCK_N keys per outer iteration, BLOCK_M
+# queries per inner step, one program per (batch, head). Its preference lists are the dK/dV kernel's
+# (the same transposed tiles, plus a [BLOCK_M, BLOCK_D] fp32 dQ product per step).
+_ONEPASS_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 64, 8, 1),
+                            Config(32, 32, 4, 2)),
+                  "fp32": (Config(32, 32, 4, 2), Config(32, 32, 8, 2), Config(16, 32, 4, 2), Config(16, 16, 4, 1))}
+
+
+def onepass_max_n(block_d: int) -> int:
+    """The longest Nq and Nk the one-pass backward serves at head block ``block_d``: 256, and 128 at
+    ``BLOCK_D = 128``.
+
+    The bound is the dQ accumulator's size: each program owns an fp32 ``[Nq_pad, BLOCK_D]`` scratch
+    that it reads and writes once per key block, which must stay in L2 for every resident program
+    (at most 64 KiB each: 132 SMs x 2 programs x 64 KiB = 17 MB of an H100's 50 MB; ``Nq_pad *
+    BLOCK_D <= 2**14``), and the parallelism: one program per (batch, head) does ``Nk / BLOCK_N``
+    times the serial work of a three-pass dK/dV program, so for long sequences (few, long programs)
+    the three-pass grid wins. Both give 256 tokens up to head dim 64 (ViT at 224 px: 197; Swin
+    windows: 49; LeViT: 196, 49, 16) and 128 at head dim 128."""
+    return min(256, (1 << 14) // block_d)
+
+
+# Which backward the launcher runs: "auto" (the one-pass kernel where `onepass_max_n` and the spill
+# table allow, else the three passes), or one of them by name (tests, timing). See `backward_path`.
+BACKWARD_PATHS = ("auto", "onepass", "threepass")
+_BWD_PATH: contextvars.ContextVar = contextvars.ContextVar("fastvit_kernels_backward_path", default="auto")
+
+
+@contextlib.contextmanager
+def backward_path(path: str):
+    """Makes `attention_bwd` run ``"onepass"`` (raises ValueError for a call it cannot serve),
+    ``"threepass"`` or ``"auto"`` (the default) inside the block."""
+    if path not in BACKWARD_PATHS:
+        raise ValueError(f"backward path {path!r}: expected one of {BACKWARD_PATHS}")
+    token = _BWD_PATH.set(path)
+    try:
+        yield
+    finally:
+        _BWD_PATH.reset(token)
+
+
+def _pick_onepass_config(nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype, kind: str,
+                         capability=None) -> Optional[Config]:
+    """The one-pass backward's config for this call, or None when the three passes run: the sequence
+    is longer than `onepass_max_n`, or every config of its preference list is in the spill table for
+    this capability, or `backward_path("threepass")` is active, or `forced_configs` names a kernel of
+    the three passes (timing it)."""
+    path = _BWD_PATH.get()
+    forced = _FORCED.get() or {}
+    if path == "threepass" or (path == "auto" and ("_attn_bwd_dkdv" in forced or "_attn_bwd_dq" in forced)):
+        return None
+    limit = onepass_max_n(max(head_blocks))
+    cfg = next((c for c in _ONEPASS_PREFS[_dtype_class(dtype)]
+                if keep(c, "_attn_bwd_onepass", dtype, head_blocks, kind, capability)), None)
+    if nq > limit or nk > limit or cfg is None:
+        if path == "onepass":
+            why = (f"Nq={nq}, Nk={nk} > {limit}" if nq > limit or nk > limit
+                   else "every config of its preference list spills or serialises wgmma here")
+            raise ValueError(f"the one-pass backward cannot serve this call: {why}")
+        return None
+    return cfg
+
+
 def _cls_config(block_d: int) -> Config:
     """The CLS-row kernel holds a (BLOCK_N, BLOCK_D) fp32 tile of K: 64 keys spill at BLOCK_D=128."""
     return Config(1, 64 if block_d <= 64 else 32, 4, 1)  # block_m is unused: one query row

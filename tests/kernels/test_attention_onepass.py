@@ -1,0 +1,128 @@
+"""The two backward paths of the attention family against their twin, ``attention_bwd_ref``.
+
+Short sequences (``onepass_max_n``: 256 tokens, 128 at head dim 128) run the one-pass kernel
+(``kernels/attention_bwd_onepass.py``); longer ones the three passes. ``test_attention_interpret``
+runs its cases on the default path (one pass at its sizes); here both paths are forced on awkward
+shapes (every bias kind, key padding with an all-padded sample, Nq != Nk both ways, Dv != D, block
+multiples and not, class attention), and the choice between them is checked on the launches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fastvit.kernels import attention as kattn
+from fastvit.kernels import attention_configs as kattn_configs
+from kernel_cases import BF16, F16, F32, assert_matches, case_inputs, launcher_kwargs, triton_case
+
+PATHS = ("onepass", "threepass")
+
+# (dtype, (B, H, Nq, Nk, D, Dv), bias): several key and query blocks with partial last ones, and block
+# multiples (EVEN_M / EVEN_N); fp32 runs in 32-row tiles, 16-bit in 64-row ones.
+BWD_CASES = [
+    triton_case(F32, (2, 3, 70, 45, 32, 32), "dense+padding"),
+    triton_case(F32, (1, 2, 64, 96, 16, 16), "relpos"),
+    triton_case(F32, (2, 2, 1, 50, 32, 32), "dense_bcast_heads"),  # class attention: one query
+    triton_case(F32, (3, 2, 33, 81, 16, 64), "relpos+dense_bcast+padding"),  # Dv != D
+    triton_case(F32, (2, 2, 50, 50, 80, 80), "dense_bcast_all"),  # head dim padded to 128 in-kernel
+    triton_case(BF16, (3, 2, 33, 81, 16, 64), "relpos+dense+padding"),
+    triton_case(F16, (1, 2, 197, 197, 64, 64), "relpos"),  # ViT/16 at 224 px
+    triton_case(F16, (2, 2, 128, 64, 32, 32), "none"),  # block multiples: no masks compiled in
+    triton_case(BF16, (2, 3, 49, 49, 32, 32), "padding"),  # a Swin window
+]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Records the name of every kernel launched."""
+    seen = []
+    real = kattn._launch
+
+    def recording(kernel, grid, args, constexprs, cfg):
+        seen.append(kernel.__name__)
+        real(kernel, grid, args, constexprs, cfg)
+
+    monkeypatch.setattr(kattn, "_launch", recording)
+    return seen
+
+
+def _backward(case, path: str, *, seed: int = 0):
+    """``attention_bwd`` on ``path`` and its twin on fp32 copies: two 5-tuples (dq, dk, dv, d_rel, d_dense)."""
+    B, H, Nq, Nk, D, Dv = case.shape
+    kwargs = launcher_kwargs(*case_inputs(case, seed=seed))
+    scale = D ** -0.5
+    do = torch.randn(B, H, Nq, Dv, generator=torch.Generator().manual_seed(seed + 1)).to(case.dtype)
+    with kattn.backward_path(path):
+        out, lse, _ = kattn.attention_fwd(**kwargs, scale=scale)
+        got = kattn.attention_bwd(do, kwargs["q"], kwargs["k"], kwargs["v"], out, lse, scale=scale,
+                                  **{n: t for n, t in kwargs.items() if n not in ("q", "k", "v")})
+    ref = kattn.attention_bwd_ref(do, **kwargs, scale=scale)
+    return got, ref
+
+
+@pytest.mark.usefixtures("device")
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: c.id)
+def test_backward_paths_match_the_twin(case, path, launches):
+    got, ref = _backward(case, path)
+    backward = [name for name in launches if name != "_attn_fwd"]
+    expected = (["_attn_bwd_onepass"] if path == "onepass"
+                else ["_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"])
+    assert backward == expected
+    for name, g, r in zip(("dq", "dk", "dv", "d_rel_table", "d_dense_bias"), got, ref):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert g.shape == r.shape, name
+            assert_matches(g, r, case.dtype, f"{case.id} {path} {name}")
+
+
+@pytest.mark.usefixtures("device")
+def test_the_one_pass_bias_gradients_are_bitwise_reproducible_and_chunk(monkeypatch):
+    case = triton_case(F32, (3, 2, 40, 45, 16, 16), "relpos+dense+padding")
+    first, ref = _backward(case, "onepass")
+    second, _ = _backward(case, "onepass")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    # a dS buffer over DS_BUFFER_MAX_BYTES runs one batch element per launch: the same gradients
+    monkeypatch.setattr(kattn, "DS_BUFFER_MAX_BYTES", 1)
+    chunked, _ = _backward(case, "onepass")
+    for name, a, r in zip(("dq", "dk", "dv", "d_rel_table", "d_dense_bias"), chunked, ref):
+        assert_matches(a, r, F32, f"chunked {name}")
+
+
+@pytest.mark.usefixtures("device")
+def test_auto_takes_one_pass_up_to_the_bound_and_three_above(launches):
+    assert kattn.onepass_max_n(64) == 256 and kattn.onepass_max_n(128) == 128
+    # D = 128 allows 128 tokens: 129 queries take the three passes, 128 the one pass
+    for nq, expected in ((129, "_attn_bwd_dq"), (128, "_attn_bwd_onepass")):
+        launches.clear()
+        got, ref = _backward(triton_case(F32, (1, 1, nq, 20, 128, 128), "none"), "auto")
+        assert expected in launches, launches
+        assert_matches(got[0], ref[0], F32, f"dq at Nq={nq}")
+
+
+@pytest.mark.usefixtures("device")
+def test_forcing_the_one_pass_beyond_its_bound_raises():
+    case = triton_case(F32, (1, 1, 129, 20, 128, 128), "none")
+    with pytest.raises(ValueError, match=r"one-pass backward cannot serve this call: Nq=129, Nk=20 > 128"):
+        _backward(case, "onepass")
+    with pytest.raises(ValueError, match="backward path 'fast'"):
+        with kattn.backward_path("fast"):
+            pass
+
+
+@pytest.mark.usefixtures("device")
+def test_a_forced_three_pass_config_takes_the_three_passes(launches):
+    with kattn.forced_configs({"_attn_bwd_dkdv": kattn.Config(16, 16, 4, 1)}):
+        _backward(triton_case(F32, (1, 1, 40, 40, 16, 16), "none"), "auto")
+    assert "_attn_bwd_dkdv" in launches and "_attn_bwd_onepass" not in launches
+
+
+def test_a_config_the_spill_table_prunes_everywhere_falls_back_to_three_passes(monkeypatch):
+    blocks, kind = (64, 64), "dense"
+    prefs = kattn_configs._ONEPASS_PREFS["16bit"]
+    assert kattn_configs._pick_onepass_config(197, 197, blocks, BF16, kind, (9, 0)) in prefs
+    pruned = frozenset(("_attn_bwd_onepass", cfg, "16bit", blocks, kind, 90) for cfg in prefs)
+    monkeypatch.setattr(kattn_configs, "PRUNED", kattn_configs.PRUNED | pruned)
+    assert kattn_configs._pick_onepass_config(197, 197, blocks, BF16, kind, (9, 0)) is None
+    assert kattn_configs._pick_onepass_config(197, 197, blocks, BF16, kind, (8, 0)) is not None
