@@ -222,7 +222,7 @@ def _check_config(args) -> tuple[list, list]:
     dtype = getattr(torch, dtype_name)
     rows = []
     for variant in V._variants(kind, full=False, even_plain=False):
-        for extra in (V._ds_variants(variant, full=False) if kernel == "_attn_bwd_dq" else [{}]):
+        for extra in (V._ds_variants(variant, full=False) if kernel in V._DS_KERNELS else [{}]):
             spec = V.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
             rows += [compile_spec(spec, cap) for cap in capabilities]
     errors = [r for r in rows if not r["ok"]]
@@ -245,7 +245,8 @@ def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tup
     for dtype_name in ("bfloat16", "float32"):
         cls = "fp32" if dtype_name == "float32" else "16bit"
         configs = {"_attn_fwd": list(dict.fromkeys(A._FWD_PREFS[(cls, "short")] + A._FWD_PREFS[(cls, "long")])),
-                   "_attn_bwd_dkdv": list(A._DKDV_PREFS[cls]), "_attn_bwd_dq": list(A._DQ_PREFS[cls])}
+                   "_attn_bwd_dkdv": list(A._DKDV_PREFS[cls]), "_attn_bwd_dq": list(A._DQ_PREFS[cls]),
+                   "_attn_bwd_onepass": list(A._ONEPASS_PREFS[cls])}
         for kernel, cfgs in configs.items():
             for cfg, blocks, kind in itertools.product(cfgs, A.HEAD_BLOCKS, A.BIAS_KINDS):
                 jobs.append((kernel, cfg, dtype_name, blocks, kind, tuple(capabilities)))

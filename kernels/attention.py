@@ -827,13 +827,18 @@ def launch_plan(nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, *, biased
                 capability: Optional[tuple[int, int]] = None) -> dict:
     """What the launchers use for a shape: ``{kernel: (config, (BLOCK_D, BLOCK_DV))}`` (built-in
     configs: no tuned table; ``biased``: a bool or a bias kind; ``capability``: (major, minor),
-    default the current CUDA device's, else a config clean on every capability)."""
+    default the current CUDA device's, else a config clean on every capability).
+    ``"_attn_bwd_onepass"`` is present when the backward runs in one pass; the three-pass kernels'
+    entries are then what ``backward_path("threepass")`` would launch."""
     if capability is None and torch.cuda.is_available():
         capability = torch.cuda.get_device_capability()
     blocks = _head_blocks(d, dv)
     kind = _bias_kind(biased, nq, nk)
     plan = {kernel: (_pick_config(kernel, nq, nk, blocks, dtype, kind, None, capability=capability), blocks)
             for kernel in TUNABLE_KERNELS}
+    onepass = _pick_onepass_config(nq, nk, blocks, dtype, kind, capability)
+    if onepass is not None:  # the backward runs this instead of the preprocess, dK/dV and dQ kernels
+        plan["_attn_bwd_onepass"] = (onepass, blocks)
     return {**plan,
             "_attn_cls_probs": (_cls_config(blocks[0]), (blocks[0], blocks[0])),
             "_attn_bwd_preprocess": (_PREPROCESS_CONFIG, (blocks[1], blocks[1]))}

@@ -84,11 +84,13 @@ _DQ_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32
 
 
 # The one-pass backward (kernels/attention_bwd_onepass.py): BLOCK_N keys per outer iteration, BLOCK_M
-# queries per inner step, one program per (batch, head). Its preference lists are the dK/dV kernel's
-# (the same transposed tiles, plus a [BLOCK_M, BLOCK_D] fp32 dQ product per step).
-_ONEPASS_PREFS = {"16bit": (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 4, 2), Config(32, 64, 8, 1),
-                            Config(32, 32, 4, 2)),
-                  "fp32": (Config(32, 32, 4, 2), Config(32, 32, 8, 2), Config(16, 32, 4, 2), Config(16, 16, 4, 1))}
+# queries per inner step, one program per (batch, head). It holds the dK/dV kernel's tiles plus a
+# [BLOCK_M, BLOCK_D] fp32 dQ product per step, so 4 warps spill where dK/dV's do not: 8 warps first
+# (sm_90a: 64 x 64 at up to 253 registers, no spills), then smaller tiles (sm_80 with a bias).
+_ONEPASS_PREFS = {"16bit": (Config(64, 64, 8, 2), Config(64, 64, 8, 1), Config(32, 64, 8, 1), Config(32, 64, 4, 1),
+                            Config(32, 32, 4, 1)),
+                  "fp32": (Config(32, 32, 8, 2), Config(32, 32, 8, 1), Config(16, 32, 8, 1), Config(16, 32, 4, 1),
+                           Config(16, 16, 4, 1))}
 
 
 def onepass_max_n(block_d: int) -> int:
@@ -475,11 +477,17 @@ def _axis(n: int, block: int, tail_block: Optional[int] = None) -> tuple[int, in
 
 
 def tile_work(kernel: str, nq: int, nk: int, cfg: Config) -> TileWork:
-    """The tiling of one launch of ``kernel`` (``_attn_fwd``, ``_attn_bwd_dq``, ``_attn_bwd_dkdv``) at
-    ``nq`` x ``nk`` with ``cfg``, as the launchers run it."""
+    """The tiling of one launch of ``kernel`` (``_attn_fwd``, ``_attn_bwd_dq``, ``_attn_bwd_dkdv``,
+    ``_attn_bwd_onepass``) at ``nq`` x ``nk`` with ``cfg``, as the launchers run it. The one-pass
+    backward's rows are keys (its outer loop) and its one program per (batch, head) covers them all:
+    ``min_program_rows`` is then the useful fraction of its last key tile."""
     if kernel in ("_attn_fwd", "_attn_bwd_dq"):
         programs, rows, last = _axis(nq, cfg.block_m)
         _, cols, _ = _axis(nk, cfg.block_n)
+    elif kernel == "_attn_bwd_onepass":  # one program per (batch, head) over every key and query tile
+        _, rows, last = _axis(nk, cfg.block_n)
+        programs = 1
+        _, cols, _ = _axis(nq, cfg.block_m)
     elif kernel == "_attn_bwd_dkdv":
         programs, rows, last = _axis(nk, cfg.block_n)
         _, cols, _ = _axis(nq, cfg.block_m)

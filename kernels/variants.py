@@ -21,6 +21,7 @@ from .attention import (
     _DQ_PREFS,
     _DTYPE_CODES,
     _FWD_PREFS,
+    _ONEPASS_PREFS,
     _PREPROCESS_CONFIG,
     BIAS_KINDS,
     HEAD_BLOCKS,
@@ -43,7 +44,7 @@ __all__ = ["kernel_signature", "divisible_by_16", "tile_spec", "iter_compile_spe
 # are i32, except the two scales.
 _POINTER_TYPES = {
     "Q": "in", "K": "in", "V": "in", "Out": "in", "DOut": "in", "DQ": "in", "DK": "in", "DV": "in",
-    "Probs": "in", "DenseBias": "in", "Bias": "in", "Lse": "fp32", "Delta": "fp32", "DS": "fp32",
+    "Probs": "in", "DenseBias": "in", "Bias": "in", "Lse": "fp32", "Delta": "fp32", "DS": "fp32", "DQAcc": "fp32",
     "RelTable": "fp32", "RelIndex": "i32", "KeyPad": "u8",
 }
 _FLOAT_ARGS = ("qk_scale", "inv_scale", "scale")
@@ -86,7 +87,8 @@ def kernel_signature(kernel, dtype: torch.dtype) -> dict:
 #   - Nq divisible only in EVEN_M variants, Nk only in EVEN_N ones (N = 197 or 49 is not);
 #   - the bias row strides (Nk: stride_im, stride_dm, stride_pb) follow Nk; the head stride of a dense
 #     bias (Nq * Nk) is divisible when either is; the batch stride is 0 (the expanded table, broadcast);
-#   - the dS buffer is padded to block multiples: its strides are always divisible;
+#   - the dS buffer is padded to block multiples: its strides are always divisible, and so is the
+#     padded query count of the one-pass backward's scratch (Nq_pad);
 #   - the table's row stride (T) and H are not (T = 169, H = 12).
 # Calls with other strides (a head dim of 8 or 24, a strided bias) compile another specialisation at
 # run time; ``Nq = 1`` (class attention) makes Nq a constant in another one.
@@ -99,7 +101,7 @@ def divisible_by_16(kernel, constexprs: Optional[dict] = None) -> list[str]:
     c = constexprs or {}
     even_m, even_n = bool(c.get("EVEN_M")), bool(c.get("EVEN_N"))
     conditional = {"Nq": even_m, "Nk": even_n, "stride_im": even_n, "stride_dm": even_n, "stride_pb": even_n,
-                   "stride_dh": even_m or even_n, "stride_db": True, "D": True, "Dv": True}
+                   "stride_dh": even_m or even_n, "stride_db": True, "D": True, "Dv": True, "Nq_pad": True}
     names = []
     for name, is_constexpr in _kernel_params(kernel):
         if is_constexpr:
@@ -136,8 +138,13 @@ def _variants(biased, full: bool, even_plain: bool = True) -> list[dict]:
     return [dict(zip(_EVENS, e), **dict(zip(_BIASES, s))) for s in subsets for e in evens]
 
 
+# The kernels that write dS (the bias gradient) when a bias takes one: STORE_DS is one of their switches.
+_DS_KERNELS = ("_attn_bwd_dq", "_attn_bwd_onepass")
+
+
 def _ds_variants(flags: dict, full: bool) -> list[dict]:
-    """dQ stores dS when a bias takes a gradient (by default: the biased variant does)."""
+    """dQ (or the one-pass backward) stores dS when a bias takes a gradient (by default: the biased
+    variant does)."""
     if not (flags["HAS_REL"] or flags["HAS_DENSE"]):
         return [dict(STORE_DS=False)]
     return [dict(STORE_DS=False), dict(STORE_DS=True)] if full else [dict(STORE_DS=True)]
@@ -175,7 +182,7 @@ def _tuned_configs(kernel: str, dtype: torch.dtype, blocks: tuple[int, int], kin
 
 def tile_spec(kernel: str, cfg: Config, dtype: torch.dtype, blocks: tuple[int, int], switches: dict,
               tf32: bool = False) -> CompileSpec:
-    """The spec of one of the three tiled kernels (forward, dK/dV, dQ) with the given switches
+    """The spec of one of the tiled kernels (forward, dK/dV, dQ, one-pass backward) with the given switches
     (EVEN_*, HAS_*, STORE_DS)."""
     fn = KERNELS[kernel]
     return CompileSpec(kernel, cfg, kernel_signature(fn, dtype), dict(
@@ -213,7 +220,8 @@ def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtyp
         for kind in BIAS_KINDS:
             fwd_prefs = [_FWD_PREFS[(cls, bucket)] for bucket in ("short", "long")]
             for kernel, pref_lists in (("_attn_fwd", fwd_prefs), ("_attn_bwd_dkdv", [_DKDV_PREFS[cls]]),
-                                       ("_attn_bwd_dq", [_DQ_PREFS[cls]])):
+                                       ("_attn_bwd_dq", [_DQ_PREFS[cls]]),
+                                       ("_attn_bwd_onepass", [_ONEPASS_PREFS[cls]])):
                 configs = _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned)
                 for cfg in _tuned_configs(kernel, dtype, blocks, kind):
                     configs[cfg] = list(SPILL_CAPABILITIES)  # a tuned config: compile it everywhere
@@ -221,7 +229,7 @@ def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtyp
                     caps = () if len(caps) == len(SPILL_CAPABILITIES) else tuple(caps)
                     # the mask-free forward is the one aligned-shape variant worth its compile time
                     for flags in _variants(kind, full, even_plain=kernel == "_attn_fwd"):
-                        extras = _ds_variants(flags, full) if kernel == "_attn_bwd_dq" else [{}]
+                        extras = _ds_variants(flags, full) if kernel in _DS_KERNELS else [{}]
                         for extra, tf32 in itertools.product(extras, tf32s):
                             yield tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra), tf32=tf32)._replace(
                                 capabilities=caps)

@@ -29,16 +29,18 @@ The model ("roofline plus issue"), per kernel launch:
 - Memory time = HBM bytes / 3.35 TB/s. Each tensor crosses HBM once: q, k, v (and dO, O) read once,
   outputs written once, ``lse`` / ``delta`` (fp32) written and read once, a batch-free bias read once
   (its re-reads by every batch element hit L2), dS (fp32, padded to the dQ tile) written when a bias
-  takes a gradient. Torch's work around the kernels (the bias gather before, the dS sums after) is
-  not counted.
+  takes a gradient; the one-pass backward's program-owned fp32 scratch (dQ accumulator, delta) is
+  written back once (its re-reads and re-writes inside the program hit L2). Torch's work around the
+  kernels (the bias gather before, the dS sums after) is not counted.
 - Kernel time = ``max(compute, memory) + 3 us``. The backward's preprocess (``delta = rowsum(dO * O)``)
   has no matmul: memory time only.
 
 FLOPs: a kernel's FLOPs are its matmuls at the true (unpadded) sizes; % of peak = FLOPs / time / 989
 TFLOP/s. The forward does 2 matmuls (``QK^T``, ``PV``: ``2 B H Nq Nk (D + Dv)``); the backward's
 totals count FlashAttention's 5 (``QK^T`` recomputed, ``dP = dO V^T``, ``dV``, ``dQ``, ``dK``:
-``2 B H Nq Nk (3 D + 2 Dv)``, 2.5x the forward when ``D = Dv``), although the FlashAttention-2 pair
-(dK/dV + dQ kernels) issues 7 (its rows show their own 4 and 3).
+``2 B H Nq Nk (3 D + 2 Dv)``, 2.5x the forward when ``D = Dv``): what the one-pass backward issues
+(``N <= 256``); the three-pass FlashAttention-2 pair (dK/dV + dQ kernels) issues 7 (its rows show
+their own 4 and 3).
 
 Workloads (`WORKLOADS`): ViT-B/16 at 224 px, batch 64 (12 layers of 12 heads, N = 197, D = 64);
 Swin-T at batch 64 (stages of 96/192/384/768 channels, 3/6/12/24 heads of 32, depths 2/2/6/2, token
@@ -275,6 +277,8 @@ def _family_launches(call: AttentionCall) -> dict:
 
     fwd = launch("_attn_fwd", lambda c: c.block_n, (1, 1), (1, 1),
                  _io_bytes(call, q=1, k=1, v=1, o=1) + lse + _bias_bytes(call))
+    if "_attn_bwd_onepass" in plan:
+        return {"fwd": [fwd], "bwd": [_onepass_launch(call, plan, bh, lse, pair)]}
     pre_cfg, pre_blocks = plan["_attn_bwd_preprocess"]
     pre = Launch("_attn_bwd_preprocess", tuple(pre_cfg), tuple(pre_blocks), bh * math.ceil(call.nq / pre_cfg.block_m),
                  0, 0, 0, 0, _io_bytes(call, o=2) + lse, 1.0)
@@ -286,6 +290,30 @@ def _family_launches(call: AttentionCall) -> dict:
     dq = launch("_attn_bwd_dq", lambda c: c.block_n, (2, 1), (2, 1), qkv_do + _io_bytes(call, q=1) + ds,
                 extra=dict(STORE_DS=biased))
     return {"fwd": [fwd], "bwd": [pre, dkdv, dq]}
+
+
+def _onepass_launch(call: AttentionCall, plan: dict, bh: int, lse: int, pair: int) -> Launch:
+    """The one-pass backward: one program per (batch, head) iterating over every (key tile, query
+    tile) with five matmuls each. HBM: q, k, v, O, dO read and dq, dk, dv written once, lse read, dS
+    (padded) written when a bias takes a gradient, and the program-owned fp32 scratch (the dQ
+    accumulator and delta) written back once: its reads and re-writes within the program hit L2 (at
+    most 64 KiB per program; the resident programs of all SMs hold a few MB of the 50 MB L2)."""
+    from fastvit.kernels import variants
+    from fastvit.kernels.attention_configs import tile_work
+
+    cfg, blocks = plan["_attn_bwd_onepass"]
+    work = tile_work("_attn_bwd_onepass", call.nq, call.nk, cfg)
+    biased = call.bias != "none"
+    bd, bdv = blocks
+    spec = variants.tile_spec("_attn_bwd_onepass", cfg, _dtype(), blocks,
+                              dict(_attention_switches(call, cfg, blocks), STORE_DS=biased))
+    iterations = (work.rows // cfg.block_n) * (work.cols // cfg.block_m)
+    scratch = _FP32 * bh * work.cols * (bd + 1)  # dQ accumulator and delta, padded rows
+    ds = _FP32 * bh * work.rows * work.cols if biased else 0
+    nbytes = _io_bytes(call, q=2, k=2, v=2, o=2) + lse + _bias_bytes(call) + scratch + ds
+    return Launch("_attn_bwd_onepass", tuple(cfg), tuple(blocks), bh, iterations,
+                  2 * cfg.block_m * cfg.block_n * (3 * bd + 2 * bdv), cfg.block_m * cfg.block_n,
+                  pair * (3 * call.d + 2 * call.dv), nbytes, work.useful, spec)
 
 
 def _window_spec(kernel: str, cfg, blocks, n: int, biased: bool, shifted: bool):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -49,9 +50,20 @@ def test_vit_forward_flops_and_bytes_match_hand_counts():
 
 
 def test_vit_backward_launches_and_counts():
-    pre, dkdv, dq = P.attention_launches(VIT)["bwd"]
-    assert (pre.kernel, dkdv.kernel, dq.kernel) == ("_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
+    from fastvit.kernels.attention import backward_path
+
     pair = 2 * 64 * 12 * 197 * 197
+    onepass, = P.attention_launches(VIT)["bwd"]  # N = 197: the one-pass backward
+    cfg = onepass.config
+    assert onepass.kernel == "_attn_bwd_onepass" and onepass.programs == 64 * 12
+    assert onepass.iterations == math.ceil(197 / cfg[1]) * math.ceil(197 / cfg[0])
+    assert onepass.flops == pair * 5 * 64  # five matmuls per tile
+    # q, k, v, O, dO read, dQ, dK, dV written, lse read, the fp32 scratch (dQ + delta, padded rows) once
+    rows = math.ceil(197 / cfg[0]) * cfg[0]
+    assert onepass.bytes == 2 * 64 * 12 * 197 * 64 * 8 + 4 * 64 * 12 * 197 + 4 * 64 * 12 * rows * (64 + 1)
+    with backward_path("threepass"):
+        pre, dkdv, dq = P.attention_launches(VIT)["bwd"]
+    assert (pre.kernel, dkdv.kernel, dq.kernel) == ("_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
     assert dkdv.flops == pair * 4 * 64 and dq.flops == pair * 3 * 64  # FlashAttention-2 issues 7 matmuls
     assert pre.flops == 0 and pre.bytes == 2 * 2 * 64 * 12 * 197 * 64 + 4 * 64 * 12 * 197
     # dK/dV reads q, k, v, dO, lse, delta and writes dK, dV
@@ -130,9 +142,9 @@ def test_model_document_totals(recorded_compiles):
     entry, = w["calls"]
     assert entry["bwd"]["flops"] == pytest.approx(2.5 * entry["fwd"]["flops"])  # 5 matmuls at D = Dv
     assert w["totals"]["fwd"]["time_us"] == pytest.approx(12 * entry["fwd"]["time_us"])
-    assert {s.kernel for s in recorded_compiles} == {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"}
+    assert {s.kernel for s in recorded_compiles} == {"_attn_fwd", "_attn_bwd_onepass"}
     P.model_workloads(["vit_b16_224"])  # compiled once per process
-    assert len(recorded_compiles) == 3
+    assert len(recorded_compiles) == 2
 
 
 def test_cli_model_prints_every_workload(recorded_compiles, capsys, tmp_path):
