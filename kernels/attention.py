@@ -671,8 +671,9 @@ def _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scale:
     Nk, Dv = k.shape[2], v.shape[3]
     nq_pad = triton.cdiv(Nq, cfg.block_m) * cfg.block_m
     nk_pad = triton.cdiv(Nk, cfg.block_n) * cfg.block_n
-    # per (batch, head): delta (padded rows hold 0) and the fp32 dQ accumulator, both program-owned
-    delta = torch.empty((B * H, nq_pad), dtype=torch.float32, device=q.device)
+    # per (batch, head), program-owned: lse in log2 units and delta (padded rows: +inf and 0), and the
+    # fp32 dQ accumulator
+    lse2, delta = torch.empty((2, B * H, nq_pad), dtype=torch.float32, device=q.device).unbind(0)
     dq_acc = torch.empty((B * H, nq_pad, head_blocks[0]), dtype=torch.float32, device=q.device)
     ds_strides = (nq_pad * nk_pad, nq_pad) if store_ds else (0, 0)
     flags = _flags(**_geometry(q, k, v, cfg.block_m, cfg.block_n, head_blocks),
@@ -685,7 +686,8 @@ def _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scale:
         n = sl.stop - sl.start
         rows = slice(sl.start * H, sl.stop * H)
         _launch(_attn_bwd_onepass, n * H,
-                (q[sl], k[sl], v[sl], out[sl], do[sl], lse[sl], delta[rows], dq_acc[rows], dq[sl], dk[sl], dv[sl],
+                (q[sl], k[sl], v[sl], out[sl], do[sl], lse[sl], lse2[rows], delta[rows], dq_acc[rows], dq[sl], dk[sl],
+                 dv[sl],
                  ds, bias.rel_table, bias.rel_index, dense_c, pad_c,
                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *do.stride()[:3],
                  *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *ds_strides, *bias.strides,

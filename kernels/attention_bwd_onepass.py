@@ -6,10 +6,11 @@ twice: once per key block for dK/dV and once per query block for dQ, seven matmu
 one program owns a whole (batch, head) and visits each (key block, query block) tile once, five
 matmuls per tile:
 
-    prologue      for each query block: delta = rowsum(dO * O) into Delta; zero its rows of DQAcc
+    prologue      for each query block: delta = rowsum(dO * O) into Delta, lse * log2(e) into Lse2;
+                  zero its rows of DQAcc
     main loop     for each key block j (k_j, v_j in registers, dk_j = dv_j = 0):
                       for each query block i (transposed tiles, keys x queries, as in dK/dV):
-                          p_t   = exp2(s_t - lse_i)         s_t = k_j q_i^T * scale (+ bias)
+                          p_t   = exp2(s_t - lse2_i)        s_t = k_j q_i^T * scale * log2(e) (+ bias)
                           dv_j += p_t dO_i
                           ds_t  = p_t * (v_j dO_i^T - delta_i)
                           dk_j += ds_t q_i
@@ -39,7 +40,7 @@ from .triton_compat import tl, triton
 
 @triton.jit
 def _onepass_step(
-    dk, dv, k, v, key_ok, Q, DOut, Lse, Delta, DQAcc, DS, Dense, Index, cols, cols_in, TableRow,
+    dk, dv, k, v, key_ok, Q, DOut, Lse2, Delta, DQAcc, DS, Dense, Index, cols, cols_in, TableRow,
     start_m, offs_m, offs_d, offs_dv, stride_qm, stride_dom, stride_dm, stride_im, stride_sm,
     Nq, D, Dv, qk_scale, inv_scale,
     BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, MASK_KEYS: tl.constexpr,
@@ -55,18 +56,19 @@ def _onepass_step(
     q = _load_tile(Q + rows_in[:, None] * stride_qm + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
     do = _load_tile(DOut + rows_in[:, None] * stride_dom + offs_dv[None, :], None, offs_dv[None, :] < Dv,
                     True, EVEN_D)
-    lse = _load_vec(Lse + rows, rows < Nq, float("inf"), not EVEN_M)
-    delta = tl.load(Delta + rows)  # the padded buffer of the prologue: rows past Nq hold 0
+    lse2 = tl.load(Lse2 + rows)  # the prologue's padded buffers: +inf and 0 on rows past Nq
+    delta = tl.load(Delta + rows)
     if HAS_REL or HAS_DENSE:
         bias = _bias_tile(Dense, rows_in.to(tl.int64)[:, None] * stride_dm + cols_in[None, :],
                           Index, rows_in.to(tl.int64)[:, None] * stride_im + cols_in[None, :], TableRow,
                           None, False, HAS_REL, HAS_DENSE)
-        s_t = _mma(k, tl.trans(q), tl.trans(bias) * inv_scale, FP32_IEEE, UPCAST_DOT) * qk_scale
+        s_t = _mma(k, tl.trans(q), tl.trans(bias) * inv_scale, FP32_IEEE, UPCAST_DOT)
     else:
-        s_t = _mma(k, tl.trans(q), None, FP32_IEEE, UPCAST_DOT) * qk_scale  # (BLOCK_N, BLOCK_M)
+        s_t = _mma(k, tl.trans(q), None, FP32_IEEE, UPCAST_DOT)  # (BLOCK_N, BLOCK_M)
+    s_t = s_t * qk_scale - lse2[None, :]  # one FFMA: log2 units, lse subtracted
     if MASK_KEYS:  # key padding and/or keys past Nk
         s_t = tl.where(key_ok[:, None], s_t, float("-inf"))
-    p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    p_t = tl.exp2(s_t)
     dv = _mma(p_t.to(do.dtype), do, dv, FP32_IEEE, UPCAST_DOT)
     dp_t = _mma(v, tl.trans(do), None, FP32_IEEE, UPCAST_DOT)
     ds_t = p_t * (dp_t - delta[None, :])  # dL/ds, s in natural units
@@ -82,7 +84,7 @@ def _onepass_step(
 
 @triton.jit
 def _attn_bwd_onepass(
-    Q, K, V, Out, DOut, Lse, Delta, DQAcc, DQ, DK, DV, DS,
+    Q, K, V, Out, DOut, Lse, Lse2, Delta, DQAcc, DQ, DK, DV, DS,
     RelTable, RelIndex, DenseBias, KeyPad,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -118,6 +120,7 @@ def _attn_bwd_onepass(
     DK += off_b.to(tl.int64) * stride_dkb + off_h.to(tl.int64) * stride_dkh
     DV += off_b.to(tl.int64) * stride_dvb + off_h.to(tl.int64) * stride_dvh
     Lse += pid_bh.to(tl.int64) * Nq
+    Lse2 += pid_bh.to(tl.int64) * Nq_pad
     Delta += pid_bh.to(tl.int64) * Nq_pad
     DQAcc += pid_bh.to(tl.int64) * Nq_pad * BLOCK_D
     DS += pid_bh.to(tl.int64) * stride_sbh
@@ -125,10 +128,13 @@ def _attn_bwd_onepass(
     TableRow = RelTable + off_h.to(tl.int64) * stride_th
     KeyPad += off_b.to(tl.int64) * stride_pb
 
-    # prologue: delta and a zeroed dQ accumulator, per query block (rows past Nq load 0: delta = 0)
+    # prologue, per query block: delta (0 on rows past Nq: O and dO load 0), lse in log2 units (+inf
+    # past Nq: p = 0 there) and a zeroed dQ accumulator, so the main loop loads them without masks
     for start_m in range(0, Nq, BLOCK_M):
         rows = start_m + offs_m
         row_ok = rows[:, None] < Nq
+        lse = _load_vec(Lse + rows, rows < Nq, float("inf"), not EVEN_M)
+        tl.store(Lse2 + rows, lse * 1.4426950408889634)
         o = _load_tile(Out + rows[:, None] * stride_om + offs_dv[None, :], row_ok, offs_dv[None, :] < Dv,
                        EVEN_M, EVEN_D)
         do = _load_tile(DOut + rows[:, None] * stride_dom + offs_dv[None, :], row_ok, offs_dv[None, :] < Dv,
@@ -154,7 +160,7 @@ def _attn_bwd_onepass(
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         for start_m in range(0, Nq, BLOCK_M):
-            dk, dv = _onepass_step(dk, dv, k, v, key_ok, Q, DOut, Lse, Delta, DQAcc, DS, Dense, RelIndex,
+            dk, dv = _onepass_step(dk, dv, k, v, key_ok, Q, DOut, Lse2, Delta, DQAcc, DS, Dense, RelIndex,
                                    cols, cols_in, TableRow, start_m, offs_m, offs_d, offs_dv, stride_qm,
                                    stride_dom, stride_dm, stride_im, stride_sm, Nq, D, Dv, qk_scale, inv_scale,
                                    BLOCK_D, EVEN_M, EVEN_D, HAS_PAD or not EVEN_N, HAS_REL, HAS_DENSE,

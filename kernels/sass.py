@@ -84,7 +84,9 @@ def _load_width(op: str) -> Optional[str]:
 
 def sass_stats(sass: str) -> dict:
     """Counts from ``cuobjdump -sass`` text: instructions, tensor-core instructions, global loads by
-    width, and the main loop (the backward branch's range holding the most tensor-core instructions)."""
+    width, and the main loop: the backward branch's range holding the most tensor-core instructions,
+    the innermost of equals (a loop nest whose outer body adds no tensor-core instruction, as the
+    one-pass backward's key loop around its query loop, runs its inner loop per tile)."""
     code = _instructions(sass)
     ops = [op for _, op, _ in code]
     mma = sum(op.startswith(_MMA) for op in ops)
@@ -97,7 +99,7 @@ def sass_stats(sass: str) -> dict:
                 start = int(target.group(1), 16)
                 body = [o for a, o, _ in code if start <= a <= addr]
                 loops.append((sum(o.startswith(_MMA) for o in body), len(body), start, addr))
-    main = max(loops, default=None)
+    main = max(loops, key=lambda loop: (loop[0], -loop[1]), default=None)
     return {"instructions": len(code), "mma": mma, "loads": dict(sorted(loads.items())),
             "loops": len(loops),
             "loop_instructions": main[1] if main else None, "loop_mma": main[0] if main else None,

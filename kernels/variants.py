@@ -44,8 +44,8 @@ __all__ = ["kernel_signature", "divisible_by_16", "tile_spec", "iter_compile_spe
 # are i32, except the two scales.
 _POINTER_TYPES = {
     "Q": "in", "K": "in", "V": "in", "Out": "in", "DOut": "in", "DQ": "in", "DK": "in", "DV": "in",
-    "Probs": "in", "DenseBias": "in", "Bias": "in", "Lse": "fp32", "Delta": "fp32", "DS": "fp32", "DQAcc": "fp32",
-    "RelTable": "fp32", "RelIndex": "i32", "KeyPad": "u8",
+    "Probs": "in", "DenseBias": "in", "Bias": "in", "Lse": "fp32", "Lse2": "fp32", "Delta": "fp32", "DS": "fp32",
+    "DQAcc": "fp32", "RelTable": "fp32", "RelIndex": "i32", "KeyPad": "u8",
 }
 _FLOAT_ARGS = ("qk_scale", "inv_scale", "scale")
 
