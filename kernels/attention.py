@@ -174,6 +174,7 @@ __all__ = [
     "attention_ref",
     "attention_bwd_ref",
     "backward_path",
+    "bias_grad_buffer_bytes",
     "onepass_max_n",
     "BIAS_KINDS",
     "DETERMINISTIC_BIAS_GRADS",
@@ -196,6 +197,12 @@ _LN2 = 0.6931471805599453
 # this many bytes the dQ kernel runs over the batch in chunks (the chunking depends only on the shapes,
 # so the result stays bitwise reproducible).
 DS_BUFFER_MAX_BYTES = 256 << 20
+
+# The one-pass backward sums dS over this many batch elements per program (in their order) when the
+# bias gradients are batch-free: the buffer torch reduces shrinks by this factor (LeViT-256 at batch
+# 128: 134 MB -> 34 MB per call) and the grid has B / 4 x H programs, each 4x longer (at one program
+# per SM, LeViT's grids are several waves either way).
+BIAS_GRAD_BATCH_PER_PROGRAM = 4
 
 
 def _interpreting() -> bool:
@@ -612,11 +619,35 @@ def _chunk_bias(bias: _BiasArgs, sl: slice) -> tuple[Tensor, Tensor]:
             bias.key_padding[sl] if bias.has_pad else bias.key_padding)
 
 
+def _ds_rows(B: int, H: int, pads: tuple[int, int], per: int) -> int:
+    """Rows of the dS buffer (a row: ``per`` batch elements' dS, ``[H, *pads]`` fp32), at most
+    DS_BUFFER_MAX_BYTES (the batch then runs in chunks of that many rows)."""
+    return max(1, min(triton.cdiv(B, per), DS_BUFFER_MAX_BYTES // (H * pads[0] * pads[1] * 4)))
+
+
+def bias_grad_buffer_bytes(batch: int, heads: int, nq: int, nk: int, d: int, dv: int, dtype: torch.dtype, *,
+                           biased="dense", batch_free: bool = True, capability=None) -> int:
+    """Bytes of the fp32 dS buffer `attention_bwd` allocates for the bias gradients of such a call
+    (``batch_free``: no per-sample dense bias takes a gradient, so the one-pass backward sums dS over
+    the batch in-kernel), from the launch plan; `backward_path` applies."""
+    blocks = _head_blocks(d, dv)
+    kind = _bias_kind(biased, nq, nk)
+    cfg = _pick_onepass_config(nq, nk, blocks, dtype, kind, capability)
+    if cfg is not None:
+        pads = (triton.cdiv(nk, cfg.block_n) * cfg.block_n, triton.cdiv(nq, cfg.block_m) * cfg.block_m)
+        per = BIAS_GRAD_BATCH_PER_PROGRAM if batch_free else 1
+    else:
+        cfg = _pick_config("_attn_bwd_dq", nq, nk, blocks, dtype, kind, None, capability=capability)
+        pads, per = (triton.cdiv(nq, cfg.block_m) * cfg.block_m, triton.cdiv(nk, cfg.block_n) * cfg.block_n), 1
+    return _ds_rows(batch, heads, pads, per) * heads * pads[0] * pads[1] * 4
+
+
 def _threepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scale: float, head_blocks,
                         store_ds: bool):
     """The three-pass backward: the preprocess and dK/dV kernels run now, over the whole batch; returns
-    ``(run_chunk, (Nq_pad, Nk_pad))``, ``run_chunk(batch slice, ds)`` launching the dQ kernel (which
-    writes dS) for a chunk and returning dS as a ``[b, H, Nq, Nk]`` view of ``ds``."""
+    ``(run_chunk, (Nq_pad, Nk_pad), 1)``, ``run_chunk(batch slice, ds)`` launching the dQ kernel (which
+    writes dS) for a chunk and returning dS as a ``[b, H, Nq, Nk]`` view of ``ds``; 1: one batch
+    element per row of that buffer."""
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
     qk_scale = scale * _LOG2E
@@ -659,43 +690,45 @@ def _threepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scal
                 constexprs, cfg_q)
         return ds[:n, :, :Nq, :Nk] if store_ds else ds
 
-    return run_chunk, (nq_pad, nk_pad)
+    return run_chunk, (nq_pad, nk_pad), 1
 
 
 def _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scale: float, head_blocks, cfg: Config,
-                      store_ds: bool):
+                      store_ds: bool, batch_sum: bool):
     """The one-pass backward (kernels/attention_bwd_onepass.py), one launch per batch chunk; returns
-    ``(run_chunk, (Nk_pad, Nq_pad))`` like `_threepass_launcher` (its dS buffer is keys x queries,
-    returned as the transposed ``[b, H, Nq, Nk]`` view)."""
+    ``(run_chunk, (Nk_pad, Nq_pad), per)`` like `_threepass_launcher`. Its dS buffer is keys x
+    queries (returned as the transposed ``[rows, H, Nq, Nk]`` view); with ``batch_sum`` each program
+    sums dS over ``per = BIAS_GRAD_BATCH_PER_PROGRAM`` batch elements in-kernel, so a buffer row holds
+    the sum of that many elements."""
     B, H, Nq, D = q.shape
     Nk, Dv = k.shape[2], v.shape[3]
+    per = BIAS_GRAD_BATCH_PER_PROGRAM if batch_sum else 1
     nq_pad = triton.cdiv(Nq, cfg.block_m) * cfg.block_m
     nk_pad = triton.cdiv(Nk, cfg.block_n) * cfg.block_n
-    # per (batch, head), program-owned: lse in log2 units and delta (padded rows: +inf and 0), and the
-    # fp32 dQ accumulator
-    lse2, delta = torch.empty((2, B * H, nq_pad), dtype=torch.float32, device=q.device).unbind(0)
-    dq_acc = torch.empty((B * H, nq_pad, head_blocks[0]), dtype=torch.float32, device=q.device)
+    # program-owned scratch: lse in log2 units and delta (padded rows: +inf and 0), the fp32 dQ sum
+    programs = triton.cdiv(B, per) * H
+    lse2, delta = torch.empty((2, programs, nq_pad), dtype=torch.float32, device=q.device).unbind(0)
+    dq_acc = torch.empty((programs, nq_pad, head_blocks[0]), dtype=torch.float32, device=q.device)
     ds_strides = (nq_pad * nk_pad, nq_pad) if store_ds else (0, 0)
     flags = _flags(**_geometry(q, k, v, cfg.block_m, cfg.block_n, head_blocks),
                    has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
-                      **flags, STORE_DS=store_ds, **_dot_flags(q.dtype))
+                      **flags, STORE_DS=store_ds, BATCH_SUM=per > 1, **_dot_flags(q.dtype))
 
     def run_chunk(sl: slice, ds: Tensor) -> Tensor:
         dense_c, pad_c = _chunk_bias(bias, sl)
         n = sl.stop - sl.start
-        rows = slice(sl.start * H, sl.stop * H)
-        _launch(_attn_bwd_onepass, n * H,
-                (q[sl], k[sl], v[sl], out[sl], do[sl], lse[sl], lse2[rows], delta[rows], dq_acc[rows], dq[sl], dk[sl],
-                 dv[sl],
+        rows = triton.cdiv(n, per)
+        _launch(_attn_bwd_onepass, rows * H,
+                (q[sl], k[sl], v[sl], out[sl], do[sl], lse[sl], lse2, delta, dq_acc, dq[sl], dk[sl], dv[sl],
                  ds, bias.rel_table, bias.rel_index, dense_c, pad_c,
                  *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *do.stride()[:3],
                  *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], *ds_strides, *bias.strides,
-                 H, Nq, Nk, nq_pad, D, Dv, scale * _LOG2E, 1.0 / scale, scale),
+                 n, H, Nq, Nk, nq_pad, D, Dv, per, scale * _LOG2E, 1.0 / scale, scale),
                 constexprs, cfg)
-        return ds[:n, :, :Nk, :Nq].transpose(-1, -2) if store_ds else ds
+        return ds[:rows, :, :Nk, :Nq].transpose(-1, -2) if store_ds else ds
 
-    return run_chunk, (nk_pad, nq_pad)
+    return run_chunk, (nk_pad, nq_pad), per
 
 
 def attention_bwd(
@@ -742,25 +775,29 @@ def attention_bwd(
     store_ds = need_rel_grad or need_dense_grad
     cfg_1 = _pick_onepass_config(Nq, Nk, head_blocks, q.dtype, bias.kind, _capability(q.device))
     if cfg_1 is not None:
-        run_chunk, pads = _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias, scale, head_blocks, cfg_1,
-                                            store_ds)
+        # dS summed over the batch in-kernel unless a per-sample dense bias takes a gradient
+        batch_sum = store_ds and not (need_dense_grad and dense_bias.shape[0] != 1)
+        run_chunk, pads, per = _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias, scale, head_blocks,
+                                                 cfg_1, store_ds, batch_sum)
     else:
-        run_chunk, pads = _threepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias, scale, head_blocks,
-                                              store_ds)
+        run_chunk, pads, per = _threepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias, scale, head_blocks,
+                                                   store_ds)
 
-    # dS, the bias gradients: each batch element's dS goes to its own slice of a padded fp32 buffer
-    # (plain stores), which is then summed over the batch by torch in a fixed order. The batch runs in
-    # chunks when the buffer would exceed DS_BUFFER_MAX_BYTES.
-    chunk = max(1, min(B, DS_BUFFER_MAX_BYTES // (H * pads[0] * pads[1] * 4))) if store_ds else B
+    # dS, the bias gradients: each launch writes an fp32 buffer padded to block multiples with plain
+    # stores, a row per batch element (or per `per` elements, summed in-kernel), which torch then sums
+    # in a fixed order. The batch runs in chunks (of whole rows) when the buffer would exceed
+    # DS_BUFFER_MAX_BYTES.
+    rows = _ds_rows(B, H, pads, per) if store_ds else 0
+    chunk = rows * per if store_ds else B
     if store_ds:
-        ds = torch.empty((chunk, H, *pads), dtype=torch.float32, device=q.device)
+        ds = torch.empty((rows, H, *pads), dtype=torch.float32, device=q.device)
     else:
         ds = _placeholder(torch.float32, q.device)
     rel_sum = dense_sum = None
     d_dense_parts = []
     for b0 in range(0, B, chunk):
         b1 = min(B, b0 + chunk)
-        ds_c = run_chunk(slice(b0, b1), ds)  # (b, h, nq, nk), a view of ds
+        ds_c = run_chunk(slice(b0, b1), ds)  # (rows, h, nq, nk), a view of ds
         if not store_ds:
             continue
         if need_rel_grad:

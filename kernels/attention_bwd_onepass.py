@@ -44,7 +44,7 @@ def _onepass_step(
     start_m, offs_m, offs_d, offs_dv, stride_qm, stride_dom, stride_dm, stride_im, stride_sm,
     Nq, D, Dv, qk_scale, inv_scale,
     BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, MASK_KEYS: tl.constexpr,
-    HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, STORE_DS: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, STORE_DS: tl.constexpr, BATCH_SUM: tl.constexpr,
     FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """One (key block, query block) tile: dK, dV accumulate in registers, dQ in the scratch."""
@@ -73,7 +73,11 @@ def _onepass_step(
     dp_t = _mma(v, tl.trans(do), None, FP32_IEEE, UPCAST_DOT)
     ds_t = p_t * (dp_t - delta[None, :])  # dL/ds, s in natural units
     if STORE_DS:  # transposed buffer (keys x queries), padded: no masks
-        tl.store(DS + cols.to(tl.int64)[:, None] * stride_sm + rows[None, :], ds_t)
+        ds_ptrs = DS + cols.to(tl.int64)[:, None] * stride_sm + rows[None, :]
+        if BATCH_SUM:  # this program's sum over its batch elements, in their order
+            tl.store(ds_ptrs, tl.load(ds_ptrs) + ds_t)
+        else:
+            tl.store(ds_ptrs, ds_t)
     ds_lo = ds_t.to(q.dtype)
     dk = _mma(ds_lo, q, dk, FP32_IEEE, UPCAST_DOT)
     dq_ptrs = DQAcc + rows[:, None] * BLOCK_D + offs_d[None, :]
@@ -96,38 +100,67 @@ def _attn_bwd_onepass(
     stride_dvb, stride_dvh, stride_dvn,
     stride_sbh, stride_sm,
     stride_th, stride_im, stride_db, stride_dh, stride_dm, stride_pb,
-    H, Nq, Nk, Nq_pad, D, Dv, qk_scale, inv_scale, scale,
+    B, H, Nq, Nk, Nq_pad, D, Dv, batch_per_program, qk_scale, inv_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
-    FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BATCH_SUM: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
-    """One program: the whole backward of one (batch, head). See the module docstring."""
-    pid_bh = tl.program_id(0)
-    off_b = pid_bh // H
-    off_h = pid_bh % H
+    """One program: the whole backward of one head for a run of ``batch_per_program`` batch
+    elements (one, unless BATCH_SUM). See the module docstring."""
+    pid = tl.program_id(0)
+    off_h = pid % H
+    b0 = (pid // H) * batch_per_program
+    b1 = tl.minimum(b0 + batch_per_program, B)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-
-    Q += off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-    K += off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh
-    V += off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh
-    Out += off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-    DOut += off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh
-    DQ += off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh
-    DK += off_b.to(tl.int64) * stride_dkb + off_h.to(tl.int64) * stride_dkh
-    DV += off_b.to(tl.int64) * stride_dvb + off_h.to(tl.int64) * stride_dvh
-    Lse += pid_bh.to(tl.int64) * Nq
-    Lse2 += pid_bh.to(tl.int64) * Nq_pad
-    Delta += pid_bh.to(tl.int64) * Nq_pad
-    DQAcc += pid_bh.to(tl.int64) * Nq_pad * BLOCK_D
-    DS += pid_bh.to(tl.int64) * stride_sbh
-    Dense = DenseBias + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh
+    # program-owned scratch, reused for each batch element; dS summed over the program's batch run
+    Lse2 += pid.to(tl.int64) * Nq_pad
+    Delta += pid.to(tl.int64) * Nq_pad
+    DQAcc += pid.to(tl.int64) * Nq_pad * BLOCK_D
+    DS += pid.to(tl.int64) * stride_sbh
     TableRow = RelTable + off_h.to(tl.int64) * stride_th
-    KeyPad += off_b.to(tl.int64) * stride_pb
+    if BATCH_SUM:  # zero this program's dS sum once (its tiles are read-modify-written per element)
+        for start_n in range(0, Nk, BLOCK_N):
+            for start_m in range(0, Nq, BLOCK_M):
+                tl.store(DS + (start_n + offs_n).to(tl.int64)[:, None] * stride_sm + (start_m + offs_m)[None, :],
+                         tl.zeros([BLOCK_N, BLOCK_M], tl.float32))
 
+    for i in range(0, b1 - b0):
+        off_b = b0 + i  # a tensor in the interpreter too (for its .to)
+        _onepass_head(
+            Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh,
+            K + off_b.to(tl.int64) * stride_kb + off_h.to(tl.int64) * stride_kh,
+            V + off_b.to(tl.int64) * stride_vb + off_h.to(tl.int64) * stride_vh,
+            Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh,
+            DOut + off_b.to(tl.int64) * stride_dob + off_h.to(tl.int64) * stride_doh,
+            Lse + (off_b * H + off_h).to(tl.int64) * Nq, Lse2, Delta, DQAcc,
+            DQ + off_b.to(tl.int64) * stride_dqb + off_h.to(tl.int64) * stride_dqh,
+            DK + off_b.to(tl.int64) * stride_dkb + off_h.to(tl.int64) * stride_dkh,
+            DV + off_b.to(tl.int64) * stride_dvb + off_h.to(tl.int64) * stride_dvh,
+            DS, DenseBias + off_b.to(tl.int64) * stride_db + off_h.to(tl.int64) * stride_dh, RelIndex, TableRow,
+            KeyPad + off_b.to(tl.int64) * stride_pb,
+            offs_m, offs_n, offs_d, offs_dv,
+            stride_qm, stride_kn, stride_vn, stride_om, stride_dom, stride_dqm, stride_dkn, stride_dvn, stride_sm,
+            stride_im, stride_dm, Nq, Nk, D, Dv, qk_scale, inv_scale, scale,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD, STORE_DS,
+            BATCH_SUM, FP32_IEEE, UPCAST_DOT)
+
+
+@triton.jit
+def _onepass_head(
+    Q, K, V, Out, DOut, Lse, Lse2, Delta, DQAcc, DQ, DK, DV, DS, Dense, RelIndex, TableRow, KeyPad,
+    offs_m, offs_n, offs_d, offs_dv,
+    stride_qm, stride_kn, stride_vn, stride_om, stride_dom, stride_dqm, stride_dkn, stride_dvn, stride_sm,
+    stride_im, stride_dm, Nq, Nk, D, Dv, qk_scale, inv_scale, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
+    BATCH_SUM: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+):
+    """The backward of one (batch, head): pointers are that slice's."""
     # prologue, per query block: delta (0 on rows past Nq: O and dO load 0), lse in log2 units (+inf
     # past Nq: p = 0 there) and a zeroed dQ accumulator, so the main loop loads them without masks
     for start_m in range(0, Nq, BLOCK_M):
@@ -164,7 +197,7 @@ def _attn_bwd_onepass(
                                    cols, cols_in, TableRow, start_m, offs_m, offs_d, offs_dv, stride_qm,
                                    stride_dom, stride_dm, stride_im, stride_sm, Nq, D, Dv, qk_scale, inv_scale,
                                    BLOCK_D, EVEN_M, EVEN_D, HAS_PAD or not EVEN_N, HAS_REL, HAS_DENSE,
-                                   STORE_DS, FP32_IEEE, UPCAST_DOT)
+                                   STORE_DS, BATCH_SUM, FP32_IEEE, UPCAST_DOT)
         dk *= scale
         _store_tile(DK + cols[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty),
                     cols[:, None] < Nk, offs_d[None, :] < D, EVEN_N, EVEN_D)
@@ -178,3 +211,4 @@ def _attn_bwd_onepass(
         dq = tl.load(DQAcc + rows[:, None] * BLOCK_D + offs_d[None, :]) * scale
         _store_tile(DQ + rows[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                     rows[:, None] < Nq, offs_d[None, :] < D, EVEN_M, EVEN_D)
+    tl.debug_barrier()  # the scratch is the next batch element's

@@ -15,6 +15,8 @@ from fastvit.kernels import attention as kattn
 from fastvit.kernels import attention_configs as kattn_configs
 from kernel_cases import BF16, F16, F32, assert_matches, case_inputs, launcher_kwargs, triton_case
 
+from fastvit.attention.testing import bias_parts
+
 PATHS = ("onepass", "threepass")
 
 # (dtype, (B, H, Nq, Nk, D, Dv), bias): several key and query blocks with partial last ones, and block
@@ -29,17 +31,31 @@ BWD_CASES = [
     triton_case(F16, (1, 2, 197, 197, 64, 64), "relpos"),  # ViT/16 at 224 px
     triton_case(F16, (2, 2, 128, 64, 32, 32), "none"),  # block multiples: no masks compiled in
     triton_case(BF16, (2, 3, 49, 49, 32, 32), "padding"),  # a Swin window
+    # batch-free biases: the one pass sums dS over 4 batch elements per program (here 4 + 2)
+    triton_case(F32, (6, 2, 40, 45, 16, 16), "relpos+dense_bcast+padding"),
+    triton_case(BF16, (5, 2, 49, 49, 32, 32), "relpos"),
 ]
+
+
+class _Launches(list):
+    def __init__(self):
+        super().__init__()
+        self.switches = []
+
+    def clear(self):
+        super().clear()
+        self.switches.clear()
 
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Records the name of every kernel launched."""
-    seen = []
+    """Records the name of every kernel launched; ``launches.switches`` their constexprs."""
+    seen = _Launches()
     real = kattn._launch
 
     def recording(kernel, grid, args, constexprs, cfg):
         seen.append(kernel.__name__)
+        seen.switches.append(dict(constexprs, grid=grid))
         real(kernel, grid, args, constexprs, cfg)
 
     monkeypatch.setattr(kattn, "_launch", recording)
@@ -69,6 +85,13 @@ def test_backward_paths_match_the_twin(case, path, launches):
     expected = (["_attn_bwd_onepass"] if path == "onepass"
                 else ["_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"])
     assert backward == expected
+    if path == "onepass":
+        B, H = case.shape[:2]
+        parts = bias_parts(case.bias)  # a bias with a gradient, none of them per sample
+        per_sample = {"dense", "dense_bcast_heads"} & set(parts)
+        batch_free = any(p.startswith(("relpos", "dense")) for p in parts) and not per_sample
+        one = launches.switches[-1]
+        assert one["BATCH_SUM"] == batch_free and one["grid"] == H * (-(-B // 4) if batch_free else B)
     for name, g, r in zip(("dq", "dk", "dv", "d_rel_table", "d_dense_bias"), got, ref):
         assert (g is None) == (r is None), name
         if g is not None:
@@ -88,6 +111,34 @@ def test_the_one_pass_bias_gradients_are_bitwise_reproducible_and_chunk(monkeypa
     chunked, _ = _backward(case, "onepass")
     for name, a, r in zip(("dq", "dk", "dv", "d_rel_table", "d_dense_bias"), chunked, ref):
         assert_matches(a, r, F32, f"chunked {name}")
+
+
+def test_the_batch_sum_cuts_levit_bias_gradient_buffers_to_a_quarter():
+    """Issue target: a LeViT-256 step's dS buffers at batch 128 at most a third of the three passes'."""
+    from fastvit.tools.perf_model import levit_calls
+
+    for call in levit_calls(batch=128):
+        args = (128, call.heads, call.nq, call.nk, call.d, call.dv, BF16)
+        now = kattn.bias_grad_buffer_bytes(*args, capability=(9, 0))
+        with kattn.backward_path("threepass"):
+            before = kattn.bias_grad_buffer_bytes(*args, capability=(9, 0))
+        assert now * 4 == before, call
+        # a per-sample dense bias with a gradient keeps a row per batch element
+        assert kattn.bias_grad_buffer_bytes(*args, batch_free=False, capability=(9, 0)) == before
+
+
+@pytest.mark.usefixtures("device")
+def test_chunked_batch_sums_match(monkeypatch, launches):
+    case = triton_case(F32, (6, 2, 40, 45, 16, 16), "relpos+dense_bcast")
+    whole, ref = _backward(case, "onepass")
+    monkeypatch.setattr(kattn, "DS_BUFFER_MAX_BYTES", 1)  # one buffer row per launch: 4 + 2 elements
+    launches.clear()
+    chunked, _ = _backward(case, "onepass")
+    assert [s["grid"] for s in launches.switches if "BATCH_SUM" in s] == [2, 2]
+    for name, a, r in zip(("dq", "dk", "dv", "d_rel_table", "d_dense_bias"), chunked, ref):
+        assert_matches(a, r, F32, f"chunked {name}")
+    for a, b in zip(whole[:3], chunked[:3]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.usefixtures("device")
