@@ -294,11 +294,13 @@ def _family_launches(call: AttentionCall) -> dict:
 
 def _onepass_launch(call: AttentionCall, plan: dict, bh: int, lse: int, pair: int) -> Launch:
     """The one-pass backward: one program per (batch, head) iterating over every (key tile, query
-    tile) with five matmuls each. HBM: q, k, v, O, dO read and dq, dk, dv written once, lse read, dS
-    (padded) written when a bias takes a gradient, and the program-owned fp32 scratch (the dQ
-    accumulator and delta) written back once: its reads and re-writes within the program hit L2 (at
-    most 64 KiB per program; the resident programs of all SMs hold a few MB of the 50 MB L2)."""
+    tile) with five matmuls each (per head and 4 batch elements when dS is summed in-kernel). HBM:
+    q, k, v, O, dO read and dq, dk, dv written once, lse read, dS (padded) written when a bias takes
+    a gradient, and the program-owned fp32 scratch (dQ accumulator, delta, lse in log2 units)
+    written back once: its reads and re-writes within the program hit L2 (at most 64 KiB per
+    program; the resident programs of all SMs hold a few MB of the 50 MB L2)."""
     from fastvit.kernels import variants
+    from fastvit.kernels.attention import BIAS_GRAD_BATCH_PER_PROGRAM
     from fastvit.kernels.attention_configs import tile_work
 
     cfg, blocks = plan["_attn_bwd_onepass"]
@@ -308,10 +310,13 @@ def _onepass_launch(call: AttentionCall, plan: dict, bh: int, lse: int, pair: in
     spec = variants.tile_spec("_attn_bwd_onepass", cfg, _dtype(), blocks,
                               dict(_attention_switches(call, cfg, blocks), STORE_DS=biased))
     iterations = (work.rows // cfg.block_n) * (work.cols // cfg.block_m)
-    scratch = _FP32 * bh * work.cols * (bd + 1)  # dQ accumulator and delta, padded rows
-    ds = _FP32 * bh * work.rows * work.cols if biased else 0
+    # a batch-free bias (the workloads' relative-position tables): dS summed over 4 elements in-kernel
+    per = BIAS_GRAD_BATCH_PER_PROGRAM if biased else 1
+    programs = math.ceil(call.batch / per) * call.heads
+    scratch = _FP32 * programs * work.cols * (bd + 2)  # dQ accumulator, delta and lse in log2 units
+    ds = _FP32 * programs * work.rows * work.cols if biased else 0
     nbytes = _io_bytes(call, q=2, k=2, v=2, o=2) + lse + _bias_bytes(call) + scratch + ds
-    return Launch("_attn_bwd_onepass", tuple(cfg), tuple(blocks), bh, iterations,
+    return Launch("_attn_bwd_onepass", tuple(cfg), tuple(blocks), programs, per * iterations,
                   2 * cfg.block_m * cfg.block_n * (3 * bd + 2 * bdv), cfg.block_m * cfg.block_n,
                   pair * (3 * call.d + 2 * call.dv), nbytes, work.useful, spec)
 

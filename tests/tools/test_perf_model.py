@@ -58,9 +58,9 @@ def test_vit_backward_launches_and_counts():
     assert onepass.kernel == "_attn_bwd_onepass" and onepass.programs == 64 * 12
     assert onepass.iterations == math.ceil(197 / cfg[1]) * math.ceil(197 / cfg[0])
     assert onepass.flops == pair * 5 * 64  # five matmuls per tile
-    # q, k, v, O, dO read, dQ, dK, dV written, lse read, the fp32 scratch (dQ + delta, padded rows) once
+    # q, k, v, O, dO read, dQ, dK, dV written, lse read, the fp32 scratch (dQ, delta, lse2; padded rows) once
     rows = math.ceil(197 / cfg[0]) * cfg[0]
-    assert onepass.bytes == 2 * 64 * 12 * 197 * 64 * 8 + 4 * 64 * 12 * 197 + 4 * 64 * 12 * rows * (64 + 1)
+    assert onepass.bytes == 2 * 64 * 12 * 197 * 64 * 8 + 4 * 64 * 12 * 197 + 4 * 64 * 12 * rows * (64 + 2)
     with backward_path("threepass"):
         pre, dkdv, dq = P.attention_launches(VIT)["bwd"]
     assert (pre.kernel, dkdv.kernel, dq.kernel) == ("_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq")
