@@ -15,7 +15,7 @@ DRY_VENV ?= .venv-gpu-check
 GPU_MACHINE_PACKAGES ?= timm einops rich pytest pytest-xdist hypothesis
 GPU_CHECK_ARGS ?=
 
-.PHONY: test bench kernels kernels-check kernels-check-triton36 check lint gpu-check gpu-check-dry-run clean
+.PHONY: test bench kernels kernels-check kernels-check-triton36 kernels-test-triton36 check lint gpu-check gpu-check-dry-run clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,42 @@ kernels: $(STAMP)
 kernels-check: $(STAMP)
 	$(VENV)/bin/fastvit kernels --check --json build/kernels-check.json
 
-# The same check with the GPU machine's triton (3.6.0), installed beside this venv's torch: the spill
-# table holds what 3.6 adds (kernels/spill_table.py, PRUNED_TRITON_3_6), and this proves it.
+# The GPU machine's triton (3.6.0), installed beside this venv's torch (torch's triton pin ignored) and
+# put first on PYTHONPATH by the two targets below. Order-only on the venv: a reinstall of fastvit does
+# not reinstall it.
 TRITON36 ?= build/triton-3.6.0
-kernels-check-triton36: $(STAMP)
-	test -d $(TRITON36)/triton || $(PY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
-	PYTHONPATH=$(CURDIR)/$(TRITON36) TRITON_CACHE_DIR=$(CURDIR)/build/triton-3.6.0-cache \
+TRITON36_CACHE = TRITON_CACHE_DIR=$(CURDIR)/build/triton-3.6.0-cache
+$(TRITON36)/.installed: | $(STAMP)
+	rm -rf $(TRITON36)
+	$(PY) -m pip install --quiet --no-deps --target $(TRITON36) triton==3.6.0
+	touch $@
+
+# The AOT check with triton 3.6.0: the spill table holds what 3.6 adds (kernels/spill_table.py,
+# PRUNED_TRITON_3_6), and this proves it.
+kernels-check-triton36: $(TRITON36)/.installed
+	PYTHONPATH=$(CURDIR)/$(TRITON36) $(TRITON36_CACHE) \
 		$(PY) -m fastvit.kernels.aot --check --json build/kernels-check-triton36.json
+
+# The kernel tests (tests/kernels, under the interpreter on a CPU) with triton 3.6.0: a triton.language
+# call that 3.6 lacks or computes differently fails here, not first on the GPU machine (the AOT check
+# above covers what only the compiler sees). 3.6's interpreter takes int() of a 1-element 1-d array
+# (a tensor used as an index, e.g. `range(0, Nk, BLOCK_N)`; 3.8 squeezes it first): numpy 2.4 raises
+# TypeError there and numpy 1.25-2.3 warn, failing the tests that turn warnings into errors. So this
+# run alone gets numpy 1.24.4, the last without the warning (wheels up to Python 3.11), in a directory
+# of its own; the AOT check keeps the venv's numpy. The guard fails if the triton or numpy imported is
+# not the one installed here. About 2.5-3 min with one worker on 2 cores, all of tests/kernels.
+NUMPY_FOR_TRITON36 ?= build/numpy-for-triton-3.6.0
+$(NUMPY_FOR_TRITON36)/.installed: | $(STAMP)
+	rm -rf $(NUMPY_FOR_TRITON36)
+	$(PY) -m pip install --quiet --no-deps --target $(NUMPY_FOR_TRITON36) numpy==1.24.4
+	touch $@
+
+TRITON36_TEST_ENV = PYTHONPATH=$(CURDIR)/$(TRITON36):$(CURDIR)/$(NUMPY_FOR_TRITON36) $(TRITON36_CACHE)
+kernels-test-triton36: $(TRITON36)/.installed $(NUMPY_FOR_TRITON36)/.installed
+	$(TRITON36_TEST_ENV) $(PY) -c "import numpy, triton, sys; \
+		v = (triton.__version__, numpy.__version__); print('triton', v[0], 'numpy', v[1]); \
+		sys.exit(0 if v == ('3.6.0', '1.24.4') else f'expected triton 3.6.0 with numpy 1.24.4, got {v}')"
+	$(TRITON36_TEST_ENV) $(PY) -m pytest -n $(PYTEST_WORKERS) -q tests/kernels
 
 check: $(STAMP)
 	$(VENV)/bin/fastvit check
