@@ -56,7 +56,8 @@ def _variant(constexprs: dict) -> str:
     not block multiples, so the split loop's masked last block is compiled in), ``plain even``
     (every extent a block multiple: no masks at all) or ``dense+pad even:D split tf32``."""
     feats = [name for name, flag in (("rel", "HAS_REL"), ("dense", "HAS_DENSE"), ("pad", "HAS_PAD"),
-                                     ("bias", "HAS_BIAS"), ("shift", "SHIFT"), ("ds", "STORE_DS"))
+                                     ("bias", "HAS_BIAS"), ("shift", "SHIFT"), ("ds", "STORE_DS"),
+                                     ("bsum", "BATCH_SUM"), ("padded", "BIAS_PADDED"))
              if constexprs.get(flag)]
     evens = [k for k in ("EVEN_M", "EVEN_N", "EVEN_D") if k in constexprs]
     if all(constexprs[k] for k in evens):
@@ -77,6 +78,8 @@ def _config_dict(spec) -> dict:
         if key in c:
             cfg[key] = c[key]
     variant = _variant(c) + (" tf32" if cfg["dtype"] == "fp32" and c.get("FP32_IEEE") is False else "")
+    if spec.divisible is not None and "stride_dm" in spec.divisible and not c.get("EVEN_N"):
+        variant += " aligned-bias"  # the launcher's expanded table: rows padded to 64 elements
     cfg.update(num_warps=spec.config.num_warps, num_stages=spec.config.num_stages, variant=variant)
     return cfg
 
@@ -138,6 +141,9 @@ def compile_spec(spec, capability: int) -> dict:
                                "run the report in a process without it (compile_report does)")
         start = time.perf_counter()
         target = GPUTarget("cuda", capability, 32)
+        missing = [n for n, is_constexpr in variants._kernel_params(fn) if is_constexpr and n not in spec.constexprs]
+        if missing:  # triton would compile them as None: a variant no launcher runs
+            raise ValueError(f"the spec gives no value for the constexprs {', '.join(missing)}")
         divisible = spec.divisible if spec.divisible is not None else variants.divisible_by_16(fn, spec.constexprs)
         source = _ast_source(fn, spec.signature, spec.constexprs, divisible, target)
         compiled = triton.compile(source, target=target,
@@ -222,7 +228,10 @@ def _check_config(args) -> tuple[list, list]:
     dtype = getattr(torch, dtype_name)
     rows = []
     for variant in V._variants(kind, full=False, even_plain=False):
-        for extra in (V._ds_variants(variant, full=False) if kernel in V._DS_KERNELS else [{}]):
+        extras = V._ds_variants(variant, full=False) if kernel in V._DS_KERNELS else [{}]
+        if kernel == "_attn_bwd_onepass":
+            extras = V._onepass_bias_variants(variant, extras)
+        for extra in extras:
             spec = V.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
             rows += [compile_spec(spec, cap) for cap in capabilities]
     errors = [r for r in rows if not r["ok"]]

@@ -198,6 +198,10 @@ _LN2 = 0.6931471805599453
 # so the result stays bitwise reproducible).
 DS_BUFFER_MAX_BYTES = 256 << 20
 
+# The launcher's own dense bias (a relative-position table expanded per call) has its rows padded to
+# this many elements, the widest key block: see _bias_args.
+BIAS_COL_MULTIPLE = 64
+
 # The one-pass backward sums dS over this many batch elements per program (in their order) when the
 # bias gradients are batch-free: the buffer torch reduces shrinks by this factor (LeViT-256 at batch
 # 128: 134 MB -> 34 MB per call) and the grid has B / 4 x H programs, each 4x longer (at one program
@@ -362,6 +366,7 @@ class _BiasArgs(NamedTuple):
     has_rel: bool  # gather the table in-kernel
     has_dense: bool
     has_pad: bool
+    cols_padded: bool = False  # the dense bias is the launcher's own, rows padded to BIAS_COL_MULTIPLE
 
     @property
     def kind(self) -> str:
@@ -408,11 +413,17 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
             pass
     nq, nk = q.shape[2], rel_index.shape[1] if rel_index is not None else 0
     has_rel = rel_table is not None
+    cols_padded = False
     if has_rel and _precompute_rel(q, nq, nk, dense_bias):
         expanded = rel_table.detach().float()[rel_index.long()].permute(2, 0, 1).unsqueeze(0)  # (1, h, nq, nk)
         if dense_bias is not None:
             expanded = expanded + dense_bias.detach().float()
-        dense_bias, has_rel = expanded.to(q.dtype), False
+        # rows padded to BIAS_COL_MULTIPLE elements (zeros): aligned rows give 128-bit loads, and a
+        # key block past Nk reads the padding instead of clamping its columns (BIAS_PADDED)
+        nk_pad = -(-nk // BIAS_COL_MULTIPLE) * BIAS_COL_MULTIPLE
+        padded = torch.zeros((1, expanded.shape[1], nq, nk_pad), dtype=q.dtype, device=device)
+        padded[..., :nk] = expanded
+        dense_bias, has_rel, cols_padded = padded[..., :nk], False, True
     if has_rel:
         table = rel_table.detach().to(torch.float32).t().contiguous()  # (h, t): a head's entries adjacent
         index = rel_index.to(torch.int32).contiguous()
@@ -436,7 +447,7 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
         pad = _placeholder(torch.uint8, device)
         pad_strides = (0,)
     args = _BiasArgs(table, index, dense, pad, rel_strides + dense_strides + pad_strides,
-                     has_rel, dense_bias is not None, key_padding is not None)
+                     has_rel, dense_bias is not None, key_padding is not None, cols_padded)
     if not (has_rel or args.has_dense or args.has_pad):
         _NO_BIAS[q.dtype, device] = args
     return args
@@ -713,7 +724,8 @@ def _onepass_launcher(q, k, v, out, do, lse, dq, dk, dv, bias: _BiasArgs, scale:
     flags = _flags(**_geometry(q, k, v, cfg.block_m, cfg.block_n, head_blocks),
                    has_rel=bias.has_rel, has_dense=bias.has_dense, has_pad=bias.has_pad)
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=head_blocks[0], BLOCK_DV=head_blocks[1],
-                      **flags, STORE_DS=store_ds, BATCH_SUM=per > 1, **_dot_flags(q.dtype))
+                      **flags, STORE_DS=store_ds, BATCH_SUM=per > 1,
+                      BIAS_PADDED=bias.cols_padded and not bias.has_rel, **_dot_flags(q.dtype))
 
     def run_chunk(sl: slice, ds: Tensor) -> Tensor:
         dense_c, pad_c = _chunk_bias(bias, sl)

@@ -104,7 +104,7 @@ def _attn_bwd_onepass(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
-    BATCH_SUM: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BATCH_SUM: tl.constexpr, BIAS_PADDED: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """One program: the whole backward of one head for a run of ``batch_per_program`` batch
     elements (one, unless BATCH_SUM). See the module docstring."""
@@ -146,7 +146,7 @@ def _attn_bwd_onepass(
             stride_qm, stride_kn, stride_vn, stride_om, stride_dom, stride_dqm, stride_dkn, stride_dvn, stride_sm,
             stride_im, stride_dm, Nq, Nk, D, Dv, qk_scale, inv_scale, scale,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, EVEN_M, EVEN_N, EVEN_D, HAS_REL, HAS_DENSE, HAS_PAD, STORE_DS,
-            BATCH_SUM, FP32_IEEE, UPCAST_DOT)
+            BATCH_SUM, BIAS_PADDED, FP32_IEEE, UPCAST_DOT)
 
 
 @triton.jit
@@ -158,7 +158,7 @@ def _onepass_head(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
-    BATCH_SUM: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BATCH_SUM: tl.constexpr, BIAS_PADDED: tl.constexpr, FP32_IEEE: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """The backward of one (batch, head): pointers are that slice's."""
     # prologue, per query block: delta (0 on rows past Nq: O and dO load 0), lse in log2 units (+inf
@@ -182,7 +182,7 @@ def _onepass_head(
                        cols[:, None] < Nk, offs_d[None, :] < D, EVEN_N, EVEN_D)
         v = _load_tile(V + cols[:, None] * stride_vn + offs_dv[None, :],
                        cols[:, None] < Nk, offs_dv[None, :] < Dv, EVEN_N, EVEN_D)
-        if EVEN_N:
+        if EVEN_N or BIAS_PADDED:  # BIAS_PADDED: the dense bias's rows are padded past the last key block
             cols_in = cols
         else:  # keys past Nk read the last key's bias (their s is -inf: key_ok below)
             cols_in = tl.minimum(cols, Nk - 1)

@@ -96,12 +96,16 @@ _ALIGNED_STRIDE_PREFIXES = ("stride_q", "stride_k", "stride_v", "stride_o", "str
                             "stride_dv", "stride_s")
 
 
-def divisible_by_16(kernel, constexprs: Optional[dict] = None) -> list[str]:
-    """The arguments the AOT compile of one variant (``constexprs``) declares divisible by 16."""
+def divisible_by_16(kernel, constexprs: Optional[dict] = None, aligned_bias: bool = False) -> list[str]:
+    """The arguments the AOT compile of one variant (``constexprs``) declares divisible by 16;
+    ``aligned_bias`` (or the BIAS_PADDED switch): the dense bias is the launcher's expanded table,
+    whose rows are padded to 64 elements."""
     c = constexprs or {}
     even_m, even_n = bool(c.get("EVEN_M")), bool(c.get("EVEN_N"))
-    conditional = {"Nq": even_m, "Nk": even_n, "stride_im": even_n, "stride_dm": even_n, "stride_pb": even_n,
-                   "stride_dh": even_m or even_n, "stride_db": True, "D": True, "Dv": True, "Nq_pad": True}
+    aligned = aligned_bias or bool(c.get("BIAS_PADDED"))
+    conditional = {"Nq": even_m, "Nk": even_n, "stride_im": even_n, "stride_dm": even_n or aligned,
+                   "stride_pb": even_n, "stride_dh": even_m or even_n or aligned, "stride_db": True, "D": True,
+                   "Dv": True, "Nq_pad": True}
     names = []
     for name, is_constexpr in _kernel_params(kernel):
         if is_constexpr:
@@ -150,6 +154,20 @@ def _ds_variants(flags: dict, full: bool) -> list[dict]:
     return [dict(STORE_DS=False), dict(STORE_DS=True)] if full else [dict(STORE_DS=True)]
 
 
+def _onepass_bias_variants(flags: dict, extras: list) -> list:
+    """The one-pass backward's dense-bias row layouts: the launcher's expanded table (rows padded:
+    BIAS_PADDED, no column clamp) and a caller's dense bias (clamped columns), both launchable."""
+    if not (flags["HAS_DENSE"] and not flags["HAS_REL"]):
+        return extras
+    return [dict(e, BIAS_PADDED=p) for e in extras for p in (True, False)]
+
+
+def _expanded_table(flags: dict) -> bool:
+    """A variant whose dense bias may be the launcher's expanded relative-position table (rows padded to
+    64 elements, so its row stride is aligned whatever Nk): a dense bias, no gathered table, uneven keys."""
+    return bool(flags["HAS_DENSE"]) and not flags["HAS_REL"] and not flags["EVEN_N"]
+
+
 def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict:
     """``{config: capabilities}``: the configs the heuristic picks from each preference list on each
     spill-table capability (or all of them, for every capability), in order."""
@@ -185,6 +203,11 @@ def tile_spec(kernel: str, cfg: Config, dtype: torch.dtype, blocks: tuple[int, i
     """The spec of one of the tiled kernels (forward, dK/dV, dQ, one-pass backward) with the given switches
     (EVEN_*, HAS_*, STORE_DS)."""
     fn = KERNELS[kernel]
+    if kernel == "_attn_bwd_onepass":  # by default dS summed over the batch in-kernel (a batch-free bias),
+        switches = dict(switches)
+        switches.setdefault("BATCH_SUM", bool(switches.get("STORE_DS")))
+        # a dense bias without a gathered table: by default the launcher's expanded table (rows padded)
+        switches.setdefault("BIAS_PADDED", bool(switches.get("HAS_DENSE")) and not switches.get("HAS_REL"))
     return CompileSpec(kernel, cfg, kernel_signature(fn, dtype), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1], **switches,
         FP32_IEEE=dtype == torch.float32 and not tf32, UPCAST_DOT=False))
@@ -230,9 +253,20 @@ def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtyp
                     # the mask-free forward is the one aligned-shape variant worth its compile time
                     for flags in _variants(kind, full, even_plain=kernel == "_attn_fwd"):
                         extras = _ds_variants(flags, full) if kernel in _DS_KERNELS else [{}]
+                        if kernel == "_attn_bwd_onepass" and not full:
+                            extras = _onepass_bias_variants(flags, extras)
+                        if kernel == "_attn_bwd_onepass" and full:  # dS per batch element or summed,
+                            extras = [dict(e, BATCH_SUM=b, BIAS_PADDED=p) for e in extras  # any dense bias
+                                      for b in ((False, True) if e["STORE_DS"] else (False,))
+                                      for p in ((False, True) if flags["HAS_DENSE"] and not flags["HAS_REL"]
+                                                else (False,))]
                         for extra, tf32 in itertools.product(extras, tf32s):
-                            yield tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra), tf32=tf32)._replace(
+                            spec = tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra), tf32=tf32)._replace(
                                 capabilities=caps)
+                            yield spec
+                            if kernel == "_attn_fwd" and _expanded_table(flags):  # its padded rows, aligned
+                                yield spec._replace(divisible=tuple(divisible_by_16(KERNELS[kernel], spec.constexprs,
+                                                                                    aligned_bias=True)))
             # The CLS-row and preprocess kernels see one head width: one set per distinct width.
             if blocks[0] == blocks[1]:
                 for flags in _variants(kind, full, even_plain=False):

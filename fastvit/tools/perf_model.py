@@ -308,7 +308,7 @@ def _onepass_launch(call: AttentionCall, plan: dict, bh: int, lse: int, pair: in
     biased = call.bias != "none"
     bd, bdv = blocks
     spec = variants.tile_spec("_attn_bwd_onepass", cfg, _dtype(), blocks,
-                              dict(_attention_switches(call, cfg, blocks), STORE_DS=biased))
+                              dict(_attention_switches(call, cfg, blocks), STORE_DS=biased, BATCH_SUM=biased))
     iterations = (work.rows // cfg.block_n) * (work.cols // cfg.block_m)
     # a batch-free bias (the workloads' relative-position tables): dS summed over 4 elements in-kernel
     per = BIAS_GRAD_BATCH_PER_PROGRAM if biased else 1
