@@ -230,7 +230,7 @@ def _check_config(args) -> tuple[list, list]:
     for variant in V._variants(kind, full=False, even_plain=False):
         extras = V._ds_variants(variant, full=False) if kernel in V._DS_KERNELS else [{}]
         if kernel == "_attn_bwd_onepass":
-            extras = V._onepass_bias_variants(variant, extras)
+            extras = V._onepass_bias_variants(variant, extras, dtype)
         for extra in extras:
             spec = V.tile_spec(kernel, cfg, dtype, blocks, dict(variant, **extra))
             rows += [compile_spec(spec, cap) for cap in capabilities]

@@ -418,12 +418,16 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
         expanded = rel_table.detach().float()[rel_index.long()].permute(2, 0, 1).unsqueeze(0)  # (1, h, nq, nk)
         if dense_bias is not None:
             expanded = expanded + dense_bias.detach().float()
-        # rows padded to BIAS_COL_MULTIPLE elements (zeros): aligned rows give 128-bit loads, and a
-        # key block past Nk reads the padding instead of clamping its columns (BIAS_PADDED)
-        nk_pad = -(-nk // BIAS_COL_MULTIPLE) * BIAS_COL_MULTIPLE
-        padded = torch.zeros((1, expanded.shape[1], nq, nk_pad), dtype=q.dtype, device=device)
-        padded[..., :nk] = expanded
-        dense_bias, has_rel, cols_padded = padded[..., :nk], False, True
+        if q.dtype == torch.float32:
+            dense_bias, has_rel = expanded, False
+        else:
+            # 16-bit: rows padded to BIAS_COL_MULTIPLE elements (zeros): aligned rows give 128-bit loads,
+            # and a key block past Nk reads the padding instead of clamping its columns (BIAS_PADDED).
+            # Not fp32: its IEEE forward at head dim 128 spills with aligned rows (sm_90a, 16x16 tiles).
+            nk_pad = -(-nk // BIAS_COL_MULTIPLE) * BIAS_COL_MULTIPLE
+            padded = torch.zeros((1, expanded.shape[1], nq, nk_pad), dtype=q.dtype, device=device)
+            padded[..., :nk] = expanded
+            dense_bias, has_rel, cols_padded = padded[..., :nk], False, True
     if has_rel:
         table = rel_table.detach().to(torch.float32).t().contiguous()  # (h, t): a head's entries adjacent
         index = rel_index.to(torch.int32).contiguous()

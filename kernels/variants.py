@@ -31,6 +31,7 @@ from .attention import (
     _cls_config,
     _dtype_class,
     _first_kept,
+    keep,
     load_tuned,
     tl,
 )
@@ -154,18 +155,21 @@ def _ds_variants(flags: dict, full: bool) -> list[dict]:
     return [dict(STORE_DS=False), dict(STORE_DS=True)] if full else [dict(STORE_DS=True)]
 
 
-def _onepass_bias_variants(flags: dict, extras: list) -> list:
-    """The one-pass backward's dense-bias row layouts: the launcher's expanded table (rows padded:
-    BIAS_PADDED, no column clamp) and a caller's dense bias (clamped columns), both launchable."""
+def _onepass_bias_variants(flags: dict, extras: list, dtype: torch.dtype) -> list:
+    """The one-pass backward's dense-bias row layouts: the launcher's expanded table (16-bit: rows
+    padded, BIAS_PADDED, no column clamp) and a caller's dense bias (clamped columns), both launchable."""
     if not (flags["HAS_DENSE"] and not flags["HAS_REL"]):
         return extras
+    if dtype == torch.float32:  # the launcher pads only 16-bit tables
+        return [dict(e, BIAS_PADDED=False) for e in extras]
     return [dict(e, BIAS_PADDED=p) for e in extras for p in (True, False)]
 
 
-def _expanded_table(flags: dict) -> bool:
-    """A variant whose dense bias may be the launcher's expanded relative-position table (rows padded to
-    64 elements, so its row stride is aligned whatever Nk): a dense bias, no gathered table, uneven keys."""
-    return bool(flags["HAS_DENSE"]) and not flags["HAS_REL"] and not flags["EVEN_N"]
+def _expanded_table(flags: dict, dtype: torch.dtype) -> bool:
+    """A variant whose dense bias may be the launcher's expanded relative-position table with rows
+    padded to 64 elements (16-bit only), so its row stride is aligned whatever Nk: a dense bias, no
+    gathered table, uneven keys."""
+    return dtype != torch.float32 and bool(flags["HAS_DENSE"]) and not flags["HAS_REL"] and not flags["EVEN_N"]
 
 
 def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict:
@@ -174,6 +178,9 @@ def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict
     picked: dict = {}
     for prefs in pref_lists:
         for cap in SPILL_CAPABILITIES:
+            if kernel == "_attn_bwd_onepass" and not include_pruned and not any(
+                    keep(c, kernel, dtype, blocks, kind, (cap // 10, 0)) for c in prefs):
+                continue  # no clean config: the launcher runs the three passes instead
             for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, (cap // 10, 0))]):
                 picked.setdefault(cfg, [])
                 if cap not in picked[cfg]:
@@ -207,7 +214,8 @@ def tile_spec(kernel: str, cfg: Config, dtype: torch.dtype, blocks: tuple[int, i
         switches = dict(switches)
         switches.setdefault("BATCH_SUM", bool(switches.get("STORE_DS")))
         # a dense bias without a gathered table: by default the launcher's expanded table (rows padded)
-        switches.setdefault("BIAS_PADDED", bool(switches.get("HAS_DENSE")) and not switches.get("HAS_REL"))
+        switches.setdefault("BIAS_PADDED", bool(switches.get("HAS_DENSE")) and not switches.get("HAS_REL")
+                            and dtype != torch.float32)
     return CompileSpec(kernel, cfg, kernel_signature(fn, dtype), dict(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=blocks[0], BLOCK_DV=blocks[1], **switches,
         FP32_IEEE=dtype == torch.float32 and not tf32, UPCAST_DOT=False))
@@ -254,17 +262,17 @@ def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtyp
                     for flags in _variants(kind, full, even_plain=kernel == "_attn_fwd"):
                         extras = _ds_variants(flags, full) if kernel in _DS_KERNELS else [{}]
                         if kernel == "_attn_bwd_onepass" and not full:
-                            extras = _onepass_bias_variants(flags, extras)
+                            extras = _onepass_bias_variants(flags, extras, dtype)
                         if kernel == "_attn_bwd_onepass" and full:  # dS per batch element or summed,
                             extras = [dict(e, BATCH_SUM=b, BIAS_PADDED=p) for e in extras  # any dense bias
                                       for b in ((False, True) if e["STORE_DS"] else (False,))
                                       for p in ((False, True) if flags["HAS_DENSE"] and not flags["HAS_REL"]
-                                                else (False,))]
+                                                and dtype != torch.float32 else (False,))]
                         for extra, tf32 in itertools.product(extras, tf32s):
                             spec = tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra), tf32=tf32)._replace(
                                 capabilities=caps)
                             yield spec
-                            if kernel == "_attn_fwd" and _expanded_table(flags):  # its padded rows, aligned
+                            if kernel == "_attn_fwd" and _expanded_table(flags, dtype):  # its padded rows, aligned
                                 yield spec._replace(divisible=tuple(divisible_by_16(KERNELS[kernel], spec.constexprs,
                                                                                     aligned_bias=True)))
             # The CLS-row and preprocess kernels see one head width: one set per distinct width.

@@ -180,13 +180,14 @@ def test_a_config_the_spill_table_prunes_everywhere_falls_back_to_three_passes(m
 
 
 @pytest.mark.usefixtures("device")
-@pytest.mark.parametrize("bias, padded", [("relpos", True), ("relpos+dense_bcast", True), ("dense_bcast", False),
-                                          ("relpos+dense", False)])
-def test_the_expanded_table_has_padded_rows(bias, padded, launches):
-    """A relative-position table expanded by the launcher gets rows padded to 64 elements (aligned
-    loads; the one pass then reads its last key block without clamping the columns); a caller's
-    dense bias, or a table gathered beside a per-sample bias, keeps its layout."""
-    case = triton_case(F32, (2, 2, 40, 45, 16, 16), bias)
+@pytest.mark.parametrize("dtype, bias, padded", [(BF16, "relpos", True), (F16, "relpos+dense_bcast", True),
+                                                 (BF16, "dense_bcast", False), (BF16, "relpos+dense", False),
+                                                 (F32, "relpos", False)])
+def test_the_expanded_table_has_padded_rows(dtype, bias, padded, launches):
+    """A relative-position table the launcher expands for 16-bit inputs gets rows padded to 64
+    elements (aligned loads; the one pass then reads its last key block without clamping the
+    columns); a caller's dense bias, a table gathered beside a per-sample bias, and fp32 keep theirs."""
+    case = triton_case(dtype, (2, 2, 40, 45, 16, 16), bias)
     q, k, v, descriptors = case_inputs(case)
     kw = launcher_kwargs(q, k, v, descriptors)
     args = kattn._bias_args(q, kw.get("rel_table"), kw.get("rel_index"), kw.get("dense_bias"), None)
@@ -197,4 +198,4 @@ def test_the_expanded_table_has_padded_rows(bias, padded, launches):
     assert launches.switches[-1]["BIAS_PADDED"] == (padded and not args.has_rel)
     for name, g, r in zip(("dq", "dk", "dv", "d_rel_table", "d_dense_bias"), got, ref):
         if g is not None:
-            assert_matches(g, r, F32, f"{case.id} {name}")
+            assert_matches(g, r, dtype, f"{case.id} {name}")
