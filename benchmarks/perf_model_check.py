@@ -71,7 +71,8 @@ def _timed(fn, device: str, reps: int) -> float:
 
 
 def measure(call, device: str, quick: bool, reps: int) -> dict:
-    """``{"fwd": us, "bwd": us}`` of one call through the triton launchers."""
+    """``{"fwd": us, "bwd": us}`` of one call through the triton launchers (the attention family also
+    ``"bwd_threepass"``: the backward forced onto its three passes)."""
     from fastvit.kernels import attention as A
     from fastvit.kernels import window_attention as W
 
@@ -88,6 +89,10 @@ def measure(call, device: str, quick: bool, reps: int) -> dict:
         out, lse, _ = fwd()
         do = torch.randn_like(out)
         bwd = lambda: A.attention_bwd(do, q, k, v, out, lse, scale=scale, **extra)
+        times = {"fwd": _timed(fwd, device, reps), "bwd": _timed(bwd, device, reps)}
+        with A.backward_path("threepass"):  # the one-pass backward's baseline, same inputs
+            times["bwd_threepass"] = _timed(bwd, device, reps)
+        return times
     return {"fwd": _timed(fwd, device, reps), "bwd": _timed(bwd, device, reps)}
 
 
@@ -130,6 +135,15 @@ def main(argv=None) -> int:
                 print(f"{w['name']:<14} {entry['name'] + ' ' + direction:<20} {entry['shape']:<36} predicted "
                       f"{predicted:8.1f} us  measured {'-' if got is None else f'{got:8.1f}'} us  ratio "
                       f"{row['ratio'] if row['ratio'] is not None else '-'}", flush=True)
+            three = measured.get("bwd_threepass")
+            if three is not None:  # what the backward took before the one pass (the launcher's other path)
+                speedup = None if args.quick else round(three / measured["bwd"], 3)
+                results.append({"workload": w["name"], "call": entry["name"], "shape": entry["shape"],
+                                "mode": "bwd_threepass", "count": entry["count"], "predicted_us": None,
+                                "measured_us": round(three, 2), "onepass_speedup": speedup, "status": "ok",
+                                "error": None})
+                print(f"{w['name']:<14} {entry['name'] + ' bwd 3-pass':<20} {entry['shape']:<36} measured "
+                      f"{three:8.1f} us  one pass {speedup if speedup is not None else '-'}x faster", flush=True)
     out = {"schema_version": 1, "kind": "fastvit-perf-model-check", "device_type": args.device, "quick": args.quick,
            "note": "measured at tiny shapes in the interpreter: no ratios" if args.quick else None,
            "model": doc, "results": results}

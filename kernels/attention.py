@@ -10,9 +10,11 @@ Math, per batch ``b`` and head ``h`` (``i`` a query, ``j`` a key)::
 
 The forward streams over key blocks with an online softmax (in base 2: ``exp2`` with the scale
 folded into ``log2(e)``) and saves only ``out`` and ``lse``. The backward recomputes ``p`` from
-``lse``: ``delta = rowsum(dO * O)``; one kernel per key block accumulates ``dK, dV`` over query
-blocks, one per query block accumulates ``dQ`` over key blocks; ``dS = P * (dP - delta)`` is also
-the gradient of every additive bias (written by the dQ kernel, see below). Biases enter each
+``lse``: ``delta = rowsum(dO * O)``. For short sequences (``onepass_max_n``) one program per
+(batch, head) does everything in one pass (``attention_bwd_onepass.py``); otherwise one kernel per key
+block accumulates ``dK, dV`` over query blocks, one per query block accumulates ``dQ`` over key
+blocks. ``dS = P * (dP - delta)`` is also the gradient of every additive bias (written by the dQ or
+one-pass kernel, see below). Biases enter each
 ``QK^T`` tile as the matmul accumulator (``_logits``), which keeps the softmax in the matmul's
 register layout.
 
@@ -41,7 +43,8 @@ Biases (any combination in one call):
   Two paths, chosen by a documented rule: when ``Nq * Nk <= REL_BIAS_PRECOMPUTE_MAX_LOGITS``
   (``2**18``; a tuned table may set ``rel_bias_precompute_max_logits``) the table is expanded once
   per call to ``[1, H, Nq, Nk]`` in the compute dtype (``table[index].permute(2, 0, 1)``, a torch
-  gather; a batch-free dense bias is added into it) and the kernels read it like a dense bias: one
+  gather; a batch-free dense bias is added into it; 16-bit rows padded to ``BIAS_COL_MULTIPLE`` = 64
+  elements, so its loads are aligned) and the kernels read it like a dense bias: one
   coalesced tile per logit, no index tile, no dependent gather, and one pointer tile fewer in the
   biased kernels. Above the threshold, or when a dense bias with a batch dim is also given (their
   sum would be ``[B, H, Nq, Nk]``), the kernels gather ``table[h, index[i, j]]`` from the table
@@ -56,7 +59,10 @@ tiles with plain stores (no atomics, no masks) into a ``[B, H, Nq_pad, Nk_pad]``
 block multiples, each (batch, head, query, key) its own element; torch then sums it over the batch
 (and the dense bias's broadcast dims) in a fixed order. The buffer is bounded by
 ``DS_BUFFER_MAX_BYTES`` (256 MiB): above it the dQ kernel runs over the batch in chunks whose
-partial sums are added in order (the chunking depends only on the shapes). The table gradient
+partial sums are added in order (the chunking depends only on the shapes). The one-pass backward
+writes its dS tiles the same way (keys x queries), and when no per-sample bias takes a gradient each
+program first sums ``BIAS_GRAD_BATCH_PER_PROGRAM`` (4) batch elements in their order, so the buffer
+holds a quarter of the rows. The table gradient
 scatters ``dS`` summed over the batch into ``[T, H]`` with ``index_put_(accumulate=True)`` on CUDA
 (sorts the indices, then adds each run of equal indices in order: torch's deterministic
 scatter-add; ``index_add_`` on CUDA uses float atomics) and ``index_add_`` (a serial loop) on the

@@ -177,14 +177,17 @@ def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict
     spill-table capability (or all of them, for every capability), in order."""
     picked: dict = {}
     for prefs in pref_lists:
-        for cap in SPILL_CAPABILITIES:
+        # None: no device capability known (the interpreter, `launch_plan` without one) picks a config
+        # clean on every capability, which may be neither capability's own pick
+        for cap in (*SPILL_CAPABILITIES, None):
+            caps = SPILL_CAPABILITIES if cap is None else (cap,)
+            capability = None if cap is None else (cap // 10, 0)
             if kernel == "_attn_bwd_onepass" and not include_pruned and not any(
-                    keep(c, kernel, dtype, blocks, kind, (cap // 10, 0)) for c in prefs):
+                    keep(c, kernel, dtype, blocks, kind, capability) for c in prefs):
                 continue  # no clean config: the launcher runs the three passes instead
-            for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, (cap // 10, 0))]):
+            for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, capability)]):
                 picked.setdefault(cfg, [])
-                if cap not in picked[cfg]:
-                    picked[cfg].append(cap)
+                picked[cfg] += [c for c in caps if c not in picked[cfg]]
     return picked
 
 
