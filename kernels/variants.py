@@ -185,6 +185,9 @@ def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict
             if kernel == "_attn_bwd_onepass" and not include_pruned and not any(
                     keep(c, kernel, dtype, blocks, kind, capability) for c in prefs):
                 continue  # no clean config: the launcher runs the three passes instead
+            if cap is None and not include_pruned and not any(
+                    keep(c, kernel, dtype, blocks, kind, None) for c in prefs):
+                continue  # no config clean everywhere: only the interpreter launches the last resort
             for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, capability)]):
                 picked.setdefault(cfg, [])
                 picked[cfg] += [c for c in caps if c not in picked[cfg]]
