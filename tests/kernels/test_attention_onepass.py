@@ -80,7 +80,15 @@ def _backward(case, path: str, *, seed: int = 0):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", BWD_CASES, ids=lambda c: c.id)
 def test_backward_paths_match_the_twin(case, path, launches):
-    got, ref = _backward(case, path)
+    try:
+        got, ref = _backward(case, path)
+    except ValueError as e:
+        # the installed triton's spill table leaves the one pass no clean config for this call (triton
+        # 3.6: fp32 at head blocks 64x64 with a dense bias): auto must then take the three passes
+        assert path == "onepass" and "spills or serialises wgmma" in str(e), e
+        launches.clear()
+        got, ref = _backward(case, "auto")
+        path = "threepass"
     backward = [name for name in launches if name != "_attn_fwd"]
     expected = (["_attn_bwd_onepass"] if path == "onepass"
                 else ["_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"])
