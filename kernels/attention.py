@@ -107,10 +107,12 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .attention_bwd_onepass import _attn_bwd_onepass
@@ -405,6 +407,47 @@ def _placeholder(dtype: torch.dtype, device: torch.device) -> Tensor:
 
 _NO_BIAS: dict = {}  # (dtype, device) -> the _BiasArgs of a call without any bias
 
+# Expanded tables of frozen relative-position tables (eval, inference), per table tensor: reused while
+# the table, its index and the dtype are the same (tensor versions included), dropped with the table.
+_EXPANDED = WeakIdKeyDictionary()  # by identity: a tensor's == is elementwise
+
+
+def _expanded_table(rel_table: Tensor, rel_index: Tensor, dense_bias: Optional[Tensor],
+                    dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """``table[index]`` as a ``[1, H, Nq, Nk]`` dense bias in ``dtype`` (plus a batch-free dense bias),
+    and whether its rows are padded. 16-bit: rows padded to BIAS_COL_MULTIPLE elements (zeros), so
+    aligned rows give 128-bit loads and a key block past Nk reads the padding instead of clamping its
+    columns (BIAS_PADDED); not fp32, whose IEEE forward at head dim 128 spills with aligned rows
+    (sm_90a, 16x16 tiles).
+
+    Without a dense bias and when the table takes no gradient here (eval: ``torch.no_grad()``, or a
+    frozen table) the result is cached per table tensor and reused while neither the table nor the
+    index has changed (their ``_version`` counters), so a frozen model expands each table once."""
+    # not cached: a CUDA graph being captured (its memory belongs to the graph's pool) and inference
+    # tensors (made under torch.inference_mode: no version counter to tell a change)
+    cacheable = (dense_bias is None and not (torch.is_grad_enabled() and rel_table.requires_grad)
+                 and not (rel_table.is_cuda and torch.cuda.is_current_stream_capturing())
+                 and not rel_table.is_inference() and not rel_index.is_inference())
+    key = (rel_table._version, id(rel_index), rel_index._version, rel_index.shape, dtype) if cacheable else None
+    if cacheable:
+        hit = _EXPANDED.get(rel_table)
+        if hit is not None and hit[0] == key and hit[1]() is rel_index:
+            return hit[2], hit[3]
+    nq, nk = rel_index.shape
+    expanded = rel_table.detach().float()[rel_index.long()].permute(2, 0, 1).unsqueeze(0)  # (1, h, nq, nk)
+    if dense_bias is not None:
+        expanded = expanded + dense_bias.detach().float()
+    if dtype == torch.float32:
+        out, padded = expanded, False
+    else:
+        nk_pad = -(-nk // BIAS_COL_MULTIPLE) * BIAS_COL_MULTIPLE
+        buf = torch.zeros((1, expanded.shape[1], nq, nk_pad), dtype=dtype, device=expanded.device)
+        buf[..., :nk] = expanded
+        out, padded = buf[..., :nk], True
+    if cacheable:
+        _EXPANDED[rel_table] = (key, weakref.ref(rel_index), out, padded)
+    return out, padded
+
 
 def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
     """Normalises the biases to what the kernels are compiled for: table fp32 ``[H, T]``, index
@@ -421,19 +464,8 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
     has_rel = rel_table is not None
     cols_padded = False
     if has_rel and _precompute_rel(q, nq, nk, dense_bias):
-        expanded = rel_table.detach().float()[rel_index.long()].permute(2, 0, 1).unsqueeze(0)  # (1, h, nq, nk)
-        if dense_bias is not None:
-            expanded = expanded + dense_bias.detach().float()
-        if q.dtype == torch.float32:
-            dense_bias, has_rel = expanded, False
-        else:
-            # 16-bit: rows padded to BIAS_COL_MULTIPLE elements (zeros): aligned rows give 128-bit loads,
-            # and a key block past Nk reads the padding instead of clamping its columns (BIAS_PADDED).
-            # Not fp32: its IEEE forward at head dim 128 spills with aligned rows (sm_90a, 16x16 tiles).
-            nk_pad = -(-nk // BIAS_COL_MULTIPLE) * BIAS_COL_MULTIPLE
-            padded = torch.zeros((1, expanded.shape[1], nq, nk_pad), dtype=q.dtype, device=device)
-            padded[..., :nk] = expanded
-            dense_bias, has_rel, cols_padded = padded[..., :nk], False, True
+        dense_bias, cols_padded = _expanded_table(rel_table, rel_index, dense_bias, q.dtype)
+        has_rel = False
     if has_rel:
         table = rel_table.detach().to(torch.float32).t().contiguous()  # (h, t): a head's entries adjacent
         index = rel_index.to(torch.int32).contiguous()

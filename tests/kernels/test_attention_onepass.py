@@ -207,3 +207,35 @@ def test_the_expanded_table_has_padded_rows(dtype, bias, padded, launches):
     for name, g, r in zip(("dq", "dk", "dv", "d_rel_table", "d_dense_bias"), got, ref):
         if g is not None:
             assert_matches(g, r, dtype, f"{case.id} {name}")
+
+
+@pytest.mark.usefixtures("device")
+def test_a_frozen_table_is_expanded_once_and_again_after_it_changes():
+    case = triton_case(BF16, (2, 2, 40, 45, 16, 16), "relpos")
+    q, k, v, descriptors = case_inputs(case)
+    kw = launcher_kwargs(q, k, v, descriptors)
+    table, index = kw["rel_table"], kw["rel_index"]
+
+    def expanded():
+        return kattn._bias_args(q, table, index, None, None).dense_bias
+
+    with torch.no_grad():  # eval: the same expansion, not recomputed
+        first = expanded()
+        assert expanded().data_ptr() == first.data_ptr()
+        table.add_(1.0)  # an in-place change (a new version of the table): expanded again, new values
+        again = expanded()
+        assert again.data_ptr() != first.data_ptr()
+        ref = table.float()[index.long()].permute(2, 0, 1).unsqueeze(0).to(BF16)
+        assert torch.equal(again, ref)
+        out = kattn.attention(q, k, v, scale=0.25, rel_table=table, rel_index=index)
+        expect = kattn.attention_ref(q.float(), k.float(), v.float(), scale=0.25, rel_table=table.float(),
+                                     rel_index=index)
+        assert_matches(out, expect, BF16, "out after the table changed")
+    # training (the table takes a gradient): expanded per call, never cached
+    a, b = expanded(), expanded()
+    assert table.requires_grad and a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+    with torch.inference_mode():  # a table made here has no version counter: never cached, still right
+        table_i, index_i = table.detach().clone(), index.clone()
+        got = kattn._bias_args(q, table_i, index_i, None, None).dense_bias
+        assert torch.equal(got, table_i.float()[index_i.long()].permute(2, 0, 1).unsqueeze(0).to(BF16))
+        assert table_i not in kattn._EXPANDED
