@@ -4,7 +4,7 @@ key block, looping over query blocks) and ``_attn_bwd_dq`` (one program per quer
 key blocks; it also writes ``dS``, the bias gradient). Launchers: ``kernels/attention.py``."""
 from __future__ import annotations
 
-from .tiles import _bias_tile, _load_tile, _load_vec, _logits, _mma, _store_tile
+from .tiles import _bias_tile, _clamped_query_tiles, _load_tile, _load_vec, _logits, _mma, _store_tile
 from .triton_compat import tl, triton
 
 
@@ -54,13 +54,8 @@ def _dkdv_step(
     p = 0 and they add exactly 0 to dK and dV. Only the two [BLOCK_M] vectors lse, delta are masked.
     """
     rows = start_m + offs_m
-    if EVEN_M:
-        rows_in = rows
-    else:
-        rows_in = tl.minimum(rows, Nq - 1)
-    q = _load_tile(Q + rows_in[:, None] * stride_qm + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
-    do = _load_tile(DOut + rows_in[:, None] * stride_dom + offs_dv[None, :], None, offs_dv[None, :] < Dv,
-                    True, EVEN_D)
+    rows_in, q, do = _clamped_query_tiles(Q, DOut, rows, offs_d, offs_dv, stride_qm, stride_dom, Nq, D, Dv,
+                                          EVEN_M, EVEN_D)
     lse = _load_vec(Lse + rows, rows < Nq, float("inf"), not EVEN_M)
     delta = _load_vec(Delta + rows, rows < Nq, 0.0, not EVEN_M)
     if HAS_REL or HAS_DENSE:

@@ -34,7 +34,7 @@ Launcher: ``kernels/attention.py`` (``attention_bwd``).
 """
 from __future__ import annotations
 
-from .tiles import _bias_tile, _load_tile, _load_vec, _mma, _store_tile
+from .tiles import _bias_tile, _clamped_query_tiles, _load_tile, _load_vec, _mma, _store_tile
 from .triton_compat import tl, triton
 
 
@@ -49,13 +49,8 @@ def _onepass_step(
 ):
     """One (key block, query block) tile: dK, dV accumulate in registers, dQ in the scratch."""
     rows = start_m + offs_m
-    if EVEN_M:
-        rows_in = rows
-    else:
-        rows_in = tl.minimum(rows, Nq - 1)
-    q = _load_tile(Q + rows_in[:, None] * stride_qm + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
-    do = _load_tile(DOut + rows_in[:, None] * stride_dom + offs_dv[None, :], None, offs_dv[None, :] < Dv,
-                    True, EVEN_D)
+    rows_in, q, do = _clamped_query_tiles(Q, DOut, rows, offs_d, offs_dv, stride_qm, stride_dom, Nq, D, Dv,
+                                          EVEN_M, EVEN_D)
     lse2 = tl.load(Lse2 + rows)  # the prologue's padded buffers: +inf and 0 on rows past Nq
     delta = tl.load(Delta + rows)
     if HAS_REL or HAS_DENSE:

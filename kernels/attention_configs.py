@@ -484,13 +484,11 @@ def tile_work(kernel: str, nq: int, nk: int, cfg: Config) -> TileWork:
     if kernel in ("_attn_fwd", "_attn_bwd_dq"):
         programs, rows, last = _axis(nq, cfg.block_m)
         _, cols, _ = _axis(nk, cfg.block_n)
-    elif kernel == "_attn_bwd_onepass":  # one program per (batch, head) over every key and query tile
-        _, rows, last = _axis(nk, cfg.block_n)
-        programs = 1
-        _, cols, _ = _axis(nq, cfg.block_m)
-    elif kernel == "_attn_bwd_dkdv":
+    elif kernel in ("_attn_bwd_dkdv", "_attn_bwd_onepass"):
         programs, rows, last = _axis(nk, cfg.block_n)
         _, cols, _ = _axis(nq, cfg.block_m)
+        if kernel == "_attn_bwd_onepass":  # one program per (batch, head) over every key and query tile
+            programs = 1
     else:
         raise ValueError(f"tile_work: unknown kernel {kernel!r}")
     return TileWork(programs, rows, cols, round(nq * nk / (rows * cols), 4), round(last, 4))

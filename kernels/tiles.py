@@ -60,6 +60,21 @@ def _load_vec(ptrs, ok, other, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _clamped_query_tiles(Q, DOut, rows, offs_d, offs_dv, stride_qm, stride_dom, Nq, D, Dv,
+                         EVEN_M: tl.constexpr, EVEN_D: tl.constexpr):
+    """``(rows_in, q, do)`` of a query block on the backward's transposed tiles: rows past Nq (unless
+    EVEN_M) read the last row instead of being masked (their lse = +inf gives them p = 0)."""
+    if EVEN_M:
+        rows_in = rows
+    else:
+        rows_in = tl.minimum(rows, Nq - 1)
+    q = _load_tile(Q + rows_in[:, None] * stride_qm + offs_d[None, :], None, offs_d[None, :] < D, True, EVEN_D)
+    do = _load_tile(DOut + rows_in[:, None] * stride_dom + offs_dv[None, :], None, offs_dv[None, :] < Dv,
+                    True, EVEN_D)
+    return rows_in, q, do
+
+
+@triton.jit
 def _bias_tile(Dense, dense_offs, Index, index_offs, TableRow, in_bounds,
                MASKED: tl.constexpr, HAS_REL: tl.constexpr, HAS_DENSE: tl.constexpr):
     """``table[h, index[i, j]] + dense[i, j]`` in fp32 for one tile. ``Dense`` is the (batch, head)

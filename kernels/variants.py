@@ -165,7 +165,7 @@ def _onepass_bias_variants(flags: dict, extras: list, dtype: torch.dtype) -> lis
     return [dict(e, BIAS_PADDED=p) for e in extras for p in (True, False)]
 
 
-def _expanded_table(flags: dict, dtype: torch.dtype) -> bool:
+def _may_read_padded_table(flags: dict, dtype: torch.dtype) -> bool:
     """A variant whose dense bias may be the launcher's expanded relative-position table with rows
     padded to 64 elements (16-bit only), so its row stride is aligned whatever Nk: a dense bias, no
     gathered table, uneven keys."""
@@ -182,12 +182,11 @@ def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict
         for cap in (*SPILL_CAPABILITIES, None):
             caps = SPILL_CAPABILITIES if cap is None else (cap,)
             capability = None if cap is None else (cap // 10, 0)
-            if kernel == "_attn_bwd_onepass" and not include_pruned and not any(
+            # no clean config: the one pass gives way to the three passes; without a capability only
+            # the interpreter launches the last resort
+            if (kernel == "_attn_bwd_onepass" or cap is None) and not include_pruned and not any(
                     keep(c, kernel, dtype, blocks, kind, capability) for c in prefs):
-                continue  # no clean config: the launcher runs the three passes instead
-            if cap is None and not include_pruned and not any(
-                    keep(c, kernel, dtype, blocks, kind, None) for c in prefs):
-                continue  # no config clean everywhere: only the interpreter launches the last resort
+                continue
             for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, capability)]):
                 picked.setdefault(cfg, [])
                 picked[cfg] += [c for c in caps if c not in picked[cfg]]
@@ -267,18 +266,16 @@ def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtyp
                     # the mask-free forward is the one aligned-shape variant worth its compile time
                     for flags in _variants(kind, full, even_plain=kernel == "_attn_fwd"):
                         extras = _ds_variants(flags, full) if kernel in _DS_KERNELS else [{}]
-                        if kernel == "_attn_bwd_onepass" and not full:
+                        if kernel == "_attn_bwd_onepass":
+                            if full:  # dS per batch element or summed
+                                extras = [dict(e, BATCH_SUM=b) for e in extras
+                                          for b in ((False, True) if e["STORE_DS"] else (False,))]
                             extras = _onepass_bias_variants(flags, extras, dtype)
-                        if kernel == "_attn_bwd_onepass" and full:  # dS per batch element or summed,
-                            extras = [dict(e, BATCH_SUM=b, BIAS_PADDED=p) for e in extras  # any dense bias
-                                      for b in ((False, True) if e["STORE_DS"] else (False,))
-                                      for p in ((False, True) if flags["HAS_DENSE"] and not flags["HAS_REL"]
-                                                and dtype != torch.float32 else (False,))]
                         for extra, tf32 in itertools.product(extras, tf32s):
                             spec = tile_spec(kernel, cfg, dtype, blocks, dict(flags, **extra), tf32=tf32)._replace(
                                 capabilities=caps)
                             yield spec
-                            if kernel == "_attn_fwd" and _expanded_table(flags, dtype):  # its padded rows, aligned
+                            if kernel == "_attn_fwd" and _may_read_padded_table(flags, dtype):  # aligned rows
                                 yield spec._replace(divisible=tuple(divisible_by_16(KERNELS[kernel], spec.constexprs,
                                                                                     aligned_bias=True)))
             # The CLS-row and preprocess kernels see one head width: one set per distinct width.
