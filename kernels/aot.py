@@ -227,7 +227,7 @@ def _check_config(args) -> tuple[list, list]:
 
     dtype = getattr(torch, dtype_name)
     rows = []
-    for variant in V._variants(kind, full=False, even_plain=False):
+    for variant in V._variants(kind, full=False, even_plain=kernel == "_attn_fwd"):  # as the report
         extras = V._ds_variants(variant, full=False) if kernel in V._DS_KERNELS else [{}]
         if kernel == "_attn_bwd_onepass":
             extras = V._onepass_bias_variants(variant, extras, dtype)
@@ -238,6 +238,20 @@ def _check_config(args) -> tuple[list, list]:
     bad_caps = sorted({r["capability"] for r in rows
                        if not (r["ok"] and not r["spills"] and not r.get("wgmma_serialized"))})
     return [(kernel, cfg, A._dtype_class(dtype), tuple(blocks), kind, cap) for cap in bad_caps], errors
+
+
+def spill_table_configs(dtype_class: str) -> dict:
+    """``{kernel: [config, ...]}``: what `spill_table` compiles for a dtype class ("16bit", "fp32"):
+    every config of every preference list and, for the fitted kernels, each one fitted to a short
+    query side and to a short sequence (`attention_configs.fit_config`)."""
+    from . import attention as A
+    from . import attention_configs as C
+
+    fwd = A._FWD_PREFS[(dtype_class, "short")] + A._FWD_PREFS[(dtype_class, "long")]
+    configs = {"_attn_fwd": fwd, "_attn_bwd_dkdv": A._DKDV_PREFS[dtype_class], "_attn_bwd_dq": A._DQ_PREFS[dtype_class],
+               "_attn_bwd_onepass": A._ONEPASS_PREFS[dtype_class]}
+    return {kernel: C._fitted_candidates(list(dict.fromkeys(cfgs)), kernel, C.FIT_BLOCK, C.FIT_BLOCK)
+            for kernel, cfgs in configs.items()}
 
 
 def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tuple[set, list]:
@@ -252,11 +266,7 @@ def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tup
 
     jobs = []
     for dtype_name in ("bfloat16", "float32"):
-        cls = "fp32" if dtype_name == "float32" else "16bit"
-        configs = {"_attn_fwd": list(dict.fromkeys(A._FWD_PREFS[(cls, "short")] + A._FWD_PREFS[(cls, "long")])),
-                   "_attn_bwd_dkdv": list(A._DKDV_PREFS[cls]), "_attn_bwd_dq": list(A._DQ_PREFS[cls]),
-                   "_attn_bwd_onepass": list(A._ONEPASS_PREFS[cls])}
-        for kernel, cfgs in configs.items():
+        for kernel, cfgs in spill_table_configs("fp32" if dtype_name == "float32" else "16bit").items():
             for cfg, blocks, kind in itertools.product(cfgs, A.HEAD_BLOCKS, A.BIAS_KINDS):
                 jobs.append((kernel, cfg, dtype_name, blocks, kind, tuple(capabilities)))
     with _compile_pool(workers) as pool:

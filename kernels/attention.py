@@ -449,11 +449,47 @@ def _expanded_table(rel_table: Tensor, rel_index: Tensor, dense_bias: Optional[T
     return out, padded
 
 
-def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
+# A caller's frozen dense bias in 16-bit with unaligned rows (Nk = 49, 196, 197: scalar 16-bit loads),
+# seen unchanged by a second forward, is copied once into rows padded to BIAS_COL_MULTIPLE, and the
+# copy is read while the tensor is unchanged (its version counter): a bias computed once per forward
+# and shared by every block (timm BEiT's shared relative-position bias) or kept by its module pays one
+# copy instead of unaligned reads in every call, and a bias made fresh for each call is never copied
+# (its first sighting is its last). Not for a bias that takes a gradient, a view (a copy would
+# materialise its broadcast), inference tensors or CUDA graph capture (as `_expanded_table`).
+_PADDED_DENSE = WeakIdKeyDictionary()  # bias tensor -> (its key, the padded copy or None: seen once)
+
+
+def _aligned_dense_bias(dense_bias: Tensor, dtype: torch.dtype, forward: bool) -> tuple[Tensor, bool]:
+    """``(bias, rows padded)``: the padded copy of a frozen dense bias on its second forward (and
+    after, while unchanged; ``forward=False``, the backward, only reads the cache), else the bias."""
+    nk = dense_bias.shape[-1]
+    if (dtype == torch.float32 or nk == 1 or nk % BIAS_COL_MULTIPLE == 0 or dense_bias.requires_grad
+            or not dense_bias.is_contiguous() or dense_bias.is_inference()
+            or (dense_bias.is_cuda and torch.cuda.is_current_stream_capturing())):
+        return dense_bias, False
+    key = (dense_bias._version, dense_bias.shape, dtype)
+    hit = _PADDED_DENSE.get(dense_bias)
+    if hit is not None and hit[0] == key and hit[1] is not None:
+        return hit[1], True
+    if not forward:
+        return dense_bias, False
+    if hit is None or hit[0] != key:  # first sighting (or changed since): remember it
+        _PADDED_DENSE[dense_bias] = (key, None)
+        return dense_bias, False
+    nk_pad = -(-nk // BIAS_COL_MULTIPLE) * BIAS_COL_MULTIPLE
+    buf = dense_bias.new_zeros((*dense_bias.shape[:-1], nk_pad), dtype=dtype)
+    buf[..., :nk] = dense_bias
+    _PADDED_DENSE[dense_bias] = (key, buf[..., :nk])
+    return buf[..., :nk], True
+
+
+def _bias_args(q, rel_table, rel_index, dense_bias, key_padding, forward: bool = False) -> _BiasArgs:
     """Normalises the biases to what the kernels are compiled for: table fp32 ``[H, T]``, index
     int32, dense bias in q's dtype, padding as uint8. A small relative-position table is expanded
-    (plus a batch-free dense bias) to one dense bias in q's dtype. Absent biases become empty
-    placeholders with the same dtypes, so a variant's signature does not depend on which are present."""
+    (plus a batch-free dense bias) to one dense bias in q's dtype, and a frozen 16-bit dense bias
+    seen again unchanged is read from a copy with padded rows (`_aligned_dense_bias`; ``forward``:
+    the call may make that copy). Absent biases become empty placeholders with the same dtypes, so a
+    variant's signature does not depend on which are present."""
     device = q.device
     if rel_table is None and dense_bias is None and key_padding is None:
         try:
@@ -466,6 +502,8 @@ def _bias_args(q, rel_table, rel_index, dense_bias, key_padding) -> _BiasArgs:
     if has_rel and _precompute_rel(q, nq, nk, dense_bias):
         dense_bias, cols_padded = _expanded_table(rel_table, rel_index, dense_bias, q.dtype)
         has_rel = False
+    elif dense_bias is not None:
+        dense_bias, cols_padded = _aligned_dense_bias(dense_bias, q.dtype, forward)
     if has_rel:
         table = rel_table.detach().to(torch.float32).t().contiguous()  # (h, t): a head's entries adjacent
         index = rel_index.to(torch.int32).contiguous()
@@ -601,7 +639,7 @@ def attention_fwd(
             lse.fill_(float("inf"))
         return out, lse, cls_probs
 
-    bias = _bias_args(q, rel_table, rel_index, dense_bias, key_padding)
+    bias = _bias_args(q, rel_table, rel_index, dense_bias, key_padding, forward=True)
     cfg, constexprs, head_blocks = _fwd_spec(q, Nq, Nk, D, Dv, bias)
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
     _launch(_attn_fwd, B * H * -(-Nq // cfg.block_m),

@@ -58,8 +58,8 @@ DETERMINISTIC_BIAS_GRADS = True
 # table or `forced_configs` says otherwise). Keys: the kernel, the dtype class (fp32 tiles take twice
 # the registers, and its IEEE matmuls run on CUDA cores) and, for the forward, a query bucket
 # ("short": Nq <= 128, "long") -- so each (kernel, dtype, head blocks, bias kind) launches at most
-# two forward configs and one per backward kernel. Class attention (Nq = 1) runs in a 64-row tile:
-# 63 wasted rows of a tiny problem cost less than another compiled variant. 8-warp entries are the
+# two forward configs and one per backward kernel, plus the tiles fitted to short sequences
+# (`fit_config`: class attention's one query runs in a 16-row tile). 8-warp entries are the
 # fallbacks for biased calls: half the registers per thread for the same tile.
 _FWD_PREFS = {
     ("16bit", "short"): (Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(64, 32, 4, 2), Config(64, 32, 8, 2),
@@ -137,8 +137,8 @@ def _pick_onepass_config(nq: int, nk: int, head_blocks: tuple[int, int], dtype: 
     if path == "threepass" or (path == "auto" and ("_attn_bwd_dkdv" in forced or "_attn_bwd_dq" in forced)):
         return None
     limit = onepass_max_n(max(head_blocks))
-    cfg = next((c for c in _ONEPASS_PREFS[_dtype_class(dtype)]
-                if keep(c, "_attn_bwd_onepass", dtype, head_blocks, kind, capability)), None)
+    cfg = _kept_pick(_ONEPASS_PREFS[_dtype_class(dtype)], "_attn_bwd_onepass", dtype, head_blocks, kind, capability,
+                     nq, nk)
     if nq > limit or nk > limit or cfg is None:
         if path == "onepass":
             why = (f"Nq={nq}, Nk={nk} > {limit}" if nq > limit or nk > limit
@@ -228,11 +228,48 @@ def _prefs(kernel: str, dtype: torch.dtype, nq: int) -> tuple:
     raise ValueError(f"unknown kernel {kernel!r}: expected one of {TUNABLE_KERNELS}")
 
 
-def _first_kept(prefs, kernel, dtype, head_blocks, kind, capability=None) -> Config:
-    for cfg in prefs:
-        if keep(cfg, kernel, dtype, head_blocks, kind, capability):
-            return cfg
-    return prefs[-1]  # the smallest tile is the last resort (in the report all the same)
+# Tiles that fit short sequences. A preference list's tiles are sized for ViT lengths; a side of at
+# most FIT_BLOCK tokens (LeViT's last stage: 16 queries and keys; class attention: 1 query) runs in a
+# FIT_BLOCK-wide tile instead, so a 16 x 16 attention does 16 x 16 work, not 64 x 64 (6% useful).
+# Only the forward and the one-pass backward are fitted: they serve every short sequence (the three
+# passes run only where a side exceeds `onepass_max_n`). Warps shrink with the tile (2 for 16 x 16:
+# ptxas spills the one pass with 1 or 4 there), and a single key block has nothing to pipeline (one
+# stage). A shape tries every config fitted to it, then fitted to its query side alone, then as
+# listed (`_fitted_candidates`). Rarer shapes keep their list's tiles, as one more variant per config
+# is not worth its compiles: sides of 17 to 32, and a short key side under a long query side.
+FIT_BLOCK = 16
+FITTED_KERNELS = ("_attn_fwd", "_attn_bwd_onepass")
+
+
+def fit_config(cfg: Config, nq: int, nk: int) -> Config:
+    """``cfg`` with at most `FIT_BLOCK` queries in a `FIT_BLOCK`-row tile (block_m), and then at most
+    `FIT_BLOCK` keys in a `FIT_BLOCK`-wide one (block_n), in both fitted kernels; ``cfg`` itself otherwise."""
+    block_m = FIT_BLOCK if nq <= FIT_BLOCK < cfg.block_m else cfg.block_m
+    block_n = FIT_BLOCK if nq <= FIT_BLOCK and nk <= FIT_BLOCK < cfg.block_n else cfg.block_n
+    if (block_m, block_n) == (cfg.block_m, cfg.block_n):
+        return cfg
+    warps = min(cfg.num_warps, max(2, block_m * block_n // 256))  # 16 x 64: 4 warps; 16 x 16: 2
+    return Config(block_m, block_n, warps, 1 if block_n != cfg.block_n else cfg.num_stages)
+
+
+def _fitted_candidates(prefs, kernel, nq=None, nk=None) -> list:
+    """``prefs`` in the order a shape tries them: for a fitted kernel, every config fitted to
+    ``nq`` x ``nk`` first, then fitted to the query side alone, then as listed."""
+    if kernel not in FITTED_KERNELS or nq is None:
+        return list(prefs)
+    return list(dict.fromkeys([fit_config(c, nq, nk) for c in prefs] + [fit_config(c, nq, 1 << 30) for c in prefs]
+                              + list(prefs)))
+
+
+def _kept_pick(prefs, kernel, dtype, head_blocks, kind, capability=None, nq=None, nk=None) -> Optional[Config]:
+    """The first of `_fitted_candidates` that the spill table keeps, or None."""
+    return next((cfg for cfg in _fitted_candidates(prefs, kernel, nq, nk)
+                 if keep(cfg, kernel, dtype, head_blocks, kind, capability)), None)
+
+
+def _first_kept(prefs, kernel, dtype, head_blocks, kind, capability=None, nq=None, nk=None) -> Config:
+    cfg = _kept_pick(prefs, kernel, dtype, head_blocks, kind, capability, nq, nk)
+    return prefs[-1] if cfg is None else cfg  # the smallest tile is the last resort (in the report all the same)
 
 
 # ---- tuned tables and forced configs ---------------------------------------------------------------
@@ -398,12 +435,13 @@ def candidate_configs(kernel: str, nq: int, nk: int, d: int, dv: int, dtype: tor
         capability = torch.cuda.get_device_capability()
     blocks = _head_blocks(d, dv)
     kind = _bias_kind(biased, nq, nk)
-    picked = _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, blocks, kind, capability)
+    picked = _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, blocks, kind, capability, nq, nk)
     lists = ([_FWD_PREFS[(_dtype_class(dtype), b)] for b in ("short", "long")] if kernel == "_attn_fwd"
              else [_prefs(kernel, dtype, nq)])
     out = [picked]
     for prefs in lists:
-        out += [c for c in prefs if c not in out and keep(c, kernel, dtype, blocks, kind, capability)]
+        out += [c for c in _fitted_candidates(prefs, kernel, nq, nk)
+                if c not in out and keep(c, kernel, dtype, blocks, kind, capability)]
     return out
 
 
@@ -423,7 +461,7 @@ def _pick_config(kernel: str, nq: int, nk: int, head_blocks: tuple[int, int], dt
                 return cfg
     if capability is None and device is not None:
         capability = _capability(device)
-    return _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, head_blocks, kind, capability)
+    return _first_kept(_prefs(kernel, dtype, nq), kernel, dtype, head_blocks, kind, capability, nq, nk)
 
 
 def _pick_fwd_config(nq: int, nk: int, head_blocks: tuple[int, int], dtype: torch.dtype,

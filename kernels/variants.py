@@ -30,8 +30,6 @@ from .attention import (
     SUPPORTED_DTYPES,
     _cls_config,
     _dtype_class,
-    _first_kept,
-    keep,
     load_tuned,
     tl,
 )
@@ -173,21 +171,33 @@ def _may_read_padded_table(flags: dict, dtype: torch.dtype) -> bool:
 
 
 def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict:
-    """``{config: capabilities}``: the configs the heuristic picks from each preference list on each
-    spill-table capability (or all of them, for every capability), in order."""
+    """``{config: capabilities}``: the configs the heuristic picks from each preference list (pairs of
+    a list and the longest side it serves) on each spill-table capability and, for a fitted kernel,
+    at each short side (or all of them, fitted too, for every capability), in order."""
     picked: dict = {}
-    for prefs in pref_lists:
+    fit = _configs.FIT_BLOCK
+    for prefs, length in pref_lists:
+        # a fitted kernel picks per sequence length (`attention_configs.fit_config`): a pick per short
+        # side, at the lengths this list serves (the forward's lists are per query bucket)
+        shapes = [(nq, nk) for nq, nk in ((length, length), (fit, length), (fit, fit))
+                  if kernel != "_attn_fwd" or _configs._prefs(kernel, dtype, nq) is prefs]
+        if kernel not in _configs.FITTED_KERNELS:
+            shapes = [(None, None)]
         # None: no device capability known (the interpreter, `launch_plan` without one) picks a config
         # clean on every capability, which may be neither capability's own pick
-        for cap in (*SPILL_CAPABILITIES, None):
+        for cap, (nq, nk) in itertools.product((*SPILL_CAPABILITIES, None), shapes):
             caps = SPILL_CAPABILITIES if cap is None else (cap,)
             capability = None if cap is None else (cap // 10, 0)
-            # no clean config: the one pass gives way to the three passes; without a capability only
-            # the interpreter launches the last resort
-            if (kernel == "_attn_bwd_onepass" or cap is None) and not include_pruned and not any(
-                    keep(c, kernel, dtype, blocks, kind, capability) for c in prefs):
-                continue
-            for cfg in (prefs if include_pruned else [_first_kept(prefs, kernel, dtype, blocks, kind, capability)]):
+            if include_pruned:  # every config, and each one fitted to the shape
+                configs = _configs._fitted_candidates(prefs, kernel, nq, nk)
+            else:
+                cfg = _configs._kept_pick(prefs, kernel, dtype, blocks, kind, capability, nq, nk)
+                # no clean config: the one pass gives way to the three passes; without a capability
+                # only the interpreter launches the last resort
+                if cfg is None and (kernel == "_attn_bwd_onepass" or cap is None):
+                    continue
+                configs = [prefs[-1] if cfg is None else cfg]
+            for cfg in configs:
                 picked.setdefault(cfg, [])
                 picked[cfg] += [c for c in caps if c not in picked[cfg]]
     return picked
@@ -254,10 +264,11 @@ def iter_compile_specs(*, full: bool = False, include_pruned: bool = False, dtyp
         sig = {name: kernel_signature(KERNELS[name], dtype) for name in ("_attn_cls_probs", "_attn_bwd_preprocess")}
         tf32s = (False, True) if full and dtype == torch.float32 else (False,)
         for kind in BIAS_KINDS:
-            fwd_prefs = [_FWD_PREFS[(cls, bucket)] for bucket in ("short", "long")]
-            for kernel, pref_lists in (("_attn_fwd", fwd_prefs), ("_attn_bwd_dkdv", [_DKDV_PREFS[cls]]),
-                                       ("_attn_bwd_dq", [_DQ_PREFS[cls]]),
-                                       ("_attn_bwd_onepass", [_ONEPASS_PREFS[cls]])):
+            # (preference list, the longest side it serves)
+            fwd_prefs = [(_FWD_PREFS[(cls, "short")], 128), (_FWD_PREFS[(cls, "long")], 256)]
+            for kernel, pref_lists in (("_attn_fwd", fwd_prefs), ("_attn_bwd_dkdv", [(_DKDV_PREFS[cls], None)]),
+                                       ("_attn_bwd_dq", [(_DQ_PREFS[cls], None)]),
+                                       ("_attn_bwd_onepass", [(_ONEPASS_PREFS[cls], 256)])):
                 configs = _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned)
                 for cfg in _tuned_configs(kernel, dtype, blocks, kind):
                     configs[cfg] = list(SPILL_CAPABILITIES)  # a tuned config: compile it everywhere

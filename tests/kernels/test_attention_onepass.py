@@ -130,9 +130,10 @@ def test_the_batch_sum_cuts_levit_bias_gradient_buffers_to_a_quarter():
         now = kattn.bias_grad_buffer_bytes(*args, capability=(9, 0))
         with kattn.backward_path("threepass"):
             before = kattn.bias_grad_buffer_bytes(*args, capability=(9, 0))
-        assert now * 4 == before, call
+        # a quarter, less where the one pass's tiles are fitted to 16 queries (the subsample to N = 16)
+        assert now * 4 == before if call.nq > 16 else now * 4 < before, call
         # a per-sample dense bias with a gradient keeps a row per batch element
-        assert kattn.bias_grad_buffer_bytes(*args, batch_free=False, capability=(9, 0)) == before
+        assert kattn.bias_grad_buffer_bytes(*args, batch_free=False, capability=(9, 0)) == now * 4
 
 
 @pytest.mark.usefixtures("device")
@@ -239,3 +240,42 @@ def test_a_frozen_table_is_expanded_once_and_again_after_it_changes():
         got = kattn._bias_args(q, table_i, index_i, None, None).dense_bias
         assert torch.equal(got, table_i.float()[index_i.long()].permute(2, 0, 1).unsqueeze(0).to(BF16))
         assert table_i not in kattn._EXPANDED
+
+
+@pytest.mark.usefixtures("device")
+def test_a_frozen_dense_bias_seen_twice_is_read_from_padded_rows(launches):
+    """A caller's frozen 16-bit dense bias with unaligned rows is copied into padded rows on its
+    second forward and the copy reused while the bias is unchanged; a fresh bias per call, a bias
+    that takes a gradient, fp32 and aligned rows are never copied. Results do not change."""
+    case = triton_case(BF16, (2, 2, 40, 45, 16, 16), "dense")  # a per-sample bias [B, H, Nq, Nk]
+    q, k, v, descriptors = case_inputs(case)
+    bias = launcher_kwargs(q, k, v, descriptors)["dense_bias"].detach()
+
+    def args(b, forward=True, query=q):
+        return kattn._bias_args(query, None, None, b, None, forward=forward)
+
+    assert not args(bias).cols_padded  # first sighting: the caller's tensor as is
+    assert not args(bias, forward=False).cols_padded  # the backward never makes the copy
+    second = args(bias)
+    assert second.cols_padded and second.dense_bias.stride(2) == 64 and torch.equal(second.dense_bias, bias)
+    assert args(bias, forward=False).dense_bias.data_ptr() == second.dense_bias.data_ptr()  # reused
+    bias.add_(1.0)  # a new version: the stale copy is not read
+    assert not args(bias).cols_padded and args(bias).cols_padded and torch.equal(args(bias).dense_bias, bias)
+    for other, query in ((bias.clone().requires_grad_(), q), (bias.float(), q.float()),
+                         (torch.randn(2, 2, 40, 64, dtype=BF16), q)):  # rows of 64: aligned already
+        args(other, query=query)
+        assert not args(other, query=query).cols_padded
+    for _ in range(2):  # a fresh tensor per call
+        assert not args(bias.clone()).cols_padded
+
+    # end to end, forward and one-pass backward (BIAS_PADDED, no dS: the bias is frozen) vs the twin
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = kattn.attention_ref(q32, k32, v32, scale=0.25, dense_bias=bias.float())
+    ref.float().sum().backward()
+    with kattn_configs.backward_path("onepass"):
+        out = kattn.attention(q, k, v, scale=0.25, dense_bias=bias)
+        out.float().sum().backward()
+    assert launches.switches[-1]["BIAS_PADDED"] and not launches.switches[-1]["STORE_DS"]
+    assert_matches(out, ref, BF16, "out")
+    for name, g, r in (("dq", q.grad, q32.grad), ("dk", k.grad, k32.grad), ("dv", v.grad, v32.grad)):
+        assert_matches(g, r, BF16, name)
