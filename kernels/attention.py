@@ -164,7 +164,6 @@ from .attention_configs import (  # noqa: F401  (re-exported: the family's confi
 )
 from .attention_fwd import _attn_cls_probs, _attn_fwd
 from .configs import CompileSpec, Config  # noqa: F401  (CompileSpec: part of this family's API)
-from .tiles import _load_tile, _mma, _store_tile  # noqa: F401  (the window family imports them from here)
 from .triton_compat import TRITON_IMPORT_ERROR as _TRITON_IMPORT_ERROR
 from .triton_compat import tl, triton  # noqa: F401
 
