@@ -12,6 +12,7 @@ from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias, normalize_bias
 from .dispatch import choose, get_selected_backend
 from .dispatch import explain as _explain
 from .inputs import AttnInputs, AttnOutput, validate_inputs
+from .packed import Packed
 from .window import Window
 
 __all__ = ["attend", "make_inputs", "explain_call"]
@@ -25,7 +26,7 @@ def make_inputs(q: Tensor, k: Tensor, v: Tensor, *, scale: Optional[float] = Non
     """Build and validate the inputs of an attention call (shared by ``attend`` and ``explain_call``).
 
     ``options`` are ``attend()``'s remaining keywords (``return_probs``, ``return_cls_probs``,
-    ``head_mix``, ``window``), passed through to ``AttnInputs``.
+    ``head_mix``, ``window``, ``packed``), passed through to ``AttnInputs``.
     """
     if not isinstance(q, Tensor):
         raise ValueError(f"q must be a tensor, got {type(q).__name__}")
@@ -47,6 +48,7 @@ def attend(
     return_cls_probs: bool = False,
     head_mix: Optional[HeadMix] = None,
     window: Optional[Window] = None,
+    packed: Optional[Packed] = None,
     backend: Optional[str] = None,
 ) -> Union[Tensor, AttnOutput]:
     """Scaled dot-product attention on the ``[B, H, N, D]`` layout, dispatched to a backend.
@@ -64,6 +66,9 @@ def attend(
         window: attend only inside the (shifted / dilated) windows of a grid of raster tokens; q, k, v
             are then ``[B, H, grid_h * grid_w, D]`` and a ``RelPosBias`` index is window-local
             (see ``fastvit.attention.window``).
+        packed: many sequences of different lengths on the token axis (``Packed(lengths, kv_lengths)``):
+            q is ``[1, H, sum(lengths), D]``, k and v ``[1, H, sum(kv_lengths), D]``, and each sequence
+            attends only to its own keys (see ``fastvit.attention.packed``).
         backend: force a backend by name for this call (``"auto"`` for auto dispatch).
 
     Returns:
@@ -75,19 +80,19 @@ def attend(
     if not torch.compiler.is_compiling():  # graphs trace the full path below
         selection = get_selected_backend(backend)
         key = plan.signature(q, k, v, scale, bias, dropout_p, return_probs, return_cls_probs, head_mix, window,
-                             selection)
+                             selection, packed)
         if key is not None:
             found = plan.lookup(key)
             descriptors = () if bias is None else (bias,) if bias.__class__ in _DESCRIPTORS else normalize_bias(bias)
             if found is None:
                 inp = make_inputs(q, k, v, scale=scale, bias=descriptors, dropout_p=dropout_p,
                                   return_probs=return_probs, return_cls_probs=return_cls_probs, head_mix=head_mix,
-                                  window=window)
+                                  window=window, packed=packed)
                 chosen = choose(inp, selection=selection)
                 found = plan.store(key, plan.Plan(chosen, chosen.runner(inp)))
             return found.run(q, k, v, descriptors, head_mix)
     inp = make_inputs(q, k, v, scale=scale, bias=bias, dropout_p=dropout_p, return_probs=return_probs,
-                      return_cls_probs=return_cls_probs, head_mix=head_mix, window=window)
+                      return_cls_probs=return_cls_probs, head_mix=head_mix, window=window, packed=packed)
     result = choose(inp, backend).forward(inp)
     if return_probs or return_cls_probs:
         return result

@@ -147,8 +147,10 @@ def _cpu_order(inp: AttnInputs) -> tuple:
     # is 1.7-3x slower than the reference.
     if inp.value_dim != inp.head_dim:
         return ("reference", "sdpa")
-    # A windowed call attends over the keys of one window (49 for 7x7), not over the whole grid.
-    keys = inp.window.tokens if inp.window is not None else inp.nk
+    # A windowed call attends over the keys of one window (49 for 7x7), not over the whole grid, and a
+    # packed one over its sequences' own keys.
+    keys = inp.window.tokens if inp.window is not None else inp.packed.kv_max_len if inp.packed is not None \
+        else inp.nk
     if keys <= CPU_SDPA_MAX_TINY_KEYS or keys >= CPU_SDPA_MIN_KEYS.get(inp.dtype, _CPU_SDPA_MIN_KEYS_DEFAULT):
         return ("sdpa", "reference")
     return ("reference", "sdpa")

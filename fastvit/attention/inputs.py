@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
+from .packed import Packed, validate_packed
 from .window import Window
 
 __all__ = ["AttnInputs", "AttnOutput", "validate_inputs", "DTYPES", "dtype_name"]
@@ -52,6 +53,7 @@ class AttnInputs:
     return_cls_probs: bool = False
     head_mix: Optional[HeadMix] = None
     window: Optional[Window] = None
+    packed: Optional[Packed] = None
 
     @classmethod
     def of_call(cls, q: Tensor, k: Tensor, v: Tensor, bias: tuple, head_mix: Optional[HeadMix],
@@ -68,7 +70,7 @@ class AttnInputs:
     def static_fields(self) -> dict:
         """The fields that a call's signature fixes (no tensors: a plan keeps them)."""
         return {"scale": self.scale, "dropout_p": self.dropout_p, "return_probs": self.return_probs,
-                "return_cls_probs": self.return_cls_probs, "window": self.window}
+                "return_cls_probs": self.return_cls_probs, "window": self.window, "packed": self.packed}
 
     # Convenience views used by backends' capability checks.
     @property
@@ -127,6 +129,8 @@ class AttnInputs:
             parts.append("headmix")
         if self.window is not None:
             parts.append(self.window.describe())
+        if self.packed is not None:
+            parts.append(self.packed.describe())
         return "-".join(parts)
 
 
@@ -163,6 +167,10 @@ def validate_inputs(inp: AttnInputs) -> None:
 
     B, H, Nq, _ = q.shape
     Nk = k.shape[-2]
+    if inp.packed is not None:
+        validate_packed(inp)
+        _validate_head_mix(inp, H)
+        return
     if inp.window is not None:
         _validate_window(inp)
         return
@@ -188,6 +196,10 @@ def validate_inputs(inp: AttnInputs) -> None:
             if _shape(b.mask) != (B, Nk):
                 raise ValueError(f"KeyPaddingMask has shape {_shape(b.mask)}, expected [B, Nk] = {(B, Nk)}")
             _check_device(b.mask, q, "KeyPaddingMask")
+    _validate_head_mix(inp, H)
+
+
+def _validate_head_mix(inp: AttnInputs, H: int) -> None:
     if inp.head_mix is not None:
         for name in ("pre", "post", "post_bias"):
             w = getattr(inp.head_mix, name)

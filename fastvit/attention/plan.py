@@ -12,7 +12,8 @@ The signature (``signature()``) holds everything validation and selection read:
 - each descriptor: its kind and its tensors' shapes, strides, dtypes, devices and ``requires_grad``
   (a ``RelPosBias`` index's values are checked when the descriptor is built, on every call: the
   check is cached per index tensor and its version, see ``bias.py``); the head mix's tensors;
-- the window geometry, ``scale``, ``dropout_p``, the extra outputs asked for;
+- the window geometry, the packed layout (its lengths), ``scale``, ``dropout_p``, the extra outputs
+  asked for;
 - grad mode, ``torch.are_deterministic_algorithms_enabled()``;
 - the backend selection in force (``backend=``, ``use_backend``, ``set_backend``,
   ``FASTVIT_ATTN_BACKEND``: each a different key, so changing one never reuses another's plan);
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias, clear_cached_biases
 from .measured import _GENERATION
+from .packed import Packed
 
 __all__ = ["Plan", "MAX_PLANS", "signature", "lookup", "store", "clear_plans", "plan_info"]
 
@@ -91,7 +93,7 @@ def _head_mix_signature(mix, grad: bool):
 
 
 def signature(q, k, v, scale, bias, dropout_p, return_probs, return_cls_probs, head_mix, window,
-              selection) -> Optional[tuple]:
+              selection, packed=None) -> Optional[tuple]:
     """The call's signature (see the module docstring), or None when it takes the full path."""
     if scale is not None and (scale.__class__ not in _NUMBER or scale != scale) or dropout_p.__class__ not in _NUMBER:
         return None
@@ -116,6 +118,10 @@ def signature(q, k, v, scale, bias, dropout_p, return_probs, return_cls_probs, h
         if part is None:
             return None
         key += (part,)
+    if packed is not None:
+        if packed.__class__ is not Packed:
+            return None
+        key += (packed,)  # its lengths (hashed once, when it was built)
     return key
 
 

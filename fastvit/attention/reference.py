@@ -2,7 +2,8 @@
 
 It is also the fastest path on a CPU at short sequences (the score matrix of a ViT layer stays in
 cache), so auto dispatch uses it there. It serves every declared input: all biases, head mixing,
-full probabilities, CLS probabilities, dropout, windows (gathered into a batch by ``partitioned``).
+full probabilities, CLS probabilities, dropout, windows (gathered into a batch by ``partitioned``),
+packed sequences (one call per sequence, ``packed.per_sequence``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs, AttnOutput
+from .packed import per_sequence
 from .partition import partitioned
 
 __all__ = ["reference_attention"]
@@ -21,6 +23,8 @@ __all__ = ["reference_attention"]
 def reference_attention(inp: AttnInputs) -> AttnOutput:
     if inp.window is not None:  # windows gathered into a batch, attended, scattered back
         return partitioned(inp, reference_attention, fold_scale=True)
+    if inp.packed is not None:  # one call per sequence, outputs concatenated
+        return per_sequence(inp, reference_attention)
     q, k, v = inp.q, inp.k, inp.v
     # (b, h, nq, nk). Scaling q (n*d elements) instead of the logits (n*n) saves a pass over the
     # score matrix; the results differ from vit-pytorch's order by rounding only (~1e-7 in fp32).

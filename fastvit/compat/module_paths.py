@@ -41,6 +41,8 @@ MODULE_PATHS = {
     "mobile_vit": {"fastvit.models.mobile_vit": ["MobileViT", "MobileViTBlock", "MV2Block", "conv_1x1_bn",
                                                  "conv_nxn_bn"]},
     "mpp": {"fastvit.ssl.mpp": ["MPP", "MPPLoss"]},
+    "na_vit": {"fastvit.models.na_vit": ["Attention", "LayerNorm", "NaViT", "RMSNorm", "Transformer",
+                                         "group_images_by_max_seq_len"]},
     "nest": {"fastvit.models.nest": ["Aggregate", "Attention", "NesT", "Transformer"]},
     "pit": {"fastvit.models.pit": ["DepthWiseConv2d", "PiT", "Pool"]},
     "recorder": {"fastvit.models.recorder": ["Recorder"]},

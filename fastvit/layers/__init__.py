@@ -29,6 +29,7 @@ from .embed import (
 )
 from .linear import Linear
 from .mlp import FeedForward, mlp
+from .norm import BiasFreeLayerNorm, HeadRMSNorm
 from .tokens import gather_tokens
 from .transformer import ResidualBlocks, Transformer, residual_block
 from .window import WindowAttention, map_heads, merge_map_heads, window_relative_position_index
@@ -40,6 +41,7 @@ __all__ = [
     "DistillTokenMixin",
     "PatchEmbed", "ViTBody", "ViTStem", "cast_tuple", "check_image", "crop_positions", "pair", "patch_grid",
     "posemb_sincos_2d",
-    "FeedForward", "mlp", "Linear", "gather_tokens", "ResidualBlocks", "Transformer", "residual_block", "BlockRunner",
+    "FeedForward", "mlp", "Linear", "BiasFreeLayerNorm", "HeadRMSNorm", "gather_tokens", "ResidualBlocks",
+    "Transformer", "residual_block", "BlockRunner",
     "WindowAttention", "map_heads", "merge_map_heads", "window_relative_position_index",
 ]

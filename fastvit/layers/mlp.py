@@ -13,7 +13,8 @@ __all__ = ["FeedForward", "mlp"]
 
 
 def mlp(dim: int, hidden_dim: int, *, dropout: Optional[float] = 0.0, out_dropout: bool = True, norm: bool = True,
-        conv: bool = False, activation: Callable[[], nn.Module] = nn.GELU) -> nn.Sequential:
+        conv: bool = False, activation: Callable[[], nn.Module] = nn.GELU,
+        norm_layer: Optional[Callable[[int], nn.Module]] = None) -> nn.Sequential:
     """vit-pytorch's MLP as a ``Sequential``: ``[norm] -> fc1 -> act -> [Dropout] -> fc2 -> [Dropout]``.
 
     Args:
@@ -24,12 +25,14 @@ def mlp(dim: int, hidden_dim: int, *, dropout: Optional[float] = 0.0, out_dropou
         conv: on ``(b, c, h, w)`` maps: ``ChanLayerNorm`` and 1x1 convs (CvT, NesT, Twins-SVT,
             CrossFormer) instead of ``LayerNorm`` and ``Linear`` on tokens.
         activation: builds the nonlinearity (MobileViT: ``nn.SiLU``, LeViT: ``nn.Hardswish``).
+        norm_layer: builds the pre-norm from ``dim`` (NaViT: ``BiasFreeLayerNorm``); default
+            ``nn.LayerNorm`` (``ChanLayerNorm`` with ``conv``).
     """
     if conv:
-        norm_layer, fc = ChanLayerNorm(dim), (lambda i, o: nn.Conv2d(i, o, 1))
+        default_norm, fc = ChanLayerNorm, (lambda i, o: nn.Conv2d(i, o, 1))
     else:
-        norm_layer, fc = nn.LayerNorm(dim), Linear
-    layers = [norm_layer] if norm else []
+        default_norm, fc = nn.LayerNorm, Linear
+    layers = [(norm_layer or default_norm)(dim)] if norm else []
     layers += [fc(dim, hidden_dim), activation()]
     if dropout is not None:
         layers.append(nn.Dropout(dropout))

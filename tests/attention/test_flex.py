@@ -209,7 +209,8 @@ def test_cuda_refuses_head_dims_below_16():
     def reasons(d, dv, device="cuda"):
         return FlexBackend.not_supported_reasons(SimpleNamespace(
             device_type=device, dtype=torch.float32, head_dim=d, value_dim=dv, bias=(), dropout_p=0.0,
-            return_probs=False, head_mix=None, return_cls_probs=False, needs_grad=False, window=None))
+            return_probs=False, head_mix=None, return_cls_probs=False, needs_grad=False, window=None,
+            packed=None))
 
     assert FlexBackend.min_head_dim_on("cuda") == 16 and FlexBackend.min_head_dim_on("cpu") == 1
     assert any("flex on cuda needs both >= 16" in r for r in reasons(8, 8))

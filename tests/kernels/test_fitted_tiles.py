@@ -91,5 +91,8 @@ def test_fitted_tiles_match_the_reference(case, monkeypatch):
     monkeypatch.setattr(kattn, "_launch", recording)
     run_and_compare(case, fp32_table=True)
     nq, nk = case.shape[2], case.shape[3]
-    assert {name for name, _, _ in blocks} == set(kattn_configs.FITTED_KERNELS), blocks
+    # the one pass where the installed triton's spill table has a clean config (else the three passes)
+    plan = kattn.launch_plan(nq, nk, case.shape[4], case.shape[5], case.dtype, biased=case.bias != "none")
+    expected = {"_attn_fwd"} | ({"_attn_bwd_onepass"} if "_attn_bwd_onepass" in plan else set())
+    assert {name for name, _, _ in blocks} == expected, blocks
     assert all(bm == 16 and (bn == 16) == (nk <= 16) for _, bm, bn in blocks), (nq, nk, blocks)

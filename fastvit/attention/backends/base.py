@@ -35,6 +35,7 @@ class Backend:
     supports_probs: ClassVar[bool] = False  # return_probs (full maps) and head mixing
     supports_cls_probs: ClassVar[bool] = False
     supports_window: ClassVar[bool] = False  # window=Window(...) (shifted / dilated windows of a grid)
+    supports_packed: ClassVar[bool] = False  # packed=Packed(...) (variable-length sequences, no padding)
     # Bias gradients bitwise reproducible run to run off the CPU. Under torch.use_deterministic_algorithms
     # a backend that says False refuses calls whose bias takes a gradient (CPU backwards are serial).
     deterministic: ClassVar[bool] = True
@@ -73,6 +74,9 @@ class Backend:
                 reasons.append(f"{type(b).__name__} is not supported")
         if inp.window is not None and not cls.supports_window:
             reasons.append(f"windowed attention ({inp.window.describe()}) is not supported")
+        if inp.packed is not None and not cls.supports_packed:
+            reasons.append(f"packed variable-length sequences ({inp.packed.describe()}) are not supported by "
+                           f"{cls.name} yet")
         if inp.dropout_p > 0 and not cls.supports_dropout:
             reasons.append("attention dropout is not supported")
         if inp.return_probs and not cls.supports_probs:

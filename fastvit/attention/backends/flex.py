@@ -12,6 +12,9 @@ How the descriptors map:
   ``mask[b, k]`` (several masks are and-ed first), so fully padded key blocks are skipped. A query
   row with no valid key gives a zero output and zero gradients (FlexAttention's own semantics, the
   same as the contract's); its log-sum-exp is ``-inf``.
+- ``packed=Packed(...)``: a document ``BlockMask`` (``doc_q[q] == doc_k[k]``) built once per layout and
+  device and kept with the ``Packed``; biases over the packed tokens are ``score_mod`` terms as usual,
+  and ``return_cls_probs`` recomputes each sequence's first row.
 - Descriptors compose: every bias is one more term of the same ``score_mod``. Bias tensors are
   captured by the ``score_mod``, so FlexAttention differentiates through them: tables and dense
   biases get their gradients.
@@ -97,6 +100,7 @@ class FlexBackend(Backend):
     supports_dropout = False
     supports_cls_probs = True  # from the returned log-sum-exp
     supports_window = True  # windows gathered into a batch; the shift mask and per-window biases as score_mod terms
+    supports_packed = True  # a document block mask built once per Packed (other sequences' key blocks skipped)
     deterministic = False  # captured-tensor (bias) gradients are accumulated with atomic adds on CUDA
     tolerances = {
         torch.float32: (1e-4, 1e-4),  # the CUDA kernel reorders sums blockwise (exp2); the CPU is ~1e-6
@@ -119,13 +123,15 @@ class FlexBackend(Backend):
             return reference_attention(inp)
         q, k, v = inp.q, inp.k, inp.v
         score_mod, buffers = _score_mod(inp)
-        block_mask = _padding_block_mask(inp)
+        block_mask = _padding_block_mask(inp) if inp.packed is None else _document_block_mask(inp)
         want_lse = inp.return_cls_probs
         if inp.device_type == "cpu" and not torch.compiler.is_compiling():
             out, lse = _flex_eager_op(q, k, v, score_mod, buffers, block_mask, inp.scale, want_lse)
         else:
             out, lse = _flex_public(q, k, v, score_mod, buffers, block_mask, inp.scale, want_lse)
-        cls_probs = _cls_probs(inp, lse) if want_lse else None
+        cls_probs = None
+        if want_lse:
+            cls_probs = _cls_probs(inp, lse) if inp.packed is None else _packed_cls_probs(inp, lse)
         return AttnOutput(out, None, cls_probs)
 
 
@@ -196,6 +202,24 @@ def _padding_block_mask(inp: AttnInputs):
     return create_block_mask(mask_mod, inp.q.shape[0], None, inp.nq, inp.nk, device=inp.q.device)
 
 
+def _document_block_mask(inp: AttnInputs):
+    """The packed layout's document mask (a query sees only its own sequence's keys), built once per
+    ``Packed`` and device and kept with it: key blocks of other sequences are skipped."""
+    packed, device = inp.packed, inp.q.device
+
+    def build():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        doc_q, doc_k = packed.document_ids(device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return doc_q[q_idx] == doc_k[kv_idx]
+
+        return create_block_mask(mask_mod, 1, None, packed.total, packed.kv_total, device=device)
+
+    return packed.cached("flex_block_mask", device, build)
+
+
 def _flex_public(q, k, v, score_mod, buffers, block_mask, scale, want_lse) -> tuple[Tensor, Optional[Tensor]]:
     """``flex_attention`` (compiled unless a caller's compilation is tracing us) with captured buffers."""
     from torch.nn.attention import flex_attention as fa
@@ -261,3 +285,23 @@ def _cls_probs(inp: AttnInputs, lse: Tensor) -> Tensor:
         # A sample without valid keys has lse = -inf: use 0 there so exp(-inf - 0) = 0, never NaN.
         lse0 = torch.where(torch.isinf(lse0), torch.zeros_like(lse0), lse0)
     return torch.exp(s - lse0).squeeze(2).to(inp.dtype)
+
+
+def _packed_cls_probs(inp: AttnInputs, lse: Tensor) -> Tensor:
+    """``[1, H, sum(kv_lengths)]``: for each sequence, its first query's probabilities over its own
+    keys, ``exp(s - lse)`` with ``s`` recomputed in fp32 for the sequences' first rows only."""
+    packed = inp.packed
+    starts = torch.tensor(packed.offsets[:-1], device=inp.q.device)
+    _, doc_k = packed.document_ids(inp.q.device)
+    s = torch.matmul(inp.q[:, :, starts].float() * inp.scale, inp.k.float().transpose(-1, -2))  # (1, h, seqs, nk)
+    for b in inp.bias:
+        if isinstance(b, RelPosBias):
+            rows = torch.nn.functional.embedding(b.index[starts].long(), b.table.to(inp.dtype))  # (seqs, nk, h)
+            s = s + rows.permute(2, 0, 1).unsqueeze(0).float()
+        elif isinstance(b, DenseBias):
+            t = b.materialize()
+            s = s + (t[..., starts, :] if t.shape[-2] != 1 else t).to(inp.dtype).float()
+    own = doc_k[None, :] == torch.arange(packed.num_sequences, device=doc_k.device)[:, None]  # (seqs, nk)
+    p = torch.exp(s.masked_fill(~own, float("-inf")) - lse[:, :, starts, None].float())
+    # key j belongs to sequence doc_k[j]: its probability is that sequence's row
+    return p.gather(2, doc_k.long().view(1, 1, 1, -1).expand(1, p.shape[1], 1, -1)).squeeze(2).to(inp.dtype)

@@ -17,6 +17,7 @@ class ReferenceBackend(Backend):
     supports_probs = True
     supports_cls_probs = True
     supports_window = True
+    supports_packed = True  # one call per sequence (packed.per_sequence): the ground truth
     # In fp16 / bf16 the logits and probabilities are rounded to the input dtype (the fused backends keep
     # them in fp32), so an output element errs by up to ~|logit| * eps against the fp32 oracle: about
     # twice the fused backends' tolerance, reached with few keys per row (7x7 windows), where one

@@ -3,7 +3,10 @@
 Biases become one additive float mask (SDPA takes no descriptors). Note that any ``attn_mask``
 keeps SDPA off its flash kernel on CUDA, which is why fastvit has its own bias kernels. Key padding
 is applied as a large negative number rather than ``-inf`` so a row without valid keys does not turn
-into NaN; that row's output is then set to zero, as the contract says.
+into NaN; that row's output is then set to zero, as the contract says. Packed sequences
+(``packed=Packed(...)``) run one SDPA call per distinct (length, kv_length), the sequences of a
+length stacked on the batch axis (``packed.bucketed``): no padding and no block-diagonal mask,
+whose ``sum(lengths)^2`` logits would cost more than the padding they replace.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 
 from ..bias import DenseBias, RelPosBias, additive_mask
 from ..inputs import AttnInputs, AttnOutput
+from ..packed import bucketed
 from ..partition import partitioned
 from ..reference import reference_attention
 from .base import Backend
@@ -25,11 +29,14 @@ class SDPABackend(Backend):
     description = "torch.nn.functional.scaled_dot_product_attention"
     devices = ("cpu", "cuda", "mps", "xpu")
     supports_window = True  # windows gathered into a batch, the shift mask expanded (partition.partitioned)
+    supports_packed = True  # one SDPA call per distinct sequence length (packed.bucketed)
 
     @classmethod
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         if inp.window is not None:
             return partitioned(inp, cls.forward)
+        if inp.packed is not None:
+            return bucketed(inp, cls.forward)
         if inp.k.shape[2] == 0:  # no keys: zeros; SDPA's empty output would leave the biases without gradients
             return reference_attention(inp)
         # SDPA silently takes its slow path (~3x on CPU) when a last dim is strided.
@@ -44,7 +51,7 @@ class SDPABackend(Backend):
     def runner(cls, inp: AttnInputs) -> Callable:
         """Without biases or a window, the call is SDPA itself: which of q, k, v need a contiguous copy
         is fixed by the signature's strides, so the plan is one ``F.scaled_dot_product_attention``."""
-        if inp.window is not None or inp.nk == 0 or inp.head_mix is not None:
+        if inp.window is not None or inp.packed is not None or inp.nk == 0 or inp.head_mix is not None:
             return super().runner(inp)
         if inp.bias:
             return cls._bias_runner(inp)
