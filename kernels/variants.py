@@ -179,10 +179,9 @@ def _launchable(pref_lists, kernel, dtype, blocks, kind, include_pruned) -> dict
     for prefs, length in pref_lists:
         # a fitted kernel picks per sequence length (`attention_configs.fit_config`): a pick per short
         # side, at the lengths this list serves (the forward's lists are per query bucket)
-        shapes = [(nq, nk) for nq, nk in ((length, length), (fit, length), (fit, fit))
-                  if kernel != "_attn_fwd" or _configs._prefs(kernel, dtype, nq) is prefs]
-        if kernel not in _configs.FITTED_KERNELS:
-            shapes = [(None, None)]
+        shapes = [(None, None)] if kernel not in _configs.FITTED_KERNELS else [
+            (nq, nk) for nq, nk in ((length, length), (fit, length), (fit, fit))
+            if kernel != "_attn_fwd" or _configs._prefs(kernel, dtype, nq) is prefs]
         # None: no device capability known (the interpreter, `launch_plan` without one) picks a config
         # clean on every capability, which may be neither capability's own pick
         for cap, (nq, nk) in itertools.product((*SPILL_CAPABILITIES, None), shapes):

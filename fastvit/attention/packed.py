@@ -189,6 +189,8 @@ def validate_packed(inp) -> None:
                 raise ValueError(f"DenseBias of shape {tuple(b.tensor.shape)} does not broadcast to [1, H, "
                                  f"sum(lengths), sum(kv_lengths)] = {target} (a packed bias is over the packed "
                                  f"tokens; each sequence reads its own diagonal block)")
+            if not t.is_floating_point():
+                raise ValueError(f"DenseBias must be floating point, got {t.dtype}")
 
 
 def _slice_bias(bias: tuple, q0: int, q1: int, k0: int, k1: int) -> tuple:

@@ -101,6 +101,8 @@ def test_bad_layouts_raise_naming_the_values(lengths, kv_lengths, match):
     (lambda q, k, v, p: attend(q, k, v, packed=p,
                                bias=RelPosBias(torch.zeros(9, 3), torch.zeros(5, 5, dtype=torch.long))),
      r"index has shape \(5, 5\).* \(8, 8\)"),
+    (lambda q, k, v, p: attend(q, k, v, packed=p, bias=DenseBias(torch.zeros(1, 3, 8, 8, dtype=torch.long))),
+     "DenseBias must be floating point, got torch.int64"),
     (lambda q, k, v, p: attend(q, k, v, packed=p, window=Window(grid=(2, 4), size=(2, 2))),
      "cannot be combined with a window"),
     (lambda q, k, v, p: attend(q, k, v, packed=[5, 3]), "packed must be a fastvit.attention.Packed, got list"),
