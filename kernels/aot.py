@@ -159,19 +159,20 @@ def compile_spec(spec, capability: int) -> dict:
 
 
 def _kernels() -> dict:
-    """Every kernel of the report by name: the attention family and the window family."""
-    from . import attention, window_attention
+    """Every kernel of the report by name: the attention, variable-length and window families."""
+    from . import attention, varlen, window_attention
 
-    return {**attention.KERNELS, **window_attention.KERNELS}
+    return {**attention.KERNELS, **varlen.KERNELS, **window_attention.KERNELS}
 
 
 def default_specs(full: bool = False) -> list:
-    """What the report compiles by default: ``variants.iter_compile_specs`` (the attention family)
-    and ``window_attention.iter_compile_specs`` (the window family)."""
-    from . import window_attention
+    """What the report compiles by default: ``variants.iter_compile_specs`` (the attention family),
+    ``varlen.iter_compile_specs`` (packed sequences) and ``window_attention.iter_compile_specs``."""
+    from . import varlen, window_attention
     from .variants import iter_compile_specs
 
-    return list(iter_compile_specs(full=full)) + list(window_attention.iter_compile_specs(full=full))
+    return (list(iter_compile_specs(full=full)) + list(varlen.iter_compile_specs(full=full))
+            + list(window_attention.iter_compile_specs(full=full)))
 
 
 def _worker_init() -> None:
@@ -224,10 +225,14 @@ def _check_config(args) -> tuple[list, list]:
 
     from . import attention as A
     from . import variants as V
+    from . import varlen
 
     dtype = getattr(torch, dtype_name)
     rows = []
-    for variant in V._variants(kind, full=False, even_plain=kernel == "_attn_fwd"):  # as the report
+    if kernel in varlen.KERNELS:  # one default variant: aligned head dims, the dtype's matmul mode
+        rows += [compile_spec(varlen.tile_spec(kernel, cfg, dtype, blocks), cap) for cap in capabilities]
+    for variant in ([] if kernel in varlen.KERNELS else
+                    V._variants(kind, full=False, even_plain=kernel == "_attn_fwd")):  # as the report
         extras = V._ds_variants(variant, full=False) if kernel in V._DS_KERNELS else [{}]
         if kernel == "_attn_bwd_onepass":
             extras = V._onepass_bias_variants(variant, extras, dtype)
@@ -263,12 +268,17 @@ def spill_table(capabilities: Iterable[int] = (80, 90), workers: int = 2) -> tup
     16-bit class (fp16 compiles to the same register allocation). Returns (the table, the rows of
     compiles that failed)."""
     from . import attention as A
+    from . import varlen
 
     jobs = []
     for dtype_name in ("bfloat16", "float32"):
-        for kernel, cfgs in spill_table_configs("fp32" if dtype_name == "float32" else "16bit").items():
+        dtype_class = "fp32" if dtype_name == "float32" else "16bit"
+        for kernel, cfgs in spill_table_configs(dtype_class).items():
             for cfg, blocks, kind in itertools.product(cfgs, A.HEAD_BLOCKS, A.BIAS_KINDS):
                 jobs.append((kernel, cfg, dtype_name, blocks, kind, tuple(capabilities)))
+        for kernel, cfgs in varlen.spill_table_configs(dtype_class).items():  # no bias: kind "none" only
+            for cfg, blocks in itertools.product(cfgs, A.HEAD_BLOCKS):
+                jobs.append((kernel, cfg, dtype_name, blocks, "none", tuple(capabilities)))
     with _compile_pool(workers) as pool:
         results = list(pool.map(_check_config, jobs))
     return {key for keys, _ in results for key in keys}, [row for _, rows in results for row in rows]

@@ -45,6 +45,7 @@ _POINTER_TYPES = {
     "Q": "in", "K": "in", "V": "in", "Out": "in", "DOut": "in", "DQ": "in", "DK": "in", "DV": "in",
     "Probs": "in", "DenseBias": "in", "Bias": "in", "Lse": "fp32", "Lse2": "fp32", "Delta": "fp32", "DS": "fp32",
     "DQAcc": "fp32", "RelTable": "fp32", "RelIndex": "i32", "KeyPad": "u8",
+    "CuQ": "i32", "CuK": "i32", "QBlocks": "i32", "KBlocks": "i32",  # the variable-length family's layout
 }
 _FLOAT_ARGS = ("qk_scale", "inv_scale", "scale")
 

@@ -4,7 +4,9 @@ FlashAttention-2-style forward and backward with the relative-position table gat
 kernel, dense biases, key padding and the CLS-row probabilities recomputed from the saved
 log-sum-exp; windowed calls (``window=Window(...)``: plain, shifted and dilated windows) go to the
 window kernels, which address the windows of the raster grid in place (no partition or reverse copy)
-and compute the shift masks from coordinates. Runs on CUDA, and on the CPU only under
+and compute the shift masks from coordinates; packed calls (``packed=Packed(...)``) go to the
+variable-length kernels (``kernels.varlen``: a grid over each sequence's own blocks, no padding), which
+take no bias. Runs on CUDA, and on the CPU only under
 ``TRITON_INTERPRET=1`` (tests).
 """
 
@@ -25,6 +27,7 @@ class TritonBackend(Backend):
     supports_dropout = False
     supports_cls_probs = True
     supports_window = True  # kernels.window_attention
+    supports_packed = True  # kernels.varlen (unbiased packed calls)
     deterministic = True  # bias gradients: plain stores per batch element, then a fixed-order sum (no atomics)
     tolerances = {
         torch.float32: (1e-4, 1e-4),  # tl.dot may use TF32-free fp32 FMA; blockwise exp2 reorders sums
@@ -55,6 +58,9 @@ class TritonBackend(Backend):
             reasons = kwin.window_not_supported_reasons(inp.q.device, inp.dtype, inp.head_dim,
                                                         value_dim=inp.value_dim, dropout_p=inp.dropout_p,
                                                         scale=inp.scale)
+        if inp.packed is not None and inp.bias:
+            reasons.append(f"packed sequences ({inp.packed.describe()}) with a bias: the variable-length kernels "
+                           "take no bias (the reference, sdpa and flex serve it)")
         if any(len(inp.of_type(kind)) > 1 for kind in (RelPosBias, DenseBias, KeyPaddingMask)):
             reasons.append("more than one bias of the same kind (combine them before calling)")
         return reasons
@@ -63,6 +69,16 @@ class TritonBackend(Backend):
     def forward(cls, inp: AttnInputs) -> AttnOutput:
         from fastvit.kernels import attention as kattn
 
+        if inp.packed is not None:  # extra_reasons refused a bias
+            from fastvit.kernels import varlen
+
+            p = inp.packed
+            if inp.return_cls_probs:
+                out, cls_probs = varlen.varlen_attention_with_cls_probs(inp.q, inp.k, inp.v, p.lengths, p.kv_lengths,
+                                                                        scale=inp.scale, validated=True)
+                return AttnOutput(out, None, cls_probs)
+            return AttnOutput(varlen.varlen_attention(inp.q, inp.k, inp.v, p.lengths, p.kv_lengths, scale=inp.scale,
+                                                      validated=True))
         kwargs = dict(scale=inp.scale, validated=True, **_bias_kwargs(inp))
         win = inp.window
         if win is not None:  # validate_inputs refused key padding and the probabilities with a window
@@ -83,9 +99,12 @@ class TritonBackend(Backend):
         """Calls without a window go straight to the kernels' launchers: which slot of the descriptor
         tuple holds which bias is fixed by the signature, and an eval ``RelPosBias`` small enough to be
         expanded anyway is passed as its cached dense bias (``RelPosBias.materialize``: computed once
-        per table and index, not per call). Windowed calls, or a patched ``forward``, take the default."""
+        per table and index, not per call). Packed calls go straight to the variable-length launchers.
+        Windowed calls, or a patched ``forward``, take the default."""
         if inp.window is not None or cls.forward.__func__ is not _FORWARD:
             return super().runner(inp)
+        if inp.packed is not None:
+            return _packed_runner(cls, inp)
         import fastvit.kernels.attention as kattn
 
         kinds = [b.__class__ for b in inp.bias]
@@ -132,6 +151,28 @@ def _bias_kwargs(inp: AttnInputs) -> dict:
         dense_bias=dense[0].materialize() if dense else None,
         key_padding=pad[0].mask if pad else None,
     )
+
+
+def _packed_runner(cls, inp: AttnInputs):
+    """``run(q, k, v, bias, head_mix)`` for a packed signature: the layout's lengths are captured once."""
+    from fastvit.kernels import varlen
+
+    lengths, kv_lengths, scale = inp.packed.lengths, inp.packed.kv_lengths, inp.scale
+    static = inp.static_fields()
+
+    if inp.return_cls_probs:
+        def run(q, k, v, bias, head_mix):
+            if cls.forward.__func__ is not _FORWARD:  # patched after the plan was built
+                return cls.forward(AttnInputs.of_call(q, k, v, bias, head_mix, static))
+            out, cls_probs = varlen.varlen_attention_with_cls_probs(q, k, v, lengths, kv_lengths, scale=scale,
+                                                                    validated=True)
+            return AttnOutput(out, None, cls_probs)
+    else:
+        def run(q, k, v, bias, head_mix):
+            if cls.forward.__func__ is not _FORWARD:
+                return cls.forward(AttnInputs.of_call(q, k, v, bias, head_mix, static)).out
+            return varlen.varlen_attention(q, k, v, lengths, kv_lengths, scale=scale, validated=True)
+    return run
 
 
 _FORWARD = TritonBackend.forward.__func__  # the runner's shortcut applies while forward is this one
