@@ -9,6 +9,9 @@ Modules:
         autograd, reference. Its kernels, one pass per file: attention_fwd (forward, CLS row),
         attention_bwd (the three-pass backward); attention_configs chooses their configs (preference
         lists, spill table, tuned tables); tiles holds the jit helpers they share.
+    varlen: fused attention over packed variable-length sequences (``cu_seqlens``: a grid over each
+        sequence's own blocks, no padding), its kernels in varlen_fwd and varlen_bwd (launchers,
+        custom ops and autograd, reference).
     triton_compat: the triton import (a stub without triton, so the package always imports).
     window_attention: fused attention inside (shifted or dilated) windows of a raster token grid,
         addressed in place (kernels, launchers, custom ops, capability check, reference).
@@ -34,7 +37,7 @@ import os
 
 import torch
 
-from . import attention, window_attention
+from . import attention, varlen, window_attention
 from .attention import (
     DETERMINISTIC_BIAS_GRADS,
     MAX_HEAD_DIM,
@@ -56,6 +59,7 @@ from .attention import (
 )
 from .attention import attention as fused_attention
 from .variants import iter_compile_specs
+from .varlen import varlen_attention, varlen_attention_bwd, varlen_attention_fwd, varlen_attention_ref
 from .window_attention import window_attention as fused_window_attention
 from .window_attention import (
     window_attention_bwd,
@@ -87,6 +91,11 @@ __all__ = [
     "fused_window_attention",
     "iter_compile_specs",
     "not_supported_reasons",
+    "varlen",
+    "varlen_attention",
+    "varlen_attention_bwd",
+    "varlen_attention_fwd",
+    "varlen_attention_ref",
     "window_attention",
     "window_attention_bwd",
     "window_attention_fwd",

@@ -238,3 +238,49 @@ def test_layouts_with_equal_lengths_share_a_plan_and_flex_builds_its_block_mask_
     for _ in range(3):
         attend(q, k, v, packed=packed, backend="flex")
     assert built == [(12, 12)]
+
+
+def test_xformers_gets_a_block_diagonal_mask_built_once_per_layout(monkeypatch):
+    """xformers is CUDA-only and absent here: a stand-in with xformers' API (``BlockDiagonalMask.from_seqlens``,
+    ``memory_efficient_attention`` on ``[1, N, H, D]``) checks what the backend hands it and how it lays
+    the result out."""
+    import sys
+    import types
+
+    from fastvit.attention import make_inputs
+    from fastvit.attention.backends.xformers import XFormersBackend
+
+    built = []
+
+    class BlockDiagonalMask:
+        def __init__(self, q_seqlen, kv_seqlen):
+            self.q_seqlen, self.kv_seqlen = q_seqlen, kv_seqlen
+
+        @classmethod
+        def from_seqlens(cls, q_seqlen, kv_seqlen=None, device=None):
+            built.append((list(q_seqlen), list(kv_seqlen), device))
+            return cls(list(q_seqlen), list(kv_seqlen))
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):
+        assert isinstance(attn_bias, BlockDiagonalMask) and q.shape[0] == 1 and q.shape[2] == 3  # (1, n, h, d)
+        outs, q0, k0 = [], 0, 0
+        for nq, nk in zip(attn_bias.q_seqlen, attn_bias.kv_seqlen):
+            s = torch.einsum("bqhd,bkhd->bhqk", q[:, q0:q0 + nq], k[:, k0:k0 + nk]) * scale
+            outs.append(torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v[:, k0:k0 + nk]))
+            q0, k0 = q0 + nq, k0 + nk
+        return torch.cat(outs, 1)
+
+    fmha = types.SimpleNamespace(attn_bias=types.SimpleNamespace(BlockDiagonalMask=BlockDiagonalMask))
+    ops = types.SimpleNamespace(fmha=fmha, memory_efficient_attention=memory_efficient_attention)
+    monkeypatch.setitem(sys.modules, "xformers", types.SimpleNamespace(ops=ops))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    packed = Packed(*LAYOUTS["cross"])
+    q, k, v = _qkv(packed, grad=False)
+    for _ in range(2):
+        out = XFormersBackend.forward(make_inputs(q, k, v, packed=packed)).out
+    assert built == [([6, 2, 9], [4, 11, 9], q.device)]  # once per layout and device
+    want, _, _ = _by_hand(q, k, v, packed)
+    assert_close(out, want, atol=1e-5, rtol=1e-5, what="xformers packed layout")
+    bias = DenseBias(torch.zeros(1, 1, packed.total, packed.kv_total))
+    assert any("BlockDiagonalMask takes no additive bias" in r
+               for r in XFormersBackend.extra_reasons(make_inputs(q, k, v, packed=packed, bias=bias)))
