@@ -1,7 +1,9 @@
 """timm's model surface on every registered model (built with its small test_overrides, like
 tests/test_models.py): forward_head / pre_logits, get_classifier, reset_classifier, num_classes=0
 (and legacy_num_classes_zero against vit-pytorch), gradient checkpointing, forward_intermediates,
-features_only, pretrained_cfg through timm's resolve_data_config, and the input dtype rule.
+features_only, pretrained_cfg through timm's resolve_data_config, and the input dtype rule. A model
+whose blocks cannot give timm's intermediates (NaViT: packed images of several sizes) declares why in
+``intermediates_unsupported``, and ``forward_intermediates`` must refuse with that reason.
 
 The surface is code per architecture, not per preset: presets of one model file with the same
 test_overrides (``vit_tiny`` and ``vit_base``, the ``cct_N`` factories) are tested once, under the first
@@ -12,6 +14,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import re
 
 import pytest
 import torch
@@ -158,6 +161,12 @@ def test_grad_checkpointing_gives_the_same_outputs_and_gradients_and_really_chec
 def test_forward_intermediates(name):
     entry, model = build(name)
     x = example(entry)
+    reason = getattr(type(model), "intermediates_unsupported", None)
+    if reason is not None:  # a model that declares it cannot serve them refuses, saying why
+        assert not model.feature_info, f"{name}: declares no intermediates but lists feature_info"
+        with pytest.raises(ValueError, match=re.escape(reason)):
+            model.forward_intermediates(x)
+        return
     hw = x.shape[-2:]
     info = model.feature_info
     with torch.no_grad():

@@ -65,6 +65,17 @@ Deliberate differences from vit-pytorch:
 - ``num_classes=0`` returns the pooled, normed CLS token ``(b, dim)`` (``mlp_head.1`` an ``nn.Identity``);
   vit-pytorch's ``Linear(dim, 0)`` returns ``(b, 0)``: ``legacy_num_classes_zero=True``.
 
+Packed kept sets (``packed=True``): after each sampling layer the kept tokens of each image are
+packed into one sequence (``fastvit.attention.Packed``, one sequence per image of its CLS token and
+kept tokens) instead of padded and masked with ``KeyPaddingMask``; every later block attends with
+``attend(..., packed=...)``, so no compute goes to padding slots. The CLS probabilities come packed
+(each image's first query over its own keys) and are laid out per image for the sampling, so an image
+samples exactly what it samples padded: the same logits and token ids as ``trim_padding=True``
+(within fp32 rounding), whose widths and random draws it shares, since a packed layout is built from
+the kept counts read on the host (``trim_padding=False`` is refused with it). ``forward_features``
+lays the tokens out padded again (zeros in the padding slots); the blocks before the first sampling
+layer run unpacked, as all images have every token there.
+
 Gradient checkpointing recomputes the blocks that do not sample; a sampling block runs as is (its
 random numbers come from a stream that a recomputation would read further on). Its intermediates are
 the kept tokens: ``forward_intermediates`` gives maps (``NCHW``) only while no token was dropped, and
@@ -74,12 +85,12 @@ the kept tokens with ``output_fmt='NLC'`` (padding slots included).
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from fastvit.attention import KeyPaddingMask
+from fastvit.attention import KeyPaddingMask, Packed
 from fastvit.layers import Attention as SelfAttention
 from fastvit.layers import (
     BlockRunner,
@@ -172,12 +183,18 @@ class AdaptiveTokenSampling(nn.Module):
             ``ids (b, k + 1)``: positions kept, CLS (0) first, then ascending, padding = 0;
             ``mask (b, k + 1)``: True for CLS and the kept tokens.
         """
+        value_norms = value[..., 1:, :].norm(dim=-1)  # (b, h, n-1)
+        return self.sample(cls_probs, value_norms, mask, uniforms, trimmed)
+
+    def sample(self, cls_probs: Tensor, value_norms: Tensor, mask: Optional[Tensor], uniforms: UniformStream,
+               trimmed: bool = False) -> tuple[Tensor, Tensor]:
+        """``forward`` given the value norms of the patch tokens, ``(b, h, n - 1)`` (the packed path
+        computes them on the packed values)."""
         b, _, n = cls_probs.shape
         k, eps = self.output_num_tokens, self.eps
         width = n - 1
 
         # Significance: CLS attention weighted by the value norms, summed over heads, normalised.
-        value_norms = value[..., 1:, :].norm(dim=-1)  # (b, h, n-1)
         scores = torch.einsum("bhn,bhn->bn", cls_probs[..., 1:], value_norms)  # (b, n-1)
         normed = scores / (scores.sum(dim=-1, keepdim=True) + eps)
         pseudo_logits = torch.log(normed + eps)
@@ -210,6 +227,32 @@ class AdaptiveTokenSampling(nn.Module):
         kept = keep.sum(dim=1, keepdim=True)  # (b, 1)
         new_mask = torch.arange(k + 1, device=cls_probs.device) <= kept  # (b, k+1)
         return ids, new_mask
+
+
+class PackedLayout(NamedTuple):
+    """Index tensors of a ``Packed`` layout of images (one sequence each, CLS first), on one device."""
+
+    image: Tensor  # (total,) the image of each packed token
+    slot: Tensor  # (total,) its position in its image's sequence (0 = CLS)
+    starts: Tensor  # (b,) the packed row of each image's CLS token
+    lengths: Tensor  # (b,) tokens per image
+
+
+def packed_layout(packed: Packed, device: torch.device) -> PackedLayout:
+    """The index tensors of ``packed`` (built once per layout and device, cached on it)."""
+    def build():
+        image = packed.document_ids(device)[0].long()
+        starts = torch.tensor(packed.offsets[:-1], device=device)
+        return PackedLayout(image, torch.arange(packed.total, device=device) - starts[image], starts,
+                            torch.tensor(packed.lengths, device=device))
+
+    return packed.cached("ats_layout", device, build)
+
+
+def pad_packed(rows: Tensor, layout: PackedLayout, width: int) -> Tensor:
+    """Packed ``rows (total, *rest)`` -> ``(b, width, *rest)`` per image, zeros past each image's tokens."""
+    out = rows.new_zeros(layout.starts.shape[0], width, *rows.shape[1:])
+    return out.index_put((layout.image, layout.slot), rows)
 
 
 class Attention(SelfAttention):
@@ -283,6 +326,49 @@ class Attention(SelfAttention):
         out = self.attend(q, k, v, scale=self.scale, bias=bias)  # (b, h, m, d)
         return self.to_out(merge_heads(out)), new_mask, ids
 
+    def forward_packed(self, x: Tensor, packed: Packed, *, uniforms: Optional[UniformStream] = None,
+                       cls_only: bool = False) -> tuple[Tensor, Optional[Tensor], Packed, Optional[Tensor]]:
+        """``forward`` on packed images: ``x (1, total, dim)``, one sequence per image, CLS first.
+
+        Returns:
+            ``(out, rows, kept, ids)``: ``out (1, m, dim)`` updates the rows ``rows (m,)`` of ``x``
+            (None: every row); ``kept`` is the layout of the image tokens after the layer (a sampling
+            layer's kept sets, whose per-image positions are ``ids (b, w)``, padded with 0, or None
+            when it did not sample). With ``cls_only`` the rows are the CLS tokens alone.
+        """
+        h, inner = self.heads, self.to_qkv.out_features // 3
+        x = self.norm(x)
+        samples = self.samples(packed.max_len)
+        if not samples and not cls_only:
+            q, k, v = split_qkv(self.to_qkv(x), h)  # (1, h, total, d) each
+            out = self.attend(q, k, v, scale=self.scale, packed=packed)
+            return self.to_out(merge_heads(out)), None, packed, None
+
+        layout = packed_layout(packed, x.device)
+        k, v = split_qkv(self.to_qkv.forward_rows(x, inner, 3 * inner), h, parts=2)  # (1, h, total, d) each
+        q_cls = split_heads(self.to_qkv.forward_rows(x[:, layout.starts], 0, inner), h)  # (1, h, b, d)
+        one_query = Packed([1] * packed.num_sequences, packed.lengths)  # each CLS over its image's tokens
+        if not samples:  # cls_only, nothing to sample
+            out = self.attend(q_cls, k, v, scale=self.scale, packed=one_query)
+            return self.to_out(merge_heads(out)), layout.starts, packed, None
+
+        cls = self.attend(q_cls, k, v, scale=self.scale, packed=one_query, return_cls_probs=True)
+        # The sampling reads each image's scores laid out per image, padding masked, as the padded path.
+        width = packed.max_len
+        cls_probs = pad_packed(cls.cls_probs[0].t(), layout, width).transpose(1, 2)  # (b, h, n)
+        value_norms = pad_packed(v[0].norm(dim=-1).t(), layout, width).transpose(1, 2)[..., 1:]  # (b, h, n-1)
+        mask = torch.arange(width, device=x.device) < layout.lengths.unsqueeze(1)  # (b, n)
+        ids, new_mask = self.ats.sample(cls_probs, value_norms, mask, uniforms, trimmed=True)  # (b, k+1)
+        kept = Packed(new_mask.sum(dim=1))  # the kept counts, read on the host: the new layout
+        ids = ids[:, :kept.max_len]
+        if cls_only:
+            return self.to_out(merge_heads(cls.out)), layout.starts, kept, ids
+        new = packed_layout(kept, x.device)
+        rows = layout.starts[new.image] + ids[new.image, new.slot]  # (total',) the kept rows of x, in order
+        q = split_heads(self.to_qkv.forward_rows(x[:, rows], 0, inner), h)  # (1, h, total', d)
+        out = self.attend(q, k, v, scale=self.scale, packed=Packed(kept.lengths, packed.lengths))
+        return self.to_out(merge_heads(out)), rows, kept, ids
+
 
 def check_max_tokens(max_tokens_per_depth, depth: int) -> tuple:
     """vit-pytorch's asserts on ``max_tokens_per_depth`` as ValueErrors."""
@@ -310,16 +396,33 @@ def ats_block(block: nn.ModuleList, x: Tensor, mask: Optional[Tensor], uniforms:
     return ff(x) + x, mask, ids
 
 
+def ats_block_packed(block: nn.ModuleList, x: Tensor, packed: Packed, uniforms: UniformStream,
+                     cls_only: bool) -> tuple[Tensor, Packed, Packed, Optional[Tensor]]:
+    """One block on packed images: ``(x, layout of x, layout of the kept tokens, ids)`` after it."""
+    attn, ff = block
+    attn_out, rows, kept, ids = attn.forward_packed(x, packed, uniforms=uniforms, cls_only=cls_only)
+    if rows is not None:  # the residual stream keeps the sampled tokens (or the CLS tokens alone)
+        x = x[:, rows]
+    x = x + attn_out
+    layout = Packed([1] * packed.num_sequences) if cls_only else kept
+    return ff(x) + x, layout, kept, ids
+
+
 class Transformer(BlockRunner, nn.Module):
     """``depth`` x (ATS attention + MLP, each residual, norm inside); no final norm (vit-pytorch).
 
-    Keys: ``layers.{i}.0`` (Attention), ``layers.{i}.1`` (FeedForward).
+    Keys: ``layers.{i}.0`` (Attention), ``layers.{i}.1`` (FeedForward). With ``packed`` the blocks
+    from the first sampling layer on run on the kept tokens packed (see the module docstring).
     """
 
     def __init__(self, dim: int, depth: int, max_tokens_per_depth, heads: int, dim_head: int, mlp_dim: int,
                  dropout: float = 0.0, batch_wide_sampling: bool = False,
-                 trim_padding: Optional[bool] = None):
+                 trim_padding: Optional[bool] = None, packed: bool = False):
         super().__init__()
+        if packed and trim_padding is False:
+            raise ValueError("packed=True lays out the kept tokens from their counts, read on the host; "
+                             "trim_padding=False (fixed widths, no host read) cannot be combined with it")
+        self.packed = packed
         self.max_tokens_per_depth = check_max_tokens(max_tokens_per_depth, depth)
         self.layers = nn.ModuleList([
             nn.ModuleList([
@@ -349,14 +452,29 @@ class Transformer(BlockRunner, nn.Module):
         uniforms = UniformStream(self.sampling_plan(b, n))
         mask = None  # (b, m) bool once a layer has sampled; padding is last
         token_ids = torch.arange(n, device=x.device).expand(b, n)
+        packed = kept = None  # with self.packed, from the first sampling layer: the layouts of x and of the kept
         for i, block in enumerate(self.layers):
             last = cls_only and i == len(self.layers) - 1
+            if self.packed and packed is None and block[0].samples(x.shape[1]):
+                # Every image has all its tokens until now: the batch is b packed sequences as it is.
+                packed = kept = Packed([x.shape[1]] * b)
+                x = x.reshape(1, -1, x.shape[-1])  # (1, b * n, dim)
             # A sampling block reads the stateful random stream: never recomputed.
-            run = ats_block if block[0].samples(x.shape[1]) else partial(self.run_block, ats_block)
-            x, mask, ids = run(block, x, mask, uniforms, last)
+            if packed is None:
+                run = ats_block if block[0].samples(x.shape[1]) else partial(self.run_block, ats_block)
+                x, mask, ids = run(block, x, mask, uniforms, last)
+            else:
+                run = ats_block_packed if block[0].samples(packed.max_len) else partial(self.run_block,
+                                                                                        ats_block_packed)
+                x, packed, kept, ids = run(block, x, packed, uniforms, last)
             if ids is not None:
                 token_ids = token_ids.gather(1, ids)
-            self.tap(x)
+            if self.taps is not None:
+                self.tap(x if packed is None else pad_packed(x[0], packed_layout(packed, x.device), packed.max_len))
+        if packed is not None:  # padded again for the head and forward_features: zeros in the padding slots
+            x = pad_packed(x[0], packed_layout(packed, x.device), packed.max_len)
+            lengths = packed_layout(kept, x.device).lengths
+            mask = torch.arange(kept.max_len, device=x.device) < lengths.unsqueeze(1)
         return x, token_ids, mask
 
 
@@ -370,6 +488,8 @@ class ViT(ViTStem, VisionModel):
         emb_dropout: dropout after the position embedding.
         batch_wide_sampling: vit-pytorch's batch-wide sampling decision (see the module docstring).
         trim_padding: cut kept sets to the batch's widest (None: on the CPU; see the module docstring).
+        packed: from the first sampling layer on, run the kept tokens of each image packed into one
+            sequence instead of padded and masked (the same outputs; see the module docstring).
         legacy_pos_slicing: slice the flat position table for smaller inputs, as vit-pytorch does.
         legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
     """
@@ -379,13 +499,14 @@ class ViT(ViTStem, VisionModel):
 
     def __init__(self, *, image_size, patch_size, num_classes, dim, depth, max_tokens_per_depth, heads,
                  mlp_dim, channels=3, dim_head=64, dropout=0.0, emb_dropout=0.0, batch_wide_sampling=False,
-                 trim_padding=None, legacy_pos_slicing=False, legacy_num_classes_zero=False):
+                 trim_padding=None, legacy_pos_slicing=False, legacy_num_classes_zero=False, packed=False):
         super().__init__()
         check_max_tokens(max_tokens_per_depth, depth)
         self.build_stem(image_size=image_size, patch_size=patch_size, channels=channels, dim=dim,
                         emb_dropout=emb_dropout, legacy_pos_slicing=legacy_pos_slicing)
         self.transformer = Transformer(dim, depth, max_tokens_per_depth, heads, dim_head, mlp_dim, dropout,
-                                       batch_wide_sampling=batch_wide_sampling, trim_padding=trim_padding)
+                                       batch_wide_sampling=batch_wide_sampling, trim_padding=trim_padding,
+                                       packed=packed)
         self.mlp_head = nn.Sequential(nn.LayerNorm(dim), Linear(dim, num_classes))
         self.set_head(dim, num_classes, legacy_num_classes_zero)
         self.set_feature_info([dim] * depth, [self.patch_size[0]] * depth, "transformer.layers")

@@ -15,7 +15,12 @@ Deliberate differences from vit-pytorch:
   of a group's length. The outputs are the same for the same list of images: ``group_images`` and
   ``group_max_seq_len`` are accepted (a flat list or a list of groups, one row of logits per image
   in order) and only checked, since the grouping changes nothing once each image is its own sequence.
-- A ``(b, c, h, w)`` batch is accepted as ``b`` images of one size.
+- A ``(b, c, h, w)`` batch is accepted as ``b`` images of one size, each its own sequence (vit-pytorch
+  reads such a batch as one group of ``b`` images: the same outputs).
+- ``num_classes=0`` returns the pooled features ``(num_images, dim)``; vit-pytorch keeps a
+  ``Linear(dim, 0)`` that returns ``(num_images, 0)``, which ``legacy_num_classes_zero=True`` restores.
+- ``forward_features`` returns ``PackedTokens`` (the packed tokens and their ``Packed`` layout) and
+  ``forward_head`` takes it; ``forward_intermediates`` is refused (``intermediates_unsupported``).
 - Bad images raise ``ValueError`` up front (a wrong channel count, a side not divisible by the patch,
   an image larger than the position tables), naming the image.
 """
@@ -27,7 +32,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from fastvit.attention import Packed
+from fastvit.attention import KeyPaddingMask, Packed
 from fastvit.layers import (
     AttentionBase,
     BiasFreeLayerNorm,
@@ -43,6 +48,7 @@ from fastvit.layers import (
 from fastvit.layers.packing import pack_images
 
 from .base import VisionModel
+from .registry import register_model
 
 __all__ = ["NaViT", "PackedTokens", "Attention", "Transformer", "group_images_by_max_seq_len", "LayerNorm", "RMSNorm"]
 
@@ -63,6 +69,13 @@ class PackedTokens(NamedTuple):
     packed: Packed
 
 
+class _PaddedTokens(NamedTuple):
+    """``forward(pack=False)``'s tokens: ``(images, longest, dim)`` and the mask of each row's real ones."""
+
+    tokens: Tensor
+    mask: KeyPaddingMask
+
+
 class Attention(AttentionBase):
     """NaViT's attention: bias-free LayerNorm on the queries' input, ``to_q`` and ``to_kv`` apart (no
     bias; keys and values from a ``context`` for the pooling), per-head RMS norms on q and k, scale 1,
@@ -79,13 +92,18 @@ class Attention(AttentionBase):
         self.to_kv = Linear(dim, inner_dim * 2, bias=False)
         self.to_out = nn.Sequential(Linear(inner_dim, dim, bias=False), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, packed: Packed, context: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, packed: Union[Packed, KeyPaddingMask], context: Optional[Tensor] = None) -> Tensor:
         """``x (1, sum(lengths), dim)`` queries; ``context (1, sum(kv_lengths), dim)`` keys and values
-        (None: ``x`` after the norm; a context is used as it is, as vit-pytorch does)."""
+        (None: ``x`` after the norm; a context is used as it is, as vit-pytorch does). With a
+        ``KeyPaddingMask`` instead of a ``Packed`` layout the call is padded: ``x (b, n, dim)``, a row
+        per image, and the mask marks each row's real keys (``NaViT.forward(pack=False)``)."""
         x = self.norm(x)
-        q = self.q_norm(split_heads(self.to_q(x), self.heads))  # (1, h, nq, d)
-        k, v = split_qkv(self.to_kv(x if context is None else context), self.heads, parts=2)  # (1, h, nk, d)
-        out = self.attend(q, self.k_norm(k), v, scale=1.0, packed=packed)
+        q = self.q_norm(split_heads(self.to_q(x), self.heads))  # (b, h, nq, d)
+        k, v = split_qkv(self.to_kv(x if context is None else context), self.heads, parts=2)  # (b, h, nk, d)
+        # The per-head norms' fp32 gammas promote q and k under autocast; attend needs one dtype
+        # (vit-pytorch's SDPA call casts them to autocast's dtype itself).
+        layout = dict(bias=packed) if isinstance(packed, KeyPaddingMask) else dict(packed=packed)
+        out = self.attend(q.to(v.dtype), self.k_norm(k).to(v.dtype), v, scale=1.0, **layout)
         return self.to_out(merge_heads(out))
 
 
@@ -101,16 +119,30 @@ class Transformer(BlockRunner, nn.Module):
         ]) for _ in range(depth))
         self.norm = BiasFreeLayerNorm(dim)
 
-    def forward(self, x: Tensor, packed: Packed) -> Tensor:
+    def forward(self, x: Tensor, packed: Union[Packed, KeyPaddingMask]) -> Tensor:
         for attn, ff in self.layers:
             x = self.run_block(lambda x, attn=attn, ff=ff: _block(attn, ff, x, packed), x)
             self.tap(x)
         return self.norm(x)
 
 
-def _block(attn: Attention, ff: nn.Module, x: Tensor, packed: Packed) -> Tensor:
+def _block(attn: Attention, ff: nn.Module, x: Tensor, packed: Union[Packed, KeyPaddingMask]) -> Tensor:
     x = attn(x, packed) + x
     return ff(x) + x
+
+
+def _padded_rows(packed: Packed, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(rows, keep)``: each real token's flat index in an ``(images, longest)`` padded grid, and the
+    grid's mask of real tokens (cached per layout and device)."""
+    def build():
+        doc, _ = packed.document_ids(device)
+        starts = torch.tensor(packed.offsets[:-1], device=device)
+        position = torch.arange(packed.total, device=device) - starts[doc.long()]
+        rows = doc.long() * packed.max_len + position
+        keep = torch.zeros(packed.num_sequences * packed.max_len, dtype=torch.bool, device=device)
+        return rows, keep.index_fill(0, rows, True).view(packed.num_sequences, packed.max_len)
+
+    return packed.cached("navit_padded_rows", device, build)
 
 
 def _patch_count(image: Tensor, patch_size: int) -> int:
@@ -155,14 +187,25 @@ class NaViT(VisionModel):
         channels: input channels. dropout: attention / MLP dropout. emb_dropout: after the embedding.
         token_dropout_prob: in training, the fraction of each image's tokens dropped at random: a
             float, or ``f(height, width) -> float``.
+        legacy_num_classes_zero: ``num_classes=0`` keeps vit-pytorch's ``Linear(dim, 0)``.
+
+    ``forward`` takes a list of ``(c, h, w)`` images of any sizes, a list of such lists (vit-pytorch's
+    groups), or a ``(b, c, h, w)`` batch (``b`` images of one size); every image is its own sequence.
+    ``pack=False`` runs the same computation padded instead, each image a row of a batch padded to
+    the longest with a ``KeyPaddingMask`` (the baseline packing is measured against: ``fastvit bench
+    --packed``); its outputs equal the packed ones within fp32 rounding.
     """
 
     classifier_path = "mlp_head.1"
-    intermediates_from = "transformer"
+    # Why forward_intermediates refuses (a model without this attribute serves it; the registry
+    # tests check the refusal for the models that declare one).
+    intermediates_unsupported = ("its blocks see the packed tokens of images of several sizes (and, in training, "
+                                 "of token dropout), not a (b, n, dim) grid; use forward_features (the packed "
+                                 "tokens with their lengths)")
 
     def __init__(self, *, image_size, patch_size: int, num_classes: int, dim: int, depth: int, heads: int,
                  mlp_dim: int, channels: int = 3, dim_head: int = 64, dropout: float = 0.0, emb_dropout: float = 0.0,
-                 token_dropout_prob: Union[float, Callable, None] = None):
+                 token_dropout_prob: Union[float, Callable, None] = None, legacy_num_classes_zero: bool = False):
         super().__init__()
         image_height, image_width = pair(image_size)
         if image_height % patch_size or image_width % patch_size:
@@ -191,7 +234,7 @@ class NaViT(VisionModel):
         self.attn_pool = Attention(dim, heads=heads, dim_head=dim_head)
         self.to_latent = nn.Identity()
         self.mlp_head = nn.Sequential(BiasFreeLayerNorm(dim), Linear(dim, num_classes, bias=False))
-        self.set_head(dim, num_classes)
+        self.set_head(dim, num_classes, legacy_num_classes_zero)
 
     # -- the images of a call ---------------------------------------------------------------------------
 
@@ -218,18 +261,33 @@ class NaViT(VisionModel):
                                         group_max_seq_len)
         return images
 
-    def forward_features(self, batched_images, group_images: bool = False,
-                         group_max_seq_len: int = 2048) -> PackedTokens:
-        """The normed tokens of every image, packed: ``PackedTokens((1, sum(lengths), dim), packed)``."""
+    def forward_features(self, batched_images, group_images: bool = False, group_max_seq_len: int = 2048,
+                         pack: bool = True) -> PackedTokens:
+        """The normed tokens of every image, packed: ``PackedTokens((1, sum(lengths), dim), packed)``,
+        image after image in the order given (``forward_head`` takes it). ``pack=False``: computed
+        padded (see the class docstring), returned packed all the same."""
+        tokens, packed, rows = self._features(batched_images, group_images, group_max_seq_len, pack)
+        if rows is not None:  # padded: the real rows, image after image
+            tokens = tokens.flatten(0, 1)[rows].unsqueeze(0)
+        return PackedTokens(tokens, packed)
+
+    def _features(self, batched_images, group_images: bool, group_max_seq_len: int, pack: bool) -> tuple:
+        """``(tokens, packed, rows)``: packed ``(1, total, dim)`` and ``rows`` None, or with ``pack=False``
+        padded ``(images, longest, dim)`` and ``rows`` the flat index of every real token in it."""
         images = self._images(batched_images, group_images, group_max_seq_len)
         patches, lengths, positions = pack_images(images, self.patch_size, self.channels)
+        lengths = tuple(int(n) for n in lengths)  # host ints (a trace records image sides as tensors)
         if self.calc_token_dropout is not None and self.training:
             patches, lengths, positions = self._drop_tokens(images, patches, lengths, positions)
         x = self.to_patch_embedding(patches)  # (total, dim)
         x = x + self.pos_embed_height[positions[:, 0]] + self.pos_embed_width[positions[:, 1]]
         packed = Packed(lengths)
-        x = self.transformer(self.dropout(x).unsqueeze(0), packed)  # (1, total, dim)
-        return PackedTokens(x, packed)
+        x = self.dropout(x)
+        if pack:
+            return self.transformer(x.unsqueeze(0), packed), packed, None  # (1, total, dim)
+        rows, keep = _padded_rows(packed, x.device)
+        padded = x.new_zeros((keep.numel(), x.shape[-1])).index_copy(0, rows, x).unflatten(0, keep.shape)
+        return self.transformer(padded, KeyPaddingMask(keep)), packed, rows  # (images, longest, dim)
 
     def _drop_tokens(self, images, patches: Tensor, lengths: tuple, positions: Tensor) -> tuple:
         """Keep ``max(1, int(n * (1 - p)))`` random tokens of each image (vit-pytorch's draw: the top
@@ -246,15 +304,24 @@ class NaViT(VisionModel):
     def pool_features(self, x: PackedTokens) -> Tensor:
         """Attention pooling: one learned query per image over its own tokens, then the head's norm:
         ``(num_images, dim)``."""
+        if isinstance(x, _PaddedTokens):  # forward(pack=False): a padded row per image
+            queries = self.attn_pool_queries.expand(x.tokens.shape[0], 1, -1)  # (images, 1, dim)
+            pooled = self.attn_pool(queries, x.mask, context=x.tokens) + queries
+            return self.mlp_head[0](self.to_latent(pooled[:, 0]))
         tokens, packed = x
         n = packed.num_sequences
         queries = self.attn_pool_queries.expand(1, n, -1)  # (1, images, dim)
         pooled = self.attn_pool(queries, Packed([1] * n, packed.lengths), context=tokens) + queries
         return self.mlp_head[0](self.to_latent(pooled[0]))
 
-    def forward(self, batched_images, group_images: bool = False, group_max_seq_len: int = 2048) -> Tensor:
-        """Logits ``(num_images, num_classes)``, one row per image in the order given."""
-        return self.forward_head(self.forward_features(batched_images, group_images, group_max_seq_len))
+    def forward(self, batched_images, group_images: bool = False, group_max_seq_len: int = 2048,
+                pack: bool = True) -> Tensor:
+        """Logits ``(num_images, num_classes)``, one row per image in the order given (``pack=False``:
+        computed padded, see the class docstring)."""
+        if pack:
+            return self.forward_head(self.forward_features(batched_images, group_images, group_max_seq_len))
+        tokens, packed, _ = self._features(batched_images, group_images, group_max_seq_len, pack=False)
+        return self.forward_head(_PaddedTokens(tokens, KeyPaddingMask(_padded_rows(packed, tokens.device)[1])))
 
     def check_input(self, img) -> None:
         images = img.unbind(0) if isinstance(img, Tensor) and img.dim() == 4 else img
@@ -264,7 +331,20 @@ class NaViT(VisionModel):
                     super().check_input(image)
 
     def forward_intermediates(self, x, *args, **kwargs):
-        """Not served yet: NaViT's blocks see packed tokens of images of several sizes (use
-        ``forward_features``: the packed tokens with their lengths)."""
-        raise ValueError("NaViT.forward_intermediates is not supported: its blocks see the packed tokens of images "
-                         "of several sizes; use forward_features (packed tokens with their lengths)")
+        """Refused with ``intermediates_unsupported`` as the reason (after the input checks)."""
+        self.check_input(x)
+        raise ValueError(f"NaViT.forward_intermediates is not supported: {self.intermediates_unsupported}")
+
+
+# Small enough for CPU tests: 32 x 32 inputs of 16 patches each.
+_SMALL = dict(image_size=32, patch_size=8, num_classes=10, dim=32, depth=2, heads=2, dim_head=16, mlp_dim=64)
+
+for _name, _kw in {
+    # ViT-Ti / ViT-S / ViT-B widths; image_size is the largest image (any smaller one, any aspect ratio, fits).
+    "navit_tiny_patch16_256": dict(patch_size=16, dim=192, heads=3, mlp_dim=768),
+    "navit_small_patch16_256": dict(patch_size=16, dim=384, heads=6, mlp_dim=1536),
+    "navit_base_patch16_256": dict(patch_size=16, dim=768, heads=12, mlp_dim=3072),
+    "navit_base_patch32_256": dict(patch_size=32, dim=768, heads=12, mlp_dim=3072),
+}.items():
+    register_model(_name, NaViT, vit_pytorch="vit_pytorch.na_vit:NaViT", test_overrides=_SMALL,
+                   input_size=(3, 256, 256), image_size=256, num_classes=1000, depth=12, **_kw)

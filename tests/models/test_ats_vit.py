@@ -1,5 +1,6 @@
 """ATS-ViT (adaptive token sampling): parity with vit-pytorch under the same seed, the sampled ids,
-batch consistency, padding widths, gradients, bad input."""
+batch consistency, padding widths, gradients, bad input; packed kept sets (``packed=True``) against
+the padded ones."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from fastvit.ats_vit import ViT
 from helpers import assert_close
 
+import fastvit
 import fastvit.layers.attention as attention_layer
 from fastvit.attention import KeyPaddingMask
 from fastvit.models.ats_vit import UniformStream
@@ -278,3 +280,98 @@ def test_seed_readme_example_shrunk():
     preds, token_ids = v(img, return_sampled_token_ids=True)
     assert preds.shape == (4, 1000) and token_ids.shape[0] == 4 and token_ids.shape[1] <= 8
     assert token_ids.min() >= -1 and token_ids.max() < 256
+
+
+# -- packed kept sets (packed=True) ---------------------------------------------------------------------
+
+def padded_and_packed(cfg, **kwargs):
+    """The same weights twice: kept sets padded and masked (the default) and packed, both in eval."""
+    torch.manual_seed(0)
+    padded = ViT(**cfg, **kwargs).eval()
+    packed = ViT(**cfg, **kwargs, packed=True).eval()
+    packed.load_state_dict(padded.state_dict())
+    return padded, packed
+
+
+def run_tokens(model, x, seed):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.forward_tokens(x)
+
+
+@pytest.mark.parametrize("batch_wide_sampling", [False, True], ids=["per_image", "batch_wide"])
+@pytest.mark.parametrize("cfg, batch", [(UNEVEN, 1), (UNEVEN, 3), (UNEVEN, 6), (SEED, 4)],
+                         ids=["uneven-B1", "uneven-B3", "uneven-B6", "seed-B4"])
+def test_packed_kept_sets_give_the_padded_logits_ids_and_tokens(cfg, batch, batch_wide_sampling):
+    padded, packed = padded_and_packed(cfg, batch_wide_sampling=batch_wide_sampling)
+    x = image(cfg, batch)
+    counts = set()
+    for seed in range(3):
+        logits, ids = run(padded, x, seed)
+        p_logits, p_ids = run(packed, x, seed)
+        assert_close(p_logits, logits, atol=1e-5, rtol=1e-5, what=f"packed vs padded logits, seed {seed}")
+        assert torch.equal(p_ids, ids), f"seed {seed}: packed ids\n{p_ids}\npadded ids\n{ids}"
+        counts |= set((ids >= 0).sum(dim=1).tolist())
+        (tokens, token_ids), (p_tokens, p_token_ids) = (run_tokens(m, x, seed) for m in (padded, packed))
+        assert torch.equal(p_token_ids, token_ids)
+        real = torch.cat([torch.ones_like(token_ids[:, :1], dtype=torch.bool), token_ids >= 0], dim=1)
+        assert_close(p_tokens[real], tokens[real], atol=1e-5, rtol=1e-5, what=f"kept tokens, seed {seed}")
+        assert (p_tokens[~real] == 0).all(), "padding slots of the packed path's tokens are zeros"
+    if batch > 1 and cfg is UNEVEN:
+        assert len(counts) > 1, f"the batch should keep different counts per image, kept {counts}"
+
+
+def test_packed_backward_runs_with_finite_gradients_equal_to_the_padded_ones():
+    padded, packed = padded_and_packed(UNEVEN)
+    x = image(UNEVEN, 5)
+    for model in (padded, packed):
+        torch.manual_seed(0)
+        model(x).pow(2).mean().backward()
+    for (name, p), q in zip(padded.named_parameters(), packed.parameters()):
+        assert q.grad is not None and torch.isfinite(q.grad).all(), f"{name}: no finite gradient"
+        assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-4, what=f"packed grad of {name}")
+    checkpointed = ViT(**UNEVEN, packed=True).eval()
+    checkpointed.load_state_dict(packed.state_dict())
+    checkpointed.set_grad_checkpointing(True)
+    torch.manual_seed(0)
+    checkpointed(x).pow(2).mean().backward()
+    for (name, p), q in zip(packed.named_parameters(), checkpointed.parameters()):
+        assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, what=f"checkpointed packed grad of {name}")
+
+
+def test_packed_gives_the_same_result_under_reference_and_default_dispatch():
+    _, packed = padded_and_packed(UNEVEN)
+    x = image(UNEVEN, 4)
+    with fastvit.use_backend("reference"):
+        ref_logits, ref_ids = run(packed, x, 0)
+    logits, ids = run(packed, x, 0)
+    assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5, what="packed under auto vs reference")
+    assert torch.equal(ids, ref_ids)
+
+
+def test_packed_calls_attend_packed_and_never_masks(monkeypatch):
+    calls = []
+    real = attention_layer.attend
+
+    def spy(q, k, v, **kwargs):
+        calls.append((q.shape, k.shape, kwargs))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(attention_layer, "attend", spy)
+    _, packed = padded_and_packed(UNEVEN)
+    with torch.no_grad():
+        packed.forward_features(image(UNEVEN, 3))
+    assert not any(kw.get("bias") is not None or kw.get("return_probs") for _, _, kw in calls)
+    # The first layer samples from the (3, 65) batch: its CLS call is the first packed one.
+    layouts = [kw.get("packed") for _, _, kw in calls]
+    assert layouts[0] is not None and all(p is not None for p in layouts)
+    for q_shape, k_shape, kw in calls:
+        assert q_shape[0] == 1 and q_shape[2] == kw["packed"].total and k_shape[2] == kw["packed"].kv_total
+        if kw.get("return_cls_probs"):  # one query per image, over its own keys
+            assert kw["packed"].lengths == (1, 1, 1)
+    assert len({kw["packed"].kv_lengths for _, _, kw in calls}) > 2, "later layers see the kept counts"
+
+
+def test_packed_refuses_fixed_widths():
+    with pytest.raises(ValueError, match="trim_padding=False"):
+        ViT(**UNEVEN, packed=True, trim_padding=False)
