@@ -31,14 +31,18 @@ part is recorded and the next one still runs), inside a total budget of 420 s (`
 7. ``graphs``: ``benchmarks/cuda_graphs.py``: a fastvit ViT-B/16 and a patched timm ViT-B/16 on the
    triton backend, batch 1 and 8, bf16 autocast: eager vs one captured CUDA graph replayed (the
    graph's logits against eager's, and the speed-up: at small batch the host path is the cost).
-8. ``bench_models``: the default presets, same contenders.
-9. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
+8. ``bench_packed``: ``fastvit bench --packed`` in bf16, forward and forward + backward: 16 images of
+   128-384 px through NaViT (ViT-S width) packed vs padded vs vit-pytorch's (skipped: not installed),
+   and one attention call at those lengths packed on triton (the variable-length kernels), flex (a
+   document block mask) and sdpa, each against padded SDPA with a key mask.
+9. ``bench_models``: the default presets, same contenders.
+10. ``bench_timm_patch``: timm's Swin-T, LeViT-256, CaiT-XXS24, Twins-SVT-S, MaxViT-T and ViT-B/16 in
    bf16 autocast, unpatched (timm eager) vs ``fastvit.patch_timm`` (same weights).
-10. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
+11. ``tune``: ``fastvit tune --device cuda`` (kernel configs per model-named shape bucket, written to
    ``kernels/tuned/<device>.json``), with what time is left.
-11. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
+12. ``bench_timm_compile``: ViT-B/16 again with timm under ``torch.compile`` as one more contender,
    only if at least 90 s are left.
-12. ``graphs_compile``: the graph cases again, plus ``torch.compile(mode="reduce-overhead")`` at batch
+13. ``graphs_compile``: the graph cases again, plus ``torch.compile(mode="reduce-overhead")`` at batch
     8, only if at least 120 s are left.
 
 A part gets its share of the budget plus what earlier parts left unused. At its limit it receives
@@ -71,7 +75,8 @@ TOTAL_BUDGET_S = 420.0
 
 # Seconds per part at the default budget (scaled to --budget); a part's unused time rolls forward.
 SHARES = {"info": 10, "tests": 120, "check": 35, "bench_attention": 70, "bench_windows": 30, "model": 20,
-          "bench_vit_b16": 35, "graphs": 20, "bench_models": 25, "bench_timm_patch": 25, "tune": 30,
+          "bench_vit_b16": 35, "graphs": 20, "bench_packed": 15, "bench_models": 20, "bench_timm_patch": 25,
+          "tune": 20,
           "bench_timm_compile": 0,
           "graphs_compile": 0}
 OPTIONAL_MIN_S = {"bench_timm_compile": 90.0, "graphs_compile": 120.0}  # no share: only with this much left
@@ -86,7 +91,8 @@ VIT_B16, QUICK_MODEL = "vit_base_patch16_224", "vit_small_patch16_224"
 QUICK_SHAPES = "vit_b16_224,vit_s16_224,levit_256_stage2,ats_vit_s_cls_probs"
 # Windowed shapes run in WINDOW_SHAPES' order: the targets' shape first, so a part cut short still has it.
 QUICK_WINDOW_SHAPES = "swin_t_stage1,crossformer_s_long"
-WINDOW_TARGET_SHAPE = "swin_t_stage1"  # 7x7 windows, relative-position bias, shift 3
+WINDOW_TARGET_SHAPE = "swin_t_stage1"
+PACKED_GROUP = "navit_s16_mixed16"  # fastvit.tools.packed_bench's group  # 7x7 windows, relative-position bias, shift 3
 # timm models patched in place (fastvit.tools.timm_models) and their GPU goals vs timm eager.
 TIMM_PATCH_GOALS = {"swin_tiny_patch4_window7_224": 1.3, "levit_256": 1.3, "cait_xxs24_224": 1.3,
                     "twins_svt_small": 1.3, "maxvit_tiny_tf_224": 1.3, "vit_base_patch16_224": 1.0}
@@ -297,6 +303,9 @@ def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224
     a = lambda name, backend, mode="fwd": _median(att, kind="attention", name=name, mode=mode, backend=backend,
                                                   dtype=dtype)
     m = lambda contender: _median(vitb, kind="model", name=model, contender=contender)
+    packed = ((parts.get("bench_packed") or {}).get("result") or {}).get("results", [])
+    p = lambda contender, mode="fwd": _median(packed, kind="packed", name=PACKED_GROUP, mode=mode, contender=contender,
+                                              dtype=dtype)
     return [
         _target("ViT-B attention (N=197, D=64) fwd: triton >= 1.0x sdpa", 1.0, a("vit_b16_224", "triton"),
                 a("vit_b16_224", "sdpa")),
@@ -319,6 +328,14 @@ def targets(parts: dict, dtype: str = "bf16", model: str = "vit_base_patch16_224
         _bandwidth_target("7x7 windows with bias and shift fwd: triton >= 60% of HBM bandwidth on the q/k/v/o bytes",
                           0.6, _row(win, kind="attention", name=WINDOW_TARGET_SHAPE, mode="fwd", contender="triton",
                                     dtype=dtype)),
+        _target("packed attention at 16 mixed-resolution images' lengths fwd: triton varlen >= 1.5x padded SDPA "
+                "with a key mask", 1.5, p("attend packed triton"), p("attend padded sdpa")),
+        _target("packed attention fwd+bwd: triton varlen >= 1.5x padded SDPA with a key mask", 1.5,
+                p("attend packed triton", "fwd+bwd"), p("attend padded sdpa", "fwd+bwd")),
+        _target("packed attention fwd: triton varlen >= 1.0x flex's document mask", 1.0, p("attend packed triton"),
+                p("attend packed flex")),
+        _target("NaViT (ViT-S width, 16 mixed images) fwd: packed >= 1.5x the same model padded", 1.5,
+                p("fastvit NaViT packed"), p("fastvit NaViT padded")),
         *_graph_targets(parts),
         *(_target(f"timm {name} patched in place, {dtype}: >= {goal}x timm eager", goal,
                   _median(patched, kind="timm", name=name, contender=f"patched {dtype}"),
@@ -375,6 +392,9 @@ def build_parts(args, tmp: str) -> dict:
                            "--batch-size", "2" if args.quick else "128", "--group-seconds",
                            "0.2" if args.quick else "2", "--json", path("vit_b16.json")], path("vit_b16.json"), {}),
         "graphs": ([py, graphs, *dev, *quick, "--json", path("graphs.json")], path("graphs.json"), {}),
+        "bench_packed": ([*bench, "--no-attention", "--no-models", "--packed", "--backward", "--group-seconds",
+                          "0.2" if args.quick else "0.6", "--json", path("packed.json")], path("packed.json"),
+                         interpret),
         "bench_models": ([*models, "--models", "default", "--group-seconds", "0.2" if args.quick else "0.4",
                           *(["--batch-size", "32"] if not args.quick else []), "--json", path("models.json")],
                          path("models.json"), {}),

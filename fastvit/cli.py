@@ -172,6 +172,7 @@ def cmd_bench(args, out: Console) -> int:
                          timm=not args.no_timm, memory=not args.no_memory, max_seconds=args.max_seconds,
                          threads=args.threads, tune_allocator=args.tune_allocator,
                          timm_compile=args.timm_compile, timm_patch=_split(args.timm_patch), overhead=overhead,
+                         packed=args.packed, ats=args.ats,
                          precision=0.05 if args.precision is None else args.precision)
     try:
         n_groups = len(plan(config))
@@ -432,6 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "linear=True, same weights; comma-separated globs over timm names or families, 'all' (one "
                         "model per family) or 'default' (ViT-S/16, Swin-T); combine with --no-attention "
                         "--no-models to run only these")
+    p.add_argument("--packed", action="store_true",
+                   help="the packed group: 16 images of 128-384 px through NaViT at ViT-S width, fastvit packed vs "
+                        "the same model padded with a KeyPaddingMask vs vit-pytorch's NaViT (same weights), and one "
+                        "attention call packed vs padded; fp32 forward, with the targets")
+    p.add_argument("--ats", action="store_true",
+                   help="the ats group: ATS-ViT-S/16 at its default sampling, the kept tokens packed (packed=True) "
+                        "vs padded with a key mask, same weights and images, with the target")
     p.add_argument("--overhead", action="store_true",
                    help="the host-path group: us per call on [1, 1, 16, 16] fp32, raw SDPA vs attend() (auto, sdpa, "
                         "each bias descriptor, a Window), the triton path with its launch a no-op (on the CPU it "

@@ -632,3 +632,76 @@ def test_triton_noop_contender_says_why_it_cannot_run(monkeypatch):
     launch = kattn._launch
     with info["scope"]():  # nothing to no-op when the row does not run
         assert kattn._launch is launch
+
+
+# ---- the packed group -------------------------------------------------------------------------------------------
+
+def test_packed_group_is_planned_only_when_asked_for_per_dtype_and_mode():
+    assert not any(g.kind == "packed" for g in runner.plan(runner.BenchConfig(device="cpu")))
+    only = runner.plan(runner.BenchConfig(device="cpu", models=[], shapes=[], overhead=False, packed=True,
+                                          backward=True, dtypes=["fp32", "bf16"]))
+    assert [(g.kind, g.mode, g.dtype) for g in only] == [("packed", m, d) for d in ("fp32", "bf16")
+                                                          for m in ("fwd", "fwd+bwd")]
+
+
+def test_mixed_images_are_seeded_and_about_half_padding():
+    from fastvit.tools.packed_bench import mixed_images, padding_fraction
+
+    images = mixed_images()
+    assert len(images) == 16 and all(128 <= s <= 384 and s % 16 == 0 for im in images for s in im.shape[1:])
+    assert all(torch.equal(a, b) for a, b in zip(images, mixed_images()))
+    lengths = [(im.shape[1] // 16) * (im.shape[2] // 16) for im in images]
+    assert 0.3 < padding_fraction(lengths) < 0.7
+    assert padding_fraction([4, 2, 2]) == pytest.approx(1 - 8 / 12)
+
+
+def test_packed_group_times_navit_and_attention_packed_against_padded(capsys, tmp_path):
+    pytest.importorskip("vit_pytorch")
+    from fastvit.tools.packed_bench import ATTEND_PADDED, PACKED, PACKED_TARGETS, PADDED, VIT_PYTORCH, attend_packed
+
+    path = tmp_path / "packed.json"
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--packed", "--no-attention", "--no-models",
+                   "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    doc = json.loads(path.read_text())
+    assert schema.validate_document(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert {r["kind"] for r in rows.values()} == {"packed"}
+    assert set(rows) == {VIT_PYTORCH, PACKED, PADDED, ATTEND_PADDED, *(attend_packed(b) for b in
+                                                                       ("auto", "triton", "flex", "sdpa"))}
+    ran = {n for n, r in rows.items() if r["status"] == "ok"}
+    assert {VIT_PYTORCH, PACKED, PADDED, ATTEND_PADDED, attend_packed("sdpa"), attend_packed("auto")} <= ran, \
+        {n: r["reason"] for n, r in rows.items() if r["status"] != "ok"}
+    ms = {n: rows[n]["median_ms"] for n in ran}
+    assert rows[PACKED]["x_vit_pytorch"] == pytest.approx(ms[VIT_PYTORCH] / ms[PACKED])
+    assert rows[PACKED]["x_padded"] == pytest.approx(ms[PADDED] / ms[PACKED])
+    assert rows[attend_packed("sdpa")]["x_padded"] == pytest.approx(ms[ATTEND_PADDED] / ms[attend_packed("sdpa")])
+    assert rows[attend_packed("sdpa")]["served_by"] == "sdpa" and rows[ATTEND_PADDED]["served_by"] == "sdpa"
+    first = rows[PACKED]
+    assert first["images"] == 4 and first["tokens"] < first["padded_tokens"]
+    for name, targets in PACKED_TARGETS.items():
+        got = rows[name]["targets"]
+        assert [(t["field"], t["min"]) for t in got] == [(f, m) for f, m, _ in targets]
+        for t in got:
+            assert t["met"] is (None if t["value"] is None else t["value"] >= t["min"])
+    assert "packed sequences on" in out and "packed targets:" in out
+
+
+def test_ats_group_times_packed_against_padded_token_sampling(capsys, tmp_path):
+    from fastvit.tools.packed_bench import ATS_PACKED, ATS_PADDED, ATS_TARGETS
+
+    path = tmp_path / "ats.json"
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--ats", "--no-attention", "--no-models",
+                   "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    doc = json.loads(path.read_text())
+    assert schema.validate_document(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert set(rows) == {ATS_PADDED, ATS_PACKED} and all(r["status"] == "ok" for r in rows.values())
+    assert rows[ATS_PACKED]["x_padded"] == pytest.approx(rows[ATS_PADDED]["median_ms"] / rows[ATS_PACKED]["median_ms"])
+    (target,) = rows[ATS_PACKED]["targets"]
+    assert (target["field"], target["min"]) == ATS_TARGETS[ATS_PACKED][0][:2]
+    assert target["met"] is (target["value"] >= target["min"])
+    assert "adaptive token sampling on" in out and "ats targets:" in out

@@ -153,6 +153,12 @@ def render_bench(doc: dict, out: Console) -> None:
     overhead = [r for r in rows if r["kind"] == "overhead"]
     if overhead:
         out.print(overhead_table(doc, overhead))
+    packed = [r for r in rows if r["kind"] == "packed"]
+    if packed:
+        out.print(packed_table(doc, packed))
+    ats = [r for r in rows if r["kind"] == "ats"]
+    if ats:
+        out.print(ats_table(doc, ats))
 
     unstable = {}
     for r in rows:
@@ -233,6 +239,54 @@ def overhead_table(doc: dict, rows: list) -> Table:
     return table
 
 
+def _packed_targets(r: dict) -> str:
+    verdict = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "[yellow]not measured[/yellow]"}
+    parts = []
+    for t in r.get("targets") or []:
+        parts.append(f"{escape(t['field'])} {fmt(t['value'], '.2f')} >= {t['min']:g}: {verdict[t['met']]}")
+    return "; ".join(parts)
+
+
+def packed_table(doc: dict, rows: list) -> Table:
+    """The packed group: img/s of NaViT packed, padded and vit-pytorch's, one attention call packed vs padded."""
+    first = rows[0]
+    table = Table(title=f"packed sequences on {doc['device']}: {first['images']} images, {first['tokens']} tokens "
+                        f"({first['padded_tokens']} padded, {100 * first['padding_fraction']:.0f}% padding), NaViT "
+                        f"dim {first['model']['dim']} depth {first['model']['depth']}, one interleaved run per dtype "
+                        f"and mode; x = the other contender's time / this (95% "
+                        f"intervals)", box=box.SIMPLE_HEAD,
+                  title_justify="left")
+    numeric = ("ms", "img/s", "x vit-pytorch", "x padded", "x flex")
+    for col in ("mode", "contender", "served by", *numeric, "targets", "note"):
+        table.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
+    last = None
+    for r in rows:
+        if last is not None and (r["dtype"], r["mode"]) != last:
+            table.add_section()
+        last = (r["dtype"], r["mode"])
+        note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        table.add_row(f"{r['dtype']} {r['mode']}", escape(r["contender"]),
+                      escape(r.get("served_by") or r.get("impl") or "-"), fmt(r.get("median_ms"), ".1f"),
+                      fmt(r.get("img_per_s"), ".1f"), _ratio_of(r, "x_vit_pytorch"), _ratio_of(r, "x_padded"),
+                      _ratio_of(r, "x_flex"), _packed_targets(r), _marked(r, note))
+    return table
+
+
+def ats_table(doc: dict, rows: list) -> Table:
+    """The ats group: adaptive token sampling with the kept tokens packed vs padded."""
+    first = rows[0]
+    table = Table(title=f"adaptive token sampling on {doc['device']}: {first['name']}, batch {first['batch_size']}, "
+                        f"kept tokens packed vs padded with a key mask, one interleaved run per dtype and mode; x = "
+                        f"the padded model's time / this (95% intervals)", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in ("mode", "contender", "ms", "img/s", "x padded", "targets", "note"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("ms", "img/s", "x padded") else "left")
+    for r in rows:
+        note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        table.add_row(f"{r['dtype']} {r['mode']}", escape(r["contender"]), fmt(r.get("median_ms"), ".1f"),
+                      fmt(r.get("img_per_s"), ".1f"), _ratio_of(r, "x_padded"), _packed_targets(r), _marked(r, note))
+    return table
+
+
 def headline(doc: dict) -> list:
     """One-line summaries of the ratios that matter most, where the run has them."""
     from fastvit.tools.contenders import HEADLINE_MODEL
@@ -260,6 +314,13 @@ def headline(doc: dict) -> list:
             x = r.get("x_reference")
             lines.append(f"attention N=4096 {dtype} {mode}: auto ({r.get('served_by')}) "
                          f"{'-' if x is None else f'{x:.2f}x'} the naive path{mem}")
+    for kind in ("packed", "ats"):
+        found = [(r, t) for r in doc["results"] if r["kind"] == kind for t in r.get("targets") or []]
+        if found:
+            met = sum(t["met"] is True for _, t in found)
+            lines.append(f"{kind} targets: {met} of {len(found)} met (" + "; ".join(
+                f"{r['contender']} {r['dtype']} {r['mode']} {t['field']} {fmt(t['value'], '.2f')} >= {t['min']:g}"
+                for r, t in found) + ")")
     targets = [r for r in doc["results"] if r["kind"] == "overhead" and r.get("target")]
     if targets:
         met = sum(r.get("target_met") is True for r in targets)

@@ -90,6 +90,11 @@ class BenchConfig:
             SDPA vs ``attend()`` and each descriptor, the triton launch path, timm's Attention patched)
             (default: in a full run, i.e. neither ``quick`` nor ``models`` / ``shapes`` given; it takes
             at most 2 s of timing, 4 s at its hard cap).
+        packed: the ``packed`` group (``fastvit.tools.packed_bench``): 16 mixed-resolution images through
+            NaViT at ViT-S width, packed vs padded vs vit-pytorch, and one attention call packed vs
+            padded (default: off; ``--packed``), in each dtype and mode.
+        ats: the ``ats`` group: ATS-ViT-S/16 at its default sampling, batch 8 (``--batch-size``), kept
+            tokens packed (``packed=True``) vs padded with a key mask, same weights (default: off; ``--ats``).
         precision: the relative half-width (0.05 = ``±5%``) every ratio's 95% interval should reach;
             a group keeps sampling past its budget until it does or its hard cap (2x the budget) is
             reached, and is marked ``unstable`` if not.
@@ -115,6 +120,8 @@ class BenchConfig:
     timm_compile: bool = False
     timm_patch: Optional[list] = None
     overhead: Optional[bool] = None
+    packed: bool = False
+    ats: bool = False
     precision: float = 0.05
 
     def resolved_device(self) -> str:
@@ -228,6 +235,25 @@ def plan(config: BenchConfig) -> list:
                                   dtypes=[DTYPES[d] for d in dtype_names], mode=mode,
                                   batch_size=config.batch_size, quick=config.quick)))
 
+    if config.packed:
+        from fastvit.tools.packed_bench import PACKED_GROUP, packed_contenders
+
+        for dt in dtype_names:
+            for mode in modes:
+                groups.append(Group("packed", PACKED_GROUP, mode, dt, base * (1 if config.quick else 2),
+                                    functools.partial(packed_contenders, device=device, dtype=DTYPES[dt], mode=mode,
+                                                      quick=config.quick)))
+
+    if config.ats:
+        from fastvit.tools.packed_bench import ATS_GROUP, ats_contenders
+
+        for dt in dtype_names:
+            for mode in modes:
+                groups.append(Group("ats", ATS_GROUP, mode, dt, base,
+                                    functools.partial(ats_contenders, device=device, dtype=DTYPES[dt], mode=mode,
+                                                      batch_size=config.batch_size or (2 if config.quick else 8),
+                                                      quick=config.quick)))
+
     if _wants_overhead(config):  # fp32 and forward whatever --dtype / --backward say: a host-path cost
         groups.append(Group("overhead", OVERHEAD_GROUP, "fwd", "fp32",
                             config.group_seconds or min(base, OVERHEAD_BUDGET_S),
@@ -286,6 +312,23 @@ def _comparisons(group: Group, contenders: list) -> list:
             same_fp32 = c.name.rsplit(" ", 1)[0] + " fp32"
             if dt != "fp32" and same_fp32 in names:
                 out.append(Comparison("x_fp32", c.name, same_fp32))
+    elif group.kind == "packed":
+        from fastvit.tools.packed_bench import ATTEND_PADDED, PACKED, PADDED, VIT_PYTORCH, attend_packed
+
+        attention = [attend_packed(b) for b in ("auto", "triton", "flex", "sdpa")] + [ATTEND_PADDED]
+        for c in contenders:
+            if c.name in (PACKED, PADDED, VIT_PYTORCH) and VIT_PYTORCH in names:
+                out.append(Comparison("x_vit_pytorch", c.name, VIT_PYTORCH))
+            if c.name in (PACKED, PADDED) and PADDED in names:
+                out.append(Comparison("x_padded", c.name, PADDED))
+            if c.name in attention and ATTEND_PADDED in names:
+                out.append(Comparison("x_padded", c.name, ATTEND_PADDED))
+            if c.name == attend_packed("triton") and attend_packed("flex") in names:
+                out.append(Comparison("x_flex", c.name, attend_packed("flex")))
+    elif group.kind == "ats":
+        from fastvit.tools.packed_bench import ATS_PADDED
+
+        out += [Comparison("x_padded", c.name, ATS_PADDED) for c in contenders if ATS_PADDED in names]
     elif group.kind == "overhead":
         for c in contenders:
             if c.name in (TIMM_ATTENTION, TIMM_PATCHED):
@@ -430,6 +473,41 @@ def _overhead_rows(group: Group, contenders: list, info: dict, measured: dict) -
     return rows
 
 
+def _ats_rows(group: Group, contenders: list, info: dict, measured: dict) -> tuple:
+    from fastvit.tools.packed_bench import ats_targets
+
+    rows = []
+    for c in contenders:
+        m = measured[c.name]
+        row = {"kind": "ats", "name": group.name, "contender": c.name, "impl": c.meta.get("impl"),
+               "backend": c.meta.get("backend"), "dtype": group.dtype, "mode": group.mode,
+               "batch_size": info["batch_size"], "input_size": info["input_size"]}
+        if _status(row, c, m):
+            row.update(status="ok", reason="", img_per_s=info["batch_size"] / m.median, x_padded=None,
+                       x_padded_ci=None)
+        rows.append(row)
+    return rows, ats_targets
+
+
+def _packed_rows(group: Group, contenders: list, info: dict, measured: dict) -> tuple:
+    from fastvit.tools.packed_bench import packed_targets
+
+    rows = []
+    for c in contenders:
+        m = measured[c.name]
+        row = {"kind": "packed", "name": group.name, "contender": c.name, "impl": c.meta.get("impl"),
+               "backend": c.meta.get("backend"), "served_by": c.meta.get("served_by"), "dtype": group.dtype,
+               "mode": group.mode, "images": len(info["lengths"]), "tokens": info["tokens"],
+               "padded_tokens": info["padded_tokens"], "padding_fraction": info["padding_fraction"],
+               "model": info["model"]}
+        if _status(row, c, m):
+            row.update(status="ok", reason="", img_per_s=len(info["lengths"]) / m.median,
+                       **{key: None for key in ("x_padded", "x_padded_ci", "x_vit_pytorch", "x_vit_pytorch_ci",
+                                                "x_flex", "x_flex_ci")})
+        rows.append(row)
+    return rows, packed_targets
+
+
 def _add_targets(rows: list) -> None:
     """The overhead group's targets (``OVERHEAD_TARGETS``): ``target`` and ``target_met`` on their rows
     (``target_met`` None when the row did not run; judged on the median, the interval is beside it)."""
@@ -465,12 +543,21 @@ def run_group(group: Group, config: BenchConfig, on_round: Optional[Callable[[fl
         rows = _attention_rows(group, contenders, extra, measured, device)
     elif group.kind == "overhead":
         rows = _overhead_rows(group, contenders, info, measured)
+    elif group.kind == "packed":
+        rows, targets_of = _packed_rows(group, contenders, info, measured)
+    elif group.kind == "ats":
+        rows, targets_of = _ats_rows(group, contenders, info, measured)
     else:
         rows = _model_rows(group, contenders, extra, measured,
                            extra.get("batch_size") or group.build.keywords["batch_size"])
     _apply_comparisons(rows, contenders, comparisons, measured)
     if group.kind == "overhead":
         _add_targets(rows)
+    if group.kind in ("packed", "ats"):  # after the ratios: the targets read them
+        for row in rows:
+            targets = targets_of(row)
+            if targets is not None:
+                row["targets"] = targets
     wide = _unstable(contenders, comparisons, measured, config.precision)
     for row in rows:
         row["group_wall_s"] = wall
