@@ -23,11 +23,13 @@ import torch
 from .backends import get_backend
 from .bias import DenseBias, KeyPaddingMask, RelPosBias
 from .inputs import DTYPES, dtype_name
+from .packed import Packed
 from .window import Window
 
 __all__ = [
     "DTYPES", "SHAPES", "QUICK_SHAPES", "CUDA_SHAPES", "BIAS_KINDS", "WINDOW_SHAPES", "QUICK_WINDOW_SHAPES",
-    "CUDA_WINDOW_SHAPES", "WINDOW_BIAS_KINDS", "CheckCase", "device_dtypes", "parse_dtypes",
+    "CUDA_WINDOW_SHAPES", "WINDOW_BIAS_KINDS", "PACKED_SHAPES", "PACKED_BIAS_KINDS", "CheckCase", "device_dtypes",
+    "parse_dtypes",
     "declares", "generate_cases", "make_case_inputs", "trainable", "fp32_copy", "compare", "grad_scale",
     "no_tf32",
     "BIAS_PARTS", "bias_parts",
@@ -76,6 +78,20 @@ CUDA_WINDOW_SHAPES = [(2, 3, 32, 32, Window(grid=(56, 56), size=(7, 7), shift=(3
 # one [H, n, n] for all (CrossFormer's dynamic position bias). Key padding cannot combine with a window.
 WINDOW_BIAS_KINDS = ("none", "relpos", "dense", "dense_bcast")
 
+# Packed variable-length calls, (H, D, Dv, Packed): one sequence; many short ones; one long among short
+# ones (several query blocks, lengths that are no block multiples); one query per sequence over its
+# own keys (attention pooling); Nq != Nk per sequence both ways.
+PACKED_SHAPES = [
+    (2, 32, 32, Packed([37])),
+    (2, 16, 16, Packed([3, 1, 5, 2, 16, 7])),
+    (2, 64, 64, Packed([4, 150, 2, 9])),
+    (2, 32, 32, Packed([1, 1, 1], [50, 7, 64])),
+    (2, 24, 32, Packed([20, 9, 33], [33, 4, 70])),
+]
+# A packed call's biases are over the packed tokens (each sequence reads its diagonal block); key
+# padding cannot combine with packing.
+PACKED_BIAS_KINDS = ("none", "relpos", "dense_bcast")
+
 # "padding" masks ~30% of the keys and, with B > 1, every key of the last sample: those rows must give
 # zeros (not NaN) and zero gradients.
 BIAS_KINDS = ("none", "relpos", "dense", "dense_bcast", "padding", "relpos+padding")
@@ -105,6 +121,7 @@ class CheckCase:
     shape: tuple  # (B, H, Nq, Nk, D, Dv)
     bias: str = "none"
     window: Optional[Window] = None  # a windowed call (Nq = Nk = the grid's H*W)
+    packed: Optional[Packed] = None  # a packed call (B = 1, Nq = sum(lengths), Nk = sum(kv_lengths))
 
     @property
     def id(self) -> str:
@@ -112,8 +129,20 @@ class CheckCase:
         n = f"N{Nq}" if Nq == Nk else f"Nq{Nq}-Nk{Nk}"
         dv = "" if Dv == D else f"-Dv{Dv}"
         win = "" if self.window is None else f"-{self.window.describe()}"
+        win += "" if self.packed is None else f"-{self.packed.describe()}"
         tail = "" if self.bias == "none" else f"-{self.bias}"
         return f"{self.backend}-{self.device}-{dtype_name(self.dtype)}-B{B}-H{H}-{n}-D{D}{dv}{win}{tail}"
+
+    @property
+    def layout(self) -> dict:
+        """The case's layout arguments of ``attend`` / ``make_inputs``: ``window=`` and ``packed=``."""
+        return {"window": self.window, "packed": self.packed}
+
+    @classmethod
+    def packed_case(cls, backend: str, device: str, dtype: torch.dtype, packed_shape: tuple, bias: str = "none"):
+        """A case from a ``PACKED_SHAPES`` entry ``(H, D, Dv, Packed)``."""
+        H, D, Dv, packed = packed_shape
+        return cls(backend, device, dtype, (1, H, packed.total, packed.kv_total, D, Dv), bias, packed=packed)
 
     @classmethod
     def windowed(cls, backend: str, device: str, dtype: torch.dtype, window_shape: tuple, bias: str = "none"):
@@ -155,7 +184,9 @@ def declares(case: CheckCase) -> bool:
             and (backend.max_head_dim is None or max(D, Dv) <= backend.max_head_dim)
             and min(D, Dv) >= backend.min_head_dim_on(case.device)
             and all(issubclass(BIAS_PARTS[part], backend.bias_types) for part in bias_parts(case.bias))
-            and (case.window is None or backend.supports_window))
+            and (case.window is None or backend.supports_window)
+            and (case.packed is None or (backend.supports_packed
+                                         and (case.bias == "none" or backend.supports_packed_bias))))
 
 
 def generate_cases(backends: Iterable[str], device: str = "cpu", dtypes: Optional[Sequence] = None,
@@ -187,6 +218,9 @@ def generate_cases(backends: Iterable[str], device: str = "cpu", dtypes: Optiona
             candidates = [CheckCase(name, device, dtype, shape, bias) for shape in shapes for bias in BIAS_KINDS]
             candidates += [CheckCase.windowed(name, device, dtype, window, bias)
                            for window in windows for bias in WINDOW_BIAS_KINDS]
+            candidates += [CheckCase.packed_case(name, device, dtype, shape, bias)
+                           for shape in PACKED_SHAPES if not quick or shape[3].max_len <= 64
+                           for bias in PACKED_BIAS_KINDS]
             for case in candidates:
                 if patterns and not any(fnmatch.fnmatchcase(case.id, p) for p in patterns):
                     continue

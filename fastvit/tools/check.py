@@ -51,6 +51,8 @@ class CaseResult:
             "id": self.case.id, "backend": self.case.backend, "device": self.case.device,
             "dtype": dtype_name(self.case.dtype), "bias": self.case.bias,
             "window": None if self.case.window is None else self.case.window.describe(),
+            "packed": None if self.case.packed is None else {"lengths": list(self.case.packed.lengths),
+                                                             "kv_lengths": list(self.case.packed.kv_lengths)},
             "shape": {"B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "Dv": Dv},
             "status": self.status, "worst": self.worst, "max_abs_err": self.max_abs_err,
             "index": list(self.index) if self.index is not None else None,
@@ -68,7 +70,7 @@ def run_case(case: CheckCase, *, seed: int = 0) -> CaseResult:
     backward = backend.supports_backward
     q, k, v, bias = make_case_inputs(case, requires_grad=backward, seed=seed)
     try:
-        reasons = backend.not_supported_reasons(make_inputs(q, k, v, bias=bias, window=case.window))
+        reasons = backend.not_supported_reasons(make_inputs(q, k, v, bias=bias, **case.layout))
     except Exception as e:  # a capability check must not take the whole run down
         return CaseResult(case, "error", reason=f"not_supported_reasons raised {type(e).__name__}: {e}")
     if reasons:
@@ -78,11 +80,11 @@ def run_case(case: CheckCase, *, seed: int = 0) -> CaseResult:
     q32, k32, v32, bias32 = fp32_copy(q, k, v, bias)
     with no_tf32():
         try:
-            out = attend(q, k, v, bias=bias, window=case.window, backend=case.backend)
+            out = attend(q, k, v, bias=bias, **case.layout, backend=case.backend)
         except Exception as e:
             return CaseResult(case, "error", atol=atol, rtol=rtol,
                               reason=f"forward raised {type(e).__name__}: {e}")
-        ref = attend(q32, k32, v32, bias=bias32, window=case.window, backend="reference")
+        ref = attend(q32, k32, v32, bias=bias32, **case.layout, backend="reference")
         checks = [("out", out, ref, atol, rtol)]
         if out.dtype != case.dtype:
             return CaseResult(case, "fail", worst="out", atol=atol, rtol=rtol,

@@ -26,6 +26,9 @@ CASES += [check.CheckCase("reference", DEVICE, dtype, shape, bias) for dtype in 
 CASES += [check.CheckCase.windowed("reference", DEVICE, dtype, window, bias)
           for dtype in (torch.bfloat16, torch.float16)
           for window in check.WINDOW_SHAPES for bias in check.WINDOW_BIAS_KINDS]
+CASES += [check.CheckCase.packed_case("reference", DEVICE, dtype, shape, bias)
+          for dtype in (torch.bfloat16, torch.float16)
+          for shape in check.PACKED_SHAPES for bias in check.PACKED_BIAS_KINDS]
 
 
 def _slow_here(case: check.CheckCase) -> bool:
@@ -34,6 +37,8 @@ def _slow_here(case: check.CheckCase) -> bool:
         return False
     Nq, Nk = case.shape[2], case.shape[3]
     logits = Nq * (Nk if case.window is None else case.window.tokens)  # a window's queries see its n keys
+    if case.packed is not None:  # each sequence sees its own keys
+        logits = sum(a * b for a, b in zip(case.packed.lengths, case.packed.kv_lengths))
     if case.backend == "triton":
         return logits > 100 * 100 or case.dtype == torch.float16
     if case.backend == "flex":

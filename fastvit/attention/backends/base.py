@@ -36,6 +36,7 @@ class Backend:
     supports_cls_probs: ClassVar[bool] = False
     supports_window: ClassVar[bool] = False  # window=Window(...) (shifted / dilated windows of a grid)
     supports_packed: ClassVar[bool] = False  # packed=Packed(...) (variable-length sequences, no padding)
+    supports_packed_bias: ClassVar[bool] = True  # with supports_packed: biases over the packed tokens too
     # Bias gradients bitwise reproducible run to run off the CPU. Under torch.use_deterministic_algorithms
     # a backend that says False refuses calls whose bias takes a gradient (CPU backwards are serial).
     deterministic: ClassVar[bool] = True

@@ -28,6 +28,7 @@ class TritonBackend(Backend):
     supports_cls_probs = True
     supports_window = True  # kernels.window_attention
     supports_packed = True  # kernels.varlen (unbiased packed calls)
+    supports_packed_bias = False  # extra_reasons says why
     deterministic = True  # bias gradients: plain stores per batch element, then a fixed-order sum (no atomics)
     tolerances = {
         torch.float32: (1e-4, 1e-4),  # tl.dot may use TF32-free fp32 FMA; blockwise exp2 reorders sums

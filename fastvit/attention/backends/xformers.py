@@ -35,6 +35,7 @@ class XFormersBackend(Backend):
     max_head_dim = 256
     deterministic = False
     supports_packed = True  # BlockDiagonalMask.from_seqlens (unbiased packed calls)
+    supports_packed_bias = False  # extra_reasons says why
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
