@@ -657,7 +657,15 @@ def test_mixed_images_are_seeded_and_about_half_padding():
 
 def test_packed_group_times_navit_and_attention_packed_against_padded(capsys, tmp_path):
     pytest.importorskip("vit_pytorch")
-    from fastvit.tools.packed_bench import ATTEND_PADDED, PACKED, PACKED_TARGETS, PADDED, VIT_PYTORCH, attend_packed
+    from fastvit.tools.packed_bench import (
+        ATTEND_PADDED,
+        PACKED,
+        PACKED_TARGETS,
+        PADDED,
+        SDPA_BLOCK_DIAGONAL,
+        VIT_PYTORCH,
+        attend_packed,
+    )
 
     path = tmp_path / "packed.json"
     rc = cli.main(["bench", "--quick", "--device", "cpu", "--packed", "--no-attention", "--no-models",
@@ -668,10 +676,11 @@ def test_packed_group_times_navit_and_attention_packed_against_padded(capsys, tm
     assert schema.validate_document(doc) == []
     rows = {r["contender"]: r for r in doc["results"]}
     assert {r["kind"] for r in rows.values()} == {"packed"}
-    assert set(rows) == {VIT_PYTORCH, PACKED, PADDED, ATTEND_PADDED, *(attend_packed(b) for b in
-                                                                       ("auto", "triton", "flex", "sdpa"))}
+    assert set(rows) == {VIT_PYTORCH, PACKED, PADDED, ATTEND_PADDED, SDPA_BLOCK_DIAGONAL,
+                         *(attend_packed(b) for b in ("auto", "triton", "flex", "sdpa"))}
     ran = {n for n, r in rows.items() if r["status"] == "ok"}
-    assert {VIT_PYTORCH, PACKED, PADDED, ATTEND_PADDED, attend_packed("sdpa"), attend_packed("auto")} <= ran, \
+    assert {VIT_PYTORCH, PACKED, PADDED, ATTEND_PADDED, SDPA_BLOCK_DIAGONAL, attend_packed("sdpa"),
+            attend_packed("auto")} <= ran, \
         {n: r["reason"] for n, r in rows.items() if r["status"] != "ok"}
     ms = {n: rows[n]["median_ms"] for n in ran}
     assert rows[PACKED]["x_vit_pytorch"] == pytest.approx(ms[VIT_PYTORCH] / ms[PACKED])

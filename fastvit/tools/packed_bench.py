@@ -14,7 +14,9 @@ with ``--dtype``; ``--backward`` adds forward + backward):
   ``attend(..., packed=)`` on auto, triton (the variable-length kernels), flex (a document block
   mask) and sdpa (one call per distinct length), each against ``attend padded sdpa``: the same
   tokens padded to the longest with a ``KeyPaddingMask`` (``x_padded``), and triton against flex
-  (``x_flex``). Triton and flex are timed on CUDA only (``--quick`` runs them at tiny sizes).
+  (``x_flex``). Triton and flex are timed on CUDA only (``--quick`` runs them at tiny sizes). ``sdpa raw
+  block-diagonal mask`` is the alternative the sdpa backend does not take: one SDPA call over all
+  tokens with a ``(total, total)`` boolean mask.
 
 The targets (the issue's, judged on the medians) are ``PACKED_TARGETS``.
 """
@@ -37,6 +39,7 @@ NAVIT_QUICK = dict(image_size=64, patch_size=16, num_classes=10, dim=64, depth=2
 GROUP_MAX_SEQ_LEN = 2048  # vit-pytorch's default
 VIT_PYTORCH, PACKED, PADDED = "vit-pytorch NaViT", "fastvit NaViT packed", "fastvit NaViT padded"
 ATTEND_PADDED = "attend padded sdpa"  # the base of every packed attention contender: SDPA with a key mask
+SDPA_BLOCK_DIAGONAL = "sdpa raw block-diagonal mask"  # the alternative to sdpa's buckets: sum(lengths)^2 logits
 PACKED_BACKENDS = ("auto", "triton", "flex", "sdpa")
 
 
@@ -134,6 +137,10 @@ def packed_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: 
     mask = KeyPaddingMask(keep.to(device))
     calls = [(attend_packed(b), b, (x, x, x), dict(packed=layout)) for b in PACKED_BACKENDS]
     calls.append((ATTEND_PADDED, "sdpa", (padded, padded, padded), dict(bias=mask)))
+    doc_q, _ = layout.document_ids(x.device)
+    block_diagonal = doc_q[:, None] == doc_q[None, :]  # (total, total) bool, True = attend
+    contenders.append(Contender(SDPA_BLOCK_DIAGONAL, _attention_fn((x, x, x), dict(attn_mask=block_diagonal), None,
+                                                                   mode), dict(meta, backend=None, served_by="sdpa")))
     for name, backend, qkv, kwargs in calls:
         inp = make_inputs(*qkv, **kwargs)
         try:
@@ -154,17 +161,23 @@ def packed_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: 
     return contenders, info
 
 
-def _attention_fn(qkv: tuple, kwargs: dict, backend: str, mode: str):
-    call_backend = None if backend == "auto" else backend
+def _attention_fn(qkv: tuple, kwargs: dict, backend: Optional[str], mode: str):
+    """One call of ``attend`` on ``backend`` (None: ``scaled_dot_product_attention`` itself)."""
+    if backend is None:
+        import torch.nn.functional as F
+
+        call = lambda: F.scaled_dot_product_attention(*qkv, **kwargs)  # noqa: E731
+    else:
+        call = lambda: attend(*qkv, backend=None if backend == "auto" else backend, **kwargs)  # noqa: E731
     if mode == "fwd+bwd":
         def fn():
-            out = attend(*qkv, backend=call_backend, **kwargs)
+            out = call()
             out.float().sum().backward()
             return out
     else:
         def fn():
             with torch.inference_mode():
-                return attend(*qkv, backend=call_backend, **kwargs)
+                return call()
     return fn
 
 

@@ -313,9 +313,17 @@ def _comparisons(group: Group, contenders: list) -> list:
             if dt != "fp32" and same_fp32 in names:
                 out.append(Comparison("x_fp32", c.name, same_fp32))
     elif group.kind == "packed":
-        from fastvit.tools.packed_bench import ATTEND_PADDED, PACKED, PADDED, VIT_PYTORCH, attend_packed
+        from fastvit.tools.packed_bench import (
+            ATTEND_PADDED,
+            PACKED,
+            PADDED,
+            SDPA_BLOCK_DIAGONAL,
+            VIT_PYTORCH,
+            attend_packed,
+        )
 
-        attention = [attend_packed(b) for b in ("auto", "triton", "flex", "sdpa")] + [ATTEND_PADDED]
+        attention = [attend_packed(b) for b in ("auto", "triton", "flex", "sdpa")] + [ATTEND_PADDED,
+                                                                                     SDPA_BLOCK_DIAGONAL]
         for c in contenders:
             if c.name in (PACKED, PADDED, VIT_PYTORCH) and VIT_PYTORCH in names:
                 out.append(Comparison("x_vit_pytorch", c.name, VIT_PYTORCH))
