@@ -269,7 +269,11 @@ def bucketed(inp, fn: Callable):
         out = res.out.transpose(0, 1).flatten(1, 2).unsqueeze(0)  # (1, h, n * length, dv)
         cls = res.cls_probs.transpose(0, 1).flatten(1, 2).unsqueeze(0) if res.cls_probs is not None else None
         return _output(out, None, cls)
-    pieces: dict = {}
+    # Each bucket's outputs are written into one buffer in token-major memory, (1, total, h, dv) seen as
+    # (1, h, total, dv): a sequence's rows are one contiguous block there, and the model's head merge
+    # (transpose + reshape) is then a view, not a copy. A concatenation along the token axis of the
+    # head-major pieces cost a copy here and another one in the merge (NaViT: 11% of its forward on a CPU).
+    out = cls = None
     for (length, kv_length), seqs in packed.buckets():
         def stack(t, offsets, size, seqs=seqs):
             if len(seqs) == 1:
@@ -278,8 +282,15 @@ def bucketed(inp, fn: Callable):
 
         res = fn(_sequence_inputs(inp, stack(q, packed.offsets, length), stack(k, packed.kv_offsets, kv_length),
                                   stack(v, packed.kv_offsets, kv_length), ()))
+        if out is None:  # the backend's output dtype (autocast may differ from q's)
+            heads, dv = res.out.shape[1], res.out.shape[-1]
+            out = res.out.new_empty((1, packed.total, heads, dv)).transpose(1, 2)
+            if res.cls_probs is not None:
+                cls = res.cls_probs.new_empty((1, heads, packed.kv_total))
         for j, i in enumerate(seqs):
-            pieces[i] = (res.out[j:j + 1], None if res.cls_probs is None else res.cls_probs[j:j + 1])
-    order = range(packed.num_sequences)
-    cls_rows = [pieces[i][1] for i in order] if inp.return_cls_probs else None
-    return _assemble(inp, [pieces[i][0] for i in order], None, cls_rows)
+            start = packed.offsets[i]
+            out[:, :, start:start + length] = res.out[j:j + 1]
+            if cls is not None:
+                kv_start = packed.kv_offsets[i]
+                cls[:, :, kv_start:kv_start + kv_length] = res.cls_probs[j:j + 1]
+    return _output(out, None, cls)
