@@ -288,7 +288,10 @@ def test_check_filters_and_devices():
     assert torch.float32 in testing.device_dtypes("cpu")
     quick = testing.generate_cases(["sdpa"], "cpu", quick=True)
     # Quick cases keep every query's keys at 64 or fewer: a windowed query sees only its window.
-    assert all(max(c.shape[2], c.shape[3]) <= 64 for c in quick if c.window is None)
+    assert all(max(c.shape[2], c.shape[3]) <= 64 for c in quick if c.window is None and c.packed is None)
+    # a packed query sees its own sequence's keys
+    assert all(max(c.packed.max_len, c.packed.kv_max_len) <= 64 for c in quick if c.packed is not None)
+    assert any(c.packed is not None for c in quick)
     assert all(c.window.tokens <= 64 for c in quick if c.window is not None) and any(c.window for c in quick)
 
 
@@ -640,8 +643,9 @@ def test_packed_group_is_planned_only_when_asked_for_per_dtype_and_mode():
     assert not any(g.kind == "packed" for g in runner.plan(runner.BenchConfig(device="cpu")))
     only = runner.plan(runner.BenchConfig(device="cpu", models=[], shapes=[], overhead=False, packed=True,
                                           backward=True, dtypes=["fp32", "bf16"]))
-    assert [(g.kind, g.mode, g.dtype) for g in only] == [("packed", m, d) for d in ("fp32", "bf16")
-                                                          for m in ("fwd", "fwd+bwd")]
+    assert [(g.kind, g.name, g.mode, g.dtype) for g in only] == [
+        ("packed", name, m, d) for d in ("fp32", "bf16") for m in ("fwd", "fwd+bwd")
+        for name in ("navit_s16_mixed16", "navit_s16_mixed16_attention")]
 
 
 def test_mixed_images_are_seeded_and_about_half_padding():

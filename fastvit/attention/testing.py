@@ -219,7 +219,7 @@ def generate_cases(backends: Iterable[str], device: str = "cpu", dtypes: Optiona
             candidates += [CheckCase.windowed(name, device, dtype, window, bias)
                            for window in windows for bias in WINDOW_BIAS_KINDS]
             candidates += [CheckCase.packed_case(name, device, dtype, shape, bias)
-                           for shape in PACKED_SHAPES if not quick or shape[3].max_len <= 64
+                           for shape in PACKED_SHAPES if not quick or max(shape[3].max_len, shape[3].kv_max_len) <= 64
                            for bias in PACKED_BIAS_KINDS]
             for case in candidates:
                 if patterns and not any(fnmatch.fnmatchcase(case.id, p) for p in patterns):

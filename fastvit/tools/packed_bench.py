@@ -32,7 +32,8 @@ from fastvit.attention import KeyPaddingMask, Packed, attend, choose, dtype_name
 from fastvit.extras import importable, install_hint
 from fastvit.tools.timing import Contender
 
-PACKED_GROUP = "navit_s16_mixed16"
+PACKED_GROUP = "navit_s16_mixed16"  # the models; the attention calls are PACKED_ATTENTION_GROUP
+PACKED_ATTENTION_GROUP = "navit_s16_mixed16_attention"
 NAVIT_S16 = dict(image_size=384, patch_size=16, num_classes=1000, dim=384, depth=12, heads=6, mlp_dim=1536,
                  dim_head=64)
 NAVIT_QUICK = dict(image_size=64, patch_size=16, num_classes=10, dim=64, depth=2, heads=2, mlp_dim=128, dim_head=32)
@@ -71,15 +72,16 @@ def padding_fraction(lengths) -> float:
 
 
 def packed_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: str = "fwd",
-                      quick: bool = False) -> tuple:
-    """The contenders of the ``packed`` group (see the module docstring); models in ``dtype`` by autocast,
-    the attention calls on ``dtype`` tensors.
+                      quick: bool = False, part: str = "models") -> tuple:
+    """The contenders of the ``packed`` groups (see the module docstring): ``part="models"`` the NaViT
+    models in ``dtype`` by autocast, ``part="attention"`` the attention calls on ``dtype`` tensors (a
+    group of their own: interleaved with seconds-long model calls they would get one sample each).
 
     Returns:
         ``(contenders, info)``; ``info`` has the images, their token counts and the padding share.
     """
     from fastvit.models.na_vit import NaViT
-    from fastvit.tools.contenders import _autocast, _interpreted
+    from fastvit.tools.contenders import _autocast
 
     cfg = NAVIT_QUICK if quick else NAVIT_S16
     images = mixed_images(4, 16, 64) if quick else mixed_images()
@@ -107,6 +109,14 @@ def packed_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: 
         return fn
 
     contenders = []
+    info = {"images": [list(im.shape[1:]) for im in images], "lengths": lengths, "tokens": sum(lengths),
+            "padded_tokens": len(lengths) * max(lengths), "padding_fraction": padding_fraction(lengths),
+            "model": dict(cfg), "group_max_seq_len": GROUP_MAX_SEQ_LEN, "heads": cfg["heads"],
+            "dim_head": cfg["dim_head"]}
+    if part == "attention":
+        return _attention_contenders(lengths, cfg, device, dtype, mode, quick, meta), info
+    if part != "models":
+        raise ValueError(f"part={part!r}: expected 'models' or 'attention'")
     missing = importable("vit_pytorch")
     if missing is not None:
         contenders.append(Contender(VIT_PYTORCH, meta=dict(meta, impl="vit-pytorch", backend=None),
@@ -119,8 +129,16 @@ def packed_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: 
         reference.load_state_dict(copy.deepcopy(model.state_dict()))
         contenders.append(Contender(VIT_PYTORCH, run(reference), dict(meta, impl="vit-pytorch", backend=None)))
     contenders += [Contender(PACKED, run(model), dict(meta)), Contender(PADDED, run(model, pack=False), dict(meta))]
+    return contenders, info
 
-    # one attention call at these lengths: packed on each backend, and padded with a key mask on SDPA
+
+def _attention_contenders(lengths: list, cfg: dict, device: str, dtype: torch.dtype, mode: str, quick: bool,
+                          meta: dict) -> list:
+    """One attention call at ``lengths``: packed on each backend, padded with a key mask on SDPA, and SDPA
+    over all tokens with a block-diagonal mask."""
+    from fastvit.tools.contenders import _interpreted
+
+    contenders = []
     heads, dim_head = cfg["heads"], cfg["dim_head"]
     g = torch.Generator().manual_seed(1)
     total, longest = sum(lengths), max(lengths)
@@ -155,10 +173,7 @@ def packed_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: 
             continue
         contenders.append(Contender(name, _attention_fn(qkv, kwargs, backend, mode),
                                     dict(meta, backend=backend, served_by=served)))
-    info = {"images": [list(im.shape[1:]) for im in images], "lengths": lengths, "tokens": total,
-            "padded_tokens": len(lengths) * longest, "padding_fraction": padding_fraction(lengths),
-            "model": dict(cfg), "group_max_seq_len": GROUP_MAX_SEQ_LEN, "heads": heads, "dim_head": dim_head}
-    return contenders, info
+    return contenders
 
 
 def _attention_fn(qkv: tuple, kwargs: dict, backend: Optional[str], mode: str):

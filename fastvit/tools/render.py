@@ -261,9 +261,9 @@ def packed_table(doc: dict, rows: list) -> Table:
         table.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
     last = None
     for r in rows:
-        if last is not None and (r["dtype"], r["mode"]) != last:
+        if last is not None and (r["name"], r["dtype"], r["mode"]) != last:
             table.add_section()
-        last = (r["dtype"], r["mode"])
+        last = (r["name"], r["dtype"], r["mode"])
         note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
         table.add_row(f"{r['dtype']} {r['mode']}", escape(r["contender"]),
                       escape(r.get("served_by") or r.get("impl") or "-"), fmt(r.get("median_ms"), ".1f"),

@@ -236,13 +236,15 @@ def plan(config: BenchConfig) -> list:
                                   batch_size=config.batch_size, quick=config.quick)))
 
     if config.packed:
-        from fastvit.tools.packed_bench import PACKED_GROUP, packed_contenders
+        from fastvit.tools.packed_bench import PACKED_ATTENTION_GROUP, PACKED_GROUP, packed_contenders
 
         for dt in dtype_names:
             for mode in modes:
-                groups.append(Group("packed", PACKED_GROUP, mode, dt, base * (1 if config.quick else 2),
-                                    functools.partial(packed_contenders, device=device, dtype=DTYPES[dt], mode=mode,
-                                                      quick=config.quick)))
+                for name, part, budget in ((PACKED_GROUP, "models", base * (1 if config.quick else 4)),
+                                           (PACKED_ATTENTION_GROUP, "attention", base)):
+                    groups.append(Group("packed", name, mode, dt, budget,
+                                        functools.partial(packed_contenders, device=device, dtype=DTYPES[dt],
+                                                          mode=mode, quick=config.quick, part=part)))
 
     if config.ats:
         from fastvit.tools.packed_bench import ATS_GROUP, ats_contenders
