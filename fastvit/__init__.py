@@ -9,7 +9,7 @@ they are served from one table, ``fastvit.compat.module_paths``.
 
 __version__ = "0.1.0"
 
-from .attention import DenseBias, KeyPaddingMask, Packed, RelPosBias, attend, set_backend, use_backend
+from .attention import DenseBias, KeyBias, KeyPaddingMask, Packed, RelPosBias, attend, set_backend, use_backend
 from .compat import module_paths as _module_paths
 from .compat.timm import patch_timm, unpatch_timm
 from .layers.packing import pack_images, unpack
@@ -22,6 +22,6 @@ _module_paths.install()  # fastvit.vit, fastvit.cait, ... (vit-pytorch's module 
 __all__ = [
     "__version__", "ViT", "SimpleViT", "Recorder", "MAE", "Dino",
     "create_model", "list_models", "register_model",
-    "attend", "use_backend", "set_backend", "RelPosBias", "DenseBias", "KeyPaddingMask", "Packed",
+    "attend", "use_backend", "set_backend", "RelPosBias", "DenseBias", "KeyBias", "KeyPaddingMask", "Packed",
     "pack_images", "unpack", "patch_timm", "unpatch_timm",
 ]

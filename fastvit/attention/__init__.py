@@ -8,7 +8,7 @@
 
 from .api import attend, explain_call, make_inputs
 from .backends import BACKENDS, Backend, get_backend, register_backend
-from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
+from .bias import DenseBias, HeadMix, KeyBias, KeyPaddingMask, RelPosBias
 from .dispatch import auto_order, choose, explain, get_selected_backend, set_backend, use_backend
 from .inputs import DTYPES, AttnInputs, AttnOutput, dtype_name
 from .packed import Packed
@@ -17,7 +17,7 @@ from .window import Window
 
 __all__ = [
     "attend", "explain_call", "make_inputs",
-    "RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "Window", "Packed",
+    "RelPosBias", "DenseBias", "KeyBias", "KeyPaddingMask", "HeadMix", "Window", "Packed",
     "AttnInputs", "AttnOutput", "DTYPES", "dtype_name",
     "BACKENDS", "Backend", "get_backend", "register_backend",
     "choose", "explain", "auto_order", "use_backend", "set_backend", "get_selected_backend",

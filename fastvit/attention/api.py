@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from . import plan
-from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias, normalize_bias
+from .bias import DenseBias, HeadMix, KeyBias, KeyPaddingMask, RelPosBias, normalize_bias
 from .dispatch import choose, get_selected_backend
 from .dispatch import explain as _explain
 from .inputs import AttnInputs, AttnOutput, validate_inputs
@@ -17,7 +17,7 @@ from .window import Window
 
 __all__ = ["attend", "make_inputs", "explain_call"]
 
-_DESCRIPTORS = (RelPosBias, DenseBias, KeyPaddingMask)
+_DESCRIPTORS = (RelPosBias, DenseBias, KeyBias, KeyPaddingMask)
 
 
 

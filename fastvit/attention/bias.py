@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["RelPosBias", "DenseBias", "KeyPaddingMask", "HeadMix", "BiasLike", "normalize_bias", "additive_mask"]
+__all__ = ["RelPosBias", "DenseBias", "KeyBias", "KeyPaddingMask", "HeadMix", "BiasLike", "ADDITIVE", "normalize_bias",
+           "additive_mask"]
 
 
 # Validating a relative-position index against its table needs a device->host sync. Models build the
@@ -156,6 +157,32 @@ class DenseBias:
 
 
 @dataclass(frozen=True)
+class KeyBias:
+    """A per-key additive bias: ``tensor[b, j]`` (or ``tensor[b, h, j]``) is added to every query's logit
+    of key ``j``. Token merging's proportional attention is one: ``KeyBias(log(size))`` makes a merged
+    token count as the patches it stands for.
+
+    Args:
+        tensor: ``[B, Nk]`` or ``[B, H, Nk]`` float (B and H may be 1: broadcast). Differentiable.
+    """
+
+    tensor: Tensor
+
+    def __post_init__(self):
+        if self.tensor.dim() not in (2, 3):
+            raise ValueError(f"KeyBias must be [B, Nk] or [B, H, Nk], got shape {tuple(self.tensor.shape)}")
+
+    def materialize(self) -> Tensor:
+        """The bias as ``[B, 1|H, 1, Nk]``: a dense bias broadcast over the queries (and heads)."""
+        t = self.tensor
+        return t[:, None, None, :] if t.dim() == 2 else t[:, :, None, :]
+
+
+# The descriptors that add a tensor to the logits, each with ``materialize()`` broadcastable to [B, H, Nq, Nk].
+ADDITIVE = (DenseBias, KeyBias)
+
+
+@dataclass(frozen=True)
 class KeyPaddingMask:
     """Which keys may be attended: ``mask [B, Nk]`` bool, True = attend.
 
@@ -202,14 +229,14 @@ class HeadMix:
             raise ValueError(f"HeadMix.post_bias must be an [H] vector, got {tuple(self.post_bias.shape)}")
 
 
-BiasLike = Union[RelPosBias, DenseBias, KeyPaddingMask]
+BiasLike = Union[RelPosBias, DenseBias, KeyBias, KeyPaddingMask]
 
 
 def normalize_bias(bias) -> tuple:
     """Turn ``None``, one descriptor or a sequence of descriptors into a tuple of descriptors."""
     if bias is None:
         return ()
-    if isinstance(bias, (RelPosBias, DenseBias, KeyPaddingMask)):
+    if isinstance(bias, (RelPosBias, DenseBias, KeyBias, KeyPaddingMask)):
         return (bias,)
     if isinstance(bias, (tuple, list)):
         out = []
@@ -219,7 +246,8 @@ def normalize_bias(bias) -> tuple:
     if isinstance(bias, Tensor):
         raise ValueError(
             "attend() takes bias descriptors, not raw tensors: wrap an additive tensor as DenseBias(t), "
-            "a table lookup as RelPosBias(table, index), a padding mask as KeyPaddingMask(mask)"
+            "a table lookup as RelPosBias(table, index), a per-key term as KeyBias(t), a padding mask as "
+            "KeyPaddingMask(mask)"
         )
     raise ValueError(f"unknown bias descriptor {type(bias).__name__}")
 
@@ -235,7 +263,7 @@ def additive_mask(bias: tuple, dtype: torch.dtype, shape: tuple) -> tuple:
     """
     mask = valid = None
     for b in bias:
-        if isinstance(b, (RelPosBias, DenseBias)):
+        if isinstance(b, (RelPosBias, DenseBias, KeyBias)):
             t = b.materialize().to(dtype)
             mask = t if mask is None else mask + t
         elif isinstance(b, KeyPaddingMask):

@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias
+from .bias import ADDITIVE, DenseBias, HeadMix, KeyBias, KeyPaddingMask, RelPosBias
 from .packed import Packed, validate_packed
 from .window import Window
 
@@ -114,7 +114,7 @@ class AttnInputs:
         """A trainable bias tensor (relative table or dense bias) will receive a gradient."""
         return torch.is_grad_enabled() and any(
             (b.table if isinstance(b, RelPosBias) else b.tensor).requires_grad
-            for b in self.bias if isinstance(b, (RelPosBias, DenseBias)))
+            for b in self.bias if isinstance(b, (RelPosBias, *ADDITIVE)))
 
     def describe(self) -> str:
         """A short readable id such as ``cpu-fp32-B2-H6-Nq197-Nk197-D64-relpos``."""
@@ -123,7 +123,7 @@ class AttnInputs:
         parts = [self.device_type, dt, f"B{b}", f"H{h}", f"Nq{self.nq}", f"Nk{self.nk}", f"D{self.head_dim}"]
         if self.value_dim != self.head_dim:
             parts.append(f"Dv{self.value_dim}")
-        names = {RelPosBias: "relpos", DenseBias: "dense", KeyPaddingMask: "padding"}
+        names = {RelPosBias: "relpos", DenseBias: "dense", KeyBias: "keybias", KeyPaddingMask: "padding"}
         parts += [names[type(x)] for x in self.bias]
         if self.head_mix is not None:
             parts.append("headmix")
@@ -182,16 +182,16 @@ def validate_inputs(inp: AttnInputs) -> None:
                 raise ValueError(f"RelPosBias index has shape {_shape(b.index)}, expected (Nq, Nk) = {(Nq, Nk)}")
             _check_device(b.table, q, "RelPosBias table")
             _check_device(b.index, q, "RelPosBias index")
-        elif isinstance(b, DenseBias):
-            t = b.materialize()
+        elif isinstance(b, ADDITIVE):
+            t, name = b.materialize(), type(b).__name__
             target = (B, H, Nq, Nk)
             if any(s not in (1, want) for s, want in zip(t.shape, target)):
-                raise ValueError(
-                    f"DenseBias of shape {_shape(b.tensor)} does not broadcast to [B, H, Nq, Nk] = {target}"
-                )
+                layout = "[B, Nk] or [B, H, Nk]" if isinstance(b, KeyBias) else "[B, H, Nq, Nk]"
+                raise ValueError(f"{name} of shape {_shape(b.tensor)} does not broadcast to {layout} with "
+                                 f"[B, H, Nq, Nk] = {target}")
             if not t.is_floating_point():
-                raise ValueError(f"DenseBias must be floating point, got {t.dtype}")
-            _check_device(t, q, "DenseBias")
+                raise ValueError(f"{name} must be floating point, got {t.dtype}")
+            _check_device(t, q, name)
         elif isinstance(b, KeyPaddingMask):
             if _shape(b.mask) != (B, Nk):
                 raise ValueError(f"KeyPaddingMask has shape {_shape(b.mask)}, expected [B, Nk] = {(B, Nk)}")
@@ -225,6 +225,9 @@ def _validate_window(inp: AttnInputs) -> None:
         if isinstance(b, KeyPaddingMask):
             raise ValueError("KeyPaddingMask cannot be combined with a window: pad the grid to whole windows "
                              "and let the padded tokens attend (as Swin and Twins do)")
+        if isinstance(b, KeyBias):
+            raise ValueError("KeyBias cannot be combined with a window (a window's biases are per window-local "
+                             "position): pass the per-key term as a DenseBias over [num_windows, heads, n, n]")
         if isinstance(b, RelPosBias):
             if b.table.shape[1] != H:
                 raise ValueError(f"RelPosBias table has {b.table.shape[1]} heads, q has {H} (table {_shape(b.table)})")

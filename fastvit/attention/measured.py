@@ -22,12 +22,12 @@ from typing import Optional
 
 import torch
 
-from .bias import DenseBias, KeyPaddingMask, RelPosBias
+from .bias import ADDITIVE, KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs, dtype_name
 
 __all__ = ["order_key", "measured_order", "ordered", "generation", "reload_tuned"]
 
-_BIAS_NAMES = ((RelPosBias, "relpos"), (DenseBias, "dense"), (KeyPaddingMask, "padding"))
+_BIAS_NAMES = ((RelPosBias, "relpos"), (ADDITIVE, "dense"), (KeyPaddingMask, "padding"))  # KeyBias runs as dense
 _CACHE: dict = {}  # device -> {bucket: order}
 _GENERATION = [0]
 

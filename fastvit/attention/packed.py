@@ -11,7 +11,7 @@ offsets, its maximum lengths and, per device, what backends derive from it (the 
 each token, a FlexAttention block mask), so build it once per batch layout and pass it to every
 layer.
 
-Biases compose where they are per sequence: a ``DenseBias`` or a ``RelPosBias`` over the packed
+Biases compose where they are per sequence: a ``DenseBias``, ``KeyBias`` or ``RelPosBias`` over the packed
 tokens (broadcastable to ``[1, H, sum(lengths), sum(kv_lengths)]``) is read in each sequence's own
 diagonal block only. A ``KeyPaddingMask`` is refused (packing has no padding: leave the padded tokens
 out of the lengths), and so is a window. ``return_cls_probs`` gives, packed as ``[1, H,
@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .bias import DenseBias, KeyPaddingMask, RelPosBias
+from .bias import ADDITIVE, DenseBias, KeyBias, KeyPaddingMask, RelPosBias
 
 __all__ = ["Packed", "per_sequence", "bucketed", "validate_packed"]
 
@@ -183,14 +183,14 @@ def validate_packed(inp) -> None:
             if tuple(b.index.shape) != target[2:]:
                 raise ValueError(f"RelPosBias index has shape {tuple(b.index.shape)}; a packed call's index is over "
                                  f"the packed tokens: expected (sum(lengths), sum(kv_lengths)) = {target[2:]}")
-        elif isinstance(b, DenseBias):
-            t = b.materialize()
+        elif isinstance(b, ADDITIVE):
+            t, name = b.materialize(), type(b).__name__
             if any(s not in (1, want) for s, want in zip(t.shape, target)):
-                raise ValueError(f"DenseBias of shape {tuple(b.tensor.shape)} does not broadcast to [1, H, "
+                raise ValueError(f"{name} of shape {tuple(b.tensor.shape)} does not broadcast to [1, H, "
                                  f"sum(lengths), sum(kv_lengths)] = {target} (a packed bias is over the packed "
                                  f"tokens; each sequence reads its own diagonal block)")
             if not t.is_floating_point():
-                raise ValueError(f"DenseBias must be floating point, got {t.dtype}")
+                raise ValueError(f"{name} must be floating point, got {t.dtype}")
 
 
 def _slice_bias(bias: tuple, q0: int, q1: int, k0: int, k1: int) -> tuple:
@@ -199,6 +199,9 @@ def _slice_bias(bias: tuple, q0: int, q1: int, k0: int, k1: int) -> tuple:
     for b in bias:
         if isinstance(b, RelPosBias):
             out.append(RelPosBias(b.table, b.index[q0:q1, k0:k1]))
+        elif isinstance(b, KeyBias):  # its keys: the sequence's columns
+            t = b.tensor
+            out.append(KeyBias(t[..., k0:k1] if t.shape[-1] != 1 else t))
         elif isinstance(b, DenseBias):
             t = b.tensor
             rows = slice(q0, q1) if t.dim() >= 2 and t.shape[-2] != 1 else slice(None)

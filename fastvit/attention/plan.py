@@ -40,7 +40,7 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .bias import DenseBias, HeadMix, KeyPaddingMask, RelPosBias, clear_cached_biases
+from .bias import DenseBias, HeadMix, KeyBias, KeyPaddingMask, RelPosBias, clear_cached_biases
 from .measured import _GENERATION
 from .packed import Packed
 
@@ -60,7 +60,7 @@ _plans: OrderedDict = OrderedDict()
 _lock = threading.Lock()
 _stats = {"built": 0}
 
-_DESCRIPTORS = (RelPosBias, DenseBias, KeyPaddingMask)
+_DESCRIPTORS = (RelPosBias, DenseBias, KeyBias, KeyPaddingMask)
 _NUMBER = (float, int)
 
 
@@ -70,7 +70,7 @@ def _bias_signature(bias, grad: bool):
     if kind is RelPosBias:
         t, i = bias.table, bias.index
         return kind, t.shape, t.stride(), t.dtype, t.device, grad and t.requires_grad, i.shape, i.dtype, i.device
-    if kind is DenseBias:
+    if kind is DenseBias or kind is KeyBias:
         t = bias.tensor
         return kind, t.shape, t.stride(), t.dtype, t.device, grad and t.requires_grad
     if kind is KeyPaddingMask:

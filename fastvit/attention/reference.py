@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bias import DenseBias, KeyPaddingMask, RelPosBias
+from .bias import ADDITIVE, KeyPaddingMask, RelPosBias
 from .inputs import AttnInputs, AttnOutput
 from .packed import per_sequence
 from .partition import partitioned
@@ -37,7 +37,7 @@ def reference_attention(inp: AttnInputs) -> AttnOutput:
     for b in inp.bias:
         if isinstance(b, RelPosBias):
             logits = logits + b.materialize().to(logits.dtype)
-        elif isinstance(b, DenseBias):
+        elif isinstance(b, ADDITIVE):  # DenseBias, KeyBias
             logits = logits + b.materialize().to(logits.dtype)
         elif isinstance(b, KeyPaddingMask):
             m = b.materialize()

@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from .backends import get_backend
-from .bias import DenseBias, KeyPaddingMask, RelPosBias
+from .bias import DenseBias, KeyBias, KeyPaddingMask, RelPosBias
 from .inputs import DTYPES, dtype_name
 from .packed import Packed
 from .window import Window
@@ -90,16 +90,18 @@ PACKED_SHAPES = [
 ]
 # A packed call's biases are over the packed tokens (each sequence reads its diagonal block); key
 # padding cannot combine with packing.
-PACKED_BIAS_KINDS = ("none", "relpos", "dense_bcast")
+PACKED_BIAS_KINDS = ("none", "relpos", "dense_bcast", "keybias")
 
 # "padding" masks ~30% of the keys and, with B > 1, every key of the last sample: those rows must give
 # zeros (not NaN) and zero gradients.
-BIAS_KINDS = ("none", "relpos", "dense", "dense_bcast", "padding", "relpos+padding")
+BIAS_KINDS = ("none", "relpos", "dense", "dense_bcast", "keybias", "padding", "relpos+padding")
 # The dense parts differ in the leading dims of their [B, H, Nq, Nk] tensor: one map per sample and
 # head, one per head for the whole batch, one per sample for all heads, one for everything.
 _DENSE_LEADING = {"dense": "BH", "dense_bcast": "1H", "dense_bcast_heads": "B1", "dense_bcast_all": "11"}
 # part -> the descriptor it adds, in the order make_case_inputs draws them.
-BIAS_PARTS = {"relpos": RelPosBias, **dict.fromkeys(_DENSE_LEADING, DenseBias), "padding": KeyPaddingMask}
+# "keybias" is a per-key term [B, Nk] (token merging's log-size), "keybias_heads" one per head [B, H, Nk].
+BIAS_PARTS = {"relpos": RelPosBias, **dict.fromkeys(_DENSE_LEADING, DenseBias), "keybias": KeyBias,
+              "keybias_heads": KeyBias, "padding": KeyPaddingMask}
 
 
 def bias_parts(kind: str) -> tuple:
@@ -256,6 +258,10 @@ def make_case_inputs(case: CheckCase, *, requires_grad: bool = True, seed: int =
         if part in _DENSE_LEADING:
             per_sample, per_head = (c != "1" for c in _DENSE_LEADING[part])
             bias.append(DenseBias(rand(B if per_sample else 1, H if per_head else 1, Nq, Nk)))
+    if "keybias" in parts:
+        bias.append(KeyBias(rand(B, Nk)))
+    if "keybias_heads" in parts:
+        bias.append(KeyBias(rand(B, H, Nk)))
     if "padding" in parts:
         mask = torch.rand(B, Nk, generator=g) > 0.3
         mask[:, :1] = True  # (no column at all when Nk = 0)
@@ -288,6 +294,8 @@ def trainable(q, k, v, bias) -> list:
             out.append(("rel_table", b.table))
         elif isinstance(b, DenseBias):
             out.append(("dense_bias", b.tensor))
+        elif isinstance(b, KeyBias):
+            out.append(("key_bias", b.tensor))
     return out
 
 
@@ -301,8 +309,8 @@ def fp32_copy(q, k, v, bias):
     for b in bias:
         if isinstance(b, RelPosBias):
             new_bias.append(RelPosBias(cp(b.table), b.index))
-        elif isinstance(b, DenseBias):
-            new_bias.append(DenseBias(cp(b.tensor)))
+        elif isinstance(b, (DenseBias, KeyBias)):
+            new_bias.append(type(b)(cp(b.tensor)))
         else:
             new_bias.append(b)
     return cp(q), cp(k), cp(v), tuple(new_bias)

@@ -12,7 +12,7 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 
-from ..bias import DenseBias, KeyPaddingMask, RelPosBias
+from ..bias import DenseBias, KeyBias, KeyPaddingMask, RelPosBias
 from ..inputs import AttnInputs, AttnOutput, dtype_name
 
 __all__ = ["Backend", "dtype_name"]
@@ -29,7 +29,7 @@ class Backend:
     max_head_dim: ClassVar[Optional[int]] = None
     min_head_dim: ClassVar[int] = 1
     min_head_dim_by_device: ClassVar[dict] = {}  # device type -> a stricter minimum there
-    bias_types: ClassVar[tuple] = (RelPosBias, DenseBias, KeyPaddingMask)
+    bias_types: ClassVar[tuple] = (RelPosBias, DenseBias, KeyBias, KeyPaddingMask)
     supports_backward: ClassVar[bool] = True
     supports_dropout: ClassVar[bool] = True
     supports_probs: ClassVar[bool] = False  # return_probs (full maps) and head mixing

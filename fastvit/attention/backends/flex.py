@@ -60,7 +60,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from ..bias import DenseBias, KeyPaddingMask, RelPosBias
+from ..bias import ADDITIVE, KeyPaddingMask, RelPosBias
 from ..inputs import AttnInputs, AttnOutput
 from ..partition import partitioned
 from ..reference import reference_attention
@@ -150,7 +150,7 @@ def _score_mod(inp: AttnInputs) -> tuple[Optional[Callable], tuple]:
             index = b.index if b.index.dtype in (torch.int32, torch.int64) else b.index.int()  # never a mask
             terms.append(("relpos", ()))
             buffers += [b.table.to(inp.dtype), index]
-        elif isinstance(b, DenseBias):
+        elif isinstance(b, ADDITIVE):
             t = b.materialize().to(inp.dtype)
             kept = tuple(axis for axis, size in zip(_AXES, t.shape) if size != 1)
             for dim in reversed(range(4)):  # broadcast axes are not indexed at all
@@ -276,7 +276,7 @@ def _cls_probs(inp: AttnInputs, lse: Tensor) -> Tensor:
         if isinstance(b, RelPosBias):
             row = torch.nn.functional.embedding(b.index[:1].long(), b.table.to(inp.dtype))  # (1, nk, h)
             s = s + row.permute(2, 0, 1).unsqueeze(0).float()
-        elif isinstance(b, DenseBias):
+        elif isinstance(b, ADDITIVE):
             s = s + b.materialize()[..., :1, :].to(inp.dtype).float()
     valid = _valid_keys(inp)
     lse0 = lse[:, :, :1, None].float()  # (b, h, 1, 1)
@@ -298,7 +298,7 @@ def _packed_cls_probs(inp: AttnInputs, lse: Tensor) -> Tensor:
         if isinstance(b, RelPosBias):
             rows = torch.nn.functional.embedding(b.index[starts].long(), b.table.to(inp.dtype))  # (seqs, nk, h)
             s = s + rows.permute(2, 0, 1).unsqueeze(0).float()
-        elif isinstance(b, DenseBias):
+        elif isinstance(b, ADDITIVE):
             t = b.materialize()
             s = s + (t[..., starts, :] if t.shape[-2] != 1 else t).to(inp.dtype).float()
     own = doc_k[None, :] == torch.arange(packed.num_sequences, device=doc_k.device)[:, None]  # (seqs, nk)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..bias import DenseBias, KeyPaddingMask, RelPosBias
+from ..bias import DenseBias, KeyBias, KeyPaddingMask, RelPosBias
 from ..inputs import AttnInputs, AttnOutput
 from .base import Backend
 
@@ -62,7 +62,7 @@ class TritonBackend(Backend):
         if inp.packed is not None and inp.bias:
             reasons.append(f"packed sequences ({inp.packed.describe()}) with a bias: the variable-length kernels "
                            "take no bias (the reference, sdpa and flex serve it)")
-        if any(len(inp.of_type(kind)) > 1 for kind in (RelPosBias, DenseBias, KeyPaddingMask)):
+        if any(len(inp.of_type(kind)) > 1 for kind in (RelPosBias, DenseBias, KeyBias, KeyPaddingMask)):
             reasons.append("more than one bias of the same kind (combine them before calling)")
         return reasons
 
@@ -111,11 +111,12 @@ class TritonBackend(Backend):
         kinds = [b.__class__ for b in inp.bias]
         rel = kinds.index(RelPosBias) if RelPosBias in kinds else None
         dense = kinds.index(DenseBias) if DenseBias in kinds else None
+        key = kinds.index(KeyBias) if KeyBias in kinds else None
         pad = kinds.index(KeyPaddingMask) if KeyPaddingMask in kinds else None
         # The launcher expands a table of at most this many logits into a dense bias on every call; with
         # no other dense bias, the cached materialisation is the same values.
-        expand = rel is not None and dense is None and inp.nq * inp.nk <= kattn.rel_bias_precompute_max_logits(
-            inp.q.device)
+        expand = rel is not None and dense is None and key is None \
+            and inp.nq * inp.nk <= kattn.rel_bias_precompute_max_logits(inp.q.device)
         scale = inp.scale
         launch = kattn.attention_with_cls_probs if inp.return_cls_probs else kattn.attention
         cls_probs = inp.return_cls_probs
@@ -133,6 +134,8 @@ class TritonBackend(Backend):
                     table, index = b.table, b.index
             if dense is not None:
                 dense_bias = bias[dense].materialize()
+            if key is not None:
+                dense_bias = _with_key_bias(dense_bias, bias[key], q.shape[2])
             result = launch(q, k, v, scale=scale, rel_table=table, rel_index=index, dense_bias=dense_bias,
                             key_padding=None if pad is None else bias[pad].mask, validated=True)
             return AttnOutput(result[0], None, result[1]) if cls_probs else result
@@ -145,13 +148,28 @@ def _bias_kwargs(inp: AttnInputs) -> dict:
     """The descriptors as the kernel launchers' keyword arguments (at most one of each kind)."""
     rel = inp.of_type(RelPosBias)
     dense = inp.of_type(DenseBias)
+    key = inp.of_type(KeyBias)
     pad = inp.of_type(KeyPaddingMask)
+    dense_bias = dense[0].materialize() if dense else None
+    if key:
+        dense_bias = _with_key_bias(dense_bias, key[0], inp.nq)
     return dict(
         rel_table=rel[0].table if rel else None,
         rel_index=rel[0].index if rel else None,
-        dense_bias=dense[0].materialize() if dense else None,
+        dense_bias=dense_bias,
         key_padding=pad[0].mask if pad else None,
     )
+
+
+def _with_key_bias(dense_bias, key_bias: KeyBias, nq: int):
+    """A ``KeyBias`` as the kernels' dense bias: its ``[B, 1|H, 1, Nk]`` form expanded over the queries (a
+    zero row stride: every query row of a tile reads the same key vector, from cache), added to the
+    call's own dense bias when there is one. Its gradient is the dense bias's summed over the queries
+    by the expand's backward (deterministic, as every bias gradient here)."""
+    kb = key_bias.materialize()
+    if dense_bias is None:
+        return kb.expand(kb.shape[0], kb.shape[1], nq, kb.shape[3])
+    return dense_bias + kb
 
 
 def _packed_runner(cls, inp: AttnInputs):
