@@ -29,7 +29,7 @@ from fastvit.extras import require
 __all__ = ["patch_timm", "unpatch_timm", "patch_summary", "PatchSummary", "create_timm_model"]
 
 FAMILIES = ("vit", "beit", "eva", "nest", "cait", "crossvit", "levit", "efficientformer", "swin", "swin_v2", "twins",
-            "maxvit", "mobilevit", "linear")
+            "maxvit", "mobilevit", "naflexvit", "linear")
 
 
 def _load() -> tuple:
@@ -100,7 +100,9 @@ def patch_summary(model: nn.Module) -> PatchSummary:
             reasons[_name(cls)] = why
         else:
             continue
-        covered.update(id(m) for m in module.modules())
+        # a model-level patch drives its submodules but serves none of them: they are counted on their own
+        covered.update([id(module)] if isinstance(module, Patched) and cls.kind == "model" else
+                       (id(m) for m in module.modules()))
     for module in model.modules():
         if id(module) not in covered and _looks_like_attention(module) and type(module) not in PATCHES:
             if not any(id(m) in covered for m in module.modules()):
@@ -135,6 +137,7 @@ def patch_timm(model: nn.Module, *, linear: bool = False, verbose: bool = False)
             module.__dict__["_fastvit_refused"] = why
             continue
         module.__class__ = target
+        target.adopt(module)
     if verbose:
         print(patch_summary(model))
     return model

@@ -30,7 +30,7 @@ __all__ = ["Patched", "patches", "refuses", "PATCHES", "REFUSED", "KINDS"]
 
 PATCHES: dict = {}  # timm class -> fastvit subclass
 REFUSED: dict = {}  # timm class -> the reason it is left as timm's
-KINDS = ("attention", "block", "linear", "mlp")  # "linear" / "mlp" only with patch_timm(..., linear=True)
+KINDS = ("attention", "block", "model", "linear", "mlp")  # "linear" / "mlp" only with patch_timm(..., linear=True)
 
 FALLBACKS = "_fastvit_fallbacks"  # instance attribute: {reason: calls}
 CACHE = "_fastvit_cache"  # instance attribute: derived tensors (``Patched.derived``)
@@ -57,16 +57,25 @@ class Patched:
         Checked once, at patch time."""
         return None
 
+    @classmethod
+    def adopt(cls, module: nn.Module) -> None:
+        """Called once ``module`` has become a ``cls``: a model-level patch may swap the classes of the
+        submodules it drives here (they are patched before ``patch_timm`` reaches them)."""
+
     def attn_dropout(self) -> float:
         """timm's probability dropout as ``attend``'s ``dropout_p`` (off in eval)."""
         return self.attn_drop.p if self.training else 0.0
 
     def fallback(self, reason: str, *args, _method: str = "forward", **kwargs):
         """Run timm's own ``forward`` (or ``_method``) for a call fastvit has no mapping for; count it."""
+        self.count_fallback(reason)
+        return getattr(self.timm_class, _method)(self, *args, **kwargs)
+
+    def count_fallback(self, reason: str) -> None:
+        """Count a call served by a slower path than this patch's best, for ``patch_summary``."""
         if not torch.compiler.is_compiling():
             counts = self.__dict__.setdefault(FALLBACKS, {})
             counts[reason] = counts.get(reason, 0) + 1
-        return getattr(self.timm_class, _method)(self, *args, **kwargs)
 
     def derived(self, key: str, sources: tuple, build: Callable[[], Tensor]) -> Tensor:
         """A tensor derived from buffers (an index), kept on the module until a source changes
