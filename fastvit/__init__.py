@@ -13,6 +13,7 @@ from .attention import DenseBias, KeyBias, KeyPaddingMask, Packed, RelPosBias, a
 from .compat import module_paths as _module_paths
 from .compat.timm import patch_timm, unpatch_timm
 from .layers.packing import pack_images, unpack
+from .merge import merge_tokens
 from .models import Recorder, SimpleViT, ViT, create_model, list_models, register_model
 from .ssl.dino import Dino
 from .ssl.mae import MAE
@@ -23,5 +24,5 @@ __all__ = [
     "__version__", "ViT", "SimpleViT", "Recorder", "MAE", "Dino",
     "create_model", "list_models", "register_model",
     "attend", "use_backend", "set_backend", "RelPosBias", "DenseBias", "KeyBias", "KeyPaddingMask", "Packed",
-    "pack_images", "unpack", "patch_timm", "unpatch_timm",
+    "pack_images", "unpack", "patch_timm", "unpatch_timm", "merge_tokens",
 ]
