@@ -51,7 +51,7 @@ setup(
         "ssl": ["torchvision"],  # Dino's crops and default augmentation
         "plot": ["matplotlib", "Pillow"],  # fastvit plot, fastvit attention-map
         # fastvit train: image decoding, safetensors checkpoints, the metrics plot
-        "train": ["torchvision", "safetensors", "matplotlib"],
+        "train": ["torchvision", "safetensors", "matplotlib", "scikit-learn"],  # scikit-learn: --data digits
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -63,6 +63,7 @@ setup(
             "torchvision",
             "safetensors",
             "matplotlib",
+            "scikit-learn",  # fastvit train --data digits and its accuracy tests
             "build",
             # the seed README's "Research Ideas" examples plug these transformers into efficient.ViT
             "nystrom-attention",

@@ -31,6 +31,7 @@ PACKAGES = {
     "PIL": ("Pillow", "plot"),
     "timm": ("timm", "timm"),
     "xformers": ("xformers", "xformers"),
+    "sklearn": ("scikit-learn", "train"),  # fastvit train --data digits
 }
 
 

@@ -67,6 +67,46 @@ def image_folder(root: str, image_size: tuple, train: bool, normalize: bool, fla
         raise TrainError(f"{flag} {root}: {e}") from None
 
 
+DIGITS = "digits"  # --data digits: scikit-learn's bundled handwritten digits, no download
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0  # the split never depends on --seed: every run is scored on the same 359 images
+
+
+def _digits_arrays() -> tuple:
+    """``(images (1797, 8, 8) float in [0, 1], labels (1797,) int64)`` from ``sklearn.datasets.load_digits``."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return torch.from_numpy(digits.images).float() / 16.0, torch.from_numpy(digits.target).long()
+
+
+class DigitsImages(Dataset):
+    """scikit-learn's handwritten digits (1797 8 x 8 grey images, 10 classes, bundled with the package: no
+    download), upsampled bilinearly to ``image_size`` and repeated over ``channels``: a real, tiny data set
+    for examples and CI. ``train=True`` is a fixed 80% of it, ``train=False`` the other 20% (359 images;
+    the split is seeded by `DIGITS_SPLIT_SEED`, not by the run's seed)."""
+
+    def __init__(self, image_size: tuple, train: bool, normalize: bool, channels: int = 3):
+        images, labels = _digits_arrays()
+        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+        n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
+        keep = order[n_test:] if train else order[:n_test]
+        images = torch.nn.functional.interpolate(images[keep, None], size=tuple(image_size), mode="bilinear",
+                                                 align_corners=False).clamp(0, 1)
+        self.images = images.expand(-1, channels, -1, -1).contiguous()  # (n, c, h, w)
+        if normalize and channels == 3:
+            mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            self.images = (self.images - mean) / std
+        self.labels = labels[keep]
+        self.classes = [str(c) for c in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.images[index], int(self.labels[index])
+
+
 class SyntheticImages(Dataset):
     """``length`` generated images in [0, 1] and labels ``i % num_classes``: noise around a colour per class,
     so a classifier can learn them. Image ``i`` depends only on ``(i, seed)``."""

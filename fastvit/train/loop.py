@@ -40,7 +40,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, TrainError, machine_share
-from .data import SyntheticImages, image_folder, train_loader, val_loader
+from .data import DIGITS, DigitsImages, SyntheticImages, image_folder, train_loader, val_loader
 from .metrics import MetricsLog, read_metrics
 from .optim import build_optimizer, lr_at, set_lr
 from .plot import plot_metrics
@@ -120,6 +120,15 @@ class _Run:
         if cfg.synthetic is not None:
             classes = model_classes if task.supervised and model_classes else 10
             train_set = SyntheticImages(cfg.synthetic, task.image_size, classes, task.normalize, seed=cfg.seed)
+        elif cfg.data == DIGITS:
+            channels = getattr(task.model, "channels", 3)
+            train_set = DigitsImages(task.image_size, train=True, normalize=task.normalize, channels=channels)
+            if task.supervised and model_classes is not None and model_classes != 10:
+                raise TrainError(f"--data digits has 10 classes but --model {cfg.model} predicts {model_classes}: "
+                                 f"pass --num-classes 10")
+            if task.supervised and cfg.val_data in (None, DIGITS):  # the held-out split, scored every epoch
+                return train_set, DigitsImages(task.image_size, train=False, normalize=task.normalize,
+                                               channels=channels)
         else:
             train_set = image_folder(cfg.data, task.image_size, train=True, normalize=task.normalize)
             if task.supervised and model_classes is not None and len(train_set.classes) != model_classes:

@@ -3,6 +3,7 @@
     package      needed for                                  without it
     safetensors  the checkpoints and model.safetensors       every rank stops before training (status 2)
     torchvision  --data / --val-data (decoding), --ssl dino  every rank stops before training (status 2)
+    sklearn      --data digits (scikit-learn's bundled set)  every rank stops before training (status 2)
     timm         --model timm/<name>                         every rank stops before training (status 2)
     matplotlib   metrics.png, drawn at the end               said once, skipped; everything else is written
 
@@ -34,9 +35,12 @@ class Need:
 def needs(config: TrainConfig) -> list:
     """The optional packages ``config`` uses, in the order they are reported."""
     out = [Need("safetensors", "the checkpoints and model.safetensors", True)]
-    if config.data is not None or config.val_data is not None:
-        flags = " / ".join(f for f, v in (("--data", config.data), ("--val-data", config.val_data)) if v is not None)
-        out.append(Need("torchvision", f"{flags} (decoding the images)", True))
+    folders = [(f, v) for f, v in (("--data", config.data), ("--val-data", config.val_data))
+               if v is not None and v != "digits"]
+    if folders:
+        out.append(Need("torchvision", f"{' / '.join(f for f, _ in folders)} (decoding the images)", True))
+    if config.data == "digits":
+        out.append(Need("sklearn", "--data digits (scikit-learn's bundled digits)", True, extra="train"))
     if config.ssl == "dino":
         out.append(Need("torchvision", "--ssl dino (Dino's crops and augmentation)", True))
     if config.model.startswith("timm/"):
