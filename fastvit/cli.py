@@ -172,7 +172,7 @@ def cmd_bench(args, out: Console) -> int:
                          timm=not args.no_timm, memory=not args.no_memory, max_seconds=args.max_seconds,
                          threads=args.threads, tune_allocator=args.tune_allocator,
                          timm_compile=args.timm_compile, timm_patch=_split(args.timm_patch), overhead=overhead,
-                         packed=args.packed, ats=args.ats,
+                         packed=args.packed, ats=args.ats, merge=args.merge,
                          precision=0.05 if args.precision is None else args.precision)
     try:
         n_groups = len(plan(config))
@@ -437,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the packed group: 16 images of 128-384 px through NaViT at ViT-S width, fastvit packed vs "
                         "the same model padded with a KeyPaddingMask vs vit-pytorch's NaViT (same weights), and one "
                         "attention call packed vs padded; fp32 forward, with the targets")
+    p.add_argument("--merge", action="store_true",
+                   help="the merge groups: token merging (fastvit.merge_tokens) on ViT-S/B/L/16 at 224 px, batch 8, "
+                        "fastvit and timm, r = 0, 8, 16, fp32 and bf16 autocast: img/s, x r=0, the token count at the "
+                        "last block and the matching's share, with the targets")
     p.add_argument("--ats", action="store_true",
                    help="the ats group: ATS-ViT-S/16 at its default sampling, the kept tokens packed (packed=True) "
                         "vs padded with a key mask, same weights and images, with the target")

@@ -718,3 +718,31 @@ def test_ats_group_times_packed_against_padded_token_sampling(capsys, tmp_path):
     assert (target["field"], target["min"]) == ATS_TARGETS[ATS_PACKED][0][:2]
     assert target["met"] is (target["value"] >= target["min"])
     assert "adaptive token sampling on" in out and "ats targets:" in out
+
+
+def test_merge_group_times_token_merging_at_each_r(capsys, tmp_path):
+    pytest.importorskip("timm")
+    from fastvit.tools.merge_bench import QUICK_RS, contender_name
+
+    path = tmp_path / "merge.json"
+    rc = cli.main(["bench", "--quick", "--device", "cpu", "--merge", "--no-attention", "--no-models", "--dtype", "fp32",
+                   "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    doc = json.loads(path.read_text())
+    assert schema.validate_document(doc) == []
+    rows = {r["contender"]: r for r in doc["results"]}
+    assert set(rows) == {contender_name(i, r, "fp32") for i in ("fastvit", "timm") for r in QUICK_RS}
+    assert all(r["status"] == "ok" and r["kind"] == "merge" for r in rows.values())
+    for impl in ("fastvit", "timm"):
+        tokens = [rows[contender_name(impl, r, "fp32")]["tokens_last_block"] for r in QUICK_RS]
+        # 16 patches + CLS, 4 blocks, r fewer per block: 17 - 4 * 2; r = 4 is clamped to half the mergeable
+        # tokens in the last block (17 -> 13 -> 9 -> 5 -> 3)
+        assert tokens == [17, 9, 3]
+        base = rows[contender_name(impl, 0, "fp32")]["median_ms"]
+        for r in QUICK_RS[1:]:
+            row = rows[contender_name(impl, r, "fp32")]
+            assert row["x_r0"] == pytest.approx(base / row["median_ms"])
+            assert 0 < row["matching_share"] < 1
+    assert any(t["field"] == "matching_share" for t in rows[contender_name("fastvit", 2, "fp32")]["targets"])
+    assert "token merging on" in out and "merge targets:" in out

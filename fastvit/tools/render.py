@@ -159,6 +159,9 @@ def render_bench(doc: dict, out: Console) -> None:
     ats = [r for r in rows if r["kind"] == "ats"]
     if ats:
         out.print(ats_table(doc, ats))
+    merged = [r for r in rows if r["kind"] == "merge"]
+    if merged:
+        out.print(merge_table(doc, merged))
 
     unstable = {}
     for r in rows:
@@ -239,12 +242,35 @@ def overhead_table(doc: dict, rows: list) -> Table:
     return table
 
 
+def _target_text(t: dict) -> str:
+    bound = f">= {t['min']:g}" if "min" in t else f"<= {t['max']:g}"
+    return f"{t['field']} {fmt(t['value'], '.2f')} {bound}"
+
+
 def _packed_targets(r: dict) -> str:
     verdict = {True: "[green]met[/green]", False: "[red]not met[/red]", None: "[yellow]not measured[/yellow]"}
-    parts = []
-    for t in r.get("targets") or []:
-        parts.append(f"{escape(t['field'])} {fmt(t['value'], '.2f')} >= {t['min']:g}: {verdict[t['met']]}")
-    return "; ".join(parts)
+    return "; ".join(f"{escape(_target_text(t))}: {verdict[t['met']]}" for t in r.get("targets") or [])
+
+
+def merge_table(doc: dict, rows: list) -> Table:
+    """The merge groups: img/s at each r, the speed-up over r = 0, tokens at the last block, matching share."""
+    table = Table(title=f"token merging on {doc['device']}: batch {rows[0]['batch_size']}, forward, one interleaved "
+                        f"run per model and dtype; x r=0 = the same implementation's unmerged time / this (95% "
+                        f"intervals)", box=box.SIMPLE_HEAD, title_justify="left")
+    numeric = ("ms", "img/s", "x r=0", "tokens last block", "matching")
+    for col in ("model", "contender", *numeric, "targets", "note"):
+        table.add_column(col, overflow="fold", justify="right" if col in numeric else "left")
+    last = None
+    for r in rows:
+        if last is not None and (r["name"], r["dtype"]) != last:
+            table.add_section()
+        last = (r["name"], r["dtype"])
+        note = "" if r["status"] == "ok" else f"{r['status']}: {r['reason']}"
+        share = r.get("matching_share")
+        table.add_row(r["name"], escape(r["contender"]), fmt(r.get("median_ms"), ".1f"), fmt(r.get("img_per_s"), ".1f"),
+                      _ratio_of(r, "x_r0"), str(r.get("tokens_last_block") or "-"),
+                      "-" if share is None else f"{100 * share:.1f}%", _packed_targets(r), _marked(r, note))
+    return table
 
 
 def packed_table(doc: dict, rows: list) -> Table:
@@ -314,13 +340,13 @@ def headline(doc: dict) -> list:
             x = r.get("x_reference")
             lines.append(f"attention N=4096 {dtype} {mode}: auto ({r.get('served_by')}) "
                          f"{'-' if x is None else f'{x:.2f}x'} the naive path{mem}")
-    for kind in ("packed", "ats"):
+    for kind in ("packed", "ats", "merge"):
         found = [(r, t) for r in doc["results"] if r["kind"] == kind for t in r.get("targets") or []]
         if found:
             met = sum(t["met"] is True for _, t in found)
             lines.append(f"{kind} targets: {met} of {len(found)} met (" + "; ".join(
-                f"{r['contender']} {r['dtype']} {r['mode']} {t['field']} {fmt(t['value'], '.2f')} >= {t['min']:g}"
-                for r, t in found) + ")")
+                (f"{r['name']} {r['contender']} " if kind == "merge" else f"{r['contender']} {r['dtype']} {r['mode']} ")
+                + _target_text(t) for r, t in found) + ")")
     targets = [r for r in doc["results"] if r["kind"] == "overhead" and r.get("target")]
     if targets:
         met = sum(r.get("target_met") is True for r in targets)

@@ -95,6 +95,9 @@ class BenchConfig:
             padded (default: off; ``--packed``), in each dtype and mode.
         ats: the ``ats`` group: ATS-ViT-S/16 at its default sampling, batch 8 (``--batch-size``), kept
             tokens packed (``packed=True``) vs padded with a key mask, same weights (default: off; ``--ats``).
+        merge: the ``merge`` groups (``fastvit.tools.merge_bench``): ViT-S/B/L/16 at 224 px, batch 8,
+            fastvit and timm, r in {0, 8, 16} tokens merged per block, fp32 and bf16 autocast unless
+            --dtype says otherwise (default: off; ``--merge``; ``--quick``: ViT-S at tiny sizes).
         precision: the relative half-width (0.05 = ``±5%``) every ratio's 95% interval should reach;
             a group keeps sampling past its budget until it does or its hard cap (2x the budget) is
             reached, and is marked ``unstable`` if not.
@@ -122,6 +125,7 @@ class BenchConfig:
     overhead: Optional[bool] = None
     packed: bool = False
     ats: bool = False
+    merge: bool = False
     precision: float = 0.05
 
     def resolved_device(self) -> str:
@@ -256,6 +260,17 @@ def plan(config: BenchConfig) -> list:
                                                       batch_size=config.batch_size or (2 if config.quick else 8),
                                                       quick=config.quick)))
 
+    if config.merge:
+        from fastvit.tools.merge_bench import MERGE_MODELS, merge_contenders
+
+        merge_dtypes = dtype_names if explicit_dtypes else ["fp32"] + (["bf16"] if _bf16_ok(device) else [])
+        for name in MERGE_MODELS[:1] if config.quick else MERGE_MODELS:
+            for dt in merge_dtypes:
+                groups.append(Group("merge", name, "fwd", dt, base * (1 if config.quick else 2),
+                                    functools.partial(merge_contenders, name, device=device, dtype=DTYPES[dt],
+                                                      batch_size=config.batch_size or (2 if config.quick else 8),
+                                                      quick=config.quick)))
+
     if _wants_overhead(config):  # fp32 and forward whatever --dtype / --backward say: a host-path cost
         groups.append(Group("overhead", OVERHEAD_GROUP, "fwd", "fp32",
                             config.group_seconds or min(base, OVERHEAD_BUDGET_S),
@@ -335,6 +350,13 @@ def _comparisons(group: Group, contenders: list) -> list:
                 out.append(Comparison("x_padded", c.name, ATTEND_PADDED))
             if c.name == attend_packed("triton") and attend_packed("flex") in names:
                 out.append(Comparison("x_flex", c.name, attend_packed("flex")))
+    elif group.kind == "merge":
+        from fastvit.tools.merge_bench import contender_name
+
+        for c in contenders:
+            base = contender_name(c.meta["impl"], 0, c.meta["dtype"])
+            if base in names:
+                out.append(Comparison("x_r0", c.name, base))
     elif group.kind == "ats":
         from fastvit.tools.packed_bench import ATS_PADDED
 
@@ -483,6 +505,23 @@ def _overhead_rows(group: Group, contenders: list, info: dict, measured: dict) -
     return rows
 
 
+def _merge_rows(group: Group, contenders: list, info: dict, measured: dict) -> tuple:
+    from fastvit.tools.merge_bench import merge_targets
+
+    rows = []
+    for c in contenders:
+        m = measured[c.name]
+        row = {"kind": "merge", "name": group.name, "contender": c.name, "impl": c.meta.get("impl"),
+               "backend": c.meta.get("backend"), "dtype": group.dtype, "mode": group.mode, "r": c.meta.get("r"),
+               "batch_size": info["batch_size"], "input_size": info["input_size"],
+               "tokens_last_block": info["tokens_last_block"].get(c.name),
+               "matching_share": info["matching_share"].get(c.name)}
+        if _status(row, c, m):
+            row.update(status="ok", reason="", img_per_s=info["batch_size"] / m.median, x_r0=None, x_r0_ci=None)
+        rows.append(row)
+    return rows, merge_targets
+
+
 def _ats_rows(group: Group, contenders: list, info: dict, measured: dict) -> tuple:
     from fastvit.tools.packed_bench import ats_targets
 
@@ -557,13 +596,15 @@ def run_group(group: Group, config: BenchConfig, on_round: Optional[Callable[[fl
         rows, targets_of = _packed_rows(group, contenders, info, measured)
     elif group.kind == "ats":
         rows, targets_of = _ats_rows(group, contenders, info, measured)
+    elif group.kind == "merge":
+        rows, targets_of = _merge_rows(group, contenders, info, measured)
     else:
         rows = _model_rows(group, contenders, extra, measured,
                            extra.get("batch_size") or group.build.keywords["batch_size"])
     _apply_comparisons(rows, contenders, comparisons, measured)
     if group.kind == "overhead":
         _add_targets(rows)
-    if group.kind in ("packed", "ats"):  # after the ratios: the targets read them
+    if group.kind in ("packed", "ats", "merge"):  # after the ratios: the targets read them
         for row in rows:
             targets = targets_of(row)
             if targets is not None:
