@@ -81,10 +81,12 @@ def test_check_passes_on_a_few_cases_and_writes_json(capsys, tmp_path):
     assert doc["counts"]["fail"] == 0 and doc["counts"]["error"] == 0
     ids = {r["id"] for r in doc["results"]}
     assert ids == {f"sdpa-cpu-{dt}-B2-H3-N49-D32{b}" for dt in ("fp32", "bf16")
-                   for b in ("", "-relpos", "-dense", "-dense_bcast", "-padding", "-relpos+padding")}
+                   for b in ("", "-relpos", "-dense", "-dense_bcast", "-keybias", "-padding", "-relpos+padding")}
     # forward and the gradients of q, k, v and of the trainable table were compared
     relpos = next(r for r in doc["results"] if r["id"] == "sdpa-cpu-fp32-B2-H3-N49-D32-relpos")
     assert set(relpos["errors"]) == {"out", "dq", "dk", "dv", "drel_table"}
+    keybias = next(r for r in doc["results"] if r["id"] == "sdpa-cpu-fp32-B2-H3-N49-D32-keybias")
+    assert set(keybias["errors"]) == {"out", "dq", "dk", "dv", "dkey_bias"}
 
 
 def test_check_fails_on_a_broken_backend(capsys, temporary_backend):
