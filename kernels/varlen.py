@@ -66,7 +66,6 @@ __all__ = [
     "varlen_attention_bwd",
     "varlen_attention_ref",
     "varlen_attention_bwd_ref",
-    "varlen_not_supported_reasons",
     "iter_compile_specs",
 ]
 
@@ -152,16 +151,6 @@ def _check(q: Tensor, k: Tensor, v: Tensor, lengths: tuple, kv_lengths: tuple, s
     if q.shape[2] != sum(lengths) or k.shape[2] != sum(kv_lengths) or v.shape[2] != k.shape[2]:
         raise ValueError(f"q needs sum(lengths) = {sum(lengths)} tokens and k, v sum(kv_lengths) = "
                          f"{sum(kv_lengths)}, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-
-
-def varlen_not_supported_reasons(device: torch.device, dtype: torch.dtype, head_dim: int, *,
-                                 dropout_p: float = 0.0, scale: Optional[float] = None,
-                                 biased: bool = False) -> list[str]:
-    """Why the variable-length kernels cannot serve calls of this kind (as sentences)."""
-    reasons = _attn.capability_reasons(device, dtype, head_dim, dropout_p=dropout_p, scale=scale)
-    if biased:
-        reasons.append("the variable-length kernels take no bias (a packed call with a bias runs elsewhere)")
-    return reasons
 
 
 # ---- launchers -------------------------------------------------------------------------------------
@@ -480,12 +469,4 @@ def iter_compile_specs(*, full: bool = False, dtypes=None, head_blocks=HEAD_BLOC
             for even_d in evens:
                 yield CompileSpec("_varlen_cls_probs", cls_cfg, kernel_signature(KERNELS["_varlen_cls_probs"], dtype),
                                   dict(BLOCK_N=cls_cfg.block_n, BLOCK_D=blocks[0], EVEN_D=even_d))
-
-
-def launch_plan(max_q: int, d: int, dv: int, dtype: torch.dtype, capability=None) -> dict:
-    """``{kernel: (config, (BLOCK_D, BLOCK_DV))}`` this family launches for a packed call whose longest
-    query sequence is ``max_q`` (no tuned tables; ``capability`` None: clean on every capability)."""
-    blocks = _head_blocks(d, dv)
-    plan = {kernel: (pick_config(kernel, max_q, blocks, dtype, capability), blocks) for kernel in TILED_KERNELS}
-    return {**plan, "_varlen_cls_probs": (_cls_config(blocks[0]), (blocks[0], blocks[0]))}
 

@@ -75,7 +75,7 @@ def merge_contenders(name: str, *, device: str, dtype: torch.dtype = torch.float
         ``(contenders, info)``; ``info``: ``tokens_last_block`` and ``matching_share`` per contender.
     """
     from fastvit import create_model, merge_tokens
-    from fastvit.tools.contenders import _autocast
+    from fastvit.tools.contenders import _autocast, _model_fn
 
     rs = QUICK_RS if quick else MERGE_RS
     size = 64 if quick else 224
@@ -88,12 +88,6 @@ def merge_contenders(name: str, *, device: str, dtype: torch.dtype = torch.float
         import timm
 
         bases["timm"] = timm.create_model(name, pretrained=False, **(QUICK_TIMM if quick else {})).eval().to(device)
-
-    def run(model):
-        def fn():
-            with torch.inference_mode(), _autocast(device, dtype):
-                return model(x)
-        return fn
 
     contenders, tokens, shares = [], {}, {}
     for impl in ("fastvit", "timm"):
@@ -110,7 +104,7 @@ def merge_contenders(name: str, *, device: str, dtype: torch.dtype = torch.float
             if r:
                 with _autocast(device, dtype):
                     shares[cname] = _matching_share(model, x)
-            contenders.append(Contender(cname, run(model), dict(meta, r=r)))
+            contenders.append(Contender(cname, _model_fn(model, x, device, dtype, "fwd", None), dict(meta, r=r)))
     info = {"batch_size": batch_size, "input_size": [3, size, size], "rs": list(rs), "tokens_last_block": tokens,
             "matching_share": shares}
     return contenders, info
@@ -118,12 +112,9 @@ def merge_contenders(name: str, *, device: str, dtype: torch.dtype = torch.float
 
 def merge_targets(row: dict) -> Optional[list]:
     """The targets of a row (``{field, min, text, value, met}``), or None."""
-    targets = list(MERGE_TARGETS.get((row.get("name"), row.get("contender")), []))
-    out = []
-    for field, limit, text in targets:
-        value = row.get(field) if row.get("status") == "ok" else None
-        out.append({"field": field, "min": limit, "text": text, "value": value,
-                    "met": None if value is None else bool(value >= limit)})
+    from fastvit.tools.packed_bench import row_targets
+
+    out = row_targets(row, MERGE_TARGETS.get((row.get("name"), row.get("contender")))) or []
     share = row.get("matching_share")
     if share is not None and row.get("impl") == "fastvit":
         out.append({"field": "matching_share", "max": MATCHING_SHARE_MAX, "text": "of the merged forward",

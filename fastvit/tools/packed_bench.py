@@ -196,12 +196,15 @@ def _attention_fn(qkv: tuple, kwargs: dict, backend: Optional[str], mode: str):
     return fn
 
 
-def packed_targets(row: dict, table: Optional[dict] = None) -> Optional[list]:
-    """The targets of a row of this group (``table``: of another, e.g. `ATS_TARGETS`), each ``{field, min,
-    text, value, met}`` (``met`` None when the row did not run or its ratio is missing), or None for a
-    row without targets."""
-    targets = (PACKED_TARGETS if table is None else table).get(row.get("contender"))
-    if targets is None:
+def packed_targets(row: dict) -> Optional[list]:
+    """The targets of a row of this group, or None for a row without targets (see `row_targets`)."""
+    return row_targets(row, PACKED_TARGETS.get(row.get("contender")))
+
+
+def row_targets(row: dict, targets: Optional[list]) -> Optional[list]:
+    """``[(field, lower limit, text)]`` judged on ``row``: each ``{field, min, text, value, met}`` (``met``
+    None when the row did not run or its ratio is missing); None for no targets."""
+    if not targets:
         return None
     out = []
     for field, limit, text in targets:
@@ -228,7 +231,7 @@ def ats_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: str
         ``(contenders, info)``.
     """
     from fastvit.models.registry import create_model
-    from fastvit.tools.contenders import _autocast
+    from fastvit.tools.contenders import _model_fn
 
     overrides = {}
     if quick:
@@ -239,28 +242,13 @@ def ats_contenders(*, device: str, dtype: torch.dtype = torch.float32, mode: str
     packed.load_state_dict(padded.state_dict())
     size = 64 if quick else 224
     x = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    dt = dtype_name(dtype)
-
-    def run(model):
-        if mode == "fwd+bwd":
-            def fn():
-                model.zero_grad(set_to_none=True)
-                with _autocast(device, dtype):
-                    out = model(x)
-                out.float().sum().backward()
-                return out
-        else:
-            def fn():
-                with torch.inference_mode(), _autocast(device, dtype):
-                    return model(x)
-        return fn
-
-    meta = {"impl": "fastvit", "backend": "auto", "dtype": dt}
-    contenders = [Contender(ATS_PADDED, run(padded), dict(meta)), Contender(ATS_PACKED, run(packed), dict(meta))]
+    meta = {"impl": "fastvit", "backend": "auto", "dtype": dtype_name(dtype)}
+    contenders = [Contender(name, _model_fn(model, x, device, dtype, mode, None), dict(meta))
+                  for name, model in ((ATS_PADDED, padded), (ATS_PACKED, packed))]
     info = {"batch_size": batch_size, "input_size": [3, size, size], "model": ATS_GROUP, "overrides": overrides}
     return contenders, info
 
 
 def ats_targets(row: dict) -> Optional[list]:
     """`packed_targets` for the ``ats`` group."""
-    return packed_targets(row, ATS_TARGETS)
+    return row_targets(row, ATS_TARGETS.get(row.get("contender")))
